@@ -1,0 +1,125 @@
+"""`medi-dist` command line: a thin layer over the package; user errors print one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .metadata import SchemaError, UnknownValueError
+from .config import ConfigError
+
+USER_ERRORS = (SchemaError, UnknownValueError, ConfigError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    from .data import sources
+    from .data.ingest import ingest
+    from .data.records import SkipLog
+    from .data.split import SplitConfig
+    from .data.stats import dataset_stats, format_stats
+
+    skips = SkipLog()
+    if args.source == "procedural":
+        from .data.procedural import ProceduralConfig
+
+        scan = sources.procedural(ProceduralConfig(
+            n_types=args.types, n_sites=args.sites, n_tiles=args.tiles, size=args.size, seed=args.seed))
+    elif args.source == "tcga-ut":
+        _need(args, "root", "metadata")
+        scan = sources.tcga_ut(args.root, args.metadata, skips)
+    elif args.source == "manifest":
+        _need(args, "manifest")
+        scan = sources.manifest(args.manifest, skips, args.image_column, args.categorical, args.continuous)
+    else:  # wsi
+        _need(args, "slides")
+        from .data.wsi import WSIConfig, wsi_scan
+
+        scan = wsi_scan(args.slides, WSIConfig(tile_px=args.tile_px, mpp=args.mpp, assume_mpp=args.assume_mpp,
+                                               max_tiles_per_slide=args.max_tiles_per_slide), skips)
+    split = SplitConfig(args.holdout_fraction, args.val_fraction, args.seed)
+    ingest(scan, args.out, split, skips, shard_mb=args.shard_mb, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    if skips.entries:
+        print(skips.summary())
+    print(format_stats(dataset_stats(args.out)))
+
+
+def _need(args: argparse.Namespace, *names: str) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise ConfigError(f"--source {args.source} needs {' and '.join(missing)}")
+
+
+def _stats(args: argparse.Namespace) -> None:
+    from .data.stats import dataset_stats, format_stats
+
+    s = dataset_stats(args.dir, verify=args.verify)
+    if args.json:
+        s["table"] = s["table"].to_dict()
+        print(json.dumps(s, indent=2))
+    else:
+        print(format_stats(s))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medi-dist", description=__doc__.split(":")[0] + ": metadata-guided diffusion "
+                                "for histopathology tiles on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ing = sub.add_parser("ingest", help="turn tiles into a sharded, site-split dataset directory",
+                         description="Read tiles from a source, split sites (disjoint, seeded), write WebDataset "
+                         "shards + index.parquet + vocab.json + split.json into --out.")
+    ing.add_argument("--source", choices=["procedural", "tcga-ut", "manifest", "wsi"], default="procedural")
+    ing.add_argument("--out", required=True, help="dataset directory to create")
+    ing.add_argument("--seed", type=int, default=0, help="seed for the split (and procedural tiles)")
+    ing.add_argument("--holdout-fraction", type=float, default=0.3, help="share of tiles in held-out sites")
+    ing.add_argument("--val-fraction", type=float, default=0.0, help="share of tiles in validation sites (0: none)")
+    ing.add_argument("--shard-mb", type=float, default=64, help="target shard size in MiB")
+    ing.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g = ing.add_argument_group("procedural (built-in default)")
+    g.add_argument("--types", type=int, default=4)
+    g.add_argument("--sites", type=int, default=12)
+    g.add_argument("--tiles", type=int, default=2000)
+    g.add_argument("--size", type=int, default=64, help="tile size in pixels")
+    g = ing.add_argument_group("tcga-ut")
+    g.add_argument("--root", help="folder of <cancer type>/<slide_submitter_id>/*.jpg")
+    g.add_argument("--metadata", help="GDC slide metadata CSV/TSV/Parquet (slide_submitter_id, tissue_source_site, ...)")
+    g = ing.add_argument_group("manifest")
+    g.add_argument("--manifest", help="CSV/Parquet with an image path column, cancer_type, tissue_source_site")
+    g.add_argument("--image-column", default="path")
+    g.add_argument("--categorical", nargs="*", default=[], help="extra categorical metadata columns")
+    g.add_argument("--continuous", nargs="*", default=[], help="continuous metadata columns (default: age if present)")
+    g = ing.add_argument_group("wsi")
+    g.add_argument("--slides", help="CSV/Parquet: path, slide_id, cancer_type, tissue_source_site, ...")
+    g.add_argument("--tile-px", type=int, default=256)
+    g.add_argument("--mpp", type=float, default=0.5, help="microns per pixel of the tiles (0.5 ~ 20x)")
+    g.add_argument("--assume-mpp", type=float, default=None, help="mpp to use for slides that do not record it")
+    g.add_argument("--max-tiles-per-slide", type=int, default=None)
+    ing.set_defaults(func=_ingest)
+
+    data = sub.add_parser("data", help="inspect datasets").add_subparsers(dest="data_command", required=True)
+    st = data.add_parser("stats", help="tiles, sites, splits and site-type confounding of a dataset directory")
+    st.add_argument("dir")
+    st.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_stats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"medi-dist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""WebDataset shard writing and the dataset directory it produces.
+
+A dataset directory holds:
+  shards/<split>/shard-000000.tar   members `<key>.<jpg|png>` + `<key>.json`, sorted and grouped by key
+  index.parquet                     one row per tile: key, shard, image format, sha256, metadata
+  vocab.json                        the conditioning spec (every vocabulary) built from the tiles
+  split.json                        counts per (type, site, split) and the sites of each split
+  dataset.json                      shard list with byte sizes and sha256, skipped inputs, provenance
+
+Shards are written to a temporary name and renamed when complete, so a reader never sees half a
+shard; their sizes and checksums let a reader refuse a truncated or altered shard by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+from PIL import Image
+
+from ..metadata import SchemaError, check_key, clean_category
+from .records import SkipLog, TileRecord
+
+SHARD_DIR = "shards"
+INDEX = "index.parquet"
+VOCAB = "vocab.json"
+SPLIT = "split.json"
+MANIFEST = "dataset.json"
+IMAGE_FORMATS = ("jpg", "png")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_image(data: bytes) -> tuple[int, int]:
+    """Fully decode an encoded tile; raise SchemaError saying what is wrong with it (callers add where)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            mode, size = im.mode, im.size
+    except Exception as e:  # PIL raises many types for broken files
+        raise SchemaError(f"cannot decode image ({type(e).__name__}: {e}); re-export or remove it") from None
+    if mode != "RGB":
+        raise SchemaError(f"image mode {mode} (need 8-bit RGB H&E); convert it to RGB or remove it")
+    if size[0] != size[1]:
+        raise SchemaError(f"tile is {size[0]}x{size[1]}, not square; crop it to a square tile")
+    return size
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+@dataclass
+class ShardWriter:
+    """Buffers tiles of one split and writes sorted, key-grouped tar shards of ~target_bytes."""
+
+    out_dir: Path
+    split: str
+    target_bytes: int = 64 << 20
+    max_tiles: int = 1000  # also cap tiles, so small datasets still give Ray Data several shards
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    _buf: list[tuple[TileRecord, str]] = field(default_factory=list)
+    _buf_bytes: int = 0
+
+    def add(self, rec: TileRecord, checksum: str) -> None:
+        self._buf.append((rec, checksum))
+        self._buf_bytes += len(rec.image_bytes) + 512
+        if self._buf_bytes >= self.target_bytes or len(self._buf) >= self.max_tiles:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        rel = f"{SHARD_DIR}/{self.split}/shard-{len(self.shards):06d}.tar"
+        path = self.out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for rec, checksum in sorted(self._buf, key=lambda x: x[0].key):
+                    meta = {**rec.meta, "key": rec.key, "split": self.split}
+                    _tar_add(tar, f"{rec.key}.{rec.image_format}", rec.image_bytes)
+                    _tar_add(tar, f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())
+                    self.rows.append({**meta, "shard": rel, "image_format": rec.image_format, "sha256": checksum})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.shards.append({"path": rel, "split": self.split, "tiles": len(self._buf),
+                            "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+        self._buf, self._buf_bytes = [], 0
+
+
+def write_dataset(
+    records: Iterable[TileRecord],
+    out_dir: str | Path,
+    split_of: dict[str, str],
+    skips: SkipLog,
+    target_bytes: int = 64 << 20,
+    source: str = "",
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Validate and write tiles into per-split shards; returns (index, shard list).
+
+    `split_of` maps a tissue source site to its split. Undecodable tiles are skipped and logged;
+    duplicate keys are an error (a silent overwrite would lose a tile).
+    """
+    out_dir = Path(out_dir)
+    writers: dict[str, ShardWriter] = {}
+    seen: dict[str, str] = {}
+    for rec in records:
+        origin = rec.origin or rec.key
+        check_key(rec.key)
+        if rec.key in seen:
+            raise SchemaError(f"duplicate tile key {rec.key!r} from {origin} and {seen[rec.key]}; keys must be unique")
+        if rec.image_format not in IMAGE_FORMATS:
+            raise SchemaError(f"{origin}: image format {rec.image_format!r}, expected one of {IMAGE_FORMATS}")
+        try:
+            check_image(rec.image_bytes)
+        except SchemaError as e:
+            skips.skip(origin, str(e))
+            continue
+        seen[rec.key] = origin
+        meta = dict(rec.meta)
+        meta.setdefault("synthetic", False)
+        meta.setdefault("source", source)
+        site = clean_category(meta.get("tissue_source_site"))
+        split = split_of.get(site)
+        if split is None:
+            raise SchemaError(f"{origin}: site {site!r} has no split assignment (internal error: split built from other data)")
+        w = writers.setdefault(split, ShardWriter(out_dir, split, target_bytes))
+        w.add(TileRecord(rec.key, rec.image_bytes, rec.image_format, meta, origin), sha256(rec.image_bytes))
+    for w in writers.values():
+        w.flush()
+    rows = [r for w in writers.values() for r in w.rows]
+    shards = [s for w in writers.values() for s in w.shards]
+    index = pd.DataFrame(rows)
+    return index, shards
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def load_manifest(dataset_dir: str | Path) -> dict:
+    path = Path(dataset_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{dataset_dir} is not a medi-dist dataset (no {MANIFEST}); create one with `medi-dist ingest`"
+        )
+    return json.loads(path.read_text())
+
+
+def verify_shards(dataset_dir: str | Path, splits: Iterable[str] | None = None, checksums: bool = False) -> list[Path]:
+    """Paths of the dataset's shards, refusing any that is missing, truncated or altered."""
+    root = Path(dataset_dir)
+    manifest = load_manifest(root)
+    wanted = set(splits) if splits is not None else None
+    paths = []
+    for s in manifest["shards"]:
+        if wanted is not None and s["split"] not in wanted:
+            continue
+        p = root / s["path"]
+        if not p.exists():
+            raise SchemaError(f"shard {p} is missing; re-run `medi-dist ingest` for {root}")
+        size = p.stat().st_size
+        if size != s["bytes"]:
+            raise SchemaError(
+                f"shard {p} is {size} bytes but was written as {s['bytes']} (truncated or altered copy); "
+                f"copy it again or re-run `medi-dist ingest`"
+            )
+        if checksums and file_sha256(p) != s["sha256"]:
+            raise SchemaError(f"shard {p} fails its sha256 check; copy it again or re-run `medi-dist ingest`")
+        paths.append(p)
+    return paths

@@ -1,0 +1,176 @@
+"""Tile sources behind one interface: a Scan says which (type, site) groups exist before any pixel is
+read (so the site-disjoint split is known up front) and then yields TileRecords lazily.
+
+  tcga-ut    folders <cancer type>/<slide_submitter_id>/*.jpg joined with a GDC slide-metadata table
+  manifest   a CSV/Parquet table with an image-path column and any metadata columns
+  procedural the built-in H&E-like dataset with known ground truth (the default)
+  wsi        whole-slide images tiled with OpenSlide (see wsi.py)
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pandas as pd
+from PIL import Image
+
+from ..metadata import SchemaError, clean_category, clean_continuous
+from .records import SkipLog, TileRecord
+
+TILE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+OTHER_IMAGE_SUFFIXES = {".tif", ".tiff", ".bmp", ".webp"}
+
+
+@dataclass
+class Scan:
+    groups: Counter  # tiles (or slides) per (cancer_type, tissue_source_site)
+    records: Callable[[], Iterator[TileRecord]]  # reads pixels lazily
+    categorical: list[str] = field(default_factory=lambda: ["cancer_type", "tissue_source_site"])
+    continuous: list[str] = field(default_factory=list)
+    name: str = ""
+
+
+def safe_key(text: str) -> str:
+    """A WebDataset-safe key: only letters, digits, '-' and '_' (no dots)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text).strip("_") or "tile"
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"metadata table {path} does not exist")
+    if path.suffix.lower() == ".parquet":
+        df = pd.read_parquet(path)
+        return df.astype(object).where(df.notna(), None)
+    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+
+
+def require_columns(df: pd.DataFrame, columns: list[str], path: str | Path, hint: str = "") -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise SchemaError(
+            f"{path}: missing required column(s) {missing}; present: {list(df.columns)[:30]}"
+            + (f". {hint}" if hint else "")
+        )
+
+
+def read_tile_bytes(path: Path) -> tuple[bytes, str]:
+    """The file's bytes as stored in a shard: JPEG/PNG as is, other formats re-encoded as PNG."""
+    data = path.read_bytes()
+    fmt = TILE_SUFFIXES.get(path.suffix.lower())
+    if fmt:
+        return data, fmt
+    with Image.open(io.BytesIO(data)) as im:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+def _metadata_fields(row: dict, categorical: list[str], continuous: list[str]) -> dict:
+    meta = {c: clean_category(row.get(c)) for c in categorical}
+    for c in continuous:
+        x = clean_continuous(row.get(c))
+        meta[c] = None if x != x else x  # NaN -> None in JSON
+    return meta
+
+
+# ---- tcga-ut -------------------------------------------------------------------------------------
+
+# GDC column -> tile schema column
+TCGA_COLUMNS = {"tissue_source_site": "tissue_source_site", "gender": "sex", "race": "race", "age_at_index": "age"}
+
+
+def tcga_ut(root: str | Path, metadata: str | Path, skips: SkipLog) -> Scan:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"tile folder {root} does not exist")
+    table = read_table(metadata)
+    require_columns(table, ["slide_submitter_id", "tissue_source_site"], metadata,
+                    "Export the GDC slide metadata (see ../shared/data/tcga_slide_metadata_sample.csv for the format)")
+    table = table.rename(columns=TCGA_COLUMNS).drop_duplicates("slide_submitter_id").set_index("slide_submitter_id")
+    cat = ["cancer_type", "tissue_source_site"] + [c for c in ("sex", "race") if c in table.columns]
+    cont = ["age"] if "age" in table.columns else []
+
+    tiles: list[tuple[Path, str, str]] = []  # (file, type, slide)
+    groups: Counter = Counter()
+    for type_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for slide_dir in sorted(p for p in type_dir.iterdir() if p.is_dir()):
+            files = sorted(f for f in slide_dir.iterdir() if f.suffix.lower() in TILE_SUFFIXES)
+            if not files:
+                continue
+            slide = slide_dir.name
+            if slide not in table.index:
+                skips.skip(str(slide_dir), f"slide {slide} has no row in {metadata}; {len(files)} tiles not ingested "
+                           "(add the slide's metadata or remove the folder)")
+                continue
+            site = clean_category(table.at[slide, "tissue_source_site"])
+            groups[(type_dir.name, site)] += len(files)
+            tiles += [(f, type_dir.name, slide) for f in files]
+    if not tiles:
+        raise SchemaError(f"no ingestible tiles under {root}; expected <cancer type>/<slide_submitter_id>/*.jpg "
+                          f"with slides listed in {metadata}")
+
+    def records() -> Iterator[TileRecord]:
+        for f, ctype, slide in tiles:
+            row = {"cancer_type": ctype, **table.loc[slide].to_dict()}
+            meta = {"slide_id": slide, **_metadata_fields(row, cat, cont)}
+            try:
+                data, fmt = read_tile_bytes(f)
+            except OSError as e:
+                skips.skip(str(f), f"unreadable file ({e})")
+                continue
+            yield TileRecord(safe_key(f"{slide}-{f.stem}"), data, fmt, meta, str(f))
+
+    return Scan(groups, records, cat, cont, f"tcga-ut:{root}")
+
+
+# ---- manifest ------------------------------------------------------------------------------------
+
+def manifest(path: str | Path, skips: SkipLog, image_column: str = "path",
+             categorical: list[str] = (), continuous: list[str] = ()) -> Scan:
+    path = Path(path)
+    table = read_table(path)
+    require_columns(table, [image_column, "cancer_type", "tissue_source_site", *categorical, *continuous], path,
+                    f"Use --image-column to name the image-path column (now {image_column!r})")
+    if table.empty:
+        raise SchemaError(f"{path}: the manifest has no rows")
+    cat = ["cancer_type", "tissue_source_site"] + [c for c in ("sex", "race") if c in table.columns and c not in categorical] + list(categorical)
+    cont = list(continuous) or (["age"] if "age" in table.columns else [])
+    rows = table.to_dict("records")
+    groups: Counter = Counter(
+        (clean_category(r["cancer_type"]), clean_category(r["tissue_source_site"])) for r in rows
+    )
+
+    def records() -> Iterator[TileRecord]:
+        for i, r in enumerate(rows, start=2):  # row 1 is the header in a CSV
+            origin = f"{path} row {i} ({r[image_column]})"
+            img = Path(str(r[image_column]))
+            img = img if img.is_absolute() else path.parent / img
+            try:
+                meta = _metadata_fields(r, cat, cont)
+                data, fmt = read_tile_bytes(img)
+            except (OSError, SchemaError) as e:
+                skips.skip(origin, f"{type(e).__name__}: {e}")
+                continue
+            slide = clean_category(r.get("slide_id")) if "slide_id" in r else img.stem
+            key = safe_key(str(r["key"])) if r.get("key") else safe_key(f"{slide}-{img.stem}")
+            yield TileRecord(key, data, fmt, {"slide_id": slide, **meta}, origin)
+
+    return Scan(groups, records, cat, cont, f"manifest:{path}")
+
+
+# ---- procedural ----------------------------------------------------------------------------------
+
+def procedural(cfg) -> Scan:
+    from .procedural import generate, plan_counts
+
+    counts = plan_counts(cfg)
+    cat = ["cancer_type", "tissue_source_site"] + (["sex"] if cfg.extra_metadata else [])
+    cont = ["age"] if cfg.extra_metadata else []
+    return Scan(Counter(counts), lambda: generate(cfg), cat, cont, "procedural")

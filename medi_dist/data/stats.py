@@ -1,0 +1,48 @@
+"""`medi-dist data stats`: what a dataset directory holds, and how confounded it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .shards import INDEX, SPLIT, load_manifest, verify_shards
+
+
+def dataset_stats(dataset_dir: str | Path, verify: bool = False) -> dict:
+    root = Path(dataset_dir)
+    manifest = load_manifest(root)
+    verify_shards(root, checksums=verify)
+    index = pd.read_parquet(root / INDEX)
+    split = json.loads((root / SPLIT).read_text())
+    per_type = index.groupby("cancer_type")
+    top1 = per_type["tissue_source_site"].agg(lambda s: s.value_counts(normalize=True).iloc[0])
+    return {
+        "tiles": int(len(index)),
+        "shards": len(manifest["shards"]),
+        "bytes": int(sum(s["bytes"] for s in manifest["shards"])),
+        "skipped": len(manifest.get("skipped", [])),
+        "cancer_types": int(index["cancer_type"].nunique()),
+        "sites": int(index["tissue_source_site"].nunique()),
+        "tiles_per_split": {k: int(v) for k, v in index["split"].value_counts().sort_index().items()},
+        "sites_per_split": {k: len(v) for k, v in split["sites"].items()},
+        "top1_site_share": {k: round(float(v), 3) for k, v in top1.items()},
+        "missing_types": split.get("missing_types", {}),
+        "table": index.pivot_table(index="cancer_type", columns="split", values="key", aggfunc="count", fill_value=0),
+    }
+
+
+def format_stats(s: dict) -> str:
+    lines = [
+        f"tiles {s['tiles']} in {s['shards']} shards ({s['bytes'] / 2**20:.1f} MiB); skipped inputs: {s['skipped']}",
+        f"cancer types {s['cancer_types']}, sites {s['sites']}",
+        "tiles per split: " + ", ".join(f"{k} {v}" for k, v in s["tiles_per_split"].items()),
+        "sites per split: " + ", ".join(f"{k} {v}" for k, v in s["sites_per_split"].items()),
+        f"mean top-1 site share per type: {sum(s['top1_site_share'].values()) / len(s['top1_site_share']):.2f} "
+        "(how strongly a type comes from one site; TCGA: 0.30)",
+    ]
+    if s["missing_types"]:
+        lines.append(f"types absent from a split (too few sites): {s['missing_types']}")
+    lines += ["", "tiles per cancer type and split:", s["table"].to_string()]
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Shared fixtures: one local Ray cluster per test session, small procedural datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # 4 logical CPUs on 2 cores: Train workers and Ray Data tasks each get an explicit slice.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def proc_dataset(tmp_path_factory) -> Path:
+    """600 procedural 32-px tiles, 4 types x 8 sites, holdout and val splits."""
+    from medi_dist.data import sources
+    from medi_dist.data.ingest import ingest
+    from medi_dist.data.procedural import ProceduralConfig
+    from medi_dist.data.split import SplitConfig
+
+    out = tmp_path_factory.mktemp("data") / "proc"
+    scan = sources.procedural(ProceduralConfig(n_types=4, n_sites=8, n_tiles=600, size=32, seed=1))
+    ingest(scan, out, SplitConfig(holdout_fraction=0.25, val_fraction=0.0, seed=1), shard_mb=0.05)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert SHARED_DATA.exists(), f"reference data not found at {SHARED_DATA}"
+    return SHARED_DATA
