@@ -63,6 +63,29 @@ def _stats(args: argparse.Namespace) -> None:
         print(format_stats(s))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train.config import TrainConfig
+    from .train.trainer import train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    res = train(cfg)
+    m = res.metrics
+    print(f"run {cfg.run.name}: step {m.get('step')} of {cfg.steps}, loss {m.get('loss', float('nan')):.4f}, "
+          f"ranks in sync: {bool(m.get('ranks_in_sync'))}, skipped tiles: {res.skipped_tiles}")
+    if res.model_dir:
+        print(f"model directory: {res.model_dir}")
+    else:
+        print(f"stopped early; run the same command again to resume run {cfg.run.name!r}")
+    print(f"MLflow run {res.mlflow_run_id}: `mlflow ui --backend-store-uri {_uri(cfg.run.tracking_uri)}`")
+
+
+def _uri(uri: str | None) -> str:
+    from .tracking import tracking_uri
+
+    return tracking_uri(uri)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medi-dist", description=__doc__.split(":")[0] + ": metadata-guided diffusion "
                                 "for histopathology tiles on Ray.")
@@ -106,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--verify", action="store_true", help="also check every shard's sha256")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_stats)
+    tr = sub.add_parser("train", help="train a MeDi diffusion model with Ray Train",
+                        description="Train on a dataset directory with N Ray Train workers. Settings come from "
+                        "--config (YAML, see jobs/) and overrides like steps=200 run.num_workers=2 data.dataset=DIR.")
+    tr.add_argument("--config", help="YAML training config (sections: data, model, optim, run)")
+    tr.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    tr.set_defaults(func=_train)
     return p
 
 

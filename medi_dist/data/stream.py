@@ -171,6 +171,7 @@ def tile_stream(dataset_dir: str | Path, splits=("train",), cfg: StreamConfig | 
     )
     ds = ds.map_batches(
         DecodeBatch, fn_constructor_kwargs=dict(spec=spec, cfg=cfg, weights=weights, ledger=ledger, balance_cols=balance_cols),
-        batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.num_cpus, concurrency=(1, 2),
+        batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
     )
     return TileStream(ds, ledger, spec, int(len(index)))

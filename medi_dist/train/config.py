@@ -1,0 +1,77 @@
+"""Training configuration: one YAML file (see jobs/*.yaml) plus `section.field=value` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "data/procedural"  # a dataset directory made by `medi-dist ingest`
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    balance: str = "type"  # none | type | type_site (the reference balances by cancer type)
+    max_bad_fraction: float = 0.01
+    cpus_per_decode: float = 0.5  # Ray Data's CPU slice per decode task/actor
+
+
+@dataclass
+class ModelSection:
+    preset: str = "small"
+    resolution: int | None = None  # None: the preset's sample_size
+    conditions: list[str] = field(default_factory=lambda: ["cancer_type", "tissue_source_site"])
+    continuous: list[str] = field(default_factory=list)  # e.g. [age]
+    fusion: str = "additive"
+    cond_dropout: float = 0.1  # per column, to a learned null token (classifier-free guidance)
+    prediction_type: str = "epsilon"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    weight_decay: float = 1e-6
+    warmup_fraction: float = 0.01
+    grad_clip: float = 1.0
+    batch_size: int = 32  # per worker
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    fused: bool = False  # fused AdamW (GPU)
+
+
+@dataclass
+class RunSection:
+    name: str = "medi-small"
+    storage_path: str = "medi-dist-runs"  # local folder or a cloud URI (s3://, gs://)
+    output: str | None = None  # model directory; default <storage_path>/<name>/model
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint_every: int = 100  # steps
+    keep_checkpoints: int = 2
+    max_failures: int = 2  # worker failures survived by restarting from the last checkpoint
+    log_every: int = 10
+    sample_every: int = 0  # steps between sample grids in MLflow (0: only at the end)
+    stop_after: int | None = None  # stop early (for tests / preemption drills); re-run to resume
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or ./mlflow.db
+    experiment: str = "medi-dist"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.run.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"run.mixed_precision must be no, fp16 or bf16, got {self.run.mixed_precision!r}")
+        if self.run.num_workers < 1:
+            raise ValueError("run.num_workers must be >= 1")

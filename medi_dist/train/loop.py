@@ -1,0 +1,154 @@
+"""The per-worker training loop: Accelerate (mixed precision, gradient sync) around the MeDi UNet.
+
+Ray Train has already set up the process group; this function only sees its dataset shard, reports
+metrics and checkpoints, and (rank 0) writes MLflow. Checkpoints carry model, EMA, optimizer,
+scheduler, RNG, step and data position, so a restarted worker group continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_cosine_schedule_with_warmup
+
+from ..metadata import ConditioningSpec
+from ..model import ConditionedUNet, EMA, ModelConfig, diffusion_loss, save_model_dir
+from ..model.unet import unwrap
+from ..tracking import RunLogger
+from .checkpoint import load_checkpoint, save_checkpoint
+
+
+def torch_batches(shard, batch_size: int, columns: list[str], epoch_skip: int, device):
+    """Tensors for the model's columns; the first `epoch_skip` batches were consumed before a resume."""
+    it = shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2,
+                            local_shuffle_buffer_size=4 * batch_size)
+    for i, b in enumerate(it):
+        if i < epoch_skip:
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(b["image"])).to(device, non_blocking=True)
+        yield x, {c: torch.from_numpy(b[c]).to(device) for c in columns}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(unwrap(model).state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_worker(cfg: dict) -> None:
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run, optim = cfg["run"], cfg["optim"]
+    accelerator = Accelerator(mixed_precision=run["mixed_precision"], cpu=not run["use_gpu"],
+                              gradient_accumulation_steps=optim["grad_accum"])
+    set_seed(cfg["seed"])  # identical initial weights on every rank
+    model_cfg = ModelConfig.from_dict(cfg["model_config"])
+    spec = ConditioningSpec.from_dict(cfg["spec"])
+    model = ConditionedUNet(model_cfg, spec)
+    if run["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    ema = EMA(model, optim["ema_decay"])
+    opt = torch.optim.AdamW(model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]),
+                            weight_decay=optim["weight_decay"], fused=optim["fused"] and run["use_gpu"])
+    sched = get_cosine_schedule_with_warmup(opt, max(1, int(optim["warmup_fraction"] * cfg["steps"])), cfg["steps"])
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)  # per-rank noise and t draws
+    step, epoch, batches_in_epoch = 0, 0, 0
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            m_state, e_state, t_state, info = load_checkpoint(Path(d))
+        model.load_state_dict(m_state)
+        ema.load_state_dict({**t_state["ema_meta"], "shadow": e_state})
+        opt.load_state_dict(t_state["optimizer"])
+        sched.load_state_dict(t_state["scheduler"])
+        gen.set_state(t_state["generators"][rank % len(t_state["generators"])])
+        step, epoch, batches_in_epoch = info["step"], info["epoch"], info["batches_in_epoch"]
+
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    if run["compile"]:
+        model = torch.compile(model)
+    ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
+    logger = RunLogger(cfg["tracking_uri"], cfg["mlflow_run_id"]) if rank == 0 else None
+    columns = unwrap(model).condition_columns
+    shard = ray.train.get_dataset_shard("train")
+    stop_at = min(cfg["steps"], run["stop_after"] or cfg["steps"])
+    t_log, wait, imgs, losses = time.perf_counter(), 0.0, 0, []
+
+    def checkpoint(final: bool) -> None:
+        """All ranks report together; rank 0 attaches the checkpoint (and, at the end, the model dir)."""
+        gens = [torch.zeros_like(gen.get_state()) for _ in range(world)]
+        if world > 1:
+            torch.distributed.all_gather(gens, gen.get_state())
+        else:
+            gens = [gen.get_state()]
+        digest = weights_digest(model)
+        digests = [None] * world
+        if world > 1:
+            torch.distributed.all_gather_object(digests, digest)
+        else:
+            digests = [digest]
+        metrics = {"step": step, "epoch": epoch, "loss": float(np.mean(losses[-50:])) if losses else float("nan"),
+                   "ranks_in_sync": float(len(set(digests)) == 1), "weights_sha256": digest, "final": final,
+                   "samples_seen": step * optim["batch_size"] * optim["grad_accum"] * world}
+        with tempfile.TemporaryDirectory() as d:
+            ck = None
+            if rank == 0:
+                base = unwrap(model)
+                save_checkpoint(Path(d), base.state_dict(), ema.shadow,
+                                {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generators": gens,
+                                 "ema_meta": {"decay": ema.decay, "warmup": ema.warmup, "step": ema.step}},
+                                {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch})
+                if final:
+                    save_model_dir(Path(d) / "model", base, ema, config=model_cfg, spec=spec,
+                                   extra_info={"name": cfg["run"]["name"], "steps": step, "dataset": cfg["dataset"],
+                                               "mlflow_run_id": cfg["mlflow_run_id"]})
+                ck = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ck)
+        if logger and final:
+            logger.metrics({"ranks_in_sync": metrics["ranks_in_sync"]}, step)
+
+    while step < stop_at:
+        t_wait = time.perf_counter()
+        for x, cond in torch_batches(shard, optim["batch_size"], columns, batches_in_epoch, accelerator.device):
+            wait += time.perf_counter() - t_wait
+            if run["channels_last"]:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = diffusion_loss(model, x, cond, gen)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and optim["grad_clip"] > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), optim["grad_clip"])
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            batches_in_epoch += 1
+            imgs += x.shape[0]
+            losses.append(loss.item())
+            if accelerator.sync_gradients:
+                ema.update(model)
+                step += 1
+                if logger and step % run["log_every"] == 0:
+                    dt = time.perf_counter() - t_log
+                    logger.metrics({"loss": float(np.mean(losses[-run["log_every"]:])), "lr": sched.get_last_lr()[0],
+                                    "img_per_s": imgs * world / dt, "data_wait_fraction": wait / dt}, step)
+                    t_log, wait, imgs = time.perf_counter(), 0.0, 0
+                if step % run["checkpoint_every"] == 0 and step < stop_at:
+                    checkpoint(final=False)
+                if step >= stop_at:
+                    break
+            t_wait = time.perf_counter()
+        else:  # shard exhausted: next epoch
+            epoch, batches_in_epoch = epoch + 1, 0
+    checkpoint(final=step >= cfg["steps"])

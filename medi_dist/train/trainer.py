@@ -1,0 +1,106 @@
+"""Ray Train wiring: the dataset stream, a TorchTrainer around `train_worker`, resume by run name,
+and the final model directory copied out of the last checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ..data.stream import StreamConfig, tile_stream
+from ..model import ModelConfig
+from ..tracking import RunLogger, find_or_create_run, tracking_uri
+from .config import TrainConfig
+from .loop import train_worker
+
+log = logging.getLogger("medi_dist.train")
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path | None  # None when the run stopped early (stop_after); re-run to resume
+    metrics: dict
+    mlflow_run_id: str
+    skipped_tiles: int
+
+
+def ensure_ray() -> None:
+    if not ray.is_initialized():
+        # Inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local instance starts.
+        ray.init(log_to_driver=False)
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    m = cfg.model
+    overrides = dict(fusion=m.fusion, default_cond_dropout=m.cond_dropout, prediction_type=m.prediction_type)
+    if m.resolution:
+        overrides["sample_size"] = m.resolution
+    return ModelConfig.from_preset(m.preset, **overrides)
+
+
+def output_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.run.output or Path(cfg.run.storage_path) / cfg.run.name / "model")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    ensure_ray()
+    mcfg = model_config(cfg)
+    stream = tile_stream(cfg.data.dataset, cfg.data.splits,
+                         StreamConfig(resolution=mcfg.sample_size, balance=cfg.data.balance, seed=cfg.seed,
+                                      max_bad_fraction=cfg.data.max_bad_fraction, num_cpus=cfg.data.cpus_per_decode))
+    spec = stream.spec.subset(cfg.model.conditions, cfg.model.continuous)
+    uri = tracking_uri(cfg.run.tracking_uri)
+    run_id = find_or_create_run(uri, cfg.run.name, cfg.run.experiment, tags={"medi_dist.kind": "train"})
+    logger = RunLogger(uri, run_id)
+    logger.params({**asdict(cfg), "model_config": mcfg.to_dict()})
+    storage = cfg.run.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    loop_cfg = {**asdict(cfg), "model_config": mcfg.to_dict(), "spec": spec.to_dict(), "tracking_uri": uri,
+                "mlflow_run_id": run_id, "steps": cfg.steps, "dataset": str(cfg.data.dataset)}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        datasets={"train": stream.dataset},
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    skipped = stream.skipped()["skipped"]
+    logger.metrics({"skipped_tiles": skipped}, metrics.get("step", 0))
+    out = None
+    if metrics.get("final") and result.checkpoint is not None:
+        out = output_dir(cfg)
+        with result.checkpoint.as_directory() as d:
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(Path(d) / "model", tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        _log_sample_grid(out, cfg, logger)
+        logger.tags({"medi_dist.model_dir": str(out.resolve())})
+        logger.finish()
+    return TrainResult(out, metrics, run_id, skipped)
+
+
+def _log_sample_grid(model_dir: Path, cfg: TrainConfig, logger: RunLogger) -> None:
+    import pandas as pd
+
+    from ..model import load_model_dir
+    from ..visual import model_sample_grid, png_bytes
+
+    model, _, spec = load_model_dir(model_dir)
+    index = pd.read_parquet(Path(cfg.data.dataset) / "index.parquet")
+    pairs = sorted(set(zip(index["cancer_type"], index["tissue_source_site"])))
+    grid = model_sample_grid(model, spec, pairs, seed=cfg.seed)
+    logger.artifact_bytes(png_bytes(grid), f"samples_step{cfg.steps}.png", "samples")
