@@ -174,3 +174,24 @@ def procedural(cfg) -> Scan:
     cat = ["cancer_type", "tissue_source_site"] + (["sex"] if cfg.extra_metadata else [])
     cont = ["age"] if cfg.extra_metadata else []
     return Scan(Counter(counts), lambda: generate(cfg), cat, cont, "procedural")
+
+
+# ---- wsi -----------------------------------------------------------------------------------------
+
+def wsi_scan(slides_table: str | Path, cfg, skips: SkipLog) -> Scan:
+    """Slides listed in a table (path, cancer_type, tissue_source_site, optional slide_id/sex/race/age)."""
+    from .wsi import wsi_source
+
+    path = Path(slides_table)
+    table = read_table(path)
+    require_columns(table, ["path", "cancer_type", "tissue_source_site"], path)
+    cat = ["cancer_type", "tissue_source_site"] + [c for c in ("sex", "race") if c in table.columns]
+    cont = ["age"] if "age" in table.columns else []
+    slides = []
+    for r in table.to_dict("records"):
+        p = Path(str(r["path"]))
+        p = p if p.is_absolute() else path.parent / p
+        sid = clean_category(r.get("slide_id")) if r.get("slide_id") else safe_key(p.stem)
+        slides.append((p, {"slide_id": sid, **_metadata_fields(r, cat, cont)}))
+    groups = Counter((m["cancer_type"], m["tissue_source_site"]) for _, m in slides)  # slides, not tiles
+    return Scan(groups, lambda: wsi_source(slides, cfg, skips), cat, cont, f"wsi:{path}")
