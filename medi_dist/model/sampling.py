@@ -1,0 +1,153 @@
+"""Sampling with diffusers schedulers, classifier-free guidance and per-tile seeds.
+
+Each tile's initial noise (and, for DDPM, its per-step noise) comes from its own torch.Generator
+seeded with that tile's seed, so a tile's trajectory does not depend on which batch it lands in.
+Batched kernels (oneDNN, cuDNN) may still sum in a batch-size-dependent order, which moves a rare
+pixel by one uint8 level; per_tile=True evaluates the denoiser one tile at a time (slower) and makes
+the pixels bitwise independent of batching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from medi_dist.metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec, UnknownValueError
+
+from .config import ModelConfig
+from .diffusion import schedule_kwargs
+from .unet import ConditionedUNet, unwrap
+
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+
+
+def make_sampler(config: ModelConfig, sampler: str):
+    """A fresh scheduler for `sampler`, configured from the model's training noise schedule."""
+    kw = schedule_kwargs(config)
+    if sampler == "ddpm":
+        return DDPMScheduler(**kw)
+    if sampler == "ddim":
+        return DDIMScheduler(**kw)
+    if sampler == "dpmsolver++":
+        return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+
+
+def encode_conditions(spec: ConditioningSpec, rows: Sequence[Mapping[str, Any]], *, strict: bool = False) -> dict[str, torch.Tensor]:
+    """Condition tensors for metadata rows via spec.encode_row (unseen values raise UnknownValueError
+    listing the valid ones). A column that is absent or None is null (-1 / NaN: unconditional for that
+    column); pass the string "Unknown" to ask for the Unknown token. strict=True also rejects keys
+    that are not condition columns (catches typos such as "site" for "tissue_source_site")."""
+    names = set(spec.categorical_names) | set(spec.continuous_names)
+    cols: dict[str, list] = {CONDITION_PREFIX + n: [] for n in spec.categorical_names}
+    cols.update({CONTINUOUS_PREFIX + n: [] for n in spec.continuous_names})
+    subsets: dict[tuple, ConditioningSpec] = {}
+    for row in rows:
+        if strict and set(row) - names:
+            raise UnknownValueError(f"not condition columns: {sorted(set(row) - names)}; have {sorted(names)}")
+        present = tuple(n for n in spec.categorical_names + spec.continuous_names if row.get(n) is not None)
+        if present not in subsets:
+            subsets[present] = spec.subset(
+                [n for n in spec.categorical_names if n in present], [n for n in spec.continuous_names if n in present]
+            )
+        enc = subsets[present].encode_row(row)
+        for key, values in cols.items():
+            values.append(enc.get(key, -1 if key.startswith(CONDITION_PREFIX) else math.nan))
+    return {
+        k: torch.tensor(v, dtype=torch.long if k.startswith(CONDITION_PREFIX) else torch.float32)
+        for k, v in cols.items()
+    }
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _batch_size(cond: Mapping[str, torch.Tensor], seeds, generators) -> int:
+    for v in (seeds, generators, *cond.values()):
+        if v is not None:
+            return len(v)
+    raise ValueError("cannot tell the batch size: pass seeds, generators or a non-empty cond")
+
+
+@torch.no_grad()
+def sample(
+    model: ConditionedUNet,
+    cond: Mapping[str, torch.Tensor],
+    *,
+    seeds: Sequence[int] | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    sampler: str = "dpmsolver++",
+    steps: int = 25,
+    guidance_scale: float = 1.0,
+    size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    per_tile: bool = False,
+    return_tensor: bool = False,
+) -> np.ndarray | torch.Tensor:
+    """Generate one tile per row of `cond` (keys cond_<name>/cont_<name>; absent columns are null).
+
+    seeds: one integer per tile (preferred; reproducible across batchings) or generators: one CPU
+    torch.Generator per tile. guidance_scale s: eps = eps_u + s (eps_c - eps_u), eps_u with every
+    column null; s == 1 skips the unconditional pass. per_tile=True: bitwise batch-independent
+    pixels (one denoiser call per tile and step). Returns uint8 (B, H, W, 3), or the float
+    tensor in [-1, 1] with return_tensor=True.
+    """
+    base = unwrap(model)
+    b = _batch_size(cond, seeds, generators)
+    if generators is None:
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (b,)).tolist()  # non-reproducible on purpose: no seeds given
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    if len(generators) != b:
+        raise ValueError(f"got {len(generators)} seeds/generators for a batch of {b}")
+    device = next(base.parameters()).device
+    size = size or base.config.sample_size
+    sched = make_sampler(base.config, sampler)
+    sched.set_timesteps(steps, device=device)
+
+    c = base.null_conditions(b, device)
+    c.update({k: v.to(device) for k, v in cond.items()})
+    guided = guidance_scale != 1.0
+    if guided:  # one forward pass over [cond; uncond]
+        u = base.null_conditions(b, device)
+        c = {k: torch.cat([v, u[k]]) for k, v in c.items()}
+
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    reps = 2 if guided else 1
+
+    def predict(xin: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Model output for [cond; uncond] rows (just cond when unguided)."""
+        if not per_tile:
+            with amp:
+                return model(xin.repeat(reps, 1, 1, 1), t, c).float()
+        outs = []
+        for i in range(b):  # every call sees the same shapes whatever the batch: [tile] or [tile; tile]
+            with amp:
+                outs.append(model(xin[i : i + 1].repeat(reps, 1, 1, 1), t, {k: v[i::b] for k, v in c.items()}).float())
+        return torch.cat([o[:1] for o in outs] + [o[1:] for o in outs])
+
+    shape = (base.config.in_channels, size, size)
+    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device) * sched.init_noise_sigma
+    was_training = base.training
+    base.eval()
+    try:
+        for t in sched.timesteps:
+            out = predict(sched.scale_model_input(x, t), t)
+            if guided:
+                oc, ou = out.chunk(2)
+                out = ou + guidance_scale * (oc - ou)
+            if sampler == "ddpm":  # stochastic: per-tile step noise from each tile's own generator
+                x = torch.cat([sched.step(out[i : i + 1], t, x[i : i + 1], generator=g).prev_sample for i, g in enumerate(generators)])
+            else:  # DDIM (eta=0) and DPM-Solver++ are deterministic given the initial noise
+                x = sched.step(out, t, x).prev_sample
+    finally:
+        base.train(was_training)
+    return x if return_tensor else to_uint8(x)
