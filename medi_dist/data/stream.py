@@ -169,9 +169,9 @@ def tile_stream(dataset_dir: str | Path, splits=("train",), cfg: StreamConfig | 
         [str(p) for p in paths], decoder=None, filerename=unify_image_member,
         suffixes=[IMAGE_COLUMN, "json"], shuffle="files", num_cpus=cfg.num_cpus,
     )
+    # A plain function (not an actor pool) lets Ray Data fuse reading and decoding into one task.
     ds = ds.map_batches(
-        DecodeBatch, fn_constructor_kwargs=dict(spec=spec, cfg=cfg, weights=weights, ledger=ledger, balance_cols=balance_cols),
+        DecodeBatch(spec, cfg, weights, ledger, balance_cols),
         batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.num_cpus,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
     )
     return TileStream(ds, ledger, spec, int(len(index)))

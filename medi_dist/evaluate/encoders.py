@@ -1,0 +1,188 @@
+"""Frozen feature extractors: uint8 tiles (N, H, W, 3) -> float32 features (N, D).
+
+Real and synthetic tiles go through the *same* ``encode`` call, hence the same resize and
+normalisation (the MeDi reference preprocessed them differently, which alone moves Fréchet distances
+and probe accuracies). Weights only ever come from a local file; nothing is downloaded.
+
+Specs for ``get_encoder``: ``random-conv[:DIM[:SEED]]``, ``openclip:<model_name>:<path>``,
+``inception:<path>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _check_tiles(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim == 3 and images.shape[-1] == 3:
+        images = images[None]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        # Refuse floats instead of guessing their scale: a silent [0,1] vs [0,255] mix-up between
+        # real and synthetic tiles is exactly the preprocessing defect we must not repeat.
+        raise ValueError(f"encoders take uint8 RGB tiles shaped (N, H, W, 3); got {images.dtype} {images.shape}")
+    return images
+
+
+def preprocess(images: np.ndarray, size: int, mean, std, mode: str = "bilinear") -> torch.Tensor:
+    """uint8 NHWC -> normalised float NCHW at size x size (antialiased resize when shrinking)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode=mode, antialias=True, align_corners=False).clamp_(0, 1)
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def _need_file(path: str | Path | None, what: str, hint: str) -> Path:
+    if not path:
+        raise FileNotFoundError(f"{what} needs a local weights file; {hint}")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} weights file not found: {str(p)!r}; {hint}")
+    return p.resolve()  # absolute, so open_clip can never mistake it for a download tag
+
+
+class Encoder:
+    """Base: subclasses set ``model``, ``size``, ``mean``, ``std``, ``dim`` and ``name``."""
+
+    model: nn.Module
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dim: int
+    name: str
+    interpolation = "bilinear"
+
+    def __init__(self, device: str = "cpu", batch_size: int = 64):
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        images = _check_tiles(images)
+        self.model.eval()
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = preprocess(images[i : i + self.batch_size], self.size, self.mean, self.std, self.interpolation)
+            out.append(self._forward(x.to(self.device)).float().flatten(1).cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    __call__ = encode
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, dim={self.dim})"
+
+
+class RandomConvEncoder(Encoder):
+    """Fixed random-weight CNN with global pooling; needs no weights, deterministic per seed.
+
+    Random conv features are a weak but honest stand-in for a pretrained encoder: they respond to
+    colour, texture and scale, so Fréchet distances still rank stain shifts correctly in tests and
+    on the procedural data.
+    """
+
+    def __init__(self, dim: int = 64, seed: int = 0, size: int = 64, device: str = "cpu", batch_size: int = 256):
+        super().__init__(device, batch_size)
+        self.dim, self.size, self.name = dim, size, f"random-conv:{dim}:{seed}"
+        self.mean, self.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+        layers, ch = [], [3, 16, 32, dim]
+        for i, (a, b) in enumerate(zip(ch[:-1], ch[1:])):
+            layers += [nn.Conv2d(a, b, 3, padding=1), nn.ReLU()]
+            if i < len(ch) - 2:
+                layers.append(nn.AvgPool2d(2))
+        self.model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        g = torch.Generator().manual_seed(seed)  # own generator: global RNG state untouched
+        with torch.no_grad():
+            for m in self.model:
+                if isinstance(m, nn.Conv2d):
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / (m.weight[0].numel())) ** 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        self.model.to(self.device).eval()
+
+
+class OpenClipEncoder(Encoder):
+    """Image tower of an open_clip model, weights from a local checkpoint (e.g. a CONCH/UNI-style
+    open_clip export). Features are the tower's embedding (before any normalisation)."""
+
+    def __init__(self, model_name: str, weights_path: str | Path, device: str = "cpu", batch_size: int = 64):
+        path = _need_file(weights_path, f"OpenClipEncoder({model_name!r})",
+                          "pass the path of a downloaded open_clip checkpoint (.bin/.pt/.safetensors), "
+                          "e.g. --encoder openclip:ViT-B-16:/models/vit_b16.safetensors")
+        super().__init__(device, batch_size)
+        import open_clip  # imported lazily: heavy, and only this encoder needs it
+
+        if model_name not in open_clip.list_models():
+            raise ValueError(f"unknown open_clip model {model_name!r}; known: {', '.join(open_clip.list_models())}")
+        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(path), device=self.device)
+        self.model = model.visual.eval()
+        cfg = getattr(self.model, "preprocess_cfg", {})
+        size = cfg.get("size", getattr(self.model, "image_size", 224))
+        self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.mean = tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self.std = tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        self.interpolation = "bicubic" if cfg.get("interpolation", "bicubic") == "bicubic" else "bilinear"
+        self.name = f"openclip:{model_name}:{path}"
+        with torch.no_grad():
+            self.dim = int(self.model(torch.zeros(1, 3, self.size, self.size, device=self.device)).shape[-1])
+
+
+class InceptionEncoder(Encoder):
+    """torchvision Inception-v3 pool3 (2048-d) features from a local state dict.
+
+    Note: torchvision's ImageNet weights are not the TF 'FID Inception' weights, so distances are
+    comparable within this project but not with published FID numbers.
+    """
+
+    def __init__(self, weights_path: str | Path | None, device: str = "cpu", batch_size: int = 32):
+        path = _need_file(weights_path, "InceptionEncoder",
+                          "pass a torchvision inception_v3 state dict (.pth/.safetensors), "
+                          "e.g. --encoder inception:/models/inception_v3_google-0cc3c7bd.pth")
+        super().__init__(device, batch_size)
+        from torchvision.models import inception_v3
+
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}  # aux head unused
+        # transform_input=True: the ImageNet weights expect torchvision's re-scaling of normalised input.
+        model = inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=True)
+        model.load_state_dict(state)
+        model.fc = nn.Identity()  # output = 2048-d global-average-pooled features (pool3)
+        self.model = model.to(self.device).eval()
+        self.size, self.dim, self.name = 299, 2048, f"inception:{path}"
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+
+
+def get_encoder(spec: str, device: str = "cpu") -> Encoder:
+    """Build an encoder from a spec string (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "random-conv":
+        parts = [p for p in rest.split(":") if p]
+        return RandomConvEncoder(dim=int(parts[0]) if parts else 64, seed=int(parts[1]) if len(parts) > 1 else 0,
+                                 device=device)
+    if kind == "openclip":
+        name, _, path = rest.partition(":")
+        if not name or not path:
+            raise ValueError(f"encoder spec {spec!r}: expected openclip:<model_name>:<local weights path>")
+        return OpenClipEncoder(name, path, device=device)
+    if kind == "inception":
+        return InceptionEncoder(rest or None, device=device)
+    raise ValueError(f"unknown encoder spec {spec!r}; use random-conv[:DIM[:SEED]], "
+                     "openclip:<model_name>:<path> or inception:<path>")
