@@ -45,6 +45,17 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def log_sample_grid(logger: RunLogger, ema: EMA, model_cfg: ModelConfig, spec: ConditioningSpec,
+                    pairs: list, step: int) -> None:
+    """A (type x site) grid sampled from the EMA weights, as an MLflow artifact."""
+    from ..visual import model_sample_grid, png_bytes
+
+    m = ConditionedUNet(model_cfg, spec)
+    m.load_state_dict({k: v.cpu() for k, v in ema.averaged_state_dict(m).items()})
+    grid = model_sample_grid(m.eval(), spec, [tuple(p) for p in pairs])
+    logger.artifact_bytes(png_bytes(grid), f"samples_step{step:07d}.png", "samples")
+
+
 def train_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -112,7 +123,7 @@ def train_worker(cfg: dict) -> None:
                 if final:
                     save_model_dir(Path(d) / "model", base, ema, config=model_cfg, spec=spec,
                                    extra_info={"name": cfg["run"]["name"], "steps": step, "dataset": cfg["dataset"],
-                                               "mlflow_run_id": cfg["mlflow_run_id"]})
+                                               "train_pairs": cfg["pairs"], "mlflow_run_id": cfg["mlflow_run_id"]})
                 ck = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ck)
         if logger and final:
@@ -144,6 +155,8 @@ def train_worker(cfg: dict) -> None:
                     logger.metrics({"loss": float(np.mean(losses[-run["log_every"]:])), "lr": sched.get_last_lr()[0],
                                     "img_per_s": imgs * world / dt, "data_wait_fraction": wait / dt}, step)
                     t_log, wait, imgs = time.perf_counter(), 0.0, 0
+                if logger and run["sample_every"] and step % run["sample_every"] == 0:
+                    log_sample_grid(logger, ema, model_cfg, spec, cfg["pairs"], step)
                 if step % run["checkpoint_every"] == 0 and step < stop_at:
                     checkpoint(final=False)
                 if step >= stop_at:

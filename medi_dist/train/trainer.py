@@ -8,6 +8,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pandas as pd
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -61,7 +62,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     storage = cfg.run.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    loop_cfg = {**asdict(cfg), "model_config": mcfg.to_dict(), "spec": spec.to_dict(), "tracking_uri": uri,
+    index = pd.read_parquet(Path(cfg.data.dataset) / "index.parquet")
+    train_rows = index[index["split"].isin(cfg.data.splits)]
+    pairs = sorted(set(zip(train_rows["cancer_type"], train_rows["tissue_source_site"])))
+    loop_cfg = {**asdict(cfg), "pairs": pairs, "model_config": mcfg.to_dict(), "spec": spec.to_dict(), "tracking_uri": uri,
                 "mlflow_run_id": run_id, "steps": cfg.steps, "dataset": str(cfg.data.dataset)}
     trainer = TorchTrainer(
         train_worker,
@@ -87,20 +91,16 @@ def train(cfg: TrainConfig) -> TrainResult:
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
-        _log_sample_grid(out, cfg, logger)
+        _log_sample_grid(out, cfg, logger, pairs)
         logger.tags({"medi_dist.model_dir": str(out.resolve())})
         logger.finish()
     return TrainResult(out, metrics, run_id, skipped)
 
 
-def _log_sample_grid(model_dir: Path, cfg: TrainConfig, logger: RunLogger) -> None:
-    import pandas as pd
-
+def _log_sample_grid(model_dir: Path, cfg: TrainConfig, logger: RunLogger, pairs: list) -> None:
     from ..model import load_model_dir
     from ..visual import model_sample_grid, png_bytes
 
     model, _, spec = load_model_dir(model_dir)
-    index = pd.read_parquet(Path(cfg.data.dataset) / "index.parquet")
-    pairs = sorted(set(zip(index["cancer_type"], index["tissue_source_site"])))
     grid = model_sample_grid(model, spec, pairs, seed=cfg.seed)
     logger.artifact_bytes(png_bytes(grid), f"samples_step{cfg.steps}.png", "samples")
