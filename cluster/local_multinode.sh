@@ -24,6 +24,7 @@ set -euo pipefail
 GCS_PORT="${GCS_PORT:-6390}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 HEAD_AGENT_PORT="${HEAD_AGENT_PORT:-52365}"
+NODE2_PORT_BASE="${NODE2_PORT_BASE:-52466}"  # second node's agent/runtime-env/metrics ports: BASE..BASE+3
 CPUS_PER_NODE="${CPUS_PER_NODE:-1}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-0}"
 OBJECT_STORE_BYTES="${OBJECT_STORE_BYTES:-500000000}"
@@ -59,8 +60,8 @@ start() {
     --node-ip-address 127.0.0.1 \
     --num-cpus "$CPUS_PER_NODE" --num-gpus "$GPUS_PER_NODE" \
     --object-store-memory "$OBJECT_STORE_BYTES" \
-    --dashboard-agent-listen-port 52466 --dashboard-agent-grpc-port 52467 \
-    --runtime-env-agent-port 52468 --metrics-export-port 52469 \
+    --dashboard-agent-listen-port "$NODE2_PORT_BASE" --dashboard-agent-grpc-port "$((NODE2_PORT_BASE + 1))" \
+    --runtime-env-agent-port "$((NODE2_PORT_BASE + 2))" --metrics-export-port "$((NODE2_PORT_BASE + 3))" \
     --min-worker-port 21000 --max-worker-port 21999 \
     "${TEMP_ARGS[@]}" --disable-usage-stats
   echo "Ray cluster up: GCS 127.0.0.1:$GCS_PORT, dashboard/jobs http://127.0.0.1:$DASHBOARD_PORT (token auth)"

@@ -72,7 +72,8 @@ def _train(args: argparse.Namespace) -> None:
     res = train(cfg)
     m = res.metrics
     print(f"run {cfg.run.name}: step {m.get('step')} of {cfg.steps}, loss {m.get('loss', float('nan')):.4f}, "
-          f"ranks in sync: {bool(m.get('ranks_in_sync'))}, skipped tiles: {res.skipped_tiles}")
+          f"ranks in sync: {bool(m.get('ranks_in_sync'))}, worker nodes: {m.get('worker_nodes')}, "
+          f"skipped tiles: {res.skipped_tiles}")
     if res.model_dir:
         print(f"model directory: {res.model_dir}")
     else:
@@ -89,7 +90,7 @@ def _uri(uri: str | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medi-dist", description=__doc__.split(":")[0] + ": metadata-guided diffusion "
                                 "for histopathology tiles on Ray.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     ing = sub.add_parser("ingest", help="turn tiles into a sharded, site-split dataset directory",
@@ -145,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except USER_ERRORS as e:
-        print(f"medi-dist {args.command}: error: {e}", file=sys.stderr)
+        if args.verbose:
+            raise
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e) else ""
+        print(f"medi-dist {args.command}: error: {e}{where}", file=sys.stderr)
         return 2
     return 0
 

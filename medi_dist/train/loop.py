@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import ray.train
 import torch
 from accelerate import Accelerator
@@ -104,13 +105,14 @@ def train_worker(cfg: dict) -> None:
         else:
             gens = [gen.get_state()]
         digest = weights_digest(model)
-        digests = [None] * world
+        mine = (digest, ray.get_runtime_context().get_node_id())
+        gathered = [mine] * world
         if world > 1:
-            torch.distributed.all_gather_object(digests, digest)
-        else:
-            digests = [digest]
+            torch.distributed.all_gather_object(gathered, mine)
+        digests, nodes = [g[0] for g in gathered], {g[1] for g in gathered}
         metrics = {"step": step, "epoch": epoch, "loss": float(np.mean(losses[-50:])) if losses else float("nan"),
-                   "ranks_in_sync": float(len(set(digests)) == 1), "weights_sha256": digest, "final": final,
+                   "ranks_in_sync": float(len(set(digests)) == 1), "weights_sha256": digest,
+                   "worker_nodes": len(nodes), "final": final,
                    "samples_seen": step * optim["batch_size"] * optim["grad_accum"] * world}
         with tempfile.TemporaryDirectory() as d:
             ck = None
