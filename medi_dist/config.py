@@ -27,6 +27,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if value is None:
             return None
         return _convert(args[0], value, where) if len(args) == 1 else value
+    if tp is str and not isinstance(value, str) and value is not None:
+        # YAML reads a bare `no`/`yes` as a boolean (e.g. mixed_precision: no); keep the word.
+        return ("yes" if value else "no") if isinstance(value, bool) else str(value)
     if tp in (int, float) and isinstance(value, str):
         try:
             return tp(value)

@@ -182,6 +182,10 @@ def load_manifest(dataset_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def check_shard_members(*a, **k):
+    pass
+
+
 def verify_shards(dataset_dir: str | Path, splits: Iterable[str] | None = None, checksums: bool = False) -> list[Path]:
     """Paths of the dataset's shards, refusing any that is missing, truncated or altered."""
     root = Path(dataset_dir)
