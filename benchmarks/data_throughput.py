@@ -36,7 +36,7 @@ def ensure_dataset(root: Path, tiles: int, size: int) -> Path:
             with tarfile.open(shard) as tar:
                 for m in tar.getmembers():
                     if m.name.endswith(".jpg"):
-                        (files / m.name).write_bytes(tar.extractfile(m).read())
+                        (files / Path(m.name).name).write_bytes(tar.extractfile(m).read())
     return ds
 
 

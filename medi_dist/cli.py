@@ -10,7 +10,7 @@ import sys
 from .metadata import SchemaError, UnknownValueError
 from .config import ConfigError
 
-USER_ERRORS = (SchemaError, UnknownValueError, ConfigError, FileNotFoundError, FileExistsError, ValueError)
+USER_ERRORS = (SchemaError, UnknownValueError, ConfigError, OSError, ValueError)
 
 
 def _ingest(args: argparse.Namespace) -> None:
@@ -66,9 +66,10 @@ def _stats(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from .config import load_config
     from .train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)  # fail fast, before heavy imports
     from .train.trainer import train
 
-    cfg = load_config(TrainConfig, args.config, args.overrides)
     res = train(cfg)
     m = res.metrics
     print(f"run {cfg.run.name}: step {m.get('step')} of {cfg.steps}, loss {m.get('loss', float('nan')):.4f}, "

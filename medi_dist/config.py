@@ -48,6 +48,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
         (inner, *_) = typing.get_args(tp) or (Any,)
         return origin(_convert(inner, v, where) if inner is not Any else v for v in value)
+    if tp in (int, float, bool) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
+        # a list, mapping or true/false where a number belongs would otherwise fail later with a TypeError
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
 
 
@@ -57,18 +60,35 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; valid: {sorted(names)}")
-    return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+    values = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own checks (e.g. steps must be positive): say which file
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (PyYAML's own message spans several lines)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())
+
+
 def apply_override(data: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.field=value")
     path, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     node = data
     *parents, leaf = path.split(".")
     for p in parents:
@@ -87,7 +107,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
     for o in overrides:

@@ -6,7 +6,9 @@ never leaves something that looks like a finished dataset.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import shutil
 import uuid
@@ -49,7 +51,10 @@ def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | Non
                                       int(shard_mb * (1 << 20)), scan.name)
         if index.empty:
             raise SchemaError(f"{scan.name}: every input was skipped; nothing to write.\n{skips.summary()}")
-        spec = ConditioningSpec.build(index.to_dict("records"), scan.categorical, scan.continuous)
+        continuous = [c for c in scan.continuous if c in index.columns and index[c].notna().any()]
+        for c in sorted(set(scan.continuous) - set(continuous)):
+            log.warning("%s: continuous column %r has no value in any tile; not used as a condition", scan.name, c)
+        spec = ConditioningSpec.build(index.to_dict("records"), scan.categorical, continuous)
         spec.save(tmp / VOCAB)
         atomic_write_parquet(index, tmp / INDEX)
         # Report what was actually written (skips can empty a group).
@@ -62,16 +67,30 @@ def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | Non
             "tiles": int(len(index)),
             "image_formats": sorted(index["image_format"].unique().tolist()),
             "categorical": scan.categorical,
-            "continuous": scan.continuous,
+            "continuous": continuous,
             "shards": shards,
             "skipped": [{"input": o, "reason": r} for o, r in skips.entries],
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
+        old = None
+        if out.exists():  # move the old dataset aside; delete it only once the new one is in place
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            kept = f"the existing {out} is untouched" if out.exists() else f"{out} was not created"
+            at = f" (at {e.filename})" if e.filename else ""
+            raise OSError(e.errno, f"{os.strerror(e.errno)} while writing dataset {out}{at}; nothing was kept "
+                          f"({kept}). Free space or choose another --out, then re-run") from e
         raise
     if skips.entries:
         log.warning(skips.summary())

@@ -100,7 +100,8 @@ class ShardWriter:
         try:
             with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
                 for rec, checksum in sorted(self._buf, key=lambda x: x[0].key):
-                    meta = {**rec.meta, "key": rec.key, "split": self.split}
+                    # the tile's sha256 also rides in its json, so the stream can check each tile it decodes
+                    meta = {**rec.meta, "key": rec.key, "split": self.split, "sha256": checksum}
                     _tar_add(tar, f"{rec.key}.{rec.image_format}", rec.image_bytes)
                     _tar_add(tar, f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())
                     self.rows.append({**meta, "shard": rel, "image_format": rec.image_format, "sha256": checksum})
@@ -135,7 +136,10 @@ def write_dataset(
         origin = rec.origin or rec.key
         check_key(rec.key)
         if rec.key in seen:
-            raise SchemaError(f"duplicate tile key {rec.key!r} from {origin} and {seen[rec.key]}; keys must be unique")
+            raise SchemaError(
+                f"duplicate tile key {rec.key!r} from {origin} and {seen[rec.key]}; keys must be unique "
+                "(keys keep only letters, digits, '-' and '_', so 'a.b' and 'a_b' collide): give the rows distinct keys"
+            )
         if rec.image_format not in IMAGE_FORMATS:
             raise SchemaError(f"{origin}: image format {rec.image_format!r}, expected one of {IMAGE_FORMATS}")
         try:
@@ -182,12 +186,51 @@ def load_manifest(dataset_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def check_shard_members(*a, **k):
-    pass
+def check_shard_members(path: Path, tiles: int | None = None) -> int:
+    """Walk a shard's tar headers (nothing is extracted, nothing written) and refuse, naming the shard
+    and member, what our writers never produce: a member that is not a regular file, a name with a
+    folder, `..` or a leading '/', an invalid key, a key whose members are not adjacent (Ray Data
+    stops mid-run on those), a key without exactly one image and one json. Returns the tile count."""
+    fix = "re-run `medi-dist ingest` (writers must put each key's members next to each other, sorted by name)"
+    keys: dict[str, set[str]] = {}
+    last = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    raise SchemaError(f"shard {path}: member {m.name!r} is not a regular file; refusing the shard; "
+                                      f"{fix}")
+                if "/" in m.name or "\\" in m.name or ".." in m.name:
+                    raise SchemaError(f"shard {path}: member {m.name!r} is a path (folder, '..' or absolute), not a "
+                                      f"plain <key>.<ext> name; refusing the shard; {fix}")
+                key, _, ext = m.name.partition(".")
+                if key != last:
+                    if key in keys:
+                        raise SchemaError(f"shard {path}: the members of key {key!r} are not adjacent; {fix}")
+                    try:
+                        check_key(key)
+                    except SchemaError as e:
+                        raise SchemaError(f"shard {path}: {e}") from None
+                    keys[key], last = set(), key
+                if ext in keys[key]:
+                    raise SchemaError(f"shard {path}: member {m.name!r} appears twice; {fix}")
+                keys[key].add(ext)
+    except tarfile.TarError as e:
+        raise SchemaError(f"shard {path} is not a readable tar ({e}); {fix}") from None
+    for key, exts in keys.items():
+        if len(exts) != 2 or "json" not in exts or not exts & set(IMAGE_FORMATS):
+            raise SchemaError(f"shard {path}: key {key!r} has members {sorted(exts)}, expected one image "
+                              f"({'/'.join(IMAGE_FORMATS)}) and one json; {fix}")
+    if not keys:
+        raise SchemaError(f"shard {path} holds no tiles; {fix}")
+    if tiles is not None and len(keys) != tiles:
+        raise SchemaError(f"shard {path} holds {len(keys)} tiles but {MANIFEST} lists {tiles}; {fix}")
+    return len(keys)
 
 
 def verify_shards(dataset_dir: str | Path, splits: Iterable[str] | None = None, checksums: bool = False) -> list[Path]:
-    """Paths of the dataset's shards, refusing any that is missing, truncated or altered."""
+    """Paths of the dataset's shards, refusing any that is missing, empty or truncated; with
+    `checksums=True` also any whose sha256 or tar members (check_shard_members) are wrong."""
     root = Path(dataset_dir)
     manifest = load_manifest(root)
     wanted = set(splits) if splits is not None else None
@@ -199,6 +242,8 @@ def verify_shards(dataset_dir: str | Path, splits: Iterable[str] | None = None, 
         if not p.exists():
             raise SchemaError(f"shard {p} is missing; re-run `medi-dist ingest` for {root}")
         size = p.stat().st_size
+        if size == 0:
+            raise SchemaError(f"shard {p} is empty (0 bytes); copy it again or re-run `medi-dist ingest` for {root}")
         if size != s["bytes"]:
             raise SchemaError(
                 f"shard {p} is {size} bytes but was written as {s['bytes']} (truncated or altered copy); "
@@ -206,5 +251,7 @@ def verify_shards(dataset_dir: str | Path, splits: Iterable[str] | None = None, 
             )
         if checksums and file_sha256(p) != s["sha256"]:
             raise SchemaError(f"shard {p} fails its sha256 check; copy it again or re-run `medi-dist ingest`")
+        if checksums:
+            check_shard_members(p, s.get("tiles"))
         paths.append(p)
     return paths

@@ -1,13 +1,15 @@
 """Ray Data stream: dataset shards -> decoded float tiles at model resolution + condition indices.
 
 Reading keeps raw bytes (per-row decoding in the reader is slow); decoding, resizing, condition
-encoding and balancing happen in `map_batches`. A tile that fails to decode is skipped and recorded
-with its key and shard in a small ledger actor; the stream aborts only when the skipped fraction
-passes `max_bad_fraction`, so one corrupt file never stops an hours-long job.
+encoding and balancing happen in `map_batches`. A tile that fails to decode, or whose bytes fail the
+sha256 written into its json at ingest, is skipped and recorded with its key and shard in a small
+ledger actor; the stream aborts only when the skipped fraction passes `max_bad_fraction`, so one
+corrupt file never stops an hours-long job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import zlib
@@ -105,6 +107,9 @@ class DecodeBatch:
         for key, url, data, meta in zip(batch["__key__"], batch["__url__"], batch[IMAGE_COLUMN], batch["json"]):
             try:
                 m = json.loads(meta)
+                if "sha256" in m and hashlib.sha256(data).hexdigest() != m["sha256"]:
+                    raise ValueError("tile bytes fail the sha256 recorded at ingest (altered or corrupted shard); "
+                                     "check it with `medi-dist data stats --verify`")
                 images.append(decode_tile(data, self.cfg.resolution))
                 rows.append(m)
                 keys.append(key)

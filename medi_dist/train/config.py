@@ -73,5 +73,12 @@ class TrainConfig:
             raise ValueError(f"steps must be positive, got {self.steps}")
         if self.run.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"run.mixed_precision must be no, fp16 or bf16, got {self.run.mixed_precision!r}")
-        if self.run.num_workers < 1:
-            raise ValueError("run.num_workers must be >= 1")
+        positive = {"run.num_workers": self.run.num_workers, "optim.batch_size": self.optim.batch_size,
+                    "optim.grad_accum": self.optim.grad_accum, "optim.lr": self.optim.lr,
+                    "run.checkpoint_every": self.run.checkpoint_every, "run.log_every": self.run.log_every,
+                    "run.keep_checkpoints": self.run.keep_checkpoints, "run.cpus_per_worker": self.run.cpus_per_worker}
+        bad = {k: v for k, v in positive.items() if not v > 0}
+        if bad:
+            raise ValueError(f"must be positive: {bad}")
+        if not 0 <= self.model.cond_dropout <= 1:
+            raise ValueError(f"model.cond_dropout must be in [0, 1], got {self.model.cond_dropout}")

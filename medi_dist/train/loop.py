@@ -92,6 +92,8 @@ def train_worker(cfg: dict) -> None:
         model = torch.compile(model)
     ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
     logger = RunLogger(cfg["tracking_uri"], cfg["mlflow_run_id"]) if rank == 0 else None
+    if logger and ckpt is not None:
+        logger.metrics({"resumed_from_step": step}, step)  # every restart is visible in MLflow
     columns = unwrap(model).condition_columns
     shard = ray.train.get_dataset_shard("train")
     stop_at = min(cfg["steps"], run["stop_after"] or cfg["steps"])
