@@ -61,7 +61,9 @@ def two_nodes():
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(list(procs), timeout=10)
+    _, alive = psutil.wait_procs(list(procs), timeout=10)
+    for p in alive:  # gcs_server ignores SIGTERM
+        p.kill()
 
 
 def _submit(address: str, args: list[str], working_dir: bool = False) -> subprocess.CompletedProcess:

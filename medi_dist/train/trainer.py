@@ -30,10 +30,14 @@ class TrainResult:
     skipped_tiles: int
 
 
-def ensure_ray() -> None:
+def ensure_ray(quiet: bool = True) -> None:
+    if quiet:  # Ray Data's per-operator progress logs drown the CLI's own output
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        for name in ("ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if not ray.is_initialized():
         # Inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local instance starts.
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=False, logging_level=logging.WARNING)
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:

@@ -1,0 +1,222 @@
+"""Downstream protocol: does adding synthetic tiles help a classifier on hospitals it never saw?
+
+Per seed: real train-split tiles (optionally k random sites, at most m per class; see allocation.py)
+plus round(r * n_real) synthetic tiles allocated over subgroups by a policy; fit a linear probe on
+frozen-encoder features or a small CNN on pixels; score on the tiles of `test_split` (held-out
+sites; a study selects on "val" and touches "holdout" once at the end). Metrics come from
+evaluate.metrics, reported as mean ± SEM over seeds plus a per-(type, site) table.
+
+Everything that can be wrong with the inputs is checked before a pixel is read (``validate``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .allocation import ALLOCATIONS, SITE, TYPE, real_subsample, synthetic_subsample
+from .metrics import METRIC_NAMES, all_metrics, balanced_accuracy, format_table, mean_sem
+from .tiles import Inputs, Part, load_inputs, pool_index, read_index
+
+CLASSIFIERS = ("linear", "cnn")
+# Fields that decide which tiles/features are loaded; `compare` arms may not change them.
+DATA_FIELDS = {"real", "classifier", "encoder", "train_split", "test_split", "image_size", "cache_dir"}
+
+
+class DownstreamError(ValueError):
+    """Bad protocol input (message says what to change)."""
+
+
+@dataclass
+class DownstreamConfig:
+    real: str
+    synthetic: list[str] = field(default_factory=list)  # pool dataset dirs (generated tiles)
+    classifier: str = "linear"  # linear (probe on encoder features) | cnn (end to end)
+    encoder: str = "random-conv"  # linear only: random-conv | openclip:NAME:PATH | inception:PATH
+    ratio: float = 0.0  # synthetic tiles per real training tile
+    allocation: str = "inverse-frequency"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    k_sites: int | None = None
+    max_per_class: int | None = None
+    train_split: str = "train"
+    test_split: str = "holdout"
+    C: float = 1.0  # linear probe: inverse regularisation
+    lr: float = 3e-3  # cnn: learning rate
+    epochs: int = 8
+    width: int = 16
+    image_size: int = 32
+    cache_dir: str = "medi-dist-cache"
+
+
+def validate(cfg: DownstreamConfig, build_encoder: bool = True):
+    """Check the config and inputs without reading pixels; returns the encoder (linear) or None."""
+    if not (cfg.ratio >= 0):
+        raise DownstreamError(f"ratio must be >= 0 (synthetic tiles per real tile), got {cfg.ratio}")
+    if cfg.allocation not in ALLOCATIONS:
+        raise DownstreamError(f"allocation must be one of {ALLOCATIONS}, got {cfg.allocation!r}")
+    if cfg.classifier not in CLASSIFIERS:
+        raise DownstreamError(f"classifier must be one of {CLASSIFIERS}, got {cfg.classifier!r}")
+    if not cfg.seeds:
+        raise DownstreamError("give at least one seed")
+    for name in ("k_sites", "max_per_class"):
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise DownstreamError(f"{name} must be >= 1 or unset, got {v}")
+    if cfg.ratio > 0 and not cfg.synthetic:
+        raise DownstreamError(f"ratio {cfg.ratio} > 0 needs at least one synthetic pool (--synthetic DIR)")
+    if cfg.test_split == cfg.train_split:
+        raise DownstreamError("test_split must differ from train_split (sites must be disjoint)")
+    train = read_index(cfg.real, [cfg.train_split])
+    test = read_index(cfg.real, [cfg.test_split])
+    for split, rows in ((cfg.train_split, train), (cfg.test_split, test)):
+        if rows.empty:
+            raise DownstreamError(f"{cfg.real} has no tiles in split {split!r}"
+                                  + (" (ingest with --val-fraction > 0)" if split == "val" else ""))
+    n_sites = train[SITE].nunique()
+    if cfg.k_sites is not None and cfg.k_sites > n_sites:
+        raise DownstreamError(f"k_sites={cfg.k_sites} but {cfg.real} has only {n_sites} {cfg.train_split} sites")
+    for pool in cfg.synthetic:
+        if pool_index(pool).empty:
+            raise DownstreamError(f"synthetic pool {pool} is empty: it has no synthetic 'train' tiles; "
+                                  "generate tiles into it with `medi-dist generate` first")
+    if cfg.classifier == "linear" and build_encoder:
+        from .encoders import get_encoder
+
+        return get_encoder(cfg.encoder)  # unknown spec or missing weights file raises here
+    return None
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    metrics: dict[str, float]
+    predictions: pd.DataFrame  # key, cancer_type, site, pred
+    allocation: dict  # (type, site) -> synthetic tiles
+    n_real: int
+    n_synthetic: int
+    real_keys: list[str]
+    synthetic_keys: list[str]  # "<pool dir>/<key>"
+
+
+def fit_predict(cfg: DownstreamConfig, X: np.ndarray, y: np.ndarray, X_test: np.ndarray, seed: int) -> np.ndarray:
+    from .classifiers import LinearProbe, SmallCNN
+
+    if cfg.classifier == "linear":
+        return LinearProbe(C=cfg.C, seed=seed).fit(X, y).predict(X_test)
+    return SmallCNN(image_size=cfg.image_size, width=cfg.width, epochs=cfg.epochs, lr=cfg.lr,
+                    seed=seed).fit(X, y).predict(X_test)
+
+
+def run_seed(cfg: DownstreamConfig, inputs: Inputs, seed: int) -> SeedRun:
+    tr, te = inputs.train, inputs.test
+    ridx = real_subsample(tr.meta, seed, cfg.k_sites, cfg.max_per_class)
+    real = tr.meta.iloc[ridx]
+    real_counts = Counter(zip(real[TYPE].astype(str), real[SITE].astype(str)))
+    pool = inputs.pool
+    if cfg.synthetic:
+        keep = pool.meta["pool"].isin([str(p) for p in cfg.synthetic]).to_numpy()
+        pool = Part(pool.X[keep], pool.meta[keep].reset_index(drop=True))
+    n_syn = int(round(cfg.ratio * len(ridx)))
+    sidx, alloc = synthetic_subsample(pool.meta, real_counts, n_syn, cfg.allocation, seed)
+    X = np.concatenate([tr.X[ridx], pool.X[sidx]])
+    y = np.concatenate([real[TYPE].astype(str).to_numpy(), pool.meta[TYPE].astype(str).to_numpy()[sidx]])
+    y_true, sites = te.meta[TYPE].astype(str).to_numpy(), te.meta[SITE].astype(str).to_numpy()
+    pred = np.asarray(fit_predict(cfg, X, y, te.X, seed)).astype(str)
+    preds = pd.DataFrame({"key": te.meta["key"].astype(str), TYPE: y_true, SITE: sites, "pred": pred})
+    syn = pool.meta.iloc[sidx]
+    return SeedRun(seed, all_metrics(y_true, pred, sites), preds, alloc, len(ridx), len(sidx),
+                   real["key"].astype(str).tolist(), (syn["pool"].astype(str) + "/" + syn["key"].astype(str)).tolist())
+
+
+@dataclass
+class DownstreamResult:
+    config: DownstreamConfig
+    runs: list[SeedRun]
+
+    @property
+    def per_seed(self) -> list[dict]:
+        return [{"seed": r.seed, **r.metrics, "n_real": r.n_real, "n_synthetic": r.n_synthetic} for r in self.runs]
+
+    @property
+    def mean_sem(self) -> dict[str, tuple[float, float]]:
+        return mean_sem([{k: r.metrics[k] for k in METRIC_NAMES} for r in self.runs])
+
+    @property
+    def predictions(self) -> pd.DataFrame:
+        return pd.concat([r.predictions.assign(seed=r.seed) for r in self.runs], ignore_index=True)
+
+    def subgroups(self) -> pd.DataFrame:
+        """Per (type, site): test tiles, accuracy mean and SEM over seeds."""
+        p = self.predictions.assign(correct=lambda d: d[TYPE] == d["pred"])
+        per = p.groupby([TYPE, SITE, "seed"])["correct"].agg(n="size", accuracy="mean").reset_index()
+        g = per.groupby([TYPE, SITE])
+        out = g.agg(n=("n", "first"), accuracy=("accuracy", "mean")).reset_index()
+        out["accuracy_sem"] = g["accuracy"].sem(ddof=1).fillna(0.0).to_numpy()
+        return out
+
+    def site_scores(self) -> pd.Series:
+        """Per test site: balanced accuracy averaged over seeds (what the objective averages)."""
+        p = self.predictions
+        rows = [(s, balanced_accuracy(d[TYPE], d["pred"]))
+                for (s, _), d in p.groupby([SITE, "seed"])]
+        return pd.DataFrame(rows, columns=[SITE, "score"]).groupby(SITE)["score"].mean()
+
+    def table(self, label: str = "") -> str:
+        return format_table({label or describe(self.config): self.mean_sem}, list(METRIC_NAMES))
+
+    def to_dict(self) -> dict:
+        return {"config": asdict(self.config), "per_seed": self.per_seed,
+                "mean_sem": {k: list(v) for k, v in self.mean_sem.items()}}
+
+
+def describe(cfg: DownstreamConfig) -> str:
+    if cfg.ratio == 0:
+        return "real only"
+    pools = ",".join(Path(p).name for p in cfg.synthetic)
+    return f"+{pools} r={cfg.ratio:g} {cfg.allocation}"
+
+
+def run_downstream(cfg: DownstreamConfig, inputs: Inputs | None = None, progress=None) -> DownstreamResult:
+    """The whole protocol over cfg.seeds. `inputs` lets several configs share loaded tiles."""
+    encoder = validate(cfg, build_encoder=inputs is None)
+    inputs = inputs or load_inputs(cfg, encoder)
+    runs = []
+    for seed in cfg.seeds:
+        runs.append(run_seed(cfg, inputs, seed))
+        if progress:
+            progress(runs[-1])
+    return DownstreamResult(cfg, runs)
+
+
+@dataclass
+class Comparison:
+    results: dict[str, DownstreamResult]
+
+    def table(self) -> str:
+        return format_table({k: r.mean_sem for k, r in self.results.items()}, list(METRIC_NAMES))
+
+    def deltas(self, reference: str | None = None) -> dict[str, dict[str, tuple[float, float]]]:
+        """Paired per-seed differences to the reference arm (default: the first), mean ± SEM."""
+        ref = self.results[reference or next(iter(self.results))]
+        base = {r.seed: r.metrics for r in ref.runs}
+        return {k: mean_sem([{m: r.metrics[m] - base[r.seed][m] for m in METRIC_NAMES} for r in res.runs])
+                for k, res in self.results.items() if res is not ref}
+
+
+def compare(base: DownstreamConfig, arms: dict[str, dict]) -> Comparison:
+    """Several arms (config overrides of `base`, e.g. {"real only": {"ratio": 0}, "MeDi":
+    {"synthetic": [dir], "ratio": 1}}) on the same real tiles and seeds, loaded once."""
+    fixed = DATA_FIELDS & {k for over in arms.values() for k in over}
+    if fixed:
+        raise DownstreamError(f"arms share the real data and classifier; set {sorted(fixed)} in the base config")
+    cfgs = {label: replace(base, **over) for label, over in arms.items()}
+    for c in cfgs.values():
+        validate(c, build_encoder=False)  # every arm is checked before any work starts
+    encoder = validate(base)
+    pools = list(dict.fromkeys(p for c in cfgs.values() for p in c.synthetic))
+    inputs = load_inputs(base, encoder, pools)
+    return Comparison({label: run_downstream(c, inputs) for label, c in cfgs.items()})
