@@ -10,6 +10,7 @@ import sys
 from .metadata import SchemaError, UnknownValueError
 from .config import ConfigError
 
+# ModelDirError and CheckpointError (bad model directory / checkpoint) are ValueErrors too.
 USER_ERRORS = (SchemaError, UnknownValueError, ConfigError, OSError, ValueError)
 
 

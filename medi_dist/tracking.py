@@ -20,6 +20,8 @@ def tracking_uri(uri: str | None = None) -> str:
     """Explicit URI, else $MLFLOW_TRACKING_URI, else ./mlflow.db as an absolute sqlite URI (workers
     may run in another directory)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # workers run in other folders
     if uri:
         return uri
     return f"sqlite:///{Path('mlflow.db').resolve()}"

@@ -29,6 +29,7 @@ import pandas as pd
 from PIL import Image
 
 from ..data.shards import INDEX, load_manifest, verify_shards
+from ..metadata import UNKNOWN
 from .classifiers import LinearProbe
 from .encoders import get_encoder
 from .fidelity import conditional_accuracy, fidelity_report, frechet_distance
@@ -146,6 +147,8 @@ def evaluate_fidelity(cfg: FidelityConfig) -> dict:
         cond[part]["type_accuracy_morphology"] = acc["morphology"][part]["type_accuracy"]
         cond[part]["site_accuracy_stain"] = acc["stain"][part]["site_accuracy"]
         mask = {"all": np.ones_like(seen), "seen": seen, "unseen": ~seen}[part]
+        if (s_idx[SITE] == UNKNOWN).all():  # class-only model: no site was asked for
+            cond[part].update(site_accuracy=math.nan, site_accuracy_stain=math.nan, joint_accuracy=math.nan)
         cond[part]["fd_vs_real"] = frechet_distance(r_f["features"], s_f["features"][mask]) if mask.sum() > 1 else math.nan
     gen = load_manifest(cfg.synthetic).get("generation", {})
     result = {

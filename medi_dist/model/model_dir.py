@@ -35,7 +35,7 @@ FORMAT_VERSION = 1
 WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors"}
 
 
-class ModelDirError(RuntimeError):
+class ModelDirError(ValueError):
     """A model directory that is missing files, corrupted, or of an unknown format."""
 
 

@@ -34,7 +34,10 @@ def make_sampler(config: ModelConfig, sampler: str):
     if sampler == "ddim":
         return DDIMScheduler(**kw)
     if sampler == "dpmsolver++":
-        return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2)
+        # thresholding keeps x0 estimates in range, as DDIM/DDPM clip them; without it a briefly
+        # trained epsilon model drifts to saturated colours
+        return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2,
+                                           thresholding=True, sample_max_value=1.0)
     raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
 
 

@@ -16,7 +16,7 @@ STATE = "state.json"
 CHECKSUMS = "checksums.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     pass
 
 

@@ -1,0 +1,162 @@
+"""Command-line parsers for `medi-dist generate` and `medi-dist evaluate fidelity`.
+
+cli.py wires them in: `add_generate_parser(sub)` on the top-level subparsers, and
+`add_fidelity_parser(evaluate_sub)` on the subparsers of the `evaluate` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _kv(text: str) -> dict:
+    """`cancer_type=GLAND,tissue_source_site=B1,count=10` -> dict (numbers parsed)."""
+    import yaml
+
+    out = {}
+    for part in filter(None, text.split(",")):
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected key=value pairs separated by commas, got {part!r}")
+        k, v = k.strip(), v.strip()
+        out[k] = yaml.safe_load(v) if k == "count" else (v.split("|") if "|" in v else v)
+    return out
+
+
+def plan_from_args(args: argparse.Namespace):
+    from .plan import GenerationPlan, PlanError
+
+    if args.plan:
+        if args.mode or args.row:
+            raise PlanError("give either --plan FILE or --mode/--row, not both")
+        plan = GenerationPlan.from_yaml(args.plan)
+        if args.seed is not None:
+            plan.seed = args.seed
+        return plan
+    mode = args.mode or ("explicit" if args.row else None)
+    if mode is None:
+        raise PlanError("say what to generate: --plan FILE, --mode unseen-pairs|balance, or --row ...")
+    kw = {k: v for k, v in dict(types=args.types, sites=args.sites, count=args.count, target=args.target,
+                                seed=args.seed).items() if v is not None}
+    return GenerationPlan(mode=mode, rows=args.row or [], extra=_kv(args.extra or ""),
+                          include_unseen=args.include_unseen, **kw)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .job import GenerateConfig, build_tasks, generate
+    from .plan import describe
+    from .writer import SamplingSettings
+
+    cfg = GenerateConfig(
+        model=args.model, out=args.out, plan=plan_from_args(args), dataset=args.dataset,
+        sampling=SamplingSettings(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                                  weights=args.weights, batch_size=args.batch_size, precision=args.precision,
+                                  compile=args.compile),
+        workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+        tiles_per_shard=args.tiles_per_shard, max_shards=args.max_shards, overwrite=args.overwrite)
+    if args.dry_run:
+        tasks, rows, header, _ = build_tasks(cfg)
+        print(describe(rows))
+        print(f"{len(tasks)} shards of up to {cfg.tiles_per_shard} tiles; generation id {header['generation']}")
+        return
+    res = generate(cfg)
+    print(describe(res.rows, limit=10))
+    print(f"{res.out}: {len(res.generated)} shards generated, {res.skipped} already complete, of {res.shards}; "
+          f"{res.stats['tiles_per_s_per_worker']:.2f} tiles/s per worker ({res.seconds:.0f} s)")
+    if not res.complete:
+        print("stopped early; run the same command again to finish")
+
+
+def add_generate_parser(sub) -> argparse.ArgumentParser:
+    g = sub.add_parser(
+        "generate", help="generate synthetic tiles for (type, site, ...) subgroups with Ray Data",
+        description="Sample a model directory's denoiser over a generation plan with a Ray Data actor pool and "
+        "write a synthetic dataset directory (same layout as ingest output, split 'train'). A re-run with the same "
+        "arguments skips completed shards.")
+    g.add_argument("--model", required=True, help="model directory (from `medi-dist train`)")
+    g.add_argument("--out", required=True, help="synthetic dataset directory to create or resume")
+    g.add_argument("--dataset", help="training dataset (default: the one the model directory records)")
+    p = g.add_argument_group("plan (a YAML file, or the options below)")
+    p.add_argument("--plan", help="YAML plan: mode, rows | types/sites/count/target, extra, seed")
+    p.add_argument("--mode", choices=["explicit", "unseen-pairs", "balance"])
+    p.add_argument("--row", action="append", type=_kv, metavar="K=V,...",
+                   help="explicit row, e.g. cancer_type=GLAND,tissue_source_site=B1,count=10 (repeatable)")
+    p.add_argument("--types", nargs="+", help="cancer types (default: every trained type)")
+    p.add_argument("--sites", nargs="+", help="sites (default: every trained site)")
+    p.add_argument("--count", type=int, help="unseen-pairs: tiles per (type, site)")
+    p.add_argument("--target", type=int, help="balance: top each (type, site) up to this many tiles")
+    p.add_argument("--include-unseen", action="store_true", help="balance: also fill pairs absent from training")
+    p.add_argument("--extra", help="more conditions for every row, e.g. sex=female|male (one row per value)")
+    p.add_argument("--seed", type=int, help="plan seed (tile seeds derive from it)")
+    s = g.add_argument_group("sampling")
+    s.add_argument("--sampler", default="dpmsolver++", choices=["ddpm", "ddim", "dpmsolver++"])
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    s.add_argument("--weights", default="ema", choices=["ema", "raw", "auto"])
+    s.add_argument("--batch-size", type=int, default=32, help="tiles per denoiser call")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    s.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU)")
+    r = g.add_argument_group("resources")
+    r.add_argument("--workers", type=int, default=1, help="actors, one model each")
+    r.add_argument("--cpus-per-worker", type=float, default=1.0)
+    r.add_argument("--gpus-per-worker", type=float, default=0.0, help="> 0 samples on CUDA")
+    r.add_argument("--tiles-per-shard", type=int, default=256)
+    r.add_argument("--max-shards", type=int, help="stop after this many new shards (re-run to finish)")
+    g.add_argument("--overwrite", action="store_true", help="replace --out (even another plan's tiles)")
+    g.add_argument("--dry-run", action="store_true", help="validate and print the plan; generate nothing")
+    g.set_defaults(func=_generate)
+    return g
+
+
+def _fidelity(args: argparse.Namespace) -> None:
+    from ..evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
+
+    res = evaluate_fidelity(FidelityConfig(
+        real=args.real, synthetic=args.synthetic, encoder=args.encoder, out=args.out, real_splits=args.real_splits,
+        resolution=args.resolution, min_per_group=args.min_per_group, device=args.device,
+        conditional=not args.no_conditional, tracking_uri=args.tracking_uri, run_name=args.run_name,
+        log_mlflow=not args.no_mlflow))
+    ca, ch = res["conditional_accuracy"], res["chance"]
+    print(f"FD overall {res['fd']['overall']:.3f}, mean over {len(res['fd']['groups'])} subgroups "
+          f"{res['fd']['mean_group_fd']:.3f} ({res['encoder']}, {res['resolution']} px)")
+    if not ca:
+        return
+    print(f"conditional accuracy (chance: type {ch['type_accuracy']:.3f}, site {ch['site_accuracy']:.3f}); "
+          "type from features | grayscale features, site from features | stain statistics:")
+    for part in ("seen", "unseen"):
+        c = ca[part]
+        print(f"  {part:6s} pairs (n={c['n']}): type {c['type_accuracy']:.3f} | {c['type_accuracy_morphology']:.3f}, "
+              f"site {c['site_accuracy']:.3f} | {c['site_accuracy_stain']:.3f}")
+    if res["real_reference"]:
+        print("held-out real tiles: " + json.dumps({k: round(v, 3) for k, v in res["real_reference"].items()}))
+
+
+def add_fidelity_parser(evaluate_sub) -> argparse.ArgumentParser:
+    f = evaluate_sub.add_parser(
+        "fidelity", help="Fréchet distance and conditional accuracy of synthetic vs real tiles",
+        description="FD per (type, site) subgroup and overall in an encoder's feature space, and how often "
+        "synthetic tiles show the requested type and site (probes trained on real tiles), for seen and unseen "
+        "pairs. Results go to a JSON file and an MLflow run.")
+    f.add_argument("--real", required=True, help="real dataset directory")
+    f.add_argument("--synthetic", required=True, help="synthetic dataset directory (from `medi-dist generate`)")
+    f.add_argument("--encoder", default="random-conv", help="random-conv | openclip:NAME:PATH | inception:PATH")
+    f.add_argument("--out", help="results JSON (default: <synthetic>/fidelity.json)")
+    f.add_argument("--real-splits", nargs="+", default=["train"])
+    f.add_argument("--resolution", type=int, help="compare at this size (default: the synthetic tiles' size)")
+    f.add_argument("--min-per-group", type=int, default=10)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    f.add_argument("--run-name", help="MLflow run name (default: fidelity-<synthetic dir>)")
+    f.add_argument("--no-conditional", action="store_true", help="Fréchet distances only (no type/site probes)")
+    f.add_argument("--no-mlflow", action="store_true")
+    f.set_defaults(func=_fidelity)
+    return f
+
+
+def add_parsers(subparsers) -> None:
+    """Both commands, for a CLI without other `evaluate` subcommands."""
+    add_generate_parser(subparsers)
+    ev = subparsers.add_parser("evaluate", help="evaluate synthetic tiles").add_subparsers(dest="evaluate_command",
+                                                                                        required=True)
+    add_fidelity_parser(ev)

@@ -1,0 +1,204 @@
+"""The generation job: plan -> shard tasks -> Ray Data actor pool -> synthetic dataset directory.
+
+The driver validates the plan, partitions the tile list into shards (a function of the plan alone),
+and skips shards that a previous run completed (each is verified). The remaining shard tasks become
+a Ray Dataset with one row per shard; `map_batches` with an actor pool runs them, one model per
+actor, so each shard is sampled whole by one worker in fixed micro-batches: the tiles do not depend
+on the number of workers. index.parquet and dataset.json are written last, from all shards, so the
+directory only reads as a dataset once every planned tile is there exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..data.shards import INDEX, MANIFEST, SPLIT as SPLIT_FILE, VOCAB, atomic_write_parquet, atomic_write_text, file_sha256
+from ..metadata import ConditioningSpec
+from ..model.config import ModelConfig
+from ..model.model_dir import WEIGHT_FILES, read_model_info
+from ..model.sampling import SAMPLERS
+from .plan import GenerationPlan, PlanError, PlanRow, resolve, training_data
+from .tiles import plan_id, plan_tiles, shard_partition
+from .writer import SPLIT, SamplingSettings, ShardGenerator, read_shard, shard_complete, shard_path
+
+log = logging.getLogger("medi_dist.generate")
+GENERATION_FILE = "generation.json"
+
+
+@dataclass
+class GenerateConfig:
+    model: str
+    out: str
+    plan: GenerationPlan = field(default_factory=GenerationPlan)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    dataset: str | None = None  # training dataset; default: the one recorded in the model directory
+    workers: int = 1  # actors, one model each
+    cpus_per_worker: float = 1.0  # explicit budget: on a few cores Ray Data must not oversubscribe
+    gpus_per_worker: float = 0.0  # > 0: actors sample on CUDA
+    tiles_per_shard: int = 256
+    max_shards: int | None = None  # stop after this many new shards (tests, preemption drills)
+    overwrite: bool = False
+
+
+@dataclass
+class GenerateResult:
+    out: Path
+    complete: bool  # False when stopped early by max_shards; re-run to finish
+    tiles: int  # planned
+    shards: int
+    generated: list[str]  # shards written by this run
+    skipped: int  # shards already complete from an earlier run
+    rows: list[PlanRow]
+    seconds: float
+    stats: dict  # per-worker throughput
+
+
+def _settings_check(cfg: GenerateConfig, info: dict) -> str:
+    s = cfg.sampling
+    if s.sampler not in SAMPLERS:
+        raise PlanError(f"unknown sampler {s.sampler!r}; choose from {SAMPLERS}")
+    if s.steps < 1 or s.batch_size < 1 or cfg.workers < 1 or s.guidance < 0:
+        raise PlanError("steps, batch size and workers must be >= 1 and guidance >= 0")
+    if s.precision not in ("fp32", "fp16", "bf16"):
+        raise PlanError(f"precision must be fp32, fp16 or bf16, got {s.precision!r}")
+    mcfg = ModelConfig.from_dict(info["model"])
+    if s.guidance != 1.0 and max([mcfg.default_cond_dropout, *mcfg.cond_dropout.values()]) <= 0:
+        raise PlanError("classifier-free guidance needs a model trained with condition dropout; use --guidance 1")
+    weights = s.weights if s.weights != "auto" else ("ema" if WEIGHT_FILES["ema"] in info["weights"] else "raw")
+    if WEIGHT_FILES.get(weights) not in info["weights"]:
+        raise PlanError(f"{cfg.model} has no {weights!r} weights; it has {info['weights']}")
+    return weights
+
+
+def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, ConditioningSpec]:
+    """Validate everything and return the shard tasks (no sampling, no Ray)."""
+    info = read_model_info(cfg.model)
+    spec = ConditioningSpec.load(Path(cfg.model) / "conditioning.json")
+    weights = _settings_check(cfg, info)
+    train = training_data(cfg.model, cfg.dataset)
+    rows = resolve(cfg.plan, spec, train)
+    s = cfg.sampling
+    meta = {"synthetic": True, "source": info["model_id"], "sampler": s.sampler, "steps": s.steps,
+            "guidance": s.guidance, "weights": weights, "precision": s.precision}
+    pid = plan_id(rows, cfg.plan.seed, meta)
+    tiles = plan_tiles(rows, cfg.plan.seed, pid)
+    tasks = []
+    for i, part in enumerate(shard_partition(tiles, cfg.tiles_per_shard)):
+        tasks.append({"shard": i, "path": shard_path(i), "generation": pid, "meta": meta, "tiles": [
+            {"key": t.key, "row": t.row, "index": t.index, "seed": t.seed, "seen": rows[t.row].seen,
+             "conditions": rows[t.row].conditions, "slide_id": f"syn-{pid}-r{t.row:05d}"} for t in part]})
+    header = {"format": "medi-dist-generation/1", "generation": pid, "model": str(Path(cfg.model).resolve()),
+              "model_id": info["model_id"], "plan": asdict(cfg.plan), "sampling": asdict(s), **meta,
+              "tiles_per_shard": cfg.tiles_per_shard, "tiles": len(tiles), "shards": len(tasks),
+              "training_pairs_from": train.source,
+              "rows": [asdict(r) for r in rows]}
+    return tasks, rows, header, spec
+
+
+def _prepare_out(out: Path, header: dict, overwrite: bool) -> None:
+    """Refuse to mix plans in one directory; drop temp files an interrupted run left behind."""
+    gen = out / GENERATION_FILE
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not gen.exists():
+            raise FileExistsError(f"{out} exists and is not a generation output; choose another --out or --overwrite")
+        else:
+            old = json.loads(gen.read_text())
+            if (old.get("generation"), old.get("tiles_per_shard")) != (header["generation"], header["tiles_per_shard"]):
+                raise FileExistsError(f"{out} holds tiles of another plan or sharding (generation {old.get('generation')}, "
+                                      f"now {header['generation']}); choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(f"shards/{SPLIT}/.*.tmp-*"):
+        tmp.unlink()
+    atomic_write_text(gen, json.dumps(header, indent=2, default=str))
+
+
+class _ShardActor:
+    """Ray Data actor: one model per actor; each batch row is one whole shard task."""
+
+    def __init__(self, **kwargs):
+        self.gen = ShardGenerator(**kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        res = [self.gen.run(json.loads(t)) for t in batch["task"]]
+        return {k: np.array([r[k] for r in res]) for k in res[0]}
+
+
+def _run_ray(cfg: GenerateConfig, tasks: list[dict]) -> list[dict]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)  # RAY_ADDRESS (ray job submit) selects a cluster
+    workers = min(cfg.workers, len(tasks))
+    have = ray.cluster_resources()
+    need = {"CPU": workers * cfg.cpus_per_worker, "GPU": workers * cfg.gpus_per_worker}
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
+    if short:
+        raise PlanError(f"{workers} workers need {need} but the Ray cluster has {have.get('CPU', 0)} CPU, "
+                        f"{have.get('GPU', 0)} GPU; lower --workers or --cpus-per-worker")
+    ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
+    ds = ds.map_batches(
+        _ShardActor, batch_size=1, batch_format="numpy",
+        fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), settings=cfg.sampling,
+                                   out_dir=str(Path(cfg.out).resolve()), threads=max(1, int(cfg.cpus_per_worker)),
+                                   device="cuda" if cfg.gpus_per_worker > 0 else "cpu"),
+        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.cpus_per_worker,
+        num_gpus=cfg.gpus_per_worker or None,
+    )
+    return ds.take_all()
+
+
+def _finalize(out: Path, tasks: list[dict], header: dict, spec: ConditioningSpec) -> None:
+    rows, shards = [], []
+    for t in tasks:
+        p = out / t["path"]
+        rows += read_shard(p, t, decode=False)  # decoded when written or when found on resume
+        shards.append({"path": t["path"], "split": SPLIT, "tiles": len(t["tiles"]), "bytes": p.stat().st_size,
+                       "sha256": file_sha256(p)})
+    index = pd.DataFrame(rows)
+    spec.save(out / VOCAB)  # the model's vocabularies, never rebuilt from the tiles
+    atomic_write_parquet(index, out / INDEX)
+    groups = index.groupby(["cancer_type", "tissue_source_site"]).size()
+    split = {"seed": header["plan"]["seed"], "holdout_fraction": 0.0, "val_fraction": 0.0,
+             "sites": {SPLIT: sorted(index["tissue_source_site"].unique().tolist())},
+             "counts": {SPLIT: int(len(index))}, "missing_types": {},
+             "groups": [{"cancer_type": t, "tissue_source_site": s, "split": SPLIT, "count": int(n)}
+                        for (t, s), n in groups.items()]}
+    atomic_write_text(out / SPLIT_FILE, json.dumps(split, indent=2))
+    manifest = {"format": "medi-dist-dataset/1", "source": header["model_id"], "synthetic": True,
+                "tiles": int(len(index)), "image_formats": ["png"], "categorical": spec.categorical_names,
+                "continuous": spec.continuous_names, "shards": shards, "skipped": [],
+                "generation": {k: v for k, v in header.items() if k != "rows"}}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, default=str))
+
+
+def generate(cfg: GenerateConfig) -> GenerateResult:
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    tasks, rows, header, spec = build_tasks(cfg)  # every error surfaces here, before any work
+    _prepare_out(out, header, cfg.overwrite)
+    pending = [t for t in tasks if not shard_complete(out, t)]
+    todo = pending if cfg.max_shards is None else pending[:cfg.max_shards]
+    if pending:  # an incomplete directory must not read as a dataset (e.g. a shard was deleted)
+        (out / MANIFEST).unlink(missing_ok=True)
+    log.info("%d shards planned, %d complete, %d to generate", len(tasks), len(tasks) - len(pending), len(todo))
+    results = _run_ray(cfg, todo) if todo else []
+    complete = len(todo) == len(pending)
+    if complete:
+        _finalize(out, tasks, header, spec)
+    sample_s = sum(float(r["sample_s"]) for r in results)
+    n = sum(int(r["tiles"]) for r in results)
+    evals = sum(int(r["evaluations"]) for r in results)
+    stats = {"tiles": n, "tiles_per_s_per_worker": n / sample_s if sample_s else float("nan"),
+             "evaluations_per_s_per_worker": evals / sample_s if sample_s else float("nan")}
+    return GenerateResult(out, complete, int(header["tiles"]), len(tasks), sorted(str(r["path"]) for r in results),
+                          len(tasks) - len(pending), rows, time.perf_counter() - t0, stats)

@@ -1,0 +1,235 @@
+"""Generation plans: which (cancer type, site, ...) subgroups to generate, and how many tiles each.
+
+A plan is resolved against the model directory before any work starts: every value must be in the
+model's vocabularies (UnknownValueError lists the valid ones), and every type and site must have had
+training tiles, because a vocabulary entry with no training tiles has an untrained embedding (the
+dataset's vocabularies also hold held-out sites). Each resolved row is flagged `seen` when its
+(type, site) pair occurred in training, so fidelity can be reported separately for unseen pairs.
+
+A model conditioned on cancer type only (a class-only baseline) takes explicit rows without sites;
+its tiles record the site as `Unknown`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from ..metadata import UNKNOWN, ConditioningSpec, UnknownValueError, clean_category
+from ..model.model_dir import read_model_info
+
+TYPE, SITE = "cancer_type", "tissue_source_site"
+MODES = ("explicit", "unseen-pairs", "balance")
+
+
+class PlanError(ValueError):
+    """A plan that cannot be run as written (the message says what to change)."""
+
+
+@dataclass
+class GenerationPlan:
+    mode: str = "explicit"  # explicit | unseen-pairs | balance
+    rows: list[dict] = field(default_factory=list)  # explicit: {cancer_type, tissue_source_site, [more], count}
+    types: list[str] | None = None  # unseen-pairs / balance: None = every trained type
+    sites: list[str] | None = None  # None = every trained site
+    count: int = 8  # unseen-pairs: tiles per (type, site)
+    target: int = 100  # balance: top each subgroup up to this many tiles (training tiles count)
+    include_unseen: bool = False  # balance: also fill (type, site) pairs absent from training
+    extra: dict = field(default_factory=dict)  # more conditions, e.g. {sex: [female, male]}: one row per value
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationPlan":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise PlanError(f"unknown plan field(s) {unknown}; valid: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "GenerationPlan":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"plan file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise PlanError(f"plan file {p} must hold a mapping (mode, rows | types/sites/count, seed)")
+        return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    conditions: dict  # condition column -> value, exactly what the sampler is asked for
+    count: int
+    seen: bool  # the (type, site) pair had training tiles
+    real_count: int  # training tiles of this (type, site) pair
+
+
+@dataclass
+class TrainingData:
+    """What the model was trained on: (type, site) -> training tiles (0 where only the pair is known)."""
+
+    pairs: dict
+    source: str  # where the pairs come from
+    counts_known: bool = True  # False: pairs recorded in the model directory, dataset not readable
+
+    @property
+    def types(self) -> list[str]:
+        return sorted({t for t, _ in self.pairs})
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({s for _, s in self.pairs})
+
+
+def training_data(model_dir: str | Path, dataset: str | Path | None = None) -> TrainingData:
+    """The model's training pairs (config.json `train_pairs`, else the train split of its dataset),
+    with tile counts from the dataset's index where it can be read (`dataset` overrides the recorded one)."""
+    info = read_model_info(model_dir).get("info", {})
+    recorded = {tuple(map(str, p)) for p in info.get("train_pairs") or []} or None
+    path = dataset or info.get("dataset")
+    index_path = Path(path) / "index.parquet" if path else None
+    if dataset is not None and not index_path.is_file():
+        raise FileNotFoundError(f"--dataset {dataset} has no index.parquet; point it at the model's training dataset")
+    if index_path is not None and index_path.is_file():
+        idx = pd.read_parquet(index_path, columns=[TYPE, SITE, "split"])
+        idx = idx[idx["split"] == "train"]
+        counts = Counter(zip(idx[TYPE].astype(str), idx[SITE].astype(str)))
+        if recorded is None or recorded <= set(counts):
+            return TrainingData({p: counts[p] for p in (recorded or counts)}, str(path))
+    if recorded is not None:  # the dataset moved or changed: pairs are still known, counts are not
+        return TrainingData({p: 0 for p in recorded}, f"{model_dir}/config.json", counts_known=False)
+    raise PlanError(f"{model_dir} records neither its training pairs nor a readable training dataset "
+                    f"({path}); pass --dataset DIR")
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise PlanError(f"{where}: count must be a whole number, got {value!r}")
+    if value < 0:
+        raise PlanError(f"{where}: count {int(value)} is negative; counts must be >= 0")
+    return int(value)
+
+
+def _check_trained(spec: ConditioningSpec, train: TrainingData, column: str, value: str, where: str) -> str:
+    v = clean_category(value)
+    spec.vocab(column).encode(v)  # not in the vocabulary at all: lists every valid value
+    trained = train.types if column == TYPE else train.sites
+    if v not in trained:
+        raise UnknownValueError(
+            f"{where}: {column} {v!r} is in the model's vocabulary but had no training tiles "
+            f"({train.source}), so its embedding is untrained; trained values ({len(trained)}): {', '.join(trained)}")
+    return v
+
+
+def _check_conditions(spec: ConditioningSpec, cond: dict, where: str) -> dict:
+    names = spec.categorical_names + spec.continuous_names
+    bad = sorted(set(cond) - set(names))
+    if bad:
+        raise UnknownValueError(f"{where}: {bad} are not condition columns of this model; it has {names}")
+    out = {}
+    for k, v in cond.items():
+        if k in spec.categorical_names:
+            spec.vocab(k).encode(v)
+            out[k] = clean_category(v)
+        else:
+            x = next(c for c in spec.continuous if c.name == k).encode(v)  # raises on non-numbers
+            out[k] = None if math.isnan(x) else float(v)
+    return out
+
+
+def _extra_combos(spec: ConditioningSpec, extra: dict) -> list[dict]:
+    """{sex: [female, male], age: 60} -> [{sex: female, age: 60.0}, {sex: male, age: 60.0}]."""
+    if {TYPE, SITE} & set(extra):
+        raise PlanError("extra is for columns other than cancer_type and tissue_source_site")
+    lists = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in extra.items()}
+    combos = [dict(zip(lists, vals)) for vals in itertools.product(*lists.values())]
+    return [_check_conditions(spec, c, "extra") for c in combos]
+
+
+def _check_complete(spec: ConditioningSpec, cond: dict, where: str) -> None:
+    """A tile's metadata must read back through the model's vocabularies: a categorical column left
+    unconditional becomes `Unknown`, so it may only be left out where `Unknown` is a trained value."""
+    for v in spec.categorical:
+        if v.name not in cond and UNKNOWN not in v.values:
+            raise PlanError(f"{where}: the model is conditioned on {v.name} (values: {', '.join(v.values)}); "
+                            f"give it per row or in extra, e.g. extra: {{{v.name}: [{', '.join(v.values[:2])}]}}")
+
+
+def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -> list[PlanRow]:
+    """Validate the plan against the model and expand it into rows (raises before any work)."""
+    if plan.mode not in MODES:
+        raise PlanError(f"plan mode must be one of {MODES}, got {plan.mode!r}")
+    if TYPE not in spec.categorical_names:
+        raise PlanError(f"the model is not conditioned on {TYPE} (it has {spec.categorical_names})")
+    by_site = SITE in spec.categorical_names  # False: class-only model, rows name no site
+    if plan.mode != "explicit" and not by_site:
+        raise PlanError(f"{plan.mode} plans need a model conditioned on {SITE}; this one is conditioned on "
+                        f"{spec.categorical_names}: use explicit rows (cancer_type, count)")
+    if plan.mode == "balance" and not train.counts_known:
+        raise PlanError(f"balance needs the training tile counts, but the training dataset is not readable "
+                        f"(pairs from {train.source}); pass --dataset DIR")
+    if not isinstance(plan.seed, int) or isinstance(plan.seed, bool):
+        raise PlanError(f"plan seed must be an integer, got {plan.seed!r}")
+    if not isinstance(plan.extra, dict):
+        raise PlanError(f"extra must be a mapping of column -> value(s), got {plan.extra!r}")
+    extras = _extra_combos(spec, plan.extra)  # validated even when explicit rows override them
+    real_of_type = Counter()
+    for (t, _), n in train.pairs.items():
+        real_of_type[t] += n
+    rows: list[PlanRow] = []
+    if plan.mode == "explicit":
+        if not plan.rows:
+            raise PlanError("an explicit plan needs rows: [{cancer_type, tissue_source_site, count}, ...]")
+        need = [TYPE, SITE, "count"] if by_site else [TYPE, "count"]
+        for i, r in enumerate(plan.rows):
+            where = f"row {i}"
+            if not isinstance(r, dict) or any(k not in r for k in need):
+                raise PlanError(f"{where}: need {', '.join(need)}, got {r!r}")
+            r = dict(r)
+            n = _count(r.pop("count"), where)
+            cond = _check_conditions(spec, r, where)  # unknown columns (e.g. a site for a class-only model)
+            t = cond[TYPE] = _check_trained(spec, train, TYPE, r[TYPE], where)
+            if by_site:
+                s = cond[SITE] = _check_trained(spec, train, SITE, r[SITE], where)
+                seen, real = (t, s) in train.pairs, train.pairs.get((t, s), 0)
+            else:
+                seen, real = True, real_of_type[t]
+            for extra in _extra_combos(spec, {k: v for k, v in plan.extra.items() if k not in r}):
+                _check_complete(spec, {**extra, **cond}, where)
+                rows.append(PlanRow({**extra, **cond}, n, seen, real))
+    else:
+        types = [_check_trained(spec, train, TYPE, t, "types") for t in (plan.types or train.types)]
+        sites = [_check_trained(spec, train, SITE, s, "sites") for s in (plan.sites or train.sites)]
+        n = _count(plan.count if plan.mode == "unseen-pairs" else plan.target, plan.mode)
+        for t in dict.fromkeys(types):
+            for s in dict.fromkeys(sites):
+                real = train.pairs.get((t, s), 0)
+                seen = (t, s) in train.pairs
+                if plan.mode == "balance" and not seen and not plan.include_unseen:
+                    continue
+                c, k = (n, 1) if plan.mode == "unseen-pairs" else (max(0, n - real), len(extras))
+                for j, extra in enumerate(extras):  # balance: the top-up is shared by the extra values
+                    _check_complete(spec, {**extra, TYPE: t, SITE: s}, plan.mode)
+                    rows.append(PlanRow({**extra, TYPE: t, SITE: s}, c // k + (j < c % k), seen, real))
+    if sum(r.count for r in rows) == 0:
+        raise PlanError(f"the plan asks for no tiles ({len(rows)} rows, all with count 0)")
+    return rows
+
+
+def describe(rows: list[PlanRow], limit: int = 20) -> str:
+    lines = [f"{sum(r.count for r in rows)} tiles in {len(rows)} rows "
+             f"({sum(r.count for r in rows if not r.seen)} at unseen pairs):"]
+    for r in rows[:limit]:
+        cond = ", ".join(f"{k}={v}" for k, v in r.conditions.items())
+        lines.append(f"  {cond}: {r.count} ({'seen' if r.seen else 'unseen'}, {r.real_count} training tiles)")
+    if len(rows) > limit:
+        lines.append(f"  ... and {len(rows) - limit} more rows")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""One shard of synthetic tiles: sample it, write it atomically, verify it, and assemble the dataset.
+
+Plain PyTorch and files, no Ray: job.py runs `ShardGenerator` inside Ray Data actors, tests and
+benchmarks can call it directly. A shard is written under a temporary name and renamed when
+complete, so a shard file that exists was written whole; `read_shard` still checks that it holds
+exactly the planned tiles of this plan (a re-run with another plan must not adopt it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.shards import SHARD_DIR, check_image, sha256
+from ..metadata import UNKNOWN, SchemaError
+
+SITE = "tissue_source_site"  # a required tile column: `Unknown` for a model not conditioned on it
+SPLIT = "train"  # synthetic tiles are training material: the stream reads split "train" by default
+
+
+@dataclass
+class SamplingSettings:
+    sampler: str = "dpmsolver++"
+    steps: int = 25
+    guidance: float = 1.0
+    weights: str = "ema"  # ema | raw | auto
+    batch_size: int = 32  # tiles per denoiser call (GPU memory bound)
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
+    compile: bool = False  # torch.compile the denoiser (GPU)
+
+
+def shard_path(index: int) -> str:
+    return f"{SHARD_DIR}/{SPLIT}/shard-{index:06d}.tar"
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def png_bytes(tile: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(tile).save(buf, format="PNG")  # lossless: the tile is stored exactly as sampled
+    return buf.getvalue()
+
+
+def write_shard(path: Path, members: list[tuple[str, bytes, dict]]) -> None:
+    """(key, png, meta) -> tar sorted by key; temp name + fsync + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, png, meta in sorted(members, key=lambda m: m[0]):
+                _tar_add(tar, f"{key}.png", png)
+                _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_shard(path: Path, task: dict, decode: bool = True) -> list[dict]:
+    """Index rows of a complete shard; SchemaError if it lacks, adds or alters a planned tile."""
+    want = {t["key"]: t for t in task["tiles"]}
+    try:
+        with tarfile.open(path) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise SchemaError(f"shard {path} is unreadable ({e})") from None
+    expected = {f"{k}.{ext}" for k in want for ext in ("png", "json")}
+    if set(files) != expected:
+        raise SchemaError(f"shard {path} holds {len(files)} members, not the {len(expected)} planned ones")
+    rows = []
+    for key, tile in sorted(want.items()):
+        meta, png = json.loads(files[f"{key}.json"]), files[f"{key}.png"]
+        if meta.get("generation") != task["generation"] or meta.get("seed") != tile["seed"]:
+            raise SchemaError(f"shard {path}: tile {key} was made by another plan ({meta.get('generation')})")
+        if decode:
+            check_image(png)
+        rows.append({**meta, "shard": task["path"], "image_format": "png", "sha256": sha256(png)})
+    return rows
+
+
+def shard_complete(root: Path, task: dict) -> bool:
+    p = root / task["path"]
+    if not p.exists():
+        return False
+    try:
+        read_shard(p, task)
+        return True
+    except SchemaError:
+        return False
+
+
+class ShardGenerator:
+    """Loads the model once (per worker); `run(task)` samples one shard and writes it."""
+
+    def __init__(self, model_dir: str, settings: SamplingSettings, out_dir: str, device: str = "cpu",
+                 threads: int | None = None):
+        from ..model import load_model_dir
+
+        if threads:
+            torch.set_num_threads(threads)  # pinned, so results do not depend on the host's core count
+        self.s, self.out, self.device = settings, Path(out_dir), torch.device(device)
+        self.model, self.config, self.spec = load_model_dir(model_dir, settings.weights, device=self.device)
+        if settings.compile:
+            self.model = torch.compile(self.model)
+        self.autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.precision]
+
+    def sample_tiles(self, tiles: list[dict]) -> np.ndarray:
+        from ..model import encode_conditions, sample
+
+        out = []
+        for i in range(0, len(tiles), self.s.batch_size):  # fixed micro-batches: same on any worker count
+            chunk = tiles[i:i + self.s.batch_size]
+            cond = encode_conditions(self.spec, [t["conditions"] for t in chunk], strict=True)
+            out.append(sample(self.model, cond, seeds=[t["seed"] for t in chunk], sampler=self.s.sampler,
+                              steps=self.s.steps, guidance_scale=self.s.guidance, autocast_dtype=self.autocast))
+        return np.concatenate(out)
+
+    def run(self, task: dict) -> dict:
+        t0 = time.perf_counter()
+        images = self.sample_tiles(task["tiles"])
+        t_sample = time.perf_counter() - t0
+        members = []
+        for t, img in zip(task["tiles"], images):
+            # a class-only model has no site condition: its tiles carry the explicit Unknown site
+            meta = {SITE: UNKNOWN, **t["conditions"], **task["meta"], "key": t["key"], "slide_id": t["slide_id"],
+                    "seed": t["seed"], "plan_row": t["row"], "plan_index": t["index"], "seen": t["seen"],
+                    "generation": task["generation"], "split": SPLIT}
+            members.append((t["key"], png_bytes(img), meta))
+        write_shard(self.out / task["path"], members)
+        evals = len(images) * self.s.steps * (2 if self.s.guidance != 1.0 else 1)
+        return {"path": task["path"], "tiles": len(images), "sample_s": t_sample,
+                "total_s": time.perf_counter() - t0, "evaluations": evals}
