@@ -33,7 +33,7 @@ class DemoConfig:
     sites: int = 12
     tiles: int = 3000
     size: int = 32
-    train_steps: int = 500
+    train_steps: int = 700
     batch_size: int = 32
     per_pair: int = 40  # generated tiles per (type, site) pair
     sampler: str = "dpmsolver++"
@@ -43,6 +43,7 @@ class DemoConfig:
     classifier: str = "cnn"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     seed: int = 0
+    threads: int = 2  # torch threads of the single training worker (the demo targets 2 cores)
     tracking_uri: str | None = None
 
 
@@ -69,7 +70,8 @@ def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[st
         f"data.dataset={ds}", "data.balance=type", "model.preset=small", f"model.resolution={cfg.size}",
         f"model.conditions={json.dumps(conditions)}", f"optim.batch_size={cfg.batch_size}", "optim.lr=0.0005",
         f"steps={cfg.train_steps}", f"seed={cfg.seed}", f"run.name={name}", f"run.storage_path={root / 'runs'}",
-        f"run.tracking_uri={uri}", f"run.checkpoint_every={max(cfg.train_steps // 4, 1)}", "run.log_every=20"])
+        f"run.tracking_uri={uri}", f"run.checkpoint_every={max(cfg.train_steps // 4, 1)}", "run.log_every=20",
+        f"run.threads_per_worker={cfg.threads}"])
     out = output_dir(tcfg)
     if not (out / "config.json").exists():
         res = train(tcfg)
@@ -112,7 +114,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .evaluate.downstream import DownstreamConfig, compare
     from .generate.plan import GenerationPlan
     from .tracking import RunLogger, find_or_create_run, tracking_uri
-    from .train.trainer import ensure_ray
+    from .ray_setup import ensure_ray
 
     t0 = time.time()
     root = Path(cfg.out).resolve()

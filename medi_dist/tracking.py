@@ -48,14 +48,16 @@ def experiment_id(c, name: str = DEFAULT_EXPERIMENT) -> str:
 
 
 def find_or_create_run(uri: str, run_name: str, experiment: str = DEFAULT_EXPERIMENT,
-                       tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
-    """The run tagged with this run name (resume), or a new one."""
+                       tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+                       key: str | None = None) -> str:
+    """The run tagged with `key` (default: the run name), so a resumed job keeps its run, or a new one."""
     c = client(uri)
     exp = experiment_id(c, experiment)
-    found = c.search_runs([exp], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    key = key or run_name
+    found = c.search_runs([exp], filter_string=f"tags.`{RUN_NAME_TAG}` = '{key}'", max_results=1)
     if found:
         return found[0].info.run_id
-    tags = {RUN_NAME_TAG: run_name, **(tags or {})}
+    tags = {RUN_NAME_TAG: key, **(tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     return c.create_run(exp, run_name=run_name, tags=tags).info.run_id

@@ -136,8 +136,9 @@ class _ShardActor:
 def _run_ray(cfg: GenerateConfig, tasks: list[dict]) -> list[dict]:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)  # RAY_ADDRESS (ray job submit) selects a cluster
+    from ..ray_setup import ensure_ray
+
+    ensure_ray()
     workers = min(cfg.workers, len(tasks))
     have = ray.cluster_resources()
     need = {"CPU": workers * cfg.cpus_per_worker, "GPU": workers * cfg.gpus_per_worker}

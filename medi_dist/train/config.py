@@ -48,6 +48,7 @@ class RunSection:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    threads_per_worker: int | None = None  # torch threads; None: Ray's default (= cpus_per_worker)
     mixed_precision: str = "no"  # no | fp16 | bf16
     channels_last: bool = False
     compile: bool = False

@@ -61,6 +61,8 @@ def train_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run, optim = cfg["run"], cfg["optim"]
+    if run.get("threads_per_worker"):
+        torch.set_num_threads(run["threads_per_worker"])
     accelerator = Accelerator(mixed_precision=run["mixed_precision"], cpu=not run["use_gpu"],
                               gradient_accumulation_steps=optim["grad_accum"])
     set_seed(cfg["seed"])  # identical initial weights on every rank

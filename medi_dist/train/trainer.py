@@ -15,6 +15,7 @@ from ray.train.torch import TorchTrainer
 
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
+from ..ray_setup import ensure_ray
 from ..tracking import RunLogger, find_or_create_run, tracking_uri
 from .config import TrainConfig
 from .loop import train_worker
@@ -28,16 +29,6 @@ class TrainResult:
     metrics: dict
     mlflow_run_id: str
     skipped_tiles: int
-
-
-def ensure_ray(quiet: bool = True) -> None:
-    if quiet:  # Ray Data's per-operator progress logs drown the CLI's own output
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        for name in ("ray.data", "ray.train", "ray.tune"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    if not ray.is_initialized():
-        # Inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local instance starts.
-        ray.init(log_to_driver=False, logging_level=logging.WARNING)
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -59,13 +50,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                          StreamConfig(resolution=mcfg.sample_size, balance=cfg.data.balance, seed=cfg.seed,
                                       max_bad_fraction=cfg.data.max_bad_fraction, num_cpus=cfg.data.cpus_per_decode))
     spec = stream.spec.subset(cfg.model.conditions, cfg.model.continuous)
-    uri = tracking_uri(cfg.run.tracking_uri)
-    run_id = find_or_create_run(uri, cfg.run.name, cfg.run.experiment, tags={"medi_dist.kind": "train"})
-    logger = RunLogger(uri, run_id)
-    logger.params({**asdict(cfg), "model_config": mcfg.to_dict()})
     storage = cfg.run.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
+    uri = tracking_uri(cfg.run.tracking_uri)
+    # One MLflow run per Ray run (storage path + name): re-running resumes both together.
+    run_id = find_or_create_run(uri, cfg.run.name, cfg.run.experiment, tags={"medi_dist.kind": "train"},
+                                key=f"{storage}/{cfg.run.name}")
+    logger = RunLogger(uri, run_id)
+    logger.params({**asdict(cfg), "model_config": mcfg.to_dict()})
     index = pd.read_parquet(Path(cfg.data.dataset) / "index.parquet")
     train_rows = index[index["split"].isin(cfg.data.splits)]
     pairs = sorted(set(zip(train_rows["cancer_type"], train_rows["tissue_source_site"])))

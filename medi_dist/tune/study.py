@@ -179,6 +179,7 @@ def _trials_table(grid, n_seeds: int) -> pd.DataFrame:
 def run_study(cfg: StudyConfig) -> StudyResult:
     import ray
 
+    from ..ray_setup import ensure_ray
     from ..tracking import RunLogger, find_or_create_run, tracking_uri
     from .report import finish_trials, log_test, prepare
 
@@ -188,8 +189,7 @@ def run_study(cfg: StudyConfig) -> StudyResult:
     audit_dir = path / "audit"
     audit_dir.mkdir(parents=True, exist_ok=True)
     check_same_study(cfg, path)
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS (e.g. set by `ray job submit`) joins an existing cluster
+    ensure_ray()  # RAY_ADDRESS (e.g. set by `ray job submit`) joins an existing cluster
     parent = find_or_create_run(uri, cfg.name, cfg.experiment, {"medi_dist.kind": "tune-study"})
     plog = RunLogger(uri, parent)
     plog.params({"study": asdict(cfg)})
