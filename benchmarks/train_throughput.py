@@ -81,7 +81,8 @@ def medi_dist_run(ds, workers, args, tmp) -> tuple[float, float]:
         f"optim.batch_size={args.batch}", f"steps={args.steps}", f"run.name=bench{workers}",
         f"run.storage_path={tmp}/runs", f"run.tracking_uri=sqlite:///{tmp}/mlflow.db", f"run.num_workers={workers}",
         f"run.use_gpu={args.gpu}", f"run.mixed_precision={args.mixed_precision}", "run.log_every=10",
-        f"run.checkpoint_every={args.steps}", f"run.cpus_per_worker={1 if not args.gpu else 4}"])
+        f"run.checkpoint_every={args.steps}", f"run.cpus_per_worker={0.75 if not args.gpu else 4}",
+        "run.threads_per_worker=1", "data.cpus_per_decode=0.5"])
     res = train(cfg)
     hist = client(cfg.run.tracking_uri).get_metric_history(res.mlflow_run_id, "img_per_s")
     late = [m.value for m in hist if m.step > args.warmup]

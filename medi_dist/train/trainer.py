@@ -15,7 +15,7 @@ from ray.train.torch import TorchTrainer
 
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
-from ..ray_setup import ensure_ray
+from ..ray_setup import check_cpus, ensure_ray
 from ..tracking import RunLogger, find_or_create_run, tracking_uri
 from .config import TrainConfig
 from .loop import train_worker
@@ -44,7 +44,10 @@ def output_dir(cfg: TrainConfig) -> Path:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    ensure_ray()
+    if ensure_ray():  # a fixed local cluster: check the CPU budget (an autoscaler would add nodes)
+        check_cpus(cfg.run.num_workers * cfg.run.cpus_per_worker + cfg.data.cpus_per_decode,
+                   f"training with {cfg.run.num_workers} worker(s) x {cfg.run.cpus_per_worker:g} CPU + data decoding",
+                   "lower run.cpus_per_worker (e.g. 0.5; run.threads_per_worker sets torch threads) or run.num_workers")
     mcfg = model_config(cfg)
     stream = tile_stream(cfg.data.dataset, cfg.data.splits,
                          StreamConfig(resolution=mcfg.sample_size, balance=cfg.data.balance, seed=cfg.seed,
