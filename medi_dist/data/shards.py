@@ -71,6 +71,23 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def write_tar_atomic(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """Write (name, bytes) members in the given order to a temp name, fsync, rename: a reader
+    never sees half a shard."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                _tar_add(tar, name, data)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @dataclass
 class ShardWriter:
     """Buffers tiles of one split and writes sorted, key-grouped tar shards of ~target_bytes."""
@@ -95,22 +112,15 @@ class ShardWriter:
             return
         rel = f"{SHARD_DIR}/{self.split}/shard-{len(self.shards):06d}.tar"
         path = self.out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for rec, checksum in sorted(self._buf, key=lambda x: x[0].key):
-                    # the tile's sha256 also rides in its json, so the stream can check each tile it decodes
-                    meta = {**rec.meta, "key": rec.key, "split": self.split, "sha256": checksum}
-                    _tar_add(tar, f"{rec.key}.{rec.image_format}", rec.image_bytes)
-                    _tar_add(tar, f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())
-                    self.rows.append({**meta, "shard": rel, "image_format": rec.image_format, "sha256": checksum})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        members, rows = [], []
+        for rec, checksum in sorted(self._buf, key=lambda x: x[0].key):
+            # the tile's sha256 also rides in its json, so the stream can check each tile it decodes
+            meta = {**rec.meta, "key": rec.key, "split": self.split, "sha256": checksum}
+            members += [(f"{rec.key}.{rec.image_format}", rec.image_bytes),
+                        (f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())]
+            rows.append({**meta, "shard": rel, "image_format": rec.image_format, "sha256": checksum})
+        write_tar_atomic(path, members)
+        self.rows += rows
         self.shards.append({"path": rel, "split": self.split, "tiles": len(self._buf),
                             "bytes": path.stat().st_size, "sha256": file_sha256(path)})
         self._buf, self._buf_bytes = [], 0

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.shards import SHARD_DIR, check_image, sha256
+from ..data.shards import SHARD_DIR, check_image, sha256, write_tar_atomic
 from ..metadata import UNKNOWN, SchemaError
 
 SITE = "tissue_source_site"  # a required tile column: `Unknown` for a model not conditioned on it
@@ -43,12 +41,6 @@ def shard_path(index: int) -> str:
     return f"{SHARD_DIR}/{SPLIT}/shard-{index:06d}.tar"
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = len(data), 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def png_bytes(tile: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(tile).save(buf, format="PNG")  # lossless: the tile is stored exactly as sampled
@@ -57,19 +49,8 @@ def png_bytes(tile: np.ndarray) -> bytes:
 
 def write_shard(path: Path, members: list[tuple[str, bytes, dict]]) -> None:
     """(key, png, meta) -> tar sorted by key; temp name + fsync + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, png, meta in sorted(members, key=lambda m: m[0]):
-                _tar_add(tar, f"{key}.png", png)
-                _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_tar_atomic(path, [m for key, png, meta in sorted(members, key=lambda m: m[0])
+                            for m in ((f"{key}.png", png), (f"{key}.json", json.dumps(meta, sort_keys=True).encode()))])
 
 
 def read_shard(path: Path, task: dict, decode: bool = True) -> list[dict]:
