@@ -13,6 +13,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from ..data.shards import verify_shards
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
 from ..ray_setup import check_cpus, ensure_ray
@@ -44,11 +45,12 @@ def output_dir(cfg: TrainConfig) -> Path:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    verify_shards(cfg.data.dataset, cfg.data.splits)  # a wrong path fails before Ray starts
+    mcfg = model_config(cfg)
     if ensure_ray():  # a fixed local cluster: check the CPU budget (an autoscaler would add nodes)
         check_cpus(cfg.run.num_workers * cfg.run.cpus_per_worker + cfg.data.cpus_per_decode,
                    f"training with {cfg.run.num_workers} worker(s) x {cfg.run.cpus_per_worker:g} CPU + data decoding",
                    "lower run.cpus_per_worker (e.g. 0.5; run.threads_per_worker sets torch threads) or run.num_workers")
-    mcfg = model_config(cfg)
     stream = tile_stream(cfg.data.dataset, cfg.data.splits,
                          StreamConfig(resolution=mcfg.sample_size, balance=cfg.data.balance, seed=cfg.seed,
                                       max_bad_fraction=cfg.data.max_bad_fraction, num_cpus=cfg.data.cpus_per_decode))
