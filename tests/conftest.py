@@ -41,3 +41,15 @@ def proc_dataset(tmp_path_factory) -> Path:
 def shared_data() -> Path:
     assert SHARED_DATA.exists(), f"reference data not found at {SHARED_DATA}"
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for tiny-tensor tests: on a busy 2-core machine OpenMP spin-waits made them
+    up to 50x slower (57 s vs 0.7 s for one loss test). Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,13 +7,7 @@ import torch
 from medi_dist.evaluate.classifiers import LinearProbe, SmallCNN
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core box, two spinning threads per process cost 3-4x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def stripes_vs_dots(n: int, size: int = 32, seed: int = 0):

@@ -19,12 +19,7 @@ from medi_dist.evaluate.tiles import AUDIT, FeatureCache, load_tiles, read_index
 from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,7 @@ from medi_dist.model import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spin-waits
-    # made these tests 50x slower (57 s vs 0.7 s for one loss test). Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
