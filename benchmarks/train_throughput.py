@@ -2,7 +2,12 @@
 the reference's style (PyTorch DataLoader over JPEG files, same model and batch), and 1 vs 2 workers.
 
     python benchmarks/train_throughput.py [--preset small --resolution 32 --batch 32 --steps 60]
-    python benchmarks/train_throughput.py --gpu --preset reference-deep --resolution 128 --mixed-precision bf16
+    python benchmarks/train_throughput.py --gpu --preset reference-deep --resolution 128 --size 256 \
+        --mixed-precision bf16 --fast --batch 64 --steps 150 --warmup 60
+
+--fast turns on channels_last, torch.compile and fused AdamW in medi-dist (the plain loop stays the
+reference's eager loop). The medi-dist runs stop one step short of their schedule, so the timing
+ends with a checkpoint but no final model directory.
 
 img/s is taken over the steps after a warm-up (MLflow `img_per_s` for medi-dist, measured by rank 0;
 wall time per step for the plain loop). On CPU every variant gets the same 2 cores.
@@ -37,6 +42,7 @@ def plain_loop(files, spec_rows, args) -> float:
 
     spec, rows = spec_rows.spec, None
     dev = "cuda" if args.gpu else "cpu"
+    torch.backends.cudnn.benchmark = True  # as in medi-dist's loop
     torch.set_num_threads(1 if not args.gpu else torch.get_num_threads())
     model = ConditionedUNet(ModelConfig.from_preset(args.preset, sample_size=args.resolution), spec).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -70,7 +76,7 @@ class CondRows(list):
     spec = None
 
 
-def medi_dist_run(ds, workers, args, tmp) -> tuple[float, float]:
+def medi_dist_run(ds, workers, args, tmp, batch) -> tuple[float, float]:
     from medi_dist.config import load_config
     from medi_dist.tracking import client
     from medi_dist.train.config import TrainConfig
@@ -78,7 +84,9 @@ def medi_dist_run(ds, workers, args, tmp) -> tuple[float, float]:
 
     cfg = load_config(TrainConfig, None, [
         f"data.dataset={ds}", "data.balance=none", f"model.preset={args.preset}", f"model.resolution={args.resolution}",
-        f"optim.batch_size={args.batch}", f"steps={args.steps}", f"run.name=bench{workers}",
+        f"optim.batch_size={batch}", f"steps={args.steps + 1}", f"run.stop_after={args.steps}",
+        f"run.name=bench{workers}_{batch}", f"run.compile={args.fast}", f"run.channels_last={args.fast}",
+        f"optim.fused={args.fast}",
         f"run.storage_path={tmp}/runs", f"run.tracking_uri=sqlite:///{tmp}/mlflow.db", f"run.num_workers={workers}",
         f"run.use_gpu={args.gpu}", f"run.mixed_precision={args.mixed_precision}", "run.log_every=10",
         f"run.checkpoint_every={args.steps}", f"run.cpus_per_worker={0.75 if not args.gpu else 4}",
@@ -102,6 +110,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="JPEG tile size on disk")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--mixed-precision", default="no")
+    ap.add_argument("--fast", action="store_true", help="medi-dist with channels_last + torch.compile + fused AdamW")
+    ap.add_argument("--workers", type=int, nargs="+", help="medi-dist worker counts (default: 1 2 on CPU, 1 on GPU)")
+    ap.add_argument("--medi-batches", type=int, nargs="+", help="medi-dist batch sizes per worker (default: --batch)")
+    ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument("--work", default="benchmarks/.work")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -124,19 +136,26 @@ def main() -> None:
 
     rows = CondRows({k: torch.tensor(v) for k, v in spec.encode_row(index.loc[f.stem]).items()} for f in files)
     rows.spec = spec
-    plain = plain_loop(files, rows, args)
+    plain = None if args.skip_plain else plain_loop(files, rows, args)
+    if plain is not None:
+        print(f"plain loop: {plain:.1f} img/s", flush=True)
     ray.init(num_cpus=2 if not args.gpu else None, include_dashboard=False, log_to_driver=False)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for w in (1, 2) if not args.gpu else (1,):
-            results[w] = medi_dist_run(ds, w, args, tmp)
-    print(f"preset {args.preset}, {args.resolution}px, batch {args.batch}/worker, {args.steps} steps "
-          f"({args.warmup} warm-up), {'GPU' if args.gpu else '2 CPU cores'}")
-    print("| variant | img/s | data wait |\n|---|---|---|")
-    print(f"| plain loop (DataLoader over JPEG files, 1 process) | {plain:.1f} | |")
-    for w, (ips, wait) in results.items():
-        print(f"| medi-dist, {w} worker(s) | {ips:.1f} | {wait:.1%} |")
-    print(f"ratio medi-dist (1 worker) / plain: {results[1][0] / plain:.2f}")
+        for w in args.workers or ((1, 2) if not args.gpu else (1,)):
+            for b in args.medi_batches or (args.batch,):
+                results[w, b] = medi_dist_run(ds, w, args, tmp, b)
+                print(f"medi-dist {w} worker(s), batch {b}: {results[w, b][0]:.1f} img/s", flush=True)
+    opts = f"{args.mixed_precision} precision" + (", channels_last + compile + fused AdamW" if args.fast else "")
+    print(f"preset {args.preset}, {args.resolution}px from {args.size}-px JPEG, {args.steps} steps "
+          f"({args.warmup} warm-up), {'GPU' if args.gpu else '2 CPU cores'}; medi-dist: {opts}")
+    print("| variant | batch/worker | img/s | data wait |\n|---|---|---|---|")
+    if plain is not None:
+        print(f"| plain loop (DataLoader over JPEG files, 1 process) | {args.batch} | {plain:.1f} | |")
+    for (w, b), (ips, wait) in results.items():
+        print(f"| medi-dist, {w} worker(s) | {b} | {ips:.1f} | {wait:.1%} |")
+    if plain is not None and (1, args.batch) in results:
+        print(f"ratio medi-dist (1 worker) / plain: {results[1, args.batch][0] / plain:.2f}")
 
 
 if __name__ == "__main__":

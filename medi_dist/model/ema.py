@@ -37,11 +37,13 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         w = 1.0 - self.current_decay()
+        shadows, params = [], []
         for k, p in self._params(model):
-            s = self.shadow[k]
-            if s.device != p.device:  # model moved after the EMA was created
-                s = self.shadow[k] = s.to(p.device)
-            s.lerp_(p.detach().float(), w)
+            if self.shadow[k].device != p.device:  # model moved after the EMA was created
+                self.shadow[k] = self.shadow[k].to(p.device)
+            shadows.append(self.shadow[k])
+            params.append(p.detach().float())
+        torch._foreach_lerp_(shadows, params, w)  # one fused launch per group, not one per tensor
         self.step += 1
 
     @torch.no_grad()

@@ -38,6 +38,10 @@ def torch_batches(shard, batch_size: int, columns: list[str], epoch_skip: int, d
         yield x, {c: torch.from_numpy(b[c]).to(device) for c in columns}
 
 
+def mean_loss(losses: list[torch.Tensor]) -> float:
+    return torch.stack(losses).float().mean().item() if losses else float("nan")
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(unwrap(model).state_dict().items()):
@@ -48,11 +52,12 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 def log_sample_grid(logger: RunLogger, ema: EMA, model_cfg: ModelConfig, spec: ConditioningSpec,
                     pairs: list, step: int) -> None:
-    """A (type x site) grid sampled from the EMA weights, as an MLflow artifact."""
+    """A (type x site) grid sampled from the EMA weights on the training device, as an MLflow artifact."""
     from ..visual import model_sample_grid, png_bytes
 
     m = ConditionedUNet(model_cfg, spec)
     m.load_state_dict({k: v.cpu() for k, v in ema.averaged_state_dict(m).items()})
+    m = m.to(next(iter(ema.shadow.values())).device)
     grid = model_sample_grid(m.eval(), spec, [tuple(p) for p in pairs])
     logger.artifact_bytes(png_bytes(grid), f"samples_step{step:07d}.png", "samples")
 
@@ -63,6 +68,7 @@ def train_worker(cfg: dict) -> None:
     run, optim = cfg["run"], cfg["optim"]
     if run.get("threads_per_worker"):
         torch.set_num_threads(run["threads_per_worker"])
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convolutions
     accelerator = Accelerator(mixed_precision=run["mixed_precision"], cpu=not run["use_gpu"],
                               gradient_accumulation_steps=optim["grad_accum"])
     set_seed(cfg["seed"])  # identical initial weights on every rank
@@ -75,7 +81,8 @@ def train_worker(cfg: dict) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]),
                             weight_decay=optim["weight_decay"], fused=optim["fused"] and run["use_gpu"])
     sched = get_cosine_schedule_with_warmup(opt, max(1, int(optim["warmup_fraction"] * cfg["steps"])), cfg["steps"])
-    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)  # per-rank noise and t draws
+    # Per-rank noise and t draws, on the training device (CPU-drawn noise would stall a GPU step).
+    gen = torch.Generator(accelerator.device).manual_seed(cfg["seed"] * 1000 + rank)
     step, epoch, batches_in_epoch = 0, 0, 0
 
     ckpt = ray.train.get_checkpoint()
@@ -86,7 +93,10 @@ def train_worker(cfg: dict) -> None:
         ema.load_state_dict({**t_state["ema_meta"], "shadow": e_state})
         opt.load_state_dict(t_state["optimizer"])
         sched.load_state_dict(t_state["scheduler"])
-        gen.set_state(t_state["generators"][rank % len(t_state["generators"])])
+        try:
+            gen.set_state(t_state["generators"][rank % len(t_state["generators"])])
+        except RuntimeError:  # checkpoint from another device type (CPU <-> GPU): keep the fresh seed
+            pass
         step, epoch, batches_in_epoch = info["step"], info["epoch"], info["batches_in_epoch"]
 
     model, opt, sched = accelerator.prepare(model, opt, sched)
@@ -103,18 +113,16 @@ def train_worker(cfg: dict) -> None:
 
     def checkpoint(final: bool) -> None:
         """All ranks report together; rank 0 attaches the checkpoint (and, at the end, the model dir)."""
-        gens = [torch.zeros_like(gen.get_state()) for _ in range(world)]
+        gens = [gen.get_state()] * world  # CPU byte tensors: gathered as objects (NCCL takes GPU tensors only)
         if world > 1:
-            torch.distributed.all_gather(gens, gen.get_state())
-        else:
-            gens = [gen.get_state()]
+            torch.distributed.all_gather_object(gens, gen.get_state())
         digest = weights_digest(model)
         mine = (digest, ray.get_runtime_context().get_node_id())
         gathered = [mine] * world
         if world > 1:
             torch.distributed.all_gather_object(gathered, mine)
         digests, nodes = [g[0] for g in gathered], {g[1] for g in gathered}
-        metrics = {"step": step, "epoch": epoch, "loss": float(np.mean(losses[-50:])) if losses else float("nan"),
+        metrics = {"step": step, "epoch": epoch, "loss": mean_loss(losses[-50:]),
                    "ranks_in_sync": float(len(set(digests)) == 1), "weights_sha256": digest,
                    "worker_nodes": len(nodes), "final": final,
                    "samples_seen": step * optim["batch_size"] * optim["grad_accum"] * world}
@@ -134,6 +142,7 @@ def train_worker(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ck)
         if logger and final:
             logger.metrics({"ranks_in_sync": metrics["ranks_in_sync"]}, step)
+            log_sample_grid(logger, ema, model_cfg, spec, cfg["pairs"], step)
 
     while step < stop_at:
         t_wait = time.perf_counter()
@@ -152,16 +161,17 @@ def train_worker(cfg: dict) -> None:
                 opt.zero_grad(set_to_none=True)
             batches_in_epoch += 1
             imgs += x.shape[0]
-            losses.append(loss.item())
+            losses.append(loss.detach())  # read at log time: a per-step .item() would sync the GPU
+            del losses[:-max(50, run["log_every"])]
             if accelerator.sync_gradients:
                 ema.update(model)
                 step += 1
                 if logger and step % run["log_every"] == 0:
                     dt = time.perf_counter() - t_log
-                    logger.metrics({"loss": float(np.mean(losses[-run["log_every"]:])), "lr": sched.get_last_lr()[0],
+                    logger.metrics({"loss": mean_loss(losses[-run["log_every"]:]), "lr": sched.get_last_lr()[0],
                                     "img_per_s": imgs * world / dt, "data_wait_fraction": wait / dt}, step)
                     t_log, wait, imgs = time.perf_counter(), 0.0, 0
-                if logger and run["sample_every"] and step % run["sample_every"] == 0:
+                if logger and run["sample_every"] and step % run["sample_every"] == 0 and step < cfg["steps"]:
                     log_sample_grid(logger, ema, model_cfg, spec, cfg["pairs"], step)
                 if step % run["checkpoint_every"] == 0 and step < stop_at:
                     checkpoint(final=False)

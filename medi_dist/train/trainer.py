@@ -93,16 +93,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
-        _log_sample_grid(out, cfg, logger, pairs)
         logger.tags({"medi_dist.model_dir": str(out.resolve())})
         logger.finish()
     return TrainResult(out, metrics, run_id, skipped)
 
-
-def _log_sample_grid(model_dir: Path, cfg: TrainConfig, logger: RunLogger, pairs: list) -> None:
-    from ..model import load_model_dir
-    from ..visual import model_sample_grid, png_bytes
-
-    model, _, spec = load_model_dir(model_dir)
-    grid = model_sample_grid(model, spec, pairs, seed=cfg.seed)
-    logger.artifact_bytes(png_bytes(grid), f"samples_step{cfg.steps}.png", "samples")
