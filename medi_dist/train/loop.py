@@ -167,10 +167,11 @@ def train_worker(cfg: dict) -> None:
                 ema.update(model)
                 step += 1
                 if logger and step % run["log_every"] == 0:
-                    dt = time.perf_counter() - t_log
+                    now = time.perf_counter()
+                    dt, window_imgs, window_wait = now - t_log, imgs, wait
+                    t_log, wait, imgs = now, 0.0, 0  # the logging below counts in the next window
                     logger.metrics({"loss": mean_loss(losses[-run["log_every"]:]), "lr": sched.get_last_lr()[0],
-                                    "img_per_s": imgs * world / dt, "data_wait_fraction": wait / dt}, step)
-                    t_log, wait, imgs = time.perf_counter(), 0.0, 0
+                                    "img_per_s": window_imgs * world / dt, "data_wait_fraction": window_wait / dt}, step)
                 if logger and run["sample_every"] and step % run["sample_every"] == 0 and step < cfg["steps"]:
                     log_sample_grid(logger, ema, model_cfg, spec, cfg["pairs"], step)
                 if step % run["checkpoint_every"] == 0 and step < stop_at:
