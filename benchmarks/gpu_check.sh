@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The training checks for one GPU session; copy the tables into benchmarks/RESULTS.md.
+# The training checks for one GPU session (~9 minutes on one H100); copy the table into
+# benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh [PACKAGES.tar.xz]
 #
 # Installs nothing. Packages the machine lacks (Ray, diffusers, MLflow, webdataset) can come as a
-# tarball of a `pip install --target` tree, unpacked onto PYTHONPATH. Logs go to $OUT (or /tmp).
+# tarball of a `pip install --target` tree, unpacked onto PYTHONPATH. Each medi-dist run logs to its
+# own sqlite MLflow store under $OUT, so a run cut off by its time limit still leaves its img/s
+# windows; the summary at the end reads them. Between runs it stops every Ray process on the
+# machine (a dedicated GPU box). A dry run of the script on CPU, in ~3 minutes:
+#   USE_GPU=false PRESET=tiny RES=16 TILES=300 bash benchmarks/gpu_check.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out=${OUT:-/tmp/gpu_check}
@@ -12,31 +17,60 @@ mkdir -p "$out"
 if [ -n "${1:-}" ]; then
   mkdir -p /tmp/site && tar -xJf "$1" -C /tmp/site && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+gpu=${USE_GPU:-true} preset=${PRESET:-reference-deep} res=${RES:-128}
+[ "$gpu" = true ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, ray, diffusers, mlflow, accelerate, medi_dist.train.trainer
 print('torch', torch.__version__, 'ray', ray.__version__, 'diffusers', diffusers.__version__,
       'mlflow', mlflow.__version__, 'accelerate', accelerate.__version__)" || exit 1
 
-work=/tmp/bench_work tiles=${TILES:-4000}
-# 256-px JPEG tiles, as TCGA-UT ships them; built while the smoke run checks the pipeline.
-python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
-from data_throughput import ensure_dataset; ensure_dataset(Path('$work'), $tiles, 256)" >"$out/dataset.log" 2>&1 &
-data=$!
+ds=/tmp/gpu_check_data
+t0=$SECONDS
+# 256-px JPEG tiles as TCGA-UT ships them, resized to 128 px by the stream.
+python3 -m medi_dist ingest --source procedural --out $ds --tiles ${TILES:-3000} --size 256 \
+  --holdout-fraction 0.1 --overwrite >"$out/ingest.log" 2>&1 || { tail -5 "$out/ingest.log"; exit 1; }
+echo "dataset: $((SECONDS - t0)) s"
 
-bench() {  # name, time limit (s), train_throughput.py arguments
-  local name=$1 limit=$2 t0=$SECONDS
-  shift 2
-  timeout "$limit" python3 benchmarks/train_throughput.py --gpu "$@" >"$out/$name.log" 2>&1
-  echo "## $name: exit $?, $((SECONDS - t0)) s"
-  grep -E "^\||^ratio|^preset|^plain|^medi-dist|Error|error:" "$out/$name.log" | tail -14
+ray_stop() {  # a driver killed by `timeout` can leave its GPU worker alive
+  python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
+  pkill -9 -f "ray::" 2>/dev/null
+  sleep 3
 }
 
-bench smoke 120 --preset tiny --resolution 32 --size 64 --tiles 400 --work /tmp/smoke_work \
-  --mixed-precision bf16 --batch 32 --steps 30 --warmup 10 --skip-plain
-wait $data || { echo "dataset build failed"; tail -5 "$out/dataset.log"; exit 1; }
-deep="--preset reference-deep --resolution 128 --size 256 --tiles $tiles --work $work --mixed-precision bf16"
-# Same eager math in both: the reference-style loop vs the full Ray pipeline.
-bench deep_eager 180 $deep --batch 32 --steps 60 --warmup 30
-# The fast path: channels_last + torch.compile + fused AdamW (compile happens in the warm-up).
-bench deep_fast ${FAST_LIMIT:-240} $deep --batch 32 --steps 80 --warmup 40 --fast --skip-plain \
-  --medi-batches ${FAST_BATCHES:-64}
+# Reference-style loop: DataLoader over the same JPEG files, eager bf16, batch 32.
+t0=$SECONDS
+timeout ${PLAIN_LIMIT:-120} python3 benchmarks/train_throughput.py $([ "$gpu" = true ] && echo --gpu) --workers \
+  --preset $preset --resolution $res --size 256 --tiles ${TILES:-3000} --work /tmp/gpu_check_plain --mixed-precision bf16 \
+  --batch 32 --steps 60 --warmup 20 >"$out/plain.log" 2>&1
+echo "plain: exit $?, $((SECONDS - t0)) s"; grep -E "^plain|Error" "$out/plain.log" | tail -3
+
+train() {  # name, time limit (s), overrides
+  local name=$1 limit=$2 t0=$SECONDS
+  shift 2
+  timeout "$limit" python3 -m medi_dist train data.dataset=$ds data.balance=none model.preset=$preset \
+    model.resolution=$res run.use_gpu=$gpu run.mixed_precision=bf16 steps=100000 run.log_every=5 \
+    run.checkpoint_every=100000 run.cpus_per_worker=${CPUS_PER_WORKER:-4} run.threads_per_worker=2 run.name=$name \
+    run.storage_path=/tmp/gpu_check_runs run.tracking_uri=sqlite:///$out/$name.db "$@" >"$out/$name.log" 2>&1
+  echo "$name: exit $? (124 = stopped by its time limit, expected), $((SECONDS - t0)) s"
+  [ "$gpu" = true ] && nvidia-smi --query-gpu=memory.used --format=csv,noheader
+  ray_stop
+}
+train eager ${EAGER_LIMIT:-150} optim.batch_size=32
+train fast ${FAST_LIMIT:-240} optim.batch_size=${FAST_BATCH:-64} run.compile=true run.channels_last=true optim.fused=true
+
+python3 - "$out" <<'EOF'
+import sqlite3, statistics, sys
+print("| run | windows | last step | img/s (median, windows after step 20) | data wait (median) |")
+print("|---|---|---|---|---|")
+for name in ("eager", "fast"):
+    try:
+        db = sqlite3.connect(f"{sys.argv[1]}/{name}.db")
+        rows = db.execute("select key, step, value from metrics where key in ('img_per_s', 'data_wait_fraction')").fetchall()
+    except sqlite3.Error as e:
+        print(f"| {name} | no metrics ({e}) | | | |")
+        continue
+    ips = {s: v for k, s, v in rows if k == "img_per_s"}
+    wait = [v for k, s, v in rows if k == "data_wait_fraction" and s > 20]
+    late = [v for s, v in ips.items() if s > 20]
+    print(f"| {name} | {len(late)} | {max(ips, default=0)} | {statistics.median(late) if late else float('nan'):.1f} "
+          f"| {statistics.median(wait) if wait else float('nan'):.1%} |")
+EOF

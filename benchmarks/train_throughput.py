@@ -111,7 +111,8 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--mixed-precision", default="no")
     ap.add_argument("--fast", action="store_true", help="medi-dist with channels_last + torch.compile + fused AdamW")
-    ap.add_argument("--workers", type=int, nargs="+", help="medi-dist worker counts (default: 1 2 on CPU, 1 on GPU)")
+    ap.add_argument("--workers", type=int, nargs="*",
+                    help="medi-dist worker counts (default: 1 2 on CPU, 1 on GPU; none given: plain loop only)")
     ap.add_argument("--medi-batches", type=int, nargs="+", help="medi-dist batch sizes per worker (default: --batch)")
     ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument("--work", default="benchmarks/.work")
@@ -139,10 +140,12 @@ def main() -> None:
     plain = None if args.skip_plain else plain_loop(files, rows, args)
     if plain is not None:
         print(f"plain loop: {plain:.1f} img/s", flush=True)
-    ray.init(num_cpus=2 if not args.gpu else None, include_dashboard=False, log_to_driver=False)
+    workers = args.workers if args.workers is not None else ((1, 2) if not args.gpu else (1,))
+    if workers:
+        ray.init(num_cpus=2 if not args.gpu else None, include_dashboard=False, log_to_driver=False)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for w in args.workers or ((1, 2) if not args.gpu else (1,)):
+        for w in workers:
             for b in args.medi_batches or (args.batch,):
                 results[w, b] = medi_dist_run(ds, w, args, tmp, b)
                 print(f"medi-dist {w} worker(s), batch {b}: {results[w, b][0]:.1f} img/s", flush=True)
