@@ -19,11 +19,12 @@ def ensure_ray(quiet: bool = True) -> bool:
     return len(ray.nodes()) == 1
 
 
-def check_cpus(need: float, what: str, advice: str) -> None:
-    """Ray Train workers that take every CPU starve Ray Data's decode tasks and the job hangs
-    silently; on a fixed-size cluster say so up front."""
+def check_resource(kind: str, need: float, what: str, advice: str) -> None:
+    """On a fixed-size cluster, say up front what cannot run: Ray Train workers that take every CPU
+    starve Ray Data's decode tasks, and tasks asking for GPUs the cluster lacks wait forever.
+    (Skipped on autoscaling clusters, which add GPU nodes on demand.)"""
     import ray
 
-    have = ray.cluster_resources().get("CPU", 0.0)
+    have = ray.cluster_resources().get(kind, 0.0)
     if need > have:
-        raise ValueError(f"{what} needs {need:g} CPUs but the Ray cluster has {have:g}; {advice}")
+        raise ValueError(f"{what} needs {need:g} {kind}(s) but the Ray cluster has {have:g}; {advice}")

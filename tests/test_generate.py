@@ -211,6 +211,11 @@ def two_runs(ray_cluster, rand_model, tmp_path_factory):
     return one, two, state
 
 
+def test_gpu_workers_on_a_cpu_cluster_are_refused(ray_cluster, rand_model, tmp_path):
+    with pytest.raises(ValueError, match=r"needs 1 GPU\(s\) but the Ray cluster has 0; .*--gpus-per-worker 0"):
+        generate(_gen(rand_model, tmp_path / "gpu", gpus_per_worker=1))
+
+
 def test_same_plan_gives_identical_tiles_with_1_and_2_workers(two_runs):
     one, two, _ = two_runs
     assert one.complete and two.complete and one.tiles == 48 and one.shards == 5

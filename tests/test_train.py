@@ -83,3 +83,12 @@ def test_stopped_run_resumes_and_follows_uninterrupted_loss(ray_cluster, proc_da
     # data order differs between runs, so compare the late loss level, not step by step
     assert abs(np.mean(a[-3:]) - np.mean(b[-3:])) < 0.25 * np.mean(a[-3:]) + 0.02, (a, b)
     assert second.metrics["samples_seen"] == 40 * 16
+
+
+def test_resources_a_local_cluster_lacks_are_refused_up_front(ray_cluster, proc_dataset, tmp_path):
+    """Ray would wait forever for a GPU (or starve data decoding of CPUs); say so before starting."""
+    with pytest.raises(ValueError, match=r"needs 1 GPU\(s\) but the Ray cluster has 0; set run.use_gpu=false"):
+        train(_cfg(proc_dataset, tmp_path, "gpu", steps=5, **{"run.use_gpu": "true"}))
+    with pytest.raises(ValueError, match=r"needs 8.5 CPU\(s\) but the Ray cluster has 4; lower run.cpus_per_worker"):
+        train(_cfg(proc_dataset, tmp_path, "cpu", steps=5, **{"run.cpus_per_worker": 8}))
+    assert not (tmp_path / "runs").exists()

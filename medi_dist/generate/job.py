@@ -136,16 +136,14 @@ class _ShardActor:
 def _run_ray(cfg: GenerateConfig, tasks: list[dict]) -> list[dict]:
     import ray
 
-    from ..ray_setup import ensure_ray
+    from ..ray_setup import check_resource, ensure_ray
 
-    ensure_ray()
     workers = min(cfg.workers, len(tasks))
-    have = ray.cluster_resources()
-    need = {"CPU": workers * cfg.cpus_per_worker, "GPU": workers * cfg.gpus_per_worker}
-    short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
-    if short:
-        raise PlanError(f"{workers} workers need {need} but the Ray cluster has {have.get('CPU', 0)} CPU, "
-                        f"{have.get('GPU', 0)} GPU; lower --workers or --cpus-per-worker")
+    if ensure_ray():  # a fixed local cluster: check up front (an autoscaler would add GPU nodes)
+        what = f"generation with {workers} worker(s)"
+        check_resource("CPU", workers * cfg.cpus_per_worker, what, "lower --workers or --cpus-per-worker")
+        check_resource("GPU", workers * cfg.gpus_per_worker, what,
+                       "lower --workers, or set --gpus-per-worker 0 to generate on CPU")
     ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
     ds = ds.map_batches(
         _ShardActor, batch_size=1, batch_format="numpy",

@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 from ..data.shards import verify_shards
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
-from ..ray_setup import check_cpus, ensure_ray
+from ..ray_setup import check_resource, ensure_ray
 from ..tracking import RunLogger, find_or_create_run, tracking_uri
 from .config import TrainConfig
 from .loop import train_worker
@@ -47,10 +47,14 @@ def output_dir(cfg: TrainConfig) -> Path:
 def train(cfg: TrainConfig) -> TrainResult:
     verify_shards(cfg.data.dataset, cfg.data.splits)  # a wrong path fails before Ray starts
     mcfg = model_config(cfg)
-    if ensure_ray():  # a fixed local cluster: check the CPU budget (an autoscaler would add nodes)
-        check_cpus(cfg.run.num_workers * cfg.run.cpus_per_worker + cfg.data.cpus_per_decode,
-                   f"training with {cfg.run.num_workers} worker(s) x {cfg.run.cpus_per_worker:g} CPU + data decoding",
-                   "lower run.cpus_per_worker (e.g. 0.5; run.threads_per_worker sets torch threads) or run.num_workers")
+    if ensure_ray():  # a fixed local cluster: check CPUs and GPUs (an autoscaler would add nodes)
+        workers = cfg.run.num_workers
+        check_resource("CPU", workers * cfg.run.cpus_per_worker + cfg.data.cpus_per_decode,
+                       f"training with {workers} worker(s) x {cfg.run.cpus_per_worker:g} CPU + data decoding",
+                       "lower run.cpus_per_worker (e.g. 0.5; run.threads_per_worker sets torch threads) or run.num_workers")
+        if cfg.run.use_gpu:
+            check_resource("GPU", workers, f"training with run.use_gpu=true and {workers} worker(s)",
+                           "set run.use_gpu=false (and run.mixed_precision=no) to train on CPU, or submit to a GPU cluster")
     stream = tile_stream(cfg.data.dataset, cfg.data.splits,
                          StreamConfig(resolution=mcfg.sample_size, balance=cfg.data.balance, seed=cfg.seed,
                                       max_bad_fraction=cfg.data.max_bad_fraction, num_cpus=cfg.data.cpus_per_decode))
