@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The training checks for one GPU session (~9 minutes on one H100); copy the table into
+# The training and generation checks for one GPU session (~12 minutes on one H100); copy the table into
 # benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh [PACKAGES.tar.xz]
@@ -56,6 +56,23 @@ train() {  # name, time limit (s), overrides
 }
 train eager ${EAGER_LIMIT:-150} optim.batch_size=32
 train fast ${FAST_LIMIT:-240} optim.batch_size=${FAST_BATCH:-64} run.compile=true run.channels_last=true optim.fused=true
+
+# Generation: denoiser evaluations/s of the generation job (actor pool, 1 GPU worker, DPM-Solver++
+# 25 steps) on a randomly initialised model of the same architecture: speed only, not quality.
+# The figure includes each actor's warm-up (cuDNN autotuning) on its first shard.
+python3 - <<EOF
+from pathlib import Path
+from medi_dist.metadata import ConditioningSpec
+from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
+spec = ConditioningSpec.load(Path("$ds") / "vocab.json").subset(["cancer_type", "tissue_source_site"])
+m = ConditionedUNet(ModelConfig.from_preset("$preset", sample_size=$res), spec)
+save_model_dir(Path("/tmp/gpu_check_model"), m, EMA(m), extra_info={"name": "random-init", "dataset": "$ds"})
+EOF
+t0=$SECONDS
+timeout ${GEN_LIMIT:-180} python3 benchmarks/sample_throughput.py --model /tmp/gpu_check_model --configs dpmsolver++:25 \
+  --count ${GEN_COUNT:-24} --batch-size 256 --precision ${GEN_PRECISION:-fp16} --cpus 4 --work /tmp/gpu_check_sampling \
+  $([ "$gpu" = true ] && echo --gpus-per-worker 1) >"$out/generation.log" 2>&1
+echo "generation: exit $?, $((SECONDS - t0)) s"; grep -E "^\||^model|Error" "$out/generation.log" | tail -4
 
 python3 - "$out" <<'EOF'
 import sqlite3, statistics, sys

@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--encoder", default="random-conv")
     p.add_argument("--min-per-group", type=int, default=8, help="FD per subgroup needs this many tiles per side")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (autocast)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU)")
     p.add_argument("--fresh", action="store_true", help="regenerate even where cached results exist")
     args = p.parse_args()
 
@@ -121,13 +123,15 @@ def main() -> None:
     rows = []
     for spec in args.configs.split(","):
         sampler, steps = spec.split(":")
-        out = work / "synthetic" / f"{info['model_id']}-{sampler}-{steps}-g{args.guidance}-n{args.count}"
+        out = work / "synthetic" / (f"{info['model_id']}-{sampler}-{steps}-g{args.guidance}-n{args.count}"
+                                    f"-{args.precision}{'-compiled' if args.compile else ''}")
         stats_file = out.with_suffix(".stats.json")
         if args.fresh or not stats_file.exists():
             r = generate(GenerateConfig(
                 model=str(model), out=str(out), plan=GenerationPlan(mode="unseen-pairs", count=args.count, seed=0),
                 sampling=SamplingSettings(sampler=sampler, steps=int(steps), guidance=args.guidance,
-                                          batch_size=args.batch_size),
+                                          batch_size=args.batch_size, precision=args.precision,
+                                          compile=args.compile),
                 workers=args.workers, cpus_per_worker=args.cpus, gpus_per_worker=args.gpus_per_worker,
                 tiles_per_shard=args.batch_size, overwrite=True))
             stats_file.write_text(json.dumps({**r.stats, "tiles": r.tiles}))
