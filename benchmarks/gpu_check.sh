@@ -30,7 +30,7 @@ python3 -m medi_dist ingest --source procedural --out $ds --tiles ${TILES:-3000}
   --holdout-fraction 0.1 --overwrite >"$out/ingest.log" 2>&1 || { tail -5 "$out/ingest.log"; exit 1; }
 echo "dataset: $((SECONDS - t0)) s"
 
-ray_stop() {  # a driver killed by `timeout` can leave its GPU worker alive
+ray_stop() {  # right after `timeout` kills a driver its GPU worker can still hold the GPU (31 GiB seen)
   python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
   pkill -9 -f "ray::" 2>/dev/null
   sleep 3
