@@ -1,0 +1,191 @@
+"""The bad-input suite (issue 7), tiles and metadata: every case ends in a clear error that names the
+file or row and says what to do, or in a counted skip; the good tiles still ingest and an existing
+dataset is never touched. Shards, model conditions, configs and a full disk: test_bad_artifacts.py.
+
+Cases already covered elsewhere and not repeated here: a corrupt/unreadable tile and a slide without
+metadata in the tcga-ut source, a missing required column in tcga-ut and manifest tables, an empty
+input folder, a truncated shard (test_data_layer.py); corrupt tiles in the stream and a model that
+lacks one of the data's sites (test_stream.py).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from bad_inputs import (
+    N_GOOD,
+    good_csv,  # noqa: F401 (pytest fixtures, used by name)
+    ingest_csv,
+    one_error_line,
+    png16_rgb,
+    png_raw,
+    run_cli,
+    snapshot,
+    tile_bytes,
+    write_manifest,
+)
+from PIL import Image
+
+from medi_dist.data import sources
+from medi_dist.data.records import SkipLog, TileRecord
+from medi_dist.data.shards import VOCAB, verify_shards, write_dataset
+from medi_dist.data.stream import StreamConfig, decode_tile, tile_stream
+from medi_dist.metadata import ConditioningSpec, ContinuousSpec, SchemaError, Vocab
+
+# ---- tiles ---------------------------------------------------------------------------------------
+
+BAD_TILES = {
+    # case: (file name, bytes, what the skip reason must say)
+    "corrupt": ("bad.jpg", lambda: b"\xff\xd8\xff\xe0" + bytes(range(256)) * 2, r"cannot decode image"),
+    "truncated": ("bad.jpg", lambda: tile_bytes(99)[: len(tile_bytes(99)) // 2], r"cannot decode image .*(?i:truncated)"),
+    "grayscale": ("bad.jpg", lambda: tile_bytes(99, mode="L"), r"image mode L \(need 8-bit RGB H&E\); convert it to RGB"),
+    "rgba": ("bad.png", lambda: tile_bytes(99, mode="RGBA", fmt="PNG"), r"image mode RGBA .*convert it to RGB"),
+    "16-bit grayscale": ("bad.png", lambda: tile_bytes(99, mode="I;16", fmt="PNG"), r"image mode I;16 .*convert it to RGB"),
+    "non-square": ("bad.jpg", lambda: tile_bytes(99, size=(48, 32)), r"tile is 48x32, not square; crop it"),
+    "decompression bomb": ("bad.png", lambda: png_raw(20000, 20000, 8, 2, b"\x00" * 64), r"DecompressionBombError"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TILES))
+def test_bad_tile_is_skipped_counted_and_named(tmp_path, case):
+    name, make, reason = BAD_TILES[case]
+    csv = write_manifest(tmp_path, [{"name": name, "data": make()}])
+    skips, index, manifest = ingest_csv(csv, tmp_path / "ds")
+    assert len(index) == N_GOOD  # every good tile still ingested
+    assert len(skips) == 1 and len(manifest["skipped"]) == 1
+    origin, why = skips.entries[0]
+    assert origin.startswith(f"{csv} row {N_GOOD + 2} (img/{name})"), origin
+    assert re.search(reason, why), why
+    assert manifest["skipped"][0] == {"input": origin, "reason": why}
+
+
+def test_16bit_rgb_png_is_reduced_to_8_bits(tmp_path):
+    """PIL reads 48-bit RGB PNGs as 8-bit RGB (high byte); the tile is stored as is and decodes the same
+    in the stream and in the webdataset library."""
+    arr = np.random.default_rng(5).integers(0, 65536, (32, 32, 3)).astype(np.uint16)
+    csv = write_manifest(tmp_path, [{"name": "deep.png", "data": png16_rgb(arr), "key": "deep16"}])
+    skips, index, _ = ingest_csv(csv, tmp_path / "ds")
+    assert len(skips) == 0 and len(index) == N_GOOD + 1
+    shard = tmp_path / "ds" / index.set_index("key").at["deep16", "shard"]
+    with tarfile.open(shard) as tar:
+        stored = tar.extractfile("deep16.png").read()
+    want = (arr >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored))), want)
+    np.testing.assert_allclose(decode_tile(stored, 32), want.transpose(2, 0, 1) / 127.5 - 1.0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Good tiles plus other square sizes (48 px JPEG, 64 px PNG) and ages missing in every spelling."""
+    root = tmp_path_factory.mktemp("mixed")
+    missing = {0: "NaN", 1: "", 2: "'--", 3: "not reported", 4: "nan", 5: "None"}
+    extra = [{"name": "big48.jpg", "data": tile_bytes(100, size=48), "key": "big48"},
+             {"name": "big64.png", "data": tile_bytes(101, size=64, fmt="PNG"), "key": "big64"},
+             {"name": "word.jpg", "data": tile_bytes(102), "key": "word", "age": "forty"}]
+    csv = write_manifest(root, extra, rows_meta={i: {"age": v, "key": f"noage{i}"} for i, v in missing.items()})
+    skips, index, manifest = ingest_csv(csv, root / "ds")
+    return {"root": root, "csv": csv, "ds": root / "ds", "skips": skips, "index": index.set_index("key"),
+            "missing": [f"noage{i}" for i in missing]}
+
+
+def test_other_square_sizes_are_kept_and_resized_in_the_stream(ray_cluster, mixed):
+    """A square tile of another size is ingested as is; the stream resizes every tile (bilinear) to the
+    model resolution. Here the model also knows one more site and type than the data (listed first,
+    so every index shifts): the stream must use the model's indices, and the model's age statistics."""
+    data_spec = ConditioningSpec.load(mixed["ds"] / VOCAB)
+    model_spec = ConditioningSpec(
+        [Vocab("cancer_type", ["0-only-in-model", *data_spec.vocab("cancer_type").values]),
+         Vocab("tissue_source_site", ["00", *data_spec.vocab("tissue_source_site").values])],
+        [ContinuousSpec("age", 50.0, 10.0)])
+    s = tile_stream(mixed["ds"], ("train", "holdout"), StreamConfig(resolution=16), spec=model_spec)
+    got = {}
+    for b in s.dataset.iter_batches(batch_size=64, batch_format="numpy"):
+        for i, k in enumerate(b["key"]):
+            got[k] = {c: b[c][i] for c in b if c != "key"}
+    index = mixed["index"]
+    assert set(got) == set(index.index) and s.skipped()["skipped"] == 0
+    assert all(v["image"].shape == (3, 16, 16) for v in got.values())
+    for key, name in (("big48", "big48.jpg"), ("big64", "big64.png")):
+        np.testing.assert_allclose(got[key]["image"], decode_tile((mixed["root"] / "img" / name).read_bytes(), 16))
+    for k, v in got.items():
+        assert model_spec.vocab("cancer_type").decode(v["cond_cancer_type"]) == index.at[k, "cancer_type"]
+        site = model_spec.vocab("tissue_source_site").decode(v["cond_tissue_source_site"])
+        assert site == index.at[k, "tissue_source_site"]
+        if k in mixed["missing"]:
+            assert np.isnan(v["cont_age"])  # -> the model's learned null age, not a crash
+        else:
+            assert v["cont_age"] == pytest.approx((index.at[k, "age"] - 50.0) / 10.0)
+
+
+# ---- metadata ------------------------------------------------------------------------------------
+
+def test_missing_age_in_any_spelling_is_null_and_a_word_is_a_counted_skip(mixed):
+    index = mixed["index"]
+    assert index.loc[mixed["missing"], "age"].isna().all()
+    assert index["age"].notna().sum() == len(index) - len(mixed["missing"])
+    spec = ConditioningSpec.load(mixed["ds"] / VOCAB)
+    numeric = index["age"].dropna()
+    assert spec.continuous[0].mean == pytest.approx(numeric.mean())  # statistics from real numbers only
+    assert "word" not in index.index
+    [(origin, why)] = mixed["skips"].entries
+    assert f"{mixed['csv']} row {N_GOOD + 4} (img/word.jpg)" in origin and "not a number: 'forty'" in why
+
+
+def test_age_column_with_no_value_at_all_is_dropped_not_a_crash(tmp_path):
+    csv = write_manifest(tmp_path, age="'--")
+    skips, index, manifest = ingest_csv(csv, tmp_path / "ds")
+    assert len(index) == N_GOOD and len(skips) == 0 and index["age"].isna().all()
+    assert manifest["continuous"] == [] and ConditioningSpec.load(tmp_path / "ds" / VOCAB).continuous_names == []
+
+
+def test_missing_column_names_file_and_fix_and_cli_says_one_line(tmp_path, good_csv):
+    with pytest.raises(SchemaError, match=rf"{re.escape(str(good_csv))}: missing required column\(s\) \['race'\]"):
+        sources.manifest(good_csv, SkipLog(), categorical=["race"])
+    with pytest.raises(SchemaError, match=r"missing required column\(s\) \['image'\].*Use --image-column"):
+        sources.manifest(good_csv, SkipLog(), image_column="image")
+    proc = run_cli("ingest", "--source", "manifest", "--manifest", str(good_csv), "--out", str(tmp_path / "ds"),
+                "--categorical", "race", cwd=tmp_path)
+    one_error_line(proc, "medi-dist ingest: error:", str(good_csv), "['race']")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+
+def test_duplicate_keys_are_refused_and_the_existing_dataset_is_kept(tmp_path, good_csv):
+    out = tmp_path / "ds"
+    ingest_csv(good_csv, out)
+    before = snapshot(out)
+    # 'slide.7' is sanitised to 'slide_7', colliding with the next row's key
+    csv = write_manifest(tmp_path / "new", [{"name": "x.jpg", "data": tile_bytes(50), "key": "slide.7"},
+                                       {"name": "y.jpg", "data": tile_bytes(51), "key": "slide_7"}])
+    rows = rf"{re.escape(str(csv))} row 2[67] \(img/[xy]\.jpg\)"
+    with pytest.raises(SchemaError, match=rf"duplicate tile key 'slide_7' from {rows} and {rows}.*distinct keys"):
+        ingest_csv(csv, out, overwrite=True)
+    assert snapshot(out) == before  # the existing dataset is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "new"]  # no temporary directory left
+
+
+def test_dotted_keys_are_sanitised_and_unsanitised_keys_refused(tmp_path):
+    """A manifest `key` with dots is sanitised (every character but letters, digits, '-' and '_'
+    becomes '_'); a source that hands the writer a dotted key is refused before anything is written."""
+    csv = write_manifest(tmp_path, [{"name": "x.jpg", "data": tile_bytes(50), "key": "TCGA.A1.0001.tile.3"}])
+    _, index, _ = ingest_csv(csv, tmp_path / "ds")
+    assert "TCGA_A1_0001_tile_3" in set(index["key"]) and not index["key"].str.contains(r"\.").any()
+    urls = [str(p) for p in verify_shards(tmp_path / "ds", checksums=True)]
+    assert {s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)} == set(index["key"])
+    rec = TileRecord("a.b", tile_bytes(1), "jpg", {"cancer_type": "A", "tissue_source_site": "S0"}, "src.csv row 2")
+    with pytest.raises(SchemaError, match=r"tile key 'a\.b' is invalid.*no '\.'"):
+        write_dataset([rec], tmp_path / "w", {"S0": "train"}, SkipLog())
+    assert not (tmp_path / "w").exists()
+
+
+def test_model_condition_column_missing_from_data(mixed):
+    spec = ConditioningSpec.load(mixed["ds"] / VOCAB)
+    model_spec = ConditioningSpec(spec.categorical + [Vocab("race", ["asian", "white"])], spec.continuous)
+    with pytest.raises(SchemaError, match=rf"dataset {re.escape(str(mixed['ds']))} has no column 'race'"):
+        tile_stream(mixed["ds"], ("train",), spec=model_spec)
