@@ -153,8 +153,12 @@ def test_missing_weights_fail_early(tmp_path):
         E.InceptionEncoder(missing)
     with pytest.raises(ValueError, match="openclip:<model_name>"):
         E.get_encoder("openclip:ViT-B-32")
-    with pytest.raises(ValueError, match="unknown encoder"):
+    with pytest.raises(FileNotFoundError, match="uni:/models/uni.bin"):
         E.get_encoder("uni")
+    with pytest.raises(ValueError, match="timm:<architecture>"):
+        E.get_encoder("timm:vit_tiny_patch16_224")
+    with pytest.raises(ValueError, match="unknown encoder"):
+        E.get_encoder("virchow:/models/v.bin")
 
 
 TINY_CLIP = {
@@ -199,3 +203,44 @@ def test_inception_encoder_loads_local_state_dict(tmp_path):
     enc = E.get_encoder(f"inception:{tmp_path / 'inc.pth'}")
     f = enc.encode(he_tiles(2, size=32))
     assert f.shape == (2, 2048) and np.isfinite(f).all()
+
+
+def test_inception_loads_pt_inception_style_checkpoints(tmp_path):
+    """pytorch-fid's pt_inception has a 1008-class head and no BatchNorm counters; only pool3 is used."""
+    from torchvision.models import inception_v3
+
+    state = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008).state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "pt_inception.pth")
+    assert E.get_encoder(f"inception:{tmp_path / 'pt_inception.pth'}").encode(he_tiles(1, size=32)).shape == (1, 2048)
+    with pytest.raises(ValueError, match=r"pt_inception.pth does not hold torchvision inception_v3 weights: 1 missing"):
+        del state["Conv2d_1a_3x3.conv.weight"]
+        torch.save(state, tmp_path / "pt_inception.pth")
+        E.get_encoder(f"inception:{tmp_path / 'pt_inception.pth'}")
+
+
+def test_timm_encoder_loads_local_weights_and_refuses_other_architectures(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7).eval()
+    torch.save({"model": ref.state_dict()}, tmp_path / "vit.pth")  # a training checkpoint, head included
+    save_file(ref.state_dict(), str(tmp_path / "vit.safetensors"))
+    x = he_tiles(3, size=64)
+    ref.reset_classifier(0)
+    with torch.no_grad():
+        want = ref(E.preprocess(x, 224, (0.5,) * 3, (0.5,) * 3, "bicubic")).numpy()  # timm's config for this arch
+    for name in ("vit.pth", "vit.safetensors"):
+        enc = E.get_encoder(f"timm:vit_tiny_patch16_224:{tmp_path / name}")
+        assert enc.dim == 192 and enc.size == 224
+        np.testing.assert_allclose(enc.encode(x), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown timm architecture"):
+        E.get_encoder(f"timm:no_such_vit:{tmp_path / 'vit.pth'}")
+    # UNI's preset is its published ViT-L/16 (303 M parameters); a file for another model is refused in one line.
+    with pytest.raises(ValueError, match=r"vit.pth does not hold UNI \(MahmoodLab ViT-L/16\) weights: .* missing .* unexpected .* of another shape"):
+        E.get_encoder(f"uni:{tmp_path / 'vit.pth'}")
+    arch, kwargs, _ = E.TIMM_PRESETS["uni"]
+    with torch.device("meta"):
+        uni = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    assert round(sum(p.numel() for p in uni.parameters()) / 1e6, 1) == 303.4 and uni.num_features == 1024

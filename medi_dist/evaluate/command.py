@@ -75,7 +75,7 @@ def add_downstream_parser(evaluate_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--synthetic", nargs="*", default=[], metavar="DIR", help="synthetic pool directories")
     p.add_argument("--classifier", choices=["linear", "cnn"], default="linear")
     p.add_argument("--encoder", default="random-conv",
-                   help="linear probe features: random-conv[:DIM[:SEED]], openclip:NAME:PATH or inception:PATH")
+                   help="linear probe features: random-conv[:DIM[:SEED]], uni:PATH, uni2-h:PATH, timm:ARCH:PATH, openclip:NAME:PATH or inception:PATH (weights from a local file)")
     p.add_argument("--ratio", type=float, nargs="+", default=[0.0], help="synthetic tiles per real tile (one arm each)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="inverse-frequency")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

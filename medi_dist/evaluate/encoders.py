@@ -4,8 +4,9 @@ Real and synthetic tiles go through the *same* ``encode`` call, hence the same r
 normalisation (the MeDi reference preprocessed them differently, which alone moves Fréchet distances
 and probe accuracies). Weights only ever come from a local file; nothing is downloaded.
 
-Specs for ``get_encoder``: ``random-conv[:DIM[:SEED]]``, ``openclip:<model_name>:<path>``,
-``inception:<path>``.
+Specs for ``get_encoder``: ``random-conv[:DIM[:SEED]]``, ``uni:<path>`` (UNI ViT-L/16, the MeDi
+reference's encoder), ``uni2-h:<path>``, ``timm:<architecture>:<path>`` (any timm image model, e.g.
+Virchow or H-optimus exports), ``openclip:<model_name>:<path>``, ``inception:<path>``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,38 @@ def preprocess(images: np.ndarray, size: int, mean, std, mode: str = "bilinear")
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file; torch files load with weights_only (no unpickling)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # training checkpoints often nest the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def _load_weights(model: nn.Module, state: dict, path: Path, what: str) -> None:
+    """Strict load; a file for another architecture gets one message instead of a key dump."""
+    own = model.state_dict()
+    state = dict(state)
+    for k in set(own) - set(state):  # BatchNorm counters: absent from older checkpoints, unused in eval
+        if k.endswith("num_batches_tracked"):
+            state[k] = torch.zeros(own[k].shape, dtype=own[k].dtype)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        def some(keys):
+            return ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
+        raise ValueError(f"{path} does not hold {what} weights: {len(missing)} missing ({some(missing)}), "
+                         f"{len(unexpected)} unexpected ({some(unexpected)}), {len(shapes)} of another shape "
+                         f"({some(shapes)}); check the file and the encoder spec")
+    model.load_state_dict(state, assign=True)
 
 
 def _need_file(path: str | Path | None, what: str, hint: str) -> Path:
@@ -154,20 +187,69 @@ class InceptionEncoder(Encoder):
         super().__init__(device, batch_size)
         from torchvision.models import inception_v3
 
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}  # aux head unused
+        # Heads are unused (output = 2048-d pool3 features), so any class count loads: torchvision's 1000
+        # and pytorch-fid's pt_inception 1008 alike.
+        state = {k: v for k, v in _load_state(path).items() if not k.startswith(("AuxLogits.", "fc."))}
         # transform_input=True: the ImageNet weights expect torchvision's re-scaling of normalised input.
         model = inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=True)
-        model.load_state_dict(state)
-        model.fc = nn.Identity()  # output = 2048-d global-average-pooled features (pool3)
+        model.fc = nn.Identity()
+        _load_weights(model, state, path, "torchvision inception_v3")
         self.model = model.to(self.device).eval()
         self.size, self.dim, self.name = 299, 2048, f"inception:{path}"
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+
+
+# Published pathology foundation models as timm architectures (from their model cards); weights from disk.
+TIMM_PRESETS = {
+    "uni": ("vit_large_patch16_224", dict(img_size=224, patch_size=16, init_values=1e-5, dynamic_img_size=True),
+            "UNI (MahmoodLab ViT-L/16)"),
+    "uni2-h": ("vit_giant_patch14_224",
+               dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+                    mlp_ratio=2.66667 * 2, no_embed_class=True, reg_tokens=8, dynamic_img_size=True,
+                    mlp_layer="SwiGLUPacked", act_layer="silu"),
+               "UNI2-h (MahmoodLab ViT-H/14)"),
+}
+
+
+class TimmEncoder(Encoder):
+    """A timm image model without its head (``num_classes=0``: pooled features), weights from a local
+    file. Built on the meta device and filled from the file, so a ViT-L is never initialised twice.
+    Presets use ImageNet normalisation at 224 px, as UNI's model card does; other architectures use
+    timm's own preprocessing config."""
+
+    def __init__(self, arch: str, weights_path: str | Path, device: str = "cpu", batch_size: int = 64,
+                 preset: str | None = None):
+        import timm
+
+        kwargs, what = {}, f"timm {arch!r}"
+        if preset:
+            arch, kwargs, what = TIMM_PRESETS[preset]
+            kwargs = dict(kwargs)
+            if "mlp_layer" in kwargs:
+                from timm.layers import SwiGLUPacked
+
+                kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+        example = f"{preset}:/models/{preset}.bin" if preset else f"timm:{arch}:/models/{arch}.safetensors"
+        path = _need_file(weights_path, what, f"pass the local weights file, e.g. --encoder {example}")
+        super().__init__(device, batch_size)
+        if not timm.is_model(arch):
+            raise ValueError(f"unknown timm architecture {arch!r}; see timm.list_models(), e.g. vit_large_patch16_224")
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+        state = {k: v for k, v in _load_state(path).items() if not k.startswith("head.")}  # head unused
+        _load_weights(model, state, path, what)
+        if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # non-persistent buffers
+            model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+            model.load_state_dict(state, strict=False)
+        self.model = model.to(self.device).float().eval()  # fp16 exports too
+        cfg = model.pretrained_cfg
+        if preset:
+            self.size, self.mean, self.std, self.interpolation = 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear"
+        else:
+            self.size = int(cfg.get("input_size", (3, 224, 224))[-1])
+            self.mean, self.std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+            self.interpolation = "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear"
+        self.dim, self.name = int(model.num_features), f"{preset or 'timm:' + arch}:{path}"
 
 
 def get_encoder(spec: str, device: str = "cpu") -> Encoder:
@@ -184,5 +266,12 @@ def get_encoder(spec: str, device: str = "cpu") -> Encoder:
         return OpenClipEncoder(name, path, device=device)
     if kind == "inception":
         return InceptionEncoder(rest or None, device=device)
-    raise ValueError(f"unknown encoder spec {spec!r}; use random-conv[:DIM[:SEED]], "
-                     "openclip:<model_name>:<path> or inception:<path>")
+    if kind in TIMM_PRESETS:
+        return TimmEncoder("", rest or None, device=device, preset=kind)
+    if kind == "timm":
+        arch, _, path = rest.partition(":")
+        if not arch or not path:
+            raise ValueError(f"encoder spec {spec!r}: expected timm:<architecture>:<local weights path>")
+        return TimmEncoder(arch, path, device=device)
+    raise ValueError(f"unknown encoder spec {spec!r}; use random-conv[:DIM[:SEED]], uni:<path>, uni2-h:<path>, "
+                     "timm:<architecture>:<path>, openclip:<model_name>:<path> or inception:<path>")

@@ -44,7 +44,7 @@ PROBES = {"type_accuracy": (TYPE, "features"), "site_accuracy": (SITE, "features
 class FidelityConfig:
     real: str
     synthetic: str
-    encoder: str = "random-conv"  # random-conv | openclip:NAME:PATH | inception:PATH
+    encoder: str = "random-conv"  # a get_encoder spec (evaluate/encoders.py)
     out: str | None = None  # results JSON (default: <synthetic>/fidelity.json)
     real_splits: list[str] = field(default_factory=lambda: ["train"])  # what the model learned from
     resolution: int | None = None  # None: the synthetic tiles' size

@@ -140,7 +140,7 @@ def add_fidelity_parser(evaluate_sub) -> argparse.ArgumentParser:
         "pairs. Results go to a JSON file and an MLflow run.")
     f.add_argument("--real", required=True, help="real dataset directory")
     f.add_argument("--synthetic", required=True, help="synthetic dataset directory (from `medi-dist generate`)")
-    f.add_argument("--encoder", default="random-conv", help="random-conv | openclip:NAME:PATH | inception:PATH")
+    f.add_argument("--encoder", default="random-conv", help="random-conv[:DIM[:SEED]], uni:PATH, uni2-h:PATH, timm:ARCH:PATH, openclip:NAME:PATH or inception:PATH (weights from a local file)")
     f.add_argument("--out", help="results JSON (default: <synthetic>/fidelity.json)")
     f.add_argument("--real-splits", nargs="+", default=["train"])
     f.add_argument("--resolution", type=int, help="compare at this size (default: the synthetic tiles' size)")
