@@ -8,6 +8,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from medi_dist.evaluate import allocation as al
 from medi_dist.evaluate.downstream import (
     DownstreamConfig, DownstreamError, compare, load_inputs, run_downstream, run_seed, validate,
 )
-from medi_dist.evaluate.tiles import AUDIT, FeatureCache, load_tiles, read_index
+from medi_dist.evaluate.tiles import AUDIT, FeatureCache, load_tiles, pool_index, read_index
 from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 
@@ -174,3 +175,33 @@ def test_bad_inputs_fail_before_any_work(data, tmp_path):
     with pytest.raises(DownstreamError, match="no tiles in split 'val'"):
         run_downstream(cfg_for(data, test_split="val"))
     assert not AUDIT.shards, "no tile may be read before the inputs are validated"
+
+
+def test_pools_of_test_sites_or_another_dataset_are_refused(data, tmp_path):
+    """Generated tiles at a held-out site would teach the classifier the stain it is tested on; a pool
+    from another dataset's model mislabels the arm. Both stop before any pixel is read, in downstream
+    and in fidelity."""
+    from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
+
+    AUDIT.reset()
+    leak = make_pool(data["real"], tmp_path / "leak", per_pair=1, sites_split="holdout")
+    with pytest.raises(DownstreamError, match=r"leak.* keeps out of its 'train' split: .*\(holdout\).*leak the test sites"):
+        run_downstream(DownstreamConfig(str(data["real"]), synthetic=[str(leak)], ratio=1.0, cache_dir=data["cache"]))
+    other = make_pool(data["real"], tmp_path / "other", per_pair=1)
+    idx = pd.read_parquet(other / "index.parquet")
+    idx["tissue_source_site"] = idx["tissue_source_site"].replace({idx["tissue_source_site"].iloc[0]: "ZZ"})
+    idx.to_parquet(other / "index.parquet", index=False)
+    with pytest.raises(DownstreamError, match=r"never has: tissue_source_site \['ZZ'\]"):
+        run_downstream(DownstreamConfig(str(data["real"]), synthetic=[str(other)], ratio=1.0, cache_dir=data["cache"]))
+    with pytest.raises(ValueError, match=r"never has: tissue_source_site \['ZZ'\]"):
+        evaluate_fidelity(FidelityConfig(real=str(data["real"]), synthetic=str(other), log_mlflow=False))
+    assert not AUDIT.shards
+
+
+def test_a_ratio_the_pools_cannot_fill_is_reported(data):
+    res = run_downstream(cfg_for(data, ratio=50.0, seeds=[0]))
+    n_real, n_syn = res.runs[0].n_real, res.runs[0].n_synthetic
+    assert n_syn == len(pool_index(data["pool"])) < 50 * n_real
+    assert res.effective_ratio == pytest.approx(n_syn / n_real)
+    assert f"used {n_syn} synthetic per {n_real} real" in res.shortfall()
+    assert run_downstream(cfg_for(data, ratio=0.25, seeds=[0])).shortfall() is None

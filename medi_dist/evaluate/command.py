@@ -34,6 +34,9 @@ def _downstream(args: argparse.Namespace) -> None:
     for label, d in cmp.deltas().items():
         print(f"paired difference {label} - real only: "
               + ", ".join(f"{k} {m:+.3f} ± {s:.3f}" for k, (m, s) in d.items()))
+    for r in cmp.results.values():
+        if r.shortfall():
+            print(f"warning: {r.shortfall()}")
     last = cmp.results[list(arms)[-1]]
     if args.out:
         out = Path(args.out)

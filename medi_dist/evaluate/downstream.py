@@ -20,7 +20,7 @@ import pandas as pd
 
 from .allocation import ALLOCATIONS, SITE, TYPE, real_subsample, synthetic_subsample
 from .metrics import METRIC_NAMES, all_metrics, balanced_accuracy, format_table, mean_sem
-from .tiles import Inputs, Part, load_inputs, pool_index, read_index
+from .tiles import Inputs, Part, foreign_values, load_inputs, pool_index, read_index
 
 CLASSIFIERS = ("linear", "cnn")
 # Fields that decide which tiles/features are loaded; `compare` arms may not change them.
@@ -79,15 +79,36 @@ def validate(cfg: DownstreamConfig, build_encoder: bool = True):
     n_sites = train[SITE].nunique()
     if cfg.k_sites is not None and cfg.k_sites > n_sites:
         raise DownstreamError(f"k_sites={cfg.k_sites} but {cfg.real} has only {n_sites} {cfg.train_split} sites")
+    everything = read_index(cfg.real) if cfg.synthetic else None
     for pool in cfg.synthetic:
-        if pool_index(pool).empty:
+        pidx = pool_index(pool)
+        if pidx.empty:
             raise DownstreamError(f"synthetic pool {pool} is empty: it has no synthetic 'train' tiles; "
                                   "generate tiles into it with `medi-dist generate` first")
+        check_pool(cfg, pool, pidx, everything)
     if cfg.classifier == "linear" and build_encoder:
         from .encoders import get_encoder
 
         return get_encoder(cfg.encoder)  # unknown spec or missing weights file raises here
     return None
+
+
+def check_pool(cfg: DownstreamConfig, pool, pidx: pd.DataFrame, real: pd.DataFrame) -> None:
+    """A pool must come from a model of this dataset's training sites: tiles generated for a test site
+    would hand the classifier the stain it is tested on (the shortcut the protocol measures)."""
+    foreign = foreign_values(real, pidx)
+    if foreign:
+        raise DownstreamError(f"synthetic pool {pool} has values that {cfg.real} never has: "
+                              + "; ".join(f"{c} {v}" for c, v in foreign.items())
+                              + " (a model of another dataset?); generate from a model trained on this dataset")
+    split_of = real.groupby(SITE)["split"].agg(lambda s: sorted(set(s)))
+    leaked = {s: split_of[s] for s in sorted(set(pidx[SITE].astype(str)))
+              if s in split_of and cfg.train_split not in split_of[s]}
+    if leaked:
+        raise DownstreamError(f"synthetic pool {pool} holds tiles of sites that {cfg.real} keeps out of its "
+                              f"{cfg.train_split!r} split: " + ", ".join(f"{s} ({'/'.join(v)})" for s, v in leaked.items())
+                              + "; training on them would leak the test sites' stain. Generate only at "
+                              "training sites, from a model trained on this dataset's split")
 
 
 @dataclass
@@ -165,11 +186,24 @@ class DownstreamResult:
                 for (s, _), d in p.groupby([SITE, "seed"])]
         return pd.DataFrame(rows, columns=[SITE, "score"]).groupby(SITE)["score"].mean()
 
+    @property
+    def effective_ratio(self) -> float:
+        """Synthetic per real tile actually used: below config.ratio when the pools run out."""
+        return float(np.mean([r.n_synthetic / max(r.n_real, 1) for r in self.runs]))
+
+    def shortfall(self) -> str | None:
+        """A note when the pools held fewer tiles than the ratio asked for (the arm is then mislabelled)."""
+        if self.effective_ratio < self.config.ratio - 0.5 / max(self.runs[0].n_real, 1):
+            return (f"{describe(self.config)}: the pools hold too few tiles; it used "
+                    f"{self.runs[0].n_synthetic} synthetic per {self.runs[0].n_real} real (effective r="
+                    f"{self.effective_ratio:.2f}); generate more tiles to test r={self.config.ratio:g}")
+        return None
+
     def table(self, label: str = "") -> str:
         return format_table({label or describe(self.config): self.mean_sem}, list(METRIC_NAMES))
 
     def to_dict(self) -> dict:
-        return {"config": asdict(self.config), "per_seed": self.per_seed,
+        return {"config": asdict(self.config), "per_seed": self.per_seed, "effective_ratio": self.effective_ratio,
                 "mean_sem": {k: list(v) for k, v in self.mean_sem.items()}}
 
 

@@ -221,6 +221,17 @@ def pool_index(pool: str | Path) -> pd.DataFrame:
     return idx.assign(pool=str(pool)).reset_index(drop=True)
 
 
+def foreign_values(real: pd.DataFrame, pool: pd.DataFrame, columns=("cancer_type", "tissue_source_site")) -> dict:
+    """Per column, the pool's values that the real dataset never has (any split): a pool generated
+    by a model of another dataset. ``Unknown`` (a class-only model's site) is not foreign."""
+    out = {}
+    for c in columns:
+        extra = set(pool[c].astype(str)) - set(real[c].astype(str)) - {"Unknown"} if c in pool and c in real else set()
+        if extra:
+            out[c] = sorted(extra)
+    return out
+
+
 def load_inputs(cfg, encoder=None, pools: list[str] | None = None) -> Inputs:
     """Features (linear) or pixels (cnn) of a DownstreamConfig's real train/test splits and of the
     pools' synthetic tiles: what every seed of the protocol draws from."""

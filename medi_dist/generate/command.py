@@ -118,8 +118,13 @@ def _fidelity(args: argparse.Namespace) -> None:
         conditional=not args.no_conditional, tracking_uri=args.tracking_uri, run_name=args.run_name,
         log_mlflow=not args.no_mlflow))
     ca, ch = res["conditional_accuracy"], res["chance"]
-    print(f"FD overall {res['fd']['overall']:.3f}, mean over {len(res['fd']['groups'])} subgroups "
-          f"{res['fd']['mean_group_fd']:.3f} ({res['encoder']}, {res['resolution']} px)")
+    fd = res["fd"]
+    print(f"FD overall {fd['overall']:.3f}, mean over {len(fd['groups'])} subgroups "
+          f"{fd['mean_group_fd']:.3f} ({res['encoder']}, {res['resolution']} px)")
+    if fd["skipped"]:
+        reason = next(iter(fd["skipped"].values()))
+        print(f"  {len(fd['skipped'])} subgroups have no per-subgroup FD (e.g. {next(iter(fd['skipped']))}: {reason}; "
+              "lower --min-per-group or generate more tiles)")
     if not ca:
         return
     print(f"conditional accuracy (chance: type {ch['type_accuracy']:.3f}, site {ch['site_accuracy']:.3f}); "
@@ -129,7 +134,7 @@ def _fidelity(args: argparse.Namespace) -> None:
         print(f"  {part:6s} pairs (n={c['n']}): type {c['type_accuracy']:.3f} | {c['type_accuracy_morphology']:.3f}, "
               f"site {c['site_accuracy']:.3f} | {c['site_accuracy_stain']:.3f}")
     if res["real_reference"]:
-        print("held-out real tiles: " + json.dumps({k: round(v, 3) for k, v in res["real_reference"].items()}))
+        print("real tiles of held-out slides (the probes' own ceiling): " + json.dumps({k: round(v, 3) for k, v in res["real_reference"].items()}))
 
 
 def add_fidelity_parser(evaluate_sub) -> argparse.ArgumentParser:

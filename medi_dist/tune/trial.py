@@ -132,7 +132,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         step = len(runs) - 1
         log.metrics({**{f"val_{k}": v for k, v in runs[-1].metrics.items()},
                      **{f"val_{k}_mean": m for k, (m, _) in ms.items()},
-                     "n_real": runs[-1].n_real, "n_synthetic": runs[-1].n_synthetic}, step=step)
+                     "n_real": runs[-1].n_real, "n_synthetic": runs[-1].n_synthetic,
+                     "effective_ratio": res.effective_ratio}, step=step)
         _log_artifacts(log, res, ctx, first=step == 0)
         _write_audit(audit, trial_id, start, runs, computed)
         with tempfile.TemporaryDirectory() as d:
