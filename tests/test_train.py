@@ -83,6 +83,11 @@ def test_stopped_run_resumes_and_follows_uninterrupted_loss(ray_cluster, proc_da
     # data order differs between runs, so compare the late loss level, not step by step
     assert abs(np.mean(a[-3:]) - np.mean(b[-3:])) < 0.25 * np.mean(a[-3:]) + 0.02, (a, b)
     assert second.metrics["samples_seen"] == 40 * 16
+    # The same run name with other conditions cannot resume those checkpoints: one line, before any work.
+    other = _cfg(proc_dataset, tmp_path, "cut", steps=60, **{"model.conditions": "[cancer_type]"})
+    with pytest.raises(ValueError, match=r"run.name='cut' already holds checkpoints of another model "
+                                         r"\(conditions/vocabularies differ.*choose a new run.name"):
+        train(other)
 
 
 def test_resources_a_local_cluster_lacks_are_refused_up_front(ray_cluster, proc_dataset, tmp_path):

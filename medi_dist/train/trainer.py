@@ -3,6 +3,7 @@ and the final model directory copied out of the last checkpoint."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass
@@ -44,6 +45,33 @@ def output_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.run.output or Path(cfg.run.storage_path) / cfg.run.name / "model")
 
 
+RUN_FILE = "medi-dist-run.json"
+
+
+def check_resume(storage: str, name: str, mcfg: ModelConfig, spec, dataset: str) -> None:
+    """A run name resumes its checkpoints, so the architecture and vocabularies must not change between
+    starts (a new dataset would otherwise fail deep inside a worker with a tensor size mismatch).
+    The first start records them next to Ray's checkpoints (local folder or cloud URI)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    path = f"{root.rstrip('/')}/{name}/{RUN_FILE}"
+    now = {"model_config": mcfg.to_dict(), "spec": spec.to_dict(), "dataset": dataset}
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(json.dumps(now, indent=1).encode())
+        return
+    with fs.open_input_stream(path) as f:
+        before = json.loads(f.read())
+    changed = [k for k in ("model_config", "spec") if json.dumps(before[k], sort_keys=True) != json.dumps(now[k], sort_keys=True)]
+    if changed:
+        what = " and ".join({"model_config": "architecture", "spec": "conditions/vocabularies"}[k] for k in changed)
+        raise ValueError(f"run.name={name!r} already holds checkpoints of another model ({what} differ; it was "
+                         f"started on dataset {before['dataset']}, this is {dataset}): choose a new run.name, or "
+                         f"delete {storage}/{name} to start over")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     verify_shards(cfg.data.dataset, cfg.data.splits)  # a wrong path fails before Ray starts
     mcfg = model_config(cfg)
@@ -62,6 +90,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     storage = cfg.run.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
+    check_resume(storage, cfg.run.name, mcfg, spec, str(cfg.data.dataset))
     uri = tracking_uri(cfg.run.tracking_uri)
     # One MLflow run per Ray run (storage path + name): re-running resumes both together.
     run_id = find_or_create_run(uri, cfg.run.name, cfg.run.experiment, tags={"medi_dist.kind": "train"},
