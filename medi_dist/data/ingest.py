@@ -85,7 +85,7 @@ def check_skipped(scan: Scan, skips: SkipLog, kept: int, max_fraction: float) ->
     """Refuse, in one line, an ingest that skipped more than `max_fraction` of its inputs or everything."""
     total = max(scan.total_inputs, 1)
     frac = min(skips.skipped_inputs / total, 1.0)
-    if frac > max_fraction:
+    if frac > max_fraction + 1e-9:  # the suggested value below must pass despite float rounding
         raise SchemaError(
             f"{scan.name}: {frac:.0%} of the inputs were skipped ({skips.skipped_inputs} of {scan.total_inputs}), "
             f"more than --max-skipped-fraction {max_fraction:g}; nothing was written. Most common: "
