@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 UNKNOWN = "Unknown"
-# Spellings of "missing" met in real tables (GDC writes '--).
-MISSING_TOKENS = {"", "'--", "--", "nan", "NaN", "None", "null", "not reported", "Not Reported", "unknown", "Unknown"}
+# Spellings of "missing" met in real tables (GDC writes '--), matched case-insensitively.
+MISSING_TOKENS = {"", "'--", "--", "nan", "none", "null", "not reported", "unknown"}
+# Also missing in a continuous column. Not in categorical ones: 'NA' can be a real two-letter code
+# (a tissue source site), and a category must mean the same index in every stage.
+NUMBER_MISSING_TOKENS = MISSING_TOKENS | {"na", "n/a", "not available"}
+# GDC de-identifies ages above 89 as '>89' (or '90+'); we read them as 90, the lowest age they stand for.
+_TOP_CODED_AGE = re.compile(r"^(>\s*89|90\s*\+)$")
 
 # Columns every tile carries. `key` is unique and dot-free (WebDataset cuts keys at the first dot).
 REQUIRED_COLUMNS = ("key", "slide_id", "cancer_type", "tissue_source_site")
@@ -32,12 +38,12 @@ class UnknownValueError(ValueError):
     """A condition value the model or vocabulary never saw."""
 
 
-def is_missing(value: Any) -> bool:
+def is_missing(value: Any, tokens: set[str] = MISSING_TOKENS) -> bool:
     if value is None:
         return True
     if isinstance(value, float) and math.isnan(value):
         return True
-    return isinstance(value, str) and value.strip() in MISSING_TOKENS
+    return isinstance(value, str) and value.strip().lower() in tokens
 
 
 def clean_category(value: Any) -> str:
@@ -51,8 +57,10 @@ def clean_category(value: Any) -> str:
 
 def clean_continuous(value: Any) -> float:
     """Parse a continuous value; missing becomes NaN (handled by the null condition)."""
-    if is_missing(value):
+    if is_missing(value, NUMBER_MISSING_TOKENS):
         return float("nan")
+    if isinstance(value, str) and _TOP_CODED_AGE.match(value.strip()):
+        return 90.0
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -34,6 +34,7 @@ from PIL import Image
 from medi_dist.data import sources
 from medi_dist.data.records import SkipLog, TileRecord
 from medi_dist.data.shards import VOCAB, verify_shards, write_dataset
+from medi_dist.data.stats import dataset_stats, format_stats
 from medi_dist.data.stream import StreamConfig, decode_tile, tile_stream
 from medi_dist.metadata import ConditioningSpec, ContinuousSpec, SchemaError, Vocab
 
@@ -81,16 +82,23 @@ def test_16bit_rgb_png_is_reduced_to_8_bits(tmp_path):
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    """Good tiles plus other square sizes (48 px JPEG, 64 px PNG) and ages missing in every spelling."""
+    """Good tiles plus other square sizes (48 px JPEG, 64 px PNG), ages missing in every spelling (any
+    case), GDC's de-identified ages and a word where a number should be."""
     root = tmp_path_factory.mktemp("mixed")
-    missing = {0: "NaN", 1: "", 2: "'--", 3: "not reported", 4: "nan", 5: "None"}
+    missing = {0: "NaN", 1: "", 2: "'--", 3: "not reported", 4: "nan", 5: "None", 6: "NA", 7: "N/A",
+               8: "Not reported", 9: "NOT REPORTED", 10: "unknown", 11: " na "}
+    top_coded = {12: ">89", 13: "90+"}
     extra = [{"name": "big48.jpg", "data": tile_bytes(100, size=48), "key": "big48"},
              {"name": "big64.png", "data": tile_bytes(101, size=64, fmt="PNG"), "key": "big64"},
-             {"name": "word.jpg", "data": tile_bytes(102), "key": "word", "age": "forty"}]
-    csv = write_manifest(root, extra, rows_meta={i: {"age": v, "key": f"noage{i}"} for i, v in missing.items()})
+             {"name": "word.jpg", "data": tile_bytes(102), "key": "word", "age": "forty"},
+             {"name": "word2.jpg", "data": tile_bytes(103), "key": "word2", "age": "forty"}]
+    rows_meta = {i: {"age": v, "key": f"noage{i}"} for i, v in missing.items()}
+    rows_meta |= {i: {"age": v, "key": f"old{i}"} for i, v in top_coded.items()}
+    csv = write_manifest(root, extra, rows_meta=rows_meta)
     skips, index, manifest = ingest_csv(csv, root / "ds")
     return {"root": root, "csv": csv, "ds": root / "ds", "skips": skips, "index": index.set_index("key"),
-            "missing": [f"noage{i}" for i in missing]}
+            "manifest": manifest, "missing": [f"noage{i}" for i in missing] + ["word", "word2"],
+            "top_coded": [f"old{i}" for i in top_coded]}
 
 
 def test_other_square_sizes_are_kept_and_resized_in_the_stream(ray_cluster, mixed):
@@ -124,16 +132,20 @@ def test_other_square_sizes_are_kept_and_resized_in_the_stream(ray_cluster, mixe
 
 # ---- metadata ------------------------------------------------------------------------------------
 
-def test_missing_age_in_any_spelling_is_null_and_a_word_is_a_counted_skip(mixed):
+def test_missing_age_in_any_spelling_is_null_and_a_word_is_listed_not_a_skip(mixed):
+    """NA, N/A, 'Not reported' (any case) are missing; '>89' and '90+' are 90; a word is read as
+    missing too, and listed (column, value, count) in the summary and dataset.json; no tile is dropped."""
     index = mixed["index"]
+    assert len(index) == N_GOOD + 4 and len(mixed["skips"]) == 0
     assert index.loc[mixed["missing"], "age"].isna().all()
+    assert (index.loc[mixed["top_coded"], "age"] == 90).all()
     assert index["age"].notna().sum() == len(index) - len(mixed["missing"])
     spec = ConditioningSpec.load(mixed["ds"] / VOCAB)
     numeric = index["age"].dropna()
     assert spec.continuous[0].mean == pytest.approx(numeric.mean())  # statistics from real numbers only
-    assert "word" not in index.index
-    [(origin, why)] = mixed["skips"].entries
-    assert f"{mixed['csv']} row {N_GOOD + 4} (img/word.jpg)" in origin and "not a number: 'forty'" in why
+    assert mixed["manifest"]["unparsed_values"] == [{"column": "age", "value": "forty", "count": 2}]
+    notes = format_stats(dataset_stats(mixed["ds"]))
+    assert "warning: age value 'forty' is not a number; read as missing in 2 row(s)" in notes
 
 
 def test_age_column_with_no_value_at_all_is_dropped_not_a_crash(tmp_path):
@@ -189,3 +201,19 @@ def test_model_condition_column_missing_from_data(mixed):
     model_spec = ConditioningSpec(spec.categorical + [Vocab("race", ["asian", "white"])], spec.continuous)
     with pytest.raises(SchemaError, match=rf"dataset {re.escape(str(mixed['ds']))} has no column 'race'"):
         tile_stream(mixed["ds"], ("train",), spec=model_spec)
+
+
+def test_category_whitespace_is_stripped_and_case_variants_are_listed(tmp_path):
+    """'LUAD ' is 'LUAD' in every categorical column; 'MALE' / 'male' stay two values but ingest lists
+    them once per column (summary via data stats, and dataset.json)."""
+    rows_meta = {i: {"cancer_type": f" {'AB'[i % 2]} ", "tissue_source_site": f"{['S0', 'S1', 'S2', 'S3', 'S4', 'S5'][i % 6]}\t",
+                     "sex": ["male", "MALE ", "female"][i % 3], "race": ["White", "WHITE", "white", " asian"][i % 4]}
+                 for i in range(N_GOOD)}
+    csv = write_manifest(tmp_path, rows_meta=rows_meta)
+    _, index, manifest = ingest_csv(csv, tmp_path / "ds")
+    assert set(index["cancer_type"]) == {"A", "B"} and set(index["tissue_source_site"]) == {f"S{i}" for i in range(6)}
+    assert set(index["sex"]) == {"male", "MALE", "female"} and set(index["race"]) == {"White", "WHITE", "white", "asian"}
+    assert manifest["case_variants"] == {"race": [["WHITE", "White", "white"]], "sex": [["MALE", "male"]]}
+    text = format_stats(dataset_stats(tmp_path / "ds"))
+    assert text.count("differ only by case") == 2
+    assert "warning: sex has values that differ only by case, kept as different values: 'MALE' / 'male'" in text

@@ -189,3 +189,42 @@ def test_truncated_shard_is_refused_by_name(tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(SchemaError, match=f"{shard.name}.*truncated"):
         verify_shards(tmp_path / "d")
+
+
+def test_tcga_ut_accepts_tiff_tiles_like_the_manifest_source(tmp_path, shared_data):
+    """.tif/.tiff tiles are read (re-encoded as PNG), not silently left out."""
+    meta = _tcga_tree(tmp_path / "tiles", shared_data, n_slides=4, tiles=2)
+    slide = tmp_path / "tiles" / meta.iloc[0].project_id.split("-")[1] / meta.iloc[0].slide_submitter_id
+    arr = render_tile("GLAND", "A1", np.random.default_rng(7), 32)
+    Image.fromarray(arr).save(slide / "tile_t.tif")
+    Image.fromarray(arr).save(slide / "tile_u.TIFF")
+    skips = SkipLog()
+    ingest(sources.tcga_ut(tmp_path / "tiles", shared_data / "tcga_slide_metadata_sample.csv", skips),
+           tmp_path / "ds", SplitConfig(0.3, seed=0), skips)
+    index = pd.read_parquet(tmp_path / "ds" / INDEX).set_index("key")
+    assert len(skips) == 0 and len(index) == len(meta) * 2 + 2
+    for stem in ("tile_t", "tile_u"):
+        row = index.loc[f"{slide.name}-{stem}".replace(".", "_")]
+        assert row["image_format"] == "png"
+        with tarfile.open(tmp_path / "ds" / row["shard"]) as tar:
+            stored = tar.extractfile(f"{row.name}.png").read()
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored))), arr)
+
+
+def test_split_is_planned_from_the_tiles_that_survive(tmp_path):
+    """With seed 0, type A's sites S0, S2, S4 are planned train, train, holdout. Every file of S4 is
+    missing: planned from the listed rows, A would end with no holdout tile and split.json would list
+    an empty site. Planned from the tiles read, S4 is not in the split and A keeps a holdout site."""
+    from bad_inputs import ingest_csv, write_manifest
+
+    csv = write_manifest(tmp_path)
+    rows = pd.read_csv(csv)
+    for p in rows.loc[rows["tissue_source_site"] == "S4", "path"]:
+        (tmp_path / p).unlink()
+    skips, index, manifest = ingest_csv(csv, tmp_path / "ds")
+    assert len(skips) == 4 and "S4" not in set(index["tissue_source_site"])
+    split = json.loads((tmp_path / "ds" / "split.json").read_text())
+    assert split["missing_types"] == {}
+    assert set(index.loc[index["split"] == "holdout", "cancer_type"]) == {"A", "B"}
+    planned = {s for sites in split["sites"].values() for s in sites}
+    assert planned == set(index["tissue_source_site"])  # no site without tiles in the plan

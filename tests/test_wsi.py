@@ -179,3 +179,47 @@ def test_config_validation():
         WSIConfig(tissue_threshold=1.5)
     with pytest.raises(ValueError):
         WSIConfig(assume_mpp=0)
+
+
+def _plain_slide(path: Path, seed: int, px: int = 256) -> None:
+    """A plain PNG 'slide': H&E-like tissue on the left half, white glass on the right."""
+    from medi_dist.data.procedural import render_tile
+
+    arr = np.full((px, px, 3), 245, np.uint8)
+    arr[:, : px // 2] = render_tile("GLAND", "A1", np.random.default_rng(seed), px)[:, : px // 2]
+    Image.fromarray(arr).save(path)
+
+
+def test_ingest_cli_wsi_end_to_end(tmp_path, capsys):
+    """`medi-dist ingest --source wsi` through the CLI entry (it used to fail importing wsi_scan); slide
+    paths are relative to the table's folder, and --source follows --slides when not given."""
+    import json
+
+    import pandas as pd
+
+    from medi_dist import cli
+    from medi_dist.data.shards import INDEX, MANIFEST
+
+    rows = []
+    for i, (ctype, site) in enumerate([("A", "S0"), ("A", "S1"), ("B", "S2"), ("B", "S3")]):
+        _plain_slide(tmp_path / f"slide{i}.png", i)
+        rows.append({"path": f"slide{i}.png", "slide_id": f"slide{i}", "cancer_type": ctype,
+                     "tissue_source_site": site, "age": [">89", "NA", "61", "forty"][i]})
+    pd.DataFrame(rows).to_csv(tmp_path / "slides.csv", index=False)
+    out = tmp_path / "data" / "wsi"
+    for source in (["--source", "wsi"], []):
+        rc = cli.main(["ingest", *source, "--slides", str(tmp_path / "slides.csv"), "--mpp", "0.5",
+                       "--assume-mpp", "0.5", "--tile-px", "64", "--out", str(out), "--overwrite"])
+        printed, err = capsys.readouterr()
+        assert rc == 0, err
+        assert f"wrote {out}" in printed and "warning: age value 'forty' is not a number" in printed
+        index = pd.read_parquet(out / INDEX)
+        manifest = json.loads((out / MANIFEST).read_text())
+        assert manifest["source"] == f"wsi:{tmp_path / 'slides.csv'}" and manifest["skipped"] == []
+        # a 4 x 4 grid of 64-px tiles per slide; tissue only in the left half (x0 0 or 64)
+        per_slide = index.groupby("slide_id").size()
+        assert set(per_slide.index) == {f"slide{i}" for i in range(4)} and per_slide.max() <= 8
+        assert index["key"].str.extract(r"-x(\d+)-")[0].astype(int).isin([0, 64]).all()
+        assert set(index.loc[index["split"] == "holdout", "cancer_type"]) == {"A", "B"}
+        ages = index.groupby("slide_id")["age"].first()
+        assert ages["slide0"] == 90 and ages["slide2"] == 61 and pd.isna(ages["slide1"]) and pd.isna(ages["slide3"])

@@ -126,6 +126,57 @@ class ShardWriter:
         self._buf, self._buf_bytes = [], 0
 
 
+def check_record(rec: TileRecord, seen: dict[str, str], skips: SkipLog) -> bool:
+    """Whether a tile can be written: a bad image is skipped and logged (False); an invalid or
+    duplicate key or an unknown format is an error. Keys accepted so far go into `seen`."""
+    origin = rec.origin or rec.key
+    check_key(rec.key)
+    if rec.key in seen:
+        raise SchemaError(
+            f"duplicate tile key {rec.key!r} from {origin} and {seen[rec.key]}; keys must be unique "
+            "(keys keep only letters, digits, '-' and '_', so 'a.b' and 'a_b' collide): give the rows distinct keys "
+            "(in a manifest add a slide_id column, since the key is <slide_id>-<file name> and without one "
+            "every folder's 0_0.png is '0_0-0_0', or a key column)"
+        )
+    if rec.image_format not in IMAGE_FORMATS:
+        raise SchemaError(f"{origin}: image format {rec.image_format!r}, expected one of {IMAGE_FORMATS}")
+    try:
+        check_image(rec.image_bytes)
+    except SchemaError as e:
+        skips.skip(origin, str(e))
+        return False
+    seen[rec.key] = origin
+    return True
+
+
+def write_shards(
+    records: Iterable[TileRecord],
+    out_dir: str | Path,
+    split_of: dict[str, str],
+    target_bytes: int = 64 << 20,
+    source: str = "",
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Write checked tiles (check_record) into per-split shards; returns (index, shard list).
+    `split_of` maps a tissue source site to its split."""
+    out_dir = Path(out_dir)
+    writers: dict[str, ShardWriter] = {}
+    for rec in records:
+        meta = dict(rec.meta)
+        meta.setdefault("synthetic", False)
+        meta.setdefault("source", source)
+        site = clean_category(meta.get("tissue_source_site"))
+        split = split_of.get(site)
+        if split is None:
+            raise SchemaError(f"{rec.origin}: site {site!r} has no split assignment (internal error: split built from other data)")
+        w = writers.setdefault(split, ShardWriter(out_dir, split, target_bytes))
+        w.add(TileRecord(rec.key, rec.image_bytes, rec.image_format, meta, rec.origin), sha256(rec.image_bytes))
+    for w in writers.values():
+        w.flush()
+    rows = [r for w in writers.values() for r in w.rows]
+    shards = [s for w in writers.values() for s in w.shards]
+    return pd.DataFrame(rows), shards
+
+
 def write_dataset(
     records: Iterable[TileRecord],
     out_dir: str | Path,
@@ -134,45 +185,12 @@ def write_dataset(
     target_bytes: int = 64 << 20,
     source: str = "",
 ) -> tuple[pd.DataFrame, list[dict]]:
-    """Validate and write tiles into per-split shards; returns (index, shard list).
-
-    `split_of` maps a tissue source site to its split. Undecodable tiles are skipped and logged;
-    duplicate keys are an error (a silent overwrite would lose a tile).
-    """
-    out_dir = Path(out_dir)
-    writers: dict[str, ShardWriter] = {}
+    """Check and write tiles in one pass (ingest checks every tile first, to plan the split on the
+    tiles that survive). Undecodable tiles are skipped and logged; duplicate keys are an error (a
+    silent overwrite would lose a tile)."""
     seen: dict[str, str] = {}
-    for rec in records:
-        origin = rec.origin or rec.key
-        check_key(rec.key)
-        if rec.key in seen:
-            raise SchemaError(
-                f"duplicate tile key {rec.key!r} from {origin} and {seen[rec.key]}; keys must be unique "
-                "(keys keep only letters, digits, '-' and '_', so 'a.b' and 'a_b' collide): give the rows distinct keys"
-            )
-        if rec.image_format not in IMAGE_FORMATS:
-            raise SchemaError(f"{origin}: image format {rec.image_format!r}, expected one of {IMAGE_FORMATS}")
-        try:
-            check_image(rec.image_bytes)
-        except SchemaError as e:
-            skips.skip(origin, str(e))
-            continue
-        seen[rec.key] = origin
-        meta = dict(rec.meta)
-        meta.setdefault("synthetic", False)
-        meta.setdefault("source", source)
-        site = clean_category(meta.get("tissue_source_site"))
-        split = split_of.get(site)
-        if split is None:
-            raise SchemaError(f"{origin}: site {site!r} has no split assignment (internal error: split built from other data)")
-        w = writers.setdefault(split, ShardWriter(out_dir, split, target_bytes))
-        w.add(TileRecord(rec.key, rec.image_bytes, rec.image_format, meta, origin), sha256(rec.image_bytes))
-    for w in writers.values():
-        w.flush()
-    rows = [r for w in writers.values() for r in w.rows]
-    shards = [s for w in writers.values() for s in w.shards]
-    index = pd.DataFrame(rows)
-    return index, shards
+    checked = (rec for rec in records if check_record(rec, seen, skips))
+    return write_shards(checked, out_dir, split_of, target_bytes, source)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

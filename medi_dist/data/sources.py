@@ -23,7 +23,8 @@ from ..metadata import SchemaError, clean_category, clean_continuous
 from .records import SkipLog, TileRecord
 
 TILE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
-OTHER_IMAGE_SUFFIXES = {".tif", ".tiff", ".bmp", ".webp"}
+OTHER_IMAGE_SUFFIXES = {".tif", ".tiff", ".bmp", ".webp"}  # re-encoded as PNG
+IMAGE_SUFFIXES = set(TILE_SUFFIXES) | OTHER_IMAGE_SUFFIXES
 
 
 @dataclass
@@ -33,6 +34,11 @@ class Scan:
     categorical: list[str] = field(default_factory=lambda: ["cancer_type", "tissue_source_site"])
     continuous: list[str] = field(default_factory=list)
     name: str = ""
+    inputs: int = 0  # inputs listed, in the unit skips count (tiles; slides for wsi); 0: sum of groups
+
+    @property
+    def total_inputs(self) -> int:
+        return self.inputs or sum(self.groups.values())
 
 
 def safe_key(text: str) -> str:
@@ -48,7 +54,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
         df = pd.read_parquet(path)
         return df.astype(object).where(df.notna(), None)
     sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
-    return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    return df.rename(columns=lambda c: c.strip())  # 'cancer_type ' in a hand-edited header
 
 
 def require_columns(df: pd.DataFrame, columns: list[str], path: str | Path, hint: str = "") -> None:
@@ -66,16 +73,43 @@ def read_tile_bytes(path: Path) -> tuple[bytes, str]:
     fmt = TILE_SUFFIXES.get(path.suffix.lower())
     if fmt:
         return data, fmt
-    with Image.open(io.BytesIO(data)) as im:
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+    except Exception as e:  # PIL raises many types for broken files, bombs included
+        raise SchemaError(f"cannot decode image ({type(e).__name__}: {e}); re-export or remove it") from None
     return buf.getvalue(), "png"
 
 
-def _metadata_fields(row: dict, categorical: list[str], continuous: list[str]) -> dict:
+def listed_path(value, table: Path) -> Path:
+    """A path from a table: absolute as is, relative to the table's folder (not the current directory)."""
+    p = Path(str(value))
+    return p if p.is_absolute() else table.parent / p
+
+
+def missing_file_reason(value, table: Path) -> tuple[str, str] | None:
+    """(reason, kind) if the file a table lists does not exist; names the likely mistake of writing
+    paths relative to the current directory."""
+    p = listed_path(value, table)
+    if p.exists():
+        return None
+    raw = Path(str(value))
+    if not raw.is_absolute() and raw.exists():
+        return (f"not found relative to the table's folder ({p}), but {raw} exists relative to the current "
+                f"directory; paths in {table.name} are read relative to its folder: make them relative to "
+                f"{table.parent} or absolute", "path relative to the current directory, not to the table's folder")
+    return f"file not found: {p}", "file not found"
+
+
+def _metadata_fields(row: dict, categorical: list[str], continuous: list[str], skips: SkipLog) -> dict:
     meta = {c: clean_category(row.get(c)) for c in categorical}
     for c in continuous:
-        x = clean_continuous(row.get(c))
+        try:
+            x = clean_continuous(row.get(c))
+        except SchemaError:  # a word in a number column: the value is missing, the tile is fine
+            skips.unparsed_value(c, row.get(c))
+            x = float("nan")
         meta[c] = None if x != x else x  # NaN -> None in JSON
     return meta
 
@@ -93,41 +127,50 @@ def tcga_ut(root: str | Path, metadata: str | Path, skips: SkipLog) -> Scan:
     table = read_table(metadata)
     require_columns(table, ["slide_submitter_id", "tissue_source_site"], metadata,
                     "Export the GDC slide metadata (see ../shared/data/tcga_slide_metadata_sample.csv for the format)")
-    table = table.rename(columns=TCGA_COLUMNS).drop_duplicates("slide_submitter_id").set_index("slide_submitter_id")
+    table = table.rename(columns=TCGA_COLUMNS)
+    table["slide_submitter_id"] = table["slide_submitter_id"].map(lambda v: str(v).strip())  # join key
+    table = table.drop_duplicates("slide_submitter_id").set_index("slide_submitter_id")
     cat = ["cancer_type", "tissue_source_site"] + [c for c in ("sex", "race") if c in table.columns]
     cont = ["age"] if "age" in table.columns else []
 
     tiles: list[tuple[Path, str, str]] = []  # (file, type, slide)
     groups: Counter = Counter()
+    inputs = 0
     for type_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for slide_dir in sorted(p for p in type_dir.iterdir() if p.is_dir()):
-            files = sorted(f for f in slide_dir.iterdir() if f.suffix.lower() in TILE_SUFFIXES)
+            # the same image types as the manifest source; TIFF/BMP/WebP are re-encoded as PNG
+            files = sorted(f for f in slide_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 continue
+            inputs += len(files)
             slide = slide_dir.name
             if slide not in table.index:
                 skips.skip(str(slide_dir), f"slide {slide} has no row in {metadata}; {len(files)} tiles not ingested "
-                           "(add the slide's metadata or remove the folder)")
+                           "(add the slide's metadata or remove the folder)", count=len(files),
+                           kind=f"slide folder without a row in {Path(metadata).name}")
                 continue
             site = clean_category(table.at[slide, "tissue_source_site"])
             groups[(type_dir.name, site)] += len(files)
             tiles += [(f, type_dir.name, slide) for f in files]
     if not tiles:
         raise SchemaError(f"no ingestible tiles under {root}; expected <cancer type>/<slide_submitter_id>/*.jpg "
-                          f"with slides listed in {metadata}")
+                          f"(or .png/.tif) with slides listed in {metadata}")
 
     def records() -> Iterator[TileRecord]:
         for f, ctype, slide in tiles:
             row = {"cancer_type": ctype, **table.loc[slide].to_dict()}
-            meta = {"slide_id": slide, **_metadata_fields(row, cat, cont)}
+            meta = {"slide_id": slide, **_metadata_fields(row, cat, cont, skips)}
             try:
                 data, fmt = read_tile_bytes(f)
             except OSError as e:
                 skips.skip(str(f), f"unreadable file ({e})")
                 continue
+            except SchemaError as e:
+                skips.skip(str(f), str(e))
+                continue
             yield TileRecord(safe_key(f"{slide}-{f.stem}"), data, fmt, meta, str(f))
 
-    return Scan(groups, records, cat, cont, f"tcga-ut:{root}")
+    return Scan(groups, records, cat, cont, f"tcga-ut:{root}", inputs)
 
 
 # ---- manifest ------------------------------------------------------------------------------------
@@ -150,19 +193,25 @@ def manifest(path: str | Path, skips: SkipLog, image_column: str = "path",
     def records() -> Iterator[TileRecord]:
         for i, r in enumerate(rows, start=2):  # row 1 is the header in a CSV
             origin = f"{path} row {i} ({r[image_column]})"
-            img = Path(str(r[image_column]))
-            img = img if img.is_absolute() else path.parent / img
+            img = listed_path(r[image_column], path)
+            missing = missing_file_reason(r[image_column], path)
+            if missing:
+                skips.skip(origin, missing[0], kind=missing[1])
+                continue
+            meta = _metadata_fields(r, cat, cont, skips)
             try:
-                meta = _metadata_fields(r, cat, cont)
                 data, fmt = read_tile_bytes(img)
-            except (OSError, SchemaError) as e:
+            except SchemaError as e:
+                skips.skip(origin, str(e))
+                continue
+            except OSError as e:
                 skips.skip(origin, f"{type(e).__name__}: {e}")
                 continue
             slide = clean_category(r.get("slide_id")) if "slide_id" in r else img.stem
             key = safe_key(str(r["key"])) if r.get("key") else safe_key(f"{slide}-{img.stem}")
             yield TileRecord(key, data, fmt, {"slide_id": slide, **meta}, origin)
 
-    return Scan(groups, records, cat, cont, f"manifest:{path}")
+    return Scan(groups, records, cat, cont, f"manifest:{path}", len(rows))
 
 
 # ---- procedural ----------------------------------------------------------------------------------
@@ -187,11 +236,15 @@ def wsi_scan(slides_table: str | Path, cfg, skips: SkipLog) -> Scan:
     require_columns(table, ["path", "cancer_type", "tissue_source_site"], path)
     cat = ["cancer_type", "tissue_source_site"] + [c for c in ("sex", "race") if c in table.columns]
     cont = ["age"] if "age" in table.columns else []
+    rows = table.to_dict("records")
     slides = []
-    for r in table.to_dict("records"):
-        p = Path(str(r["path"]))
-        p = p if p.is_absolute() else path.parent / p
+    for i, r in enumerate(rows, start=2):
+        missing = missing_file_reason(r["path"], path)
+        if missing:  # listed once here, with the likely cause, rather than as a bare "not found" later
+            skips.skip(f"{path} row {i} ({r['path']})", missing[0], kind=missing[1])
+            continue
+        p = listed_path(r["path"], path)
         sid = clean_category(r.get("slide_id")) if r.get("slide_id") else safe_key(p.stem)
-        slides.append((p, {"slide_id": sid, **_metadata_fields(r, cat, cont)}))
+        slides.append((p, {"slide_id": sid, **_metadata_fields(r, cat, cont, skips)}))
     groups = Counter((m["cancer_type"], m["tissue_source_site"]) for _, m in slides)  # slides, not tiles
-    return Scan(groups, lambda: wsi_source(slides, cfg, skips), cat, cont, f"wsi:{path}")
+    return Scan(groups, lambda: wsi_source(slides, cfg, skips), cat, cont, f"wsi:{path}", len(rows))

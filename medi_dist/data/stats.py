@@ -13,7 +13,7 @@ from .shards import INDEX, SPLIT, load_manifest, verify_shards
 def dataset_stats(dataset_dir: str | Path, verify: bool = False) -> dict:
     root = Path(dataset_dir)
     manifest = load_manifest(root)
-    verify_shards(root, checksums=verify)
+    shards = verify_shards(root, checksums=verify)
     index = pd.read_parquet(root / INDEX)
     split = json.loads((root / SPLIT).read_text())
     per_type = index.groupby("cancer_type")
@@ -23,6 +23,10 @@ def dataset_stats(dataset_dir: str | Path, verify: bool = False) -> dict:
         "shards": len(manifest["shards"]),
         "bytes": int(sum(s["bytes"] for s in manifest["shards"])),
         "skipped": len(manifest.get("skipped", [])),
+        "verified": {"shards": len(shards), "tiles": int(sum(s.get("tiles", 0) for s in manifest["shards"]))}
+        if verify else None,
+        "unparsed_values": manifest.get("unparsed_values", []),
+        "case_variants": manifest.get("case_variants", {}),
         "cancer_types": int(index["cancer_type"].nunique()),
         "sites": int(index["tissue_source_site"].nunique()),
         "tiles_per_split": {k: int(v) for k, v in index["split"].value_counts().sort_index().items()},
@@ -44,5 +48,22 @@ def format_stats(s: dict) -> str:
     ]
     if s["missing_types"]:
         lines.append(f"types absent from a split (too few sites): {s['missing_types']}")
+    lines += format_notes(s)
     lines += ["", "tiles per cancer type and split:", s["table"].to_string()]
+    if s.get("verified"):
+        v = s["verified"]
+        lines.append(f"verified {v['shards']} shards ({v['tiles']} tiles): sha256 and member order OK")
     return "\n".join(lines)
+
+
+def format_notes(s: dict) -> list[str]:
+    """Warnings about metadata that was kept but may not mean what the user thinks."""
+    lines = []
+    for u in s.get("unparsed_values", []):
+        lines.append(f"warning: {u['column']} value {u['value']!r} is not a number; read as missing in {u['count']} "
+                     "row(s)")
+    for col, groups in s.get("case_variants", {}).items():
+        shown = "; ".join(" / ".join(repr(v) for v in g) for g in groups)
+        lines.append(f"warning: {col} has values that differ only by case, kept as different values: {shown} "
+                     "(make the spelling consistent if they mean the same)")
+    return lines
