@@ -136,6 +136,11 @@ def test_yaml_plan_dry_run_on_the_command_line(rand_model, train_pairs, tmp_path
     printed = capsys.readouterr().out
     assert f"cancer_type={t}, tissue_source_site={s}: 5 (seen, {n} training tiles)" in printed
     assert "1 shards" in printed and not out.exists()
+    # Digit site codes stay text (YAML alone reads 05 as 5); counts and seeds are still numbers.
+    plan.write_text("seed: 3\ninclude_unseen: true\nsites: [05, 44]\nrows:\n  - {tissue_source_site: 05, age: 60, count: 5}\n")
+    read = GenerationPlan.from_yaml(plan)
+    assert read.rows == [{"tissue_source_site": "05", "age": "60", "count": 5}] and read.sites == ["05", "44"]
+    assert read.seed == 3 and read.include_unseen is True
     args = _cli().parse_args(["generate", "--model", str(rand_model), "--out", str(out), "--dry-run", "--mode",
                               "unseen-pairs", "--types", t, "--count", "2", "--extra", "sex=female"])
     with pytest.raises(UnknownValueError, match=r"\['sex'\] are not condition columns"):

@@ -27,6 +27,7 @@ from ..model.model_dir import read_model_info
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
 MODES = ("explicit", "unseen-pairs", "balance")
+NUMERIC = {"count", "target", "seed", "include_unseen"}  # plan fields that are not condition values
 
 
 class PlanError(ValueError):
@@ -58,9 +59,15 @@ class GenerationPlan:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"plan file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        # Read as text: TCGA site codes such as 05 or 44 must stay strings (YAML would read 05 as the
+        # number 5); only the numeric fields are parsed, as on the command line.
+        data = yaml.load(p.read_text(), Loader=yaml.BaseLoader) or {}
         if not isinstance(data, dict):
             raise PlanError(f"plan file {p} must hold a mapping (mode, rows | types/sites/count, seed)")
+        numeric = lambda d: {k: yaml.safe_load(v) if k in NUMERIC and isinstance(v, str) else v for k, v in d.items()}  # noqa: E731
+        data = numeric(data)
+        if isinstance(data.get("rows"), list):
+            data["rows"] = [numeric(r) if isinstance(r, dict) else r for r in data["rows"]]
         return cls.from_dict(data)
 
 
