@@ -182,13 +182,14 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def format_summary(s: dict) -> str:
+    from .evaluate.downstream import verdict
+
     lines = ["", "Classifiers trained on real training-site tiles (+ synthetic), tested on held-out sites "
              f"{', '.join(s['held_out_sites'])}; mean ± SEM over seeds:", "", s["table"], ""]
     for arm, d in s["deltas"].items():
         ba, sba = d["balanced_accuracy"], d["site_balanced_accuracy"]
-        verdict = "helps" if ba[0] - ba[1] > 0 else ("hurts" if ba[0] + ba[1] < 0 else "makes no clear difference")
         lines.append(f"{arm} vs real only: balanced accuracy {ba[0]:+.3f} ± {ba[1]:.3f}, site-averaged "
-                     f"{sba[0]:+.3f} ± {sba[1]:.3f} (paired over seeds) -> {verdict}")
+                     f"{sba[0]:+.3f} ± {sba[1]:.3f} (paired over seeds) -> {verdict(*ba)}")
     lines += ["", f"real vs generated tiles per (type, site): {s['picture']}",
               f"wall time: {s['minutes']:.1f} min",
               f"MLflow: .venv/bin/mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1 "

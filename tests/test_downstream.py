@@ -4,6 +4,7 @@ CNN paths, the feature cache, the CLI, and clear errors before any work for bad 
 from __future__ import annotations
 
 import argparse
+import re
 import json
 from collections import Counter
 
@@ -14,7 +15,7 @@ import torch
 
 from medi_dist.evaluate import allocation as al
 from medi_dist.evaluate.downstream import (
-    DownstreamConfig, DownstreamError, compare, load_inputs, run_downstream, run_seed, validate,
+    DownstreamConfig, DownstreamError, compare, load_inputs, run_downstream, run_seed, validate, verdict,
 )
 from medi_dist.evaluate.tiles import AUDIT, FeatureCache, load_tiles, pool_index, read_index
 from synthetic_pools import empty_pool, ingest_procedural, make_pool
@@ -157,6 +158,8 @@ def test_cli_downstream(data, capsys, tmp_path):
     args.func(args)
     out = capsys.readouterr().out
     assert "real only" in out and "r=1 inverse-frequency" in out and "paired difference" in out
+    assert re.search(r"-> (helps|hurts|makes no clear difference) \(balanced accuracy\)", out)
+    assert [verdict(0.1, 0.05), verdict(-0.1, 0.05), verdict(0.03, 0.05)] == ["helps", "hurts", "makes no clear difference"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(saved) == {"real only", "r=1 inverse-frequency"}
 

@@ -88,9 +88,10 @@ def test_plan_validation_errors(rand_model, proc_dataset, train_pairs, tmp_path)
     spec, train = _spec(rand_model), training_data(rand_model)
     t, s = next(iter(train_pairs))
     row = lambda **kw: GenerationPlan(rows=[{TYPE: t, SITE: s, "count": 2, **kw}])  # noqa: E731
-    with pytest.raises(UnknownValueError, match=r"unknown cancer_type 'NOPE'; valid values \(4\)"):
+    with pytest.raises(UnknownValueError, match=r"row 1: unknown cancer_type 'NOPE'; this model was trained on \(4\)"):
         resolve(row(cancer_type="NOPE"), spec, train)
-    with pytest.raises(UnknownValueError, match="valid values"):
+    with pytest.raises(UnknownValueError, match="unknown tissue_source_site 'ZZ9'; this model was trained on \\(4\\): "
+                       + ", ".join(train.sites) + "$"):
         resolve(GenerationPlan(mode="unseen-pairs", sites=[s, "ZZ9"]), spec, train)
     held = sorted(set(spec.vocab(SITE).values) - set(train.sites))[0]  # in the vocabulary, never trained
     with pytest.raises(UnknownValueError, match=f"{held}.*no training tiles.*trained values \\(4\\): " + ", ".join(train.sites)):

@@ -14,7 +14,7 @@ from .allocation import ALLOCATIONS
 
 
 def _downstream(args: argparse.Namespace) -> None:
-    from .downstream import DownstreamConfig, compare
+    from .downstream import DownstreamConfig, compare, verdict
 
     ratios = list(dict.fromkeys(args.ratio))
     base = DownstreamConfig(real=args.real, synthetic=args.synthetic, classifier=args.classifier, encoder=args.encoder,
@@ -33,7 +33,8 @@ def _downstream(args: argparse.Namespace) -> None:
     print(cmp.table())
     for label, d in cmp.deltas().items():
         print(f"paired difference {label} - real only: "
-              + ", ".join(f"{k} {m:+.3f} ± {s:.3f}" for k, (m, s) in d.items()))
+              + ", ".join(f"{k} {m:+.3f} ± {s:.3f}" for k, (m, s) in d.items())
+              + f" -> {verdict(*d['balanced_accuracy'])} (balanced accuracy)")
     for r in cmp.results.values():
         if r.shortfall():
             print(f"warning: {r.shortfall()}")

@@ -226,6 +226,11 @@ def run_downstream(cfg: DownstreamConfig, inputs: Inputs | None = None, progress
     return DownstreamResult(cfg, runs)
 
 
+def verdict(mean: float, sem: float) -> str:
+    """Plain reading of a paired difference: clear only when it is more than one SEM from zero."""
+    return "helps" if mean - sem > 0 else ("hurts" if mean + sem < 0 else "makes no clear difference")
+
+
 @dataclass
 class Comparison:
     results: dict[str, DownstreamResult]

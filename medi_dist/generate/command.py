@@ -62,8 +62,9 @@ def _generate(args: argparse.Namespace) -> None:
         return
     res = generate(cfg)
     print(describe(res.rows, limit=10))
-    print(f"{res.out}: {len(res.generated)} shards generated, {res.skipped} already complete, of {res.shards}; "
-          f"{res.stats['tiles_per_s_per_worker']:.2f} tiles/s per worker ({res.seconds:.0f} s)")
+    speed = f"; {res.stats['tiles_per_s_per_worker']:.2f} tiles/s per worker" if res.generated else ""
+    print(f"{res.out}: {len(res.generated)} shards generated, {res.skipped} already complete, of {res.shards}"
+          f"{speed} ({res.seconds:.0f} s)")
     if not res.complete:
         print("stopped early; run the same command again to finish")
 

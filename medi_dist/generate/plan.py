@@ -127,8 +127,10 @@ def _count(value: Any, where: str) -> int:
 
 def _check_trained(spec: ConditioningSpec, train: TrainingData, column: str, value: str, where: str) -> str:
     v = clean_category(value)
-    spec.vocab(column).encode(v)  # not in the vocabulary at all: lists every valid value
     trained = train.types if column == TYPE else train.sites
+    if v not in spec.vocab(column).values:
+        raise UnknownValueError(f"{where}: unknown {column} {v!r}; this model was trained on ({len(trained)}): "
+                                f"{', '.join(trained)}")
     if v not in trained:
         raise UnknownValueError(
             f"{where}: {column} {v!r} is in the model's vocabulary but had no training tiles "
@@ -197,15 +199,17 @@ def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -
             raise PlanError("an explicit plan needs rows: [{cancer_type, tissue_source_site, count}, ...]")
         need = [TYPE, SITE, "count"] if by_site else [TYPE, "count"]
         for i, r in enumerate(plan.rows):
-            where = f"row {i}"
+            where = f"row {i + 1}"
             if not isinstance(r, dict) or any(k not in r for k in need):
                 raise PlanError(f"{where}: need {', '.join(need)}, got {r!r}")
             r = dict(r)
             n = _count(r.pop("count"), where)
+            t = _check_trained(spec, train, TYPE, r[TYPE], where)
+            s = _check_trained(spec, train, SITE, r[SITE], where) if by_site else None
             cond = _check_conditions(spec, r, where)  # unknown columns (e.g. a site for a class-only model)
-            t = cond[TYPE] = _check_trained(spec, train, TYPE, r[TYPE], where)
+            cond[TYPE] = t
             if by_site:
-                s = cond[SITE] = _check_trained(spec, train, SITE, r[SITE], where)
+                cond[SITE] = s
                 seen, real = (t, s) in train.pairs, train.pairs.get((t, s), 0)
             else:
                 seen, real = True, real_of_type[t]
