@@ -96,6 +96,10 @@ def _train(args: argparse.Namespace) -> None:
 
     res = train(cfg)
     m = res.metrics
+    if res.finished_before:
+        print(f"run {cfg.run.name} already finished at step {m['step']}; model directory: {res.model_dir} "
+              "(raise steps to train further)")
+        return
     print(f"run {cfg.run.name}: step {m.get('step')} of {cfg.steps}, loss {m.get('loss', float('nan')):.4f}, "
           f"ranks in sync: {bool(m.get('ranks_in_sync'))}, worker nodes: {m.get('worker_nodes')}, "
           f"skipped tiles: {res.skipped_tiles}")
@@ -232,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e) else ""
         print(f"medi-dist {args.command}: error: {e}{where}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (train says how to resume), the shell's 130
+        if args.verbose:
+            raise
+        print(f"medi-dist {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     return 0
 
 

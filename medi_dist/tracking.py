@@ -110,6 +110,9 @@ class RunLogger:
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         self.artifact_bytes(buf.getvalue(), name, folder)
 
+    def status(self, status: str) -> None:
+        self.c.update_run(self.run_id, status=status)
+
     def finish(self, status: str = "FINISHED") -> None:
         self.c.set_terminated(self.run_id, status)
 

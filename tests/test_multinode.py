@@ -80,6 +80,11 @@ def test_job_submit_with_working_dir(two_nodes, proc_dataset):
     r = _submit(address, ["python", "-m", "medi_dist", "data", "stats", str(proc_dataset)], working_dir=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout + r.stderr and "tiles 600" in r.stdout
+    # A real job's entrypoint sees the working_dir: relative paths would land in Ray's copy of it.
+    r = _submit(address, ["python", "-m", "medi_dist", "train", "--config", "jobs/train_small.yaml"], working_dir=True)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "relative paths land in Ray's temporary copy" in out, out[-3000:]
+    assert "data.dataset=data/procedural, run.storage_path=medi-dist-runs" in out
 
 
 def test_job_without_token_is_refused(two_nodes):

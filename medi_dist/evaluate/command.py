@@ -14,8 +14,12 @@ from .allocation import ALLOCATIONS
 
 
 def _downstream(args: argparse.Namespace) -> None:
+    from ..ray_setup import check_job_paths
     from .downstream import DownstreamConfig, compare, verdict
 
+    check_job_paths({"--real": args.real, "--cache-dir": args.cache_dir, "--out": args.out,
+                     **{f"--synthetic[{i}]": p for i, p in enumerate(args.synthetic)}},
+                    {"$MLFLOW_TRACKING_URI": None} if args.mlflow_run else None)
     ratios = list(dict.fromkeys(args.ratio))
     base = DownstreamConfig(real=args.real, synthetic=args.synthetic, classifier=args.classifier, encoder=args.encoder,
                             allocation=args.allocation, seeds=args.seeds, k_sites=args.k_sites,

@@ -126,6 +126,10 @@ def _finite(d: dict) -> dict:
 
 
 def evaluate_fidelity(cfg: FidelityConfig) -> dict:
+    from ..ray_setup import check_job_paths
+
+    check_job_paths({"--real": cfg.real, "--synthetic": cfg.synthetic, "--out": cfg.out},
+                    {"--tracking-uri": cfg.tracking_uri} if cfg.log_mlflow else None)
     enc = get_encoder(cfg.encoder, device=cfg.device)  # built first: a bad spec fails before any reading
     foreign = foreign_values(read_index(cfg.real), read_index(cfg.synthetic))  # before any pixel
     if foreign:

@@ -181,6 +181,9 @@ def _finalize(out: Path, tasks: list[dict], header: dict, spec: ConditioningSpec
 
 
 def generate(cfg: GenerateConfig) -> GenerateResult:
+    from ..ray_setup import check_job_paths
+
+    check_job_paths({"--model": cfg.model, "--out": cfg.out, "--dataset": cfg.dataset})
     t0 = time.perf_counter()
     out = Path(cfg.out)
     tasks, rows, header, spec = build_tasks(cfg)  # every error surfaces here, before any work

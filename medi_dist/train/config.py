@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+# run.name is a folder under run.storage_path and the resume key: empty would make Ray invent a new
+# folder per start (no resume), and '/' or '..' would write elsewhere.
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -72,6 +77,9 @@ class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.run.name, str) or not RUN_NAME.fullmatch(self.run.name):
+            raise ValueError(f"run.name must be letters, digits, '.', '_' or '-', not start with '.', and not be "
+                             f"empty (it names the run's folder under run.storage_path), got {self.run.name!r}")
         if self.steps <= 0:
             raise ValueError(f"steps must be positive, got {self.steps}")
         if self.run.mixed_precision not in ("no", "fp16", "bf16"):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,10 +19,12 @@ from ray.train.torch import TorchTrainer
 from ..data.shards import verify_shards
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
-from ..ray_setup import check_resource, ensure_ray
+from ..ray_setup import check_job_paths, check_resource, ensure_ray
 from ..tracking import RunLogger, find_or_create_run, tracking_uri
 from .config import TrainConfig
 from .loop import train_worker
+from .run_folder import (RUN_FILE, RunFolder, check_same_training, finished_at, registered_step,
+                         remove_unregistered, training_fields)
 
 log = logging.getLogger("medi_dist.train")
 
@@ -31,6 +35,7 @@ class TrainResult:
     metrics: dict
     mlflow_run_id: str
     skipped_tiles: int
+    finished_before: bool = False  # the run had already reached `steps`: nothing was trained
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -45,34 +50,96 @@ def output_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.run.output or Path(cfg.run.storage_path) / cfg.run.name / "model")
 
 
-RUN_FILE = "medi-dist-run.json"
-
-
-def check_resume(storage: str, name: str, mcfg: ModelConfig, spec, dataset: str) -> None:
+def check_resume(folder: RunFolder, name: str, record: dict | None, mcfg: ModelConfig, spec,
+                 cfg: TrainConfig) -> dict:
     """A run name resumes its checkpoints, so the architecture and vocabularies must not change between
-    starts (a new dataset would otherwise fail deep inside a worker with a tensor size mismatch).
-    The first start records them next to Ray's checkpoints (local folder or cloud URI)."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
-    path = f"{root.rstrip('/')}/{name}/{RUN_FILE}"
+    starts (a dataset whose content changed under the same path would otherwise fail deep inside a
+    worker with a tensor size mismatch). The first start records them, with the whole config, next
+    to Ray's checkpoints (local folder or cloud URI); returns the record."""
+    dataset = str(cfg.data.dataset)
     now = {"model_config": mcfg.to_dict(), "spec": spec.to_dict(), "dataset": dataset}
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as f:
-            f.write(json.dumps(now, indent=1).encode())
-        return
-    with fs.open_input_stream(path) as f:
-        before = json.loads(f.read())
+    if record is None:
+        record = {**now, "config": training_fields(cfg), "steps_history": [cfg.steps]}
+        folder.write_json(RUN_FILE, record)
+        return record
+    if "config" not in record:  # recorded before the config was: adopt this one from now on
+        record.update(config=training_fields(cfg), steps_history=[cfg.steps])
+        folder.write_json(RUN_FILE, record)
+    before = record
     changed = [k for k in ("model_config", "spec") if json.dumps(before[k], sort_keys=True) != json.dumps(now[k], sort_keys=True)]
     if changed:
         what = " and ".join({"model_config": "architecture", "spec": "conditions/vocabularies"}[k] for k in changed)
         raise ValueError(f"run.name={name!r} already holds checkpoints of another model ({what} differ; it was "
                          f"started on dataset {before['dataset']}, this is {dataset}): choose a new run.name, or "
-                         f"delete {storage}/{name} to start over")
+                         f"delete {folder.display} to start over")
+    return record
+
+
+def note_steps_raised(folder: RunFolder, name: str, record: dict, steps: int, logger: RunLogger) -> None:
+    """Raising steps continues training (the cosine LR schedule is stretched to the new end). MLflow
+    params are immutable, so the `steps` param keeps the first value; the tag shows every raise."""
+    config = record["config"]
+    old = config["steps"]
+    if steps <= old:
+        return
+    config["steps"] = steps
+    record["steps_history"] = [*record.get("steps_history", [old]), steps]
+    folder.write_json(RUN_FILE, record)
+    history = " -> ".join(str(s) for s in record["steps_history"])
+    print(f"run {name}: steps raised {old} -> {steps}; continuing from the last checkpoint "
+          f"(the learning-rate schedule now ends at step {steps})", flush=True)
+    logger.tags({"medi_dist.steps_raised": history})
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says how to resume (cli prints it and exits 130)."""
+
+    def __init__(self, step: int | None):
+        super().__init__("interrupted; re-run the same command to resume from the last registered checkpoint "
+                         f"(step {step})" if step is not None else
+                         "interrupted before a checkpoint was registered; re-run the same command to start again")
+        self.step = step
+
+
+def fit(trainer: TorchTrainer):
+    """trainer.fit() with Ctrl-C as one exception: Ray Train's own SIGINT handler aborts the run and
+    then raises SystemExit(0) (a Ctrl-C before it is installed is a KeyboardInterrupt). The handler
+    stays installed after fit, where it would swallow a later Ctrl-C: the previous one comes back."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except (KeyboardInterrupt, SystemExit):
+        raise Interrupted(None) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def already_finished(record: dict, steps: int) -> TrainResult | None:
+    fin = finished_at(record, steps)
+    if fin is None:
+        return None
+    return TrainResult(Path(fin["model_dir"]), {"step": fin["step"], "final": True}, record.get("mlflow_run_id", ""),
+                       0, finished_before=True)
+
+
+def storage_path(cfg: TrainConfig) -> str:
+    storage = cfg.run.storage_path
+    return storage if "://" in storage else str(Path(storage).resolve())
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    check_job_paths({"data.dataset": cfg.data.dataset, "run.storage_path": cfg.run.storage_path,
+                     "run.output": cfg.run.output}, {"run.tracking_uri": cfg.run.tracking_uri})
+    storage = storage_path(cfg)
+    folder = RunFolder(storage, cfg.run.name)
+    record = folder.read_json(RUN_FILE)
+    if record is not None:  # a re-run: same training, and nothing to do once finished
+        check_same_training(folder, cfg.run.name, record, cfg)
+        done = already_finished(record, cfg.steps)
+        if done:
+            return done
     verify_shards(cfg.data.dataset, cfg.data.splits)  # a wrong path fails before Ray starts
     mcfg = model_config(cfg)
     if ensure_ray():  # a fixed local cluster: check CPUs and GPUs (an autoscaler would add nodes)
@@ -87,16 +154,19 @@ def train(cfg: TrainConfig) -> TrainResult:
                          StreamConfig(resolution=mcfg.sample_size, balance=cfg.data.balance, seed=cfg.seed,
                                       max_bad_fraction=cfg.data.max_bad_fraction, num_cpus=cfg.data.cpus_per_decode))
     spec = stream.spec.subset(cfg.model.conditions, cfg.model.continuous)
-    storage = cfg.run.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-    check_resume(storage, cfg.run.name, mcfg, spec, str(cfg.data.dataset))
+    record = check_resume(folder, cfg.run.name, record, mcfg, spec, cfg)
     uri = tracking_uri(cfg.run.tracking_uri)
     # One MLflow run per Ray run (storage path + name): re-running resumes both together.
     run_id = find_or_create_run(uri, cfg.run.name, cfg.run.experiment, tags={"medi_dist.kind": "train"},
                                 key=f"{storage}/{cfg.run.name}")
     logger = RunLogger(uri, run_id)
     logger.params({**asdict(cfg), "model_config": mcfg.to_dict()})
+    logger.status("RUNNING")  # again, after an interrupted (KILLED) start
+    if record.get("mlflow_run_id") != run_id:
+        record["mlflow_run_id"] = run_id
+        folder.write_json(RUN_FILE, record)
+    note_steps_raised(folder, cfg.run.name, record, cfg.steps, logger)
+    remove_unregistered(folder)
     index = pd.read_parquet(Path(cfg.data.dataset) / "index.parquet")
     train_rows = index[index["split"].isin(cfg.data.splits)]
     pairs = sorted(set(zip(train_rows["cancer_type"], train_rows["tissue_source_site"])))
@@ -112,7 +182,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )
-    result = trainer.fit()
+    try:
+        result = fit(trainer)
+    except Interrupted:
+        logger.finish("KILLED")
+        raise Interrupted(registered_step(folder)) from None
     metrics = dict(result.metrics or {})
     skipped = stream.skipped()["skipped"]
     logger.metrics({"skipped_tiles": skipped}, metrics.get("step", 0))
@@ -128,5 +202,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             tmp.rename(out)
         logger.tags({"medi_dist.model_dir": str(out.resolve())})
         logger.finish()
+        # a re-run with steps <= this step returns at once instead of restarting Ray Train
+        record["finished"] = {"step": metrics["step"], "model_dir": str(out.resolve())}
+        folder.write_json(RUN_FILE, record)
     return TrainResult(out, metrics, run_id, skipped)
 

@@ -179,10 +179,13 @@ def _trials_table(grid, n_seeds: int) -> pd.DataFrame:
 def run_study(cfg: StudyConfig) -> StudyResult:
     import ray
 
-    from ..ray_setup import ensure_ray
+    from ..ray_setup import check_job_paths, ensure_ray
     from ..tracking import RunLogger, find_or_create_run, tracking_uri
     from .report import finish_trials, log_test, prepare
 
+    check_job_paths({"real": cfg.real, "storage_path": cfg.storage_path, "cache_dir": cfg.cache_dir,
+                     **{f"space.pools[{i}]": p for i, p in enumerate(cfg.space.pools)}},
+                    {"tracking_uri": cfg.tracking_uri})
     encoder = check_study(cfg)
     uri = tracking_uri(cfg.tracking_uri)
     path = Path(_abs(cfg.storage_path)) / cfg.name
