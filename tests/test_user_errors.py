@@ -1,0 +1,74 @@
+"""What a newcomer typed wrong, and the one line medi-dist answers with: list fields given one value,
+1e3 for an int, malformed or absurd generation plans, broken model directories, garbage encoder
+weights, a CUDA device on a machine without one, a missing synthetic pool, and split shares that
+cannot be met. Everything runs in-process on small generated inputs; no Ray cluster is started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medi_dist import cli
+from medi_dist.config import ConfigError, load_config
+from medi_dist.train.config import TrainConfig
+from medi_dist.tune.study import StudyConfig
+
+TYPE, SITE = "cancer_type", "tissue_source_site"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    rc = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line(capsys, *args: str) -> str:
+    rc, _, err = _main(capsys, *args)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---- 1. config overrides -------------------------------------------------------------------------
+
+def test_list_fields_take_one_value_and_ints_take_exponents(tmp_path):
+    study = load_config(StudyConfig, REPO / "jobs" / "tune_small.yaml", ["space.ratio=1", "space.pools=data/syn"])
+    assert study.space.ratio == [1.0] and study.space.pools == ["data/syn"]  # not ['d', 'a', 't', ...]
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("steps: 1e3\ndata:\n  splits: train\nmodel:\n  conditions: cancer_type\n")
+    train = load_config(TrainConfig, cfg, ["run.checkpoint_every=2e2"])
+    assert (train.steps, train.run.checkpoint_every) == (1000, 200)  # YAML 1.1 reads 1e3 as text
+    assert train.data.splits == ["train"] and train.model.conditions == ["cancer_type"]
+    with pytest.raises(ConfigError, match=r"override 'steps=1\.5': expected int, got 1\.5"):
+        load_config(TrainConfig, cfg, ["steps=1.5"])
+    with pytest.raises(ConfigError, match=r"override 'steps=1\.5e0': expected int"):
+        load_config(TrainConfig, cfg, ["steps=1.5e0"])
+
+
+def test_errors_name_the_override_or_the_file_and_every_unknown_field(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("steps: 10\nrun:\n  num_workers: 1\n")
+    with pytest.raises(ConfigError, match=r"^override 'steps=-1': steps must be positive, got -1$"):
+        load_config(TrainConfig, cfg, ["steps=-1"])
+    with pytest.raises(ConfigError, match=r"^override 'run\.num_workers=0': must be positive"):
+        load_config(TrainConfig, cfg, ["run.num_workers=0"])
+    cfg.write_text("steps: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}: steps must be positive"):  # the file's own value
+        load_config(TrainConfig, cfg, ["run.num_workers=2"])
+    cfg.write_text("stepz: 10\nrun:\n  nmae: x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, cfg, ["optim.lrr=1"])
+    msg = str(e.value)
+    assert f"{cfg}: unknown field(s) ['stepz']" in msg and f"{cfg}.run: unknown field(s) ['nmae']" in msg
+    assert "override 'optim.lrr=1': unknown field(s) ['lrr']" in msg
