@@ -12,6 +12,9 @@ import torch
 
 from medi_dist import cli
 from medi_dist.config import ConfigError, load_config
+from medi_dist.generate.plan import MAX_TILES, GenerationPlan, PlanError, resolve, training_data
+from medi_dist.metadata import ConditioningSpec
+from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
 from medi_dist.train.config import TrainConfig
 from medi_dist.tune.study import StudyConfig
 
@@ -38,6 +41,17 @@ def _one_line(capsys, *args: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model(proc_dataset, tmp_path_factory) -> Path:
+    """An untrained tiny model recording the shared procedural dataset (plans and plumbing only)."""
+    spec = ConditioningSpec.load(proc_dataset / "vocab.json").subset([TYPE, SITE], [])
+    torch.manual_seed(0)
+    net = ConditionedUNet(ModelConfig.from_preset("tiny"), spec)
+    path = tmp_path_factory.mktemp("models") / "model"
+    save_model_dir(path, net, EMA(net), extra_info={"name": "rand", "dataset": str(proc_dataset)})
+    return path
 
 
 # ---- 1. config overrides -------------------------------------------------------------------------
@@ -72,3 +86,25 @@ def test_errors_name_the_override_or_the_file_and_every_unknown_field(tmp_path):
     msg = str(e.value)
     assert f"{cfg}: unknown field(s) ['stepz']" in msg and f"{cfg}.run: unknown field(s) ['nmae']" in msg
     assert "override 'optim.lrr=1': unknown field(s) ['lrr']" in msg
+
+
+# ---- 2. generation plans -------------------------------------------------------------------------
+
+def test_plans_malformed_with_stray_rows_or_absurd_counts_are_refused(model, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("seed: 1\nmode: [unclosed\n")
+    out = tmp_path / "out"
+    gen = ("generate", "--model", str(model), "--plan", str(plan), "--out", str(out), "--dry-run")
+    line = _one_line(capsys, *gen)
+    assert f"plan file {plan} is not valid YAML" in line and "line 3, column 1" in line
+    spec, train = ConditioningSpec.load(model / "conditioning.json"), training_data(model)
+    t, s = train.types[0], train.sites[0]
+    for mode in ("unseen-pairs", "balance"):
+        with pytest.raises(PlanError, match=f"rows are for mode explicit; mode {mode}"):
+            resolve(GenerationPlan(mode=mode, rows=[{TYPE: t, SITE: s, "count": 1}]), spec, train)
+    plan.write_text("mode: unseen-pairs\ncount: 1e11\n")  # a float (or exponent text) from YAML
+    line = _one_line(capsys, *gen)  # refused at once, before any per-tile task is built
+    assert f"more than {MAX_TILES:,} per plan" in line and "split the plan" in line
+    with pytest.raises(PlanError, match="more than"):
+        resolve(GenerationPlan(rows=[{TYPE: t, SITE: s, "count": float(MAX_TILES + 1)}]), spec, train)
+    assert not out.exists()
