@@ -5,6 +5,7 @@ cannot be met. Everything runs in-process on small generated inputs; no Ray clus
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,35 @@ def test_plans_malformed_with_stray_rows_or_absurd_counts_are_refused(model, tmp
     with pytest.raises(PlanError, match="more than"):
         resolve(GenerationPlan(rows=[{TYPE: t, SITE: s, "count": float(MAX_TILES + 1)}]), spec, train)
     assert not out.exists()
+
+
+# ---- 3. broken model directories -----------------------------------------------------------------
+
+def test_broken_model_directory_is_refused_before_ray_and_out(model, tmp_path, capsys):
+    def broken(name: str, damage) -> Path:
+        d = tmp_path / name
+        shutil.copytree(model, d)
+        damage(d)
+        return d
+
+    no_ema = broken("no-ema", lambda d: (d / "ema.safetensors").unlink())
+    truncated = broken("truncated", lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:1000]))
+    inc = broken("inc", lambda d: (d / "conditioning.json").unlink())
+    ckpt = tmp_path / "checkpoint_000001"
+    ckpt.mkdir()
+    for f in ("model.safetensors", "ema.safetensors", "trainer_state.pt", "state.json", "checksums.json"):
+        (ckpt / f).write_text("x")
+    cases = [(no_ema, [], "is not a complete model directory (ema.safetensors missing); pass the model directory "
+                         "written by medi-dist train (<storage>/<run>/model)"),
+             (truncated, ["--weights", "raw"], "checksum mismatch for"),
+             (inc, [], "is not a complete model directory (conditioning.json missing)"),
+             (ckpt, [], "is a training checkpoint, not a model directory; pass the model directory written by "
+                        "medi-dist train")]
+    for d, extra, needle in cases:
+        for dry in (["--dry-run"], []):
+            out = tmp_path / f"out-{d.name}"
+            line = _one_line(capsys, "generate", "--model", str(d), "--mode", "unseen-pairs", "--count", "1",
+                             "--out", str(out), *extra, *dry)
+            assert needle in line and str(d) in line, line
+            assert not out.exists()  # not even generation.json
