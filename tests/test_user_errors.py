@@ -13,6 +13,7 @@ import torch
 
 from medi_dist import cli
 from medi_dist.config import ConfigError, load_config
+from medi_dist.evaluate import encoders as E
 from medi_dist.generate.plan import MAX_TILES, GenerationPlan, PlanError, resolve, training_data
 from medi_dist.metadata import ConditioningSpec
 from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
@@ -141,3 +142,37 @@ def test_broken_model_directory_is_refused_before_ray_and_out(model, tmp_path, c
                              "--out", str(out), *extra, *dry)
             assert needle in line and str(d) in line, line
             assert not out.exists()  # not even generation.json
+
+
+# ---- 4./5. encoders: garbage weights, bad specs, absent devices --------------------------------
+
+def test_garbage_encoder_weights_are_refused_without_unpickling(tmp_path, capsys):
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not a checkpoint at all\n" * 40)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"w": torch.zeros(2), "extra": Path("x")}, pickled)  # a pickle of more than tensors
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"\x00" * 64)
+    for spec in (f"openclip:ViT-B-16:{garbage}", f"inception:{garbage}", f"uni:{pickled}",
+                 f"timm:vit_tiny_patch16_224:{garbage}", f"inception:{fake}", f"openclip:ViT-B-16:{fake}"):
+        path = spec.rpartition(":")[2]
+        with pytest.raises(ValueError, match=rf"^{path} is not a plain tensor state dict/safetensors file "
+                                              r"\(refused without unpickling: [^\n]+\)") as e:
+            E.get_encoder(spec)
+        assert "weights_only=False" not in str(e.value) and "weights_only` set to `False" not in str(e.value)
+    with pytest.raises(ValueError, match=r"GLOBAL pathlib"):  # the cause names what the pickle wanted
+        E.get_encoder(f"uni:{pickled}")
+    with pytest.raises(ValueError, match=r"encoder spec 'random-conv:abc': expected random-conv\[:DIM\[:SEED\]\]"):
+        E.get_encoder("random-conv:abc")
+    rc, _, err = _main(capsys, "evaluate", "fidelity", "--real", str(tmp_path), "--synthetic", str(tmp_path),
+                       "--encoder", f"inception:{garbage}", "--no-mlflow")
+    assert rc == 2 and "Traceback" not in err and "refused without unpickling" in err and len(err.splitlines()) == 1
+
+
+def test_cuda_device_without_cuda_is_one_line(proc_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    line = _one_line(capsys, "evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(proc_dataset),
+                     "--device", "cuda", "--no-mlflow")
+    assert "--device cuda: CUDA is not available on this machine" in line and "use --device cpu" in line
+    assert "is not a device" in _one_line(capsys, "evaluate", "fidelity", "--real", str(proc_dataset),
+                                          "--synthetic", str(proc_dataset), "--device", "gpu", "--no-mlflow")

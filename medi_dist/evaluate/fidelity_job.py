@@ -126,7 +126,7 @@ def _finite(d: dict) -> dict:
 
 
 def evaluate_fidelity(cfg: FidelityConfig) -> dict:
-    enc = get_encoder(cfg.encoder, device=cfg.device)  # built first: a bad spec fails before any reading
+    enc = get_encoder(cfg.encoder, device=cfg.device)  # built first: a bad spec or device fails before any reading
     foreign = foreign_values(read_index(cfg.real), read_index(cfg.synthetic))  # before any pixel
     if foreign:
         raise ValueError(f"{cfg.synthetic} has values that {cfg.real} never has: "
