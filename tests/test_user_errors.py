@@ -5,6 +5,7 @@ cannot be met. Everything runs in-process on small generated inputs; no Ray clus
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,10 @@ import torch
 
 from medi_dist import cli
 from medi_dist.config import ConfigError, load_config
+from medi_dist.data import sources
+from medi_dist.data.ingest import ingest
+from medi_dist.data.procedural import ProceduralConfig
+from medi_dist.data.split import SplitConfig
 from medi_dist.evaluate import encoders as E
 from medi_dist.generate.plan import MAX_TILES, GenerationPlan, PlanError, resolve, training_data
 from medi_dist.metadata import ConditioningSpec
@@ -176,3 +181,37 @@ def test_cuda_device_without_cuda_is_one_line(proc_dataset, tmp_path, capsys, mo
     assert "--device cuda: CUDA is not available on this machine" in line and "use --device cpu" in line
     assert "is not a device" in _one_line(capsys, "evaluate", "fidelity", "--real", str(proc_dataset),
                                           "--synthetic", str(proc_dataset), "--device", "gpu", "--no-mlflow")
+
+
+# ---- 6. a missing synthetic pool -----------------------------------------------------------------
+
+def test_missing_or_empty_pool_points_at_generate(proc_dataset, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for pool, state in ((tmp_path / "nope", "does not exist"), (empty, "is empty")):
+        line = _one_line(capsys, "evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(pool),
+                         "--no-mlflow")
+        assert f"{pool} {state}" in line and "`medi-dist generate --out` (a synthetic pool)" in line
+        assert "`medi-dist ingest` (real tiles)" in line
+    (empty / "generation.json").write_text("{}")  # generate was interrupted before its dataset.json
+    assert "run the same generate command again" in _one_line(
+        capsys, "evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(empty), "--no-mlflow")
+
+
+# ---- 7. split shares that cannot be met ----------------------------------------------------------
+
+def test_split_shares_far_from_the_request_are_reported(tmp_path, capsys):
+    rc, out, err = _main(capsys, "ingest", "--source", "procedural", "--tiles", "300", "--size", "32",
+                         "--val-fraction", "0.2", "--out", str(tmp_path / "few"))
+    assert rc == 0, err
+    split = json.loads((tmp_path / "few" / "split.json").read_text())
+    assert split["requested_shares"] == {"train": 0.5, "holdout": 0.3, "val": 0.2}
+    assert abs(split["achieved_shares"]["val"] - 0.2) > 0.1  # 3 sites per type, 3 sides: one site each
+    note = split["share_note"]
+    assert "val 44% (requested 20%)" in note and "3 sites per type for 3 sides" in note
+    assert [ln for ln in out.splitlines() if ln.startswith("warning: split tile shares")] == [f"warning: {note}"]
+    # Many sites per type: the shares are met and nothing is said.
+    scan = sources.procedural(ProceduralConfig(n_types=2, n_sites=24, n_tiles=400, size=16, seed=0))
+    ingest(scan, tmp_path / "many", SplitConfig(0.3, 0.0, 0), shard_mb=0.05)
+    split = json.loads((tmp_path / "many" / "split.json").read_text())
+    assert split["share_note"] is None and abs(split["achieved_shares"]["holdout"] - 0.3) <= 0.1
