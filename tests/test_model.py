@@ -198,7 +198,7 @@ def test_corrupted_weights_refused(spec, tmp_path):
         load_model_dir(d, weights="raw")
     load_model_dir(d, weights="ema")  # the untouched file still loads
     (d / "ema.safetensors").unlink()
-    with pytest.raises(ModelDirError, match=r"ema\.safetensors is missing"):
+    with pytest.raises(ModelDirError, match=r"not a complete model directory \(ema\.safetensors missing\)"):
         load_model_dir(d, weights="ema")
 
 

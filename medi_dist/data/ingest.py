@@ -144,6 +144,8 @@ def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | Non
         # Report what was actually written (skips can empty a group).
         written = index.groupby(["cancer_type", "tissue_source_site"]).size().to_dict()
         report = split_report(written, assign, split)
+        if report["share_note"]:
+            log.info("%s: %s", scan.name, report["share_note"])  # the CLI prints it once, with the stats
         atomic_write_text(tmp / SPLIT, json.dumps(report, indent=2))
         manifest = {
             "format": "medi-dist-dataset/1",

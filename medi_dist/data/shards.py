@@ -205,12 +205,27 @@ def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def not_a_dataset(dataset_dir: str | Path, missing: str = MANIFEST) -> FileNotFoundError:
+    """The one message for a folder that is not (yet) a dataset: real datasets come from ingest,
+    synthetic pools from generate, and an unfinished generation is finished by running it again."""
+    root = Path(dataset_dir)
+    if (root / "generation.json").is_file():
+        return FileNotFoundError(f"{root} is an unfinished `medi-dist generate` output (no {missing}); run the "
+                                 "same generate command again to finish it")
+    if not root.exists():
+        what = "does not exist"
+    elif root.is_dir() and not any(root.iterdir()):
+        what = "is empty"
+    else:
+        what = f"is not a medi-dist dataset (no {missing})"
+    return FileNotFoundError(f"{root} {what}; create it with `medi-dist ingest` (real tiles) or "
+                             "`medi-dist generate --out` (a synthetic pool)")
+
+
 def load_manifest(dataset_dir: str | Path) -> dict:
     path = Path(dataset_dir) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(
-            f"{dataset_dir} is not a medi-dist dataset (no {MANIFEST}); create one with `medi-dist ingest`"
-        )
+        raise not_a_dataset(dataset_dir)
     return json.loads(path.read_text())
 
 

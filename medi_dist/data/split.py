@@ -71,6 +71,28 @@ def site_split(groups: Counter, cfg: SplitConfig) -> dict[str, str]:
     return assign
 
 
+# Sites are assigned whole, so shares are never exact; past this absolute gap the user is told.
+SHARE_TOLERANCE = 0.1
+
+
+def share_note(groups: Counter, requested: dict[str, float], achieved: dict[str, float]) -> str | None:
+    """One line when an achieved tile share is more than SHARE_TOLERANCE off the requested one, with why."""
+    if all(abs(achieved.get(sp, 0.0) - r) <= SHARE_TOLERANCE for sp, r in requested.items()):
+        return None
+    sites_of: dict[str, set] = defaultdict(set)
+    site_total: Counter = Counter()
+    for (ctype, site), n in groups.items():
+        sites_of[ctype].add(site)
+        site_total[site] += n
+    per_type = sorted(len(v) for v in sites_of.values())
+    few = f"{per_type[0]}" if per_type[0] == per_type[-1] else f"{per_type[0]}-{per_type[-1]}"
+    largest = max(site_total.values()) / (sum(site_total.values()) or 1)
+    shares = ", ".join(f"{sp} {achieved.get(sp, 0.0):.0%} (requested {r:.0%})" for sp, r in requested.items())
+    return (f"split tile shares differ from the requested ones: {shares}; sites are assigned whole and each cancer "
+            f"type keeps a site on every side where it can, with only {few} sites per type for {len(requested)} "
+            f"sides (largest site: {largest:.0%} of the tiles); more sites per type would get closer")
+
+
 def split_report(groups: Counter, assign: dict[str, str], cfg: SplitConfig) -> dict:
     """JSON-ready counts per (type, site, split), sites per split, and types missing from a side."""
     rows = [
@@ -80,12 +102,19 @@ def split_report(groups: Counter, assign: dict[str, str], cfg: SplitConfig) -> d
     splits = sorted(set(assign.values()))
     types = sorted({t for t, _ in groups})
     covered = {sp: {r["cancer_type"] for r in rows if r["split"] == sp} for sp in splits}
+    counts = {sp: sum(r["count"] for r in rows if r["split"] == sp) for sp in splits}
+    total = sum(counts.values()) or 1
+    requested = {sp: round(v, 4) for sp, v in cfg.targets().items()}
+    achieved = {sp: round(counts.get(sp, 0) / total, 4) for sp in requested}
     return {
         "seed": cfg.seed,
         "holdout_fraction": cfg.holdout_fraction,
         "val_fraction": cfg.val_fraction,
         "sites": {sp: sorted(s for s, a in assign.items() if a == sp) for sp in splits},
-        "counts": {sp: sum(r["count"] for r in rows if r["split"] == sp) for sp in splits},
+        "counts": counts,
+        "requested_shares": requested,
+        "achieved_shares": achieved,
+        "share_note": share_note(groups, requested, achieved),  # None when within SHARE_TOLERANCE
         "missing_types": {sp: sorted(set(types) - covered[sp]) for sp in splits if set(types) - covered[sp]},
         "groups": rows,
     }

@@ -33,6 +33,7 @@ def dataset_stats(dataset_dir: str | Path, verify: bool = False) -> dict:
         "sites_per_split": {k: len(v) for k, v in split["sites"].items()},
         "top1_site_share": {k: round(float(v), 3) for k, v in top1.items()},
         "missing_types": split.get("missing_types", {}),
+        "share_note": split.get("share_note"),
         "table": index.pivot_table(index="cancer_type", columns="split", values="key", aggfunc="count", fill_value=0),
     }
 
@@ -48,6 +49,8 @@ def format_stats(s: dict) -> str:
     ]
     if s["missing_types"]:
         lines.append(f"types absent from a split (too few sites): {s['missing_types']}")
+    if s.get("share_note"):
+        lines.append(f"warning: {s['share_note']}")
     lines += format_notes(s)
     lines += ["", "tiles per cancer type and split:", s["table"].to_string()]
     if s.get("verified"):

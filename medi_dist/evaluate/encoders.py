@@ -11,6 +11,8 @@ Virchow or H-optimus exports), ``openclip:<model_name>:<path>``, ``inception:<pa
 
 from __future__ import annotations
 
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,24 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A --device this machine has, checked up front (torch would fail later with a RuntimeError)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (no GPU visible to "
+                             f"torch {torch.__version__}); use --device cpu")
+        if d.index is not None and d.index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return d
 
 
 def _check_tiles(images: np.ndarray) -> np.ndarray:
@@ -43,13 +63,38 @@ def preprocess(images: np.ndarray, size: int, mean, std, mode: str = "bilinear")
     return (x - m) / s
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file; torch files load with weights_only (no unpickling)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _refused(path: Path, e: Exception) -> ValueError:
+    """One line for a file that is not plain tensors. PyTorch's own text advises weights_only=False,
+    which this project never does with a user's file, so only the cause is kept."""
+    text = str(e)
+    m = re.search(r"Unsupported (?:global: GLOBAL [\w.]+|operand \d+)", text)
+    if m:
+        cause = m.group(0)
+    elif "weights_only" in text:
+        cause = type(e).__name__
+    else:
+        cause = f"{type(e).__name__}: {' '.join(text.split())[:160]}"
+    return ValueError(f"{path} is not a plain tensor state dict/safetensors file (refused without unpickling: "
+                      f"{cause}); export the weights with torch.save(model.state_dict()) or as .safetensors")
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+
+def _load_state(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file; torch files load with weights_only (no unpickling).
+    mmap: map the tensors instead of reading them (a format check before another loader reads the file)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            if mmap:
+                with safe_open(str(path), "pt") as f:  # header only
+                    return dict.fromkeys(f.keys())
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except OSError:
+        raise
+    except Exception as e:  # garbage, a pickle of anything but tensors, a truncated file
+        raise _refused(path, e) from None
     for key in ("state_dict", "model"):  # training checkpoints often nest the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -75,6 +120,16 @@ def _load_weights(model: nn.Module, state: dict, path: Path, what: str) -> None:
     model.load_state_dict(state, assign=True)
 
 
+def _mismatch(text: str) -> str:
+    """Counts from torch's load_state_dict error (which lists every key)."""
+    def keys(part: str) -> int:
+        m = re.search(rf"{part} key\(s\) in state_dict:(.*?)(?:\n\t|$)", text, re.S)
+        return len(re.findall(r'"[^"]+"', m.group(1))) if m else 0
+
+    return (f"{keys('Missing')} missing, {keys('Unexpected')} unexpected, "
+            f"{text.count('size mismatch for')} of another shape")
+
+
 def _need_file(path: str | Path | None, what: str, hint: str) -> Path:
     if not path:
         raise FileNotFoundError(f"{what} needs a local weights file; {hint}")
@@ -96,7 +151,7 @@ class Encoder:
     interpolation = "bilinear"
 
     def __init__(self, device: str = "cpu", batch_size: int = 64):
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.batch_size = batch_size
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +215,14 @@ class OpenClipEncoder(Encoder):
 
         if model_name not in open_clip.list_models():
             raise ValueError(f"unknown open_clip model {model_name!r}; known: {', '.join(open_clip.list_models())}")
-        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(path), device=self.device)
+        _load_state(path, mmap=True)  # open_clip's own load error advises unpickling; check the format first
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(path), device=self.device)
+        except RuntimeError as e:  # a file for another architecture: one line, not a dump of every key
+            if "Error(s) in loading state_dict" not in str(e):
+                raise
+            raise ValueError(f"{path} does not hold open_clip {model_name!r} weights: {_mismatch(str(e))}; "
+                             "check the file and the encoder spec") from None
         self.model = model.visual.eval()
         cfg = getattr(self.model, "preprocess_cfg", {})
         size = cfg.get("size", getattr(self.model, "image_size", 224))
@@ -254,9 +316,13 @@ class TimmEncoder(Encoder):
 
 def get_encoder(spec: str, device: str = "cpu") -> Encoder:
     """Build an encoder from a spec string (see the module docstring)."""
+    check_device(device)  # before any weights file is read
     kind, _, rest = spec.partition(":")
     if kind == "random-conv":
         parts = [p for p in rest.split(":") if p]
+        if len(parts) > 2 or not all(p.isdigit() for p in parts) or (parts and int(parts[0]) < 1):
+            raise ValueError(f"encoder spec {spec!r}: expected random-conv[:DIM[:SEED]] with whole numbers, "
+                             "DIM >= 1 (e.g. random-conv:64:0)")
         return RandomConvEncoder(dim=int(parts[0]) if parts else 64, seed=int(parts[1]) if len(parts) > 1 else 0,
                                  device=device)
     if kind == "openclip":

@@ -130,7 +130,7 @@ def evaluate_fidelity(cfg: FidelityConfig) -> dict:
 
     check_job_paths({"--real": cfg.real, "--synthetic": cfg.synthetic, "--out": cfg.out},
                     {"--tracking-uri": cfg.tracking_uri} if cfg.log_mlflow else None)
-    enc = get_encoder(cfg.encoder, device=cfg.device)  # built first: a bad spec fails before any reading
+    enc = get_encoder(cfg.encoder, device=cfg.device)  # built first: a bad spec or device fails before any reading
     foreign = foreign_values(read_index(cfg.real), read_index(cfg.synthetic))  # before any pixel
     if foreign:
         raise ValueError(f"{cfg.synthetic} has values that {cfg.real} never has: "

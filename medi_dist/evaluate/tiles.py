@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..data.shards import INDEX, load_manifest, verify_shards
+from ..data.shards import INDEX, load_manifest, not_a_dataset, verify_shards
 
 IMAGE_SUFFIXES = ("jpg", "png")
 
@@ -61,7 +61,7 @@ def read_index(dataset_dir: str | Path, splits: Iterable[str] | None = None) -> 
     load_manifest(root)  # clear error if this is not a dataset directory
     path = root / INDEX
     if not path.is_file():
-        raise FileNotFoundError(f"{root} has no {INDEX}; create the dataset with `medi-dist ingest` or `generate`")
+        raise not_a_dataset(root, INDEX)
     idx = pd.read_parquet(path)
     if splits is not None:
         idx = idx[idx["split"].isin(list(splits))]

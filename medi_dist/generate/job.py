@@ -23,7 +23,7 @@ import pandas as pd
 from ..data.shards import INDEX, MANIFEST, SPLIT as SPLIT_FILE, VOCAB, atomic_write_parquet, atomic_write_text, file_sha256
 from ..metadata import ConditioningSpec
 from ..model.config import ModelConfig
-from ..model.model_dir import WEIGHT_FILES, read_model_info
+from ..model.model_dir import WEIGHT_FILES, read_model_info, verify_model_dir
 from ..model.sampling import SAMPLERS
 from .plan import GenerationPlan, PlanError, PlanRow, resolve, training_data
 from .tiles import plan_id, plan_tiles, shard_partition
@@ -81,8 +81,9 @@ def _settings_check(cfg: GenerateConfig, info: dict) -> str:
 def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, ConditioningSpec]:
     """Validate everything and return the shard tasks (no sampling, no Ray)."""
     info = read_model_info(cfg.model)
-    spec = ConditioningSpec.load(Path(cfg.model) / "conditioning.json")
     weights = _settings_check(cfg, info)
+    verify_model_dir(cfg.model, WEIGHT_FILES[weights])  # what each actor's loader checks, before Ray or --out
+    spec = ConditioningSpec.load(Path(cfg.model) / "conditioning.json")
     train = training_data(cfg.model, cfg.dataset)
     rows = resolve(cfg.plan, spec, train)
     s = cfg.sampling

@@ -22,12 +22,16 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from ..config import yaml_problem
 from ..metadata import UNKNOWN, ConditioningSpec, UnknownValueError, clean_category
 from ..model.model_dir import read_model_info
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
 MODES = ("explicit", "unseen-pairs", "balance")
 NUMERIC = {"count", "target", "seed", "include_unseen"}  # plan fields that are not condition values
+# Every planned tile becomes a task entry in the driver's memory (~2 KB each) before sampling starts,
+# so an absurd count (1e11 by a slip) must be refused before the tile list is built.
+MAX_TILES = 50_000_000
 
 
 class PlanError(ValueError):
@@ -61,7 +65,10 @@ class GenerationPlan:
             raise FileNotFoundError(f"plan file {p} does not exist")
         # Read as text: TCGA site codes such as 05 or 44 must stay strings (YAML would read 05 as the
         # number 5); only the numeric fields are parsed, as on the command line.
-        data = yaml.load(p.read_text(), Loader=yaml.BaseLoader) or {}
+        try:
+            data = yaml.load(p.read_text(), Loader=yaml.BaseLoader) or {}
+        except yaml.YAMLError as e:
+            raise PlanError(f"plan file {p} is not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise PlanError(f"plan file {p} must hold a mapping (mode, rows | types/sites/count, seed)")
         numeric = lambda d: {k: yaml.safe_load(v) if k in NUMERIC and isinstance(v, str) else v for k, v in d.items()}  # noqa: E731
@@ -118,6 +125,11 @@ def training_data(model_dir: str | Path, dataset: str | Path | None = None) -> T
 
 
 def _count(value: Any, where: str) -> int:
+    if isinstance(value, str):  # YAML 1.1 reads 1e3 (no dot) as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
         raise PlanError(f"{where}: count must be a whole number, got {value!r}")
     if value < 0:
@@ -182,6 +194,9 @@ def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -
     if plan.mode != "explicit" and not by_site:
         raise PlanError(f"{plan.mode} plans need a model conditioned on {SITE}; this one is conditioned on "
                         f"{spec.categorical_names}: use explicit rows (cancer_type, count)")
+    if plan.mode != "explicit" and plan.rows:
+        raise PlanError(f"rows are for mode explicit; mode {plan.mode} takes types, sites and "
+                        f"{'count' if plan.mode == 'unseen-pairs' else 'target'}: drop the rows or use mode explicit")
     if plan.mode == "balance" and not train.counts_known:
         raise PlanError(f"balance needs the training tile counts, but the training dataset is not readable "
                         f"(pairs from {train.source}); pass --dataset DIR")
@@ -230,8 +245,12 @@ def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -
                 for j, extra in enumerate(extras):  # balance: the top-up is shared by the extra values
                     _check_complete(spec, {**extra, TYPE: t, SITE: s}, plan.mode)
                     rows.append(PlanRow({**extra, TYPE: t, SITE: s}, c // k + (j < c % k), seen, real))
-    if sum(r.count for r in rows) == 0:
+    total = sum(r.count for r in rows)
+    if total == 0:
         raise PlanError(f"the plan asks for no tiles ({len(rows)} rows, all with count 0)")
+    if total > MAX_TILES:
+        raise PlanError(f"the plan asks for {total:,} tiles, more than {MAX_TILES:,} per plan; check the counts, "
+                        "or split the plan (e.g. by types or sites) into runs with separate --out folders")
     return rows
 
 

@@ -33,6 +33,7 @@ from .unet import ConditionedUNet, unwrap
 FORMAT = "medi-dist-model"
 FORMAT_VERSION = 1
 WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors"}
+MODEL_DIR_HINT = "pass the model directory written by medi-dist train (<storage>/<run>/model)"
 
 
 class ModelDirError(ValueError):
@@ -116,8 +117,15 @@ def read_model_info(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     f = path / "config.json"
     if not f.is_file():
-        raise ModelDirError(f"{path} is not a model directory: {f.name} is missing")
-    info = json.loads(f.read_text())
+        if (path / "trainer_state.pt").exists() or (path / "state.json").exists():
+            raise ModelDirError(f"{path} is a training checkpoint, not a model directory; {MODEL_DIR_HINT}")
+        if not path.is_dir():
+            raise ModelDirError(f"model directory {path} does not exist; {MODEL_DIR_HINT}")
+        raise _incomplete(path, f.name)
+    try:
+        info = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{f} is not valid JSON ({e}); {MODEL_DIR_HINT}") from None
     if info.get("format") != FORMAT or info.get("format_version", 0) > FORMAT_VERSION:
         raise ModelDirError(
             f"{f}: unsupported format {info.get('format')!r} version {info.get('format_version')!r} "
@@ -126,21 +134,32 @@ def read_model_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
+def _incomplete(path: Path, name: str) -> ModelDirError:
+    return ModelDirError(f"{path} is not a complete model directory ({name} missing); {MODEL_DIR_HINT}")
+
+
 def verify_checksums(path: str | Path, files: list[str]) -> None:
     path = Path(path)
     sums_file = path / "checksums.json"
     if not sums_file.is_file():
-        raise ModelDirError(f"{sums_file} is missing; refusing to load unverified weights")
+        raise ModelDirError(f"{sums_file} is missing; refusing to load unverified weights; {MODEL_DIR_HINT}")
     sums = json.loads(sums_file.read_text())
     for name in files:
         f = path / name
         if not f.is_file():
-            raise ModelDirError(f"{f} is missing from the model directory")
+            raise _incomplete(path, name)
         if name not in sums:
             raise ModelDirError(f"{sums_file} has no checksum for {name}")
         got = sha256_file(f)
         if got != sums[name]:
-            raise ModelDirError(f"checksum mismatch for {f}: expected sha256 {sums[name][:16]}..., got {got[:16]}... (file corrupted or modified)")
+            raise ModelDirError(f"checksum mismatch for {f}: expected sha256 {sums[name][:16]}..., got {got[:16]}... "
+                                "(file corrupted or modified); copy the model directory again")
+
+
+def verify_model_dir(path: str | Path, weights_file: str) -> None:
+    """What the loader checks (files present, sha256 as recorded), for a driver to run before it starts
+    workers: a broken directory is then one line, not a traceback from inside a Ray actor."""
+    verify_checksums(path, ["config.json", "conditioning.json", weights_file])
 
 
 def load_model_dir(
@@ -157,7 +176,7 @@ def load_model_dir(
     wfile = WEIGHT_FILES[weights]
     if wfile not in info["weights"]:
         raise ModelDirError(f"{path} has no {weights} weights ({wfile}); it has {info['weights']}")
-    verify_checksums(path, ["config.json", "conditioning.json", wfile])
+    verify_model_dir(path, wfile)
     config = ModelConfig.from_dict(info["model"])
     spec = ConditioningSpec.load(path / "conditioning.json")
     # Build on the meta device and adopt the loaded tensors: no throwaway random init of ~415 M params.

@@ -1,0 +1,217 @@
+"""What a newcomer typed wrong, and the one line medi-dist answers with: list fields given one value,
+1e3 for an int, malformed or absurd generation plans, broken model directories, garbage encoder
+weights, a CUDA device on a machine without one, a missing synthetic pool, and split shares that
+cannot be met. Everything runs in-process on small generated inputs; no Ray cluster is started."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from medi_dist import cli
+from medi_dist.config import ConfigError, load_config
+from medi_dist.data import sources
+from medi_dist.data.ingest import ingest
+from medi_dist.data.procedural import ProceduralConfig
+from medi_dist.data.split import SplitConfig
+from medi_dist.evaluate import encoders as E
+from medi_dist.generate.plan import MAX_TILES, GenerationPlan, PlanError, resolve, training_data
+from medi_dist.metadata import ConditioningSpec
+from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
+from medi_dist.train.config import TrainConfig
+from medi_dist.tune.study import StudyConfig
+
+TYPE, SITE = "cancer_type", "tissue_source_site"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    rc = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line(capsys, *args: str) -> str:
+    rc, _, err = _main(capsys, *args)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model(proc_dataset, tmp_path_factory) -> Path:
+    """An untrained tiny model recording the shared procedural dataset (plans and plumbing only)."""
+    spec = ConditioningSpec.load(proc_dataset / "vocab.json").subset([TYPE, SITE], [])
+    torch.manual_seed(0)
+    net = ConditionedUNet(ModelConfig.from_preset("tiny"), spec)
+    path = tmp_path_factory.mktemp("models") / "model"
+    save_model_dir(path, net, EMA(net), extra_info={"name": "rand", "dataset": str(proc_dataset)})
+    return path
+
+
+# ---- 1. config overrides -------------------------------------------------------------------------
+
+def test_list_fields_take_one_value_and_ints_take_exponents(tmp_path):
+    study = load_config(StudyConfig, REPO / "jobs" / "tune_small.yaml", ["space.ratio=1", "space.pools=data/syn"])
+    assert study.space.ratio == [1.0] and study.space.pools == ["data/syn"]  # not ['d', 'a', 't', ...]
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("steps: 1e3\ndata:\n  splits: train\nmodel:\n  conditions: cancer_type\n")
+    train = load_config(TrainConfig, cfg, ["run.checkpoint_every=2e2"])
+    assert (train.steps, train.run.checkpoint_every) == (1000, 200)  # YAML 1.1 reads 1e3 as text
+    assert train.data.splits == ["train"] and train.model.conditions == ["cancer_type"]
+    with pytest.raises(ConfigError, match=r"override 'steps=1\.5': expected int, got 1\.5"):
+        load_config(TrainConfig, cfg, ["steps=1.5"])
+    with pytest.raises(ConfigError, match=r"override 'steps=1\.5e0': expected int"):
+        load_config(TrainConfig, cfg, ["steps=1.5e0"])
+
+
+def test_errors_name_the_override_or_the_file_and_every_unknown_field(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("steps: 10\nrun:\n  num_workers: 1\n")
+    with pytest.raises(ConfigError, match=r"^override 'steps=-1': steps must be positive, got -1$"):
+        load_config(TrainConfig, cfg, ["steps=-1"])
+    with pytest.raises(ConfigError, match=r"^override 'run\.num_workers=0': must be positive"):
+        load_config(TrainConfig, cfg, ["run.num_workers=0"])
+    cfg.write_text("steps: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}: steps must be positive"):  # the file's own value
+        load_config(TrainConfig, cfg, ["run.num_workers=2"])
+    cfg.write_text("stepz: 10\nrun:\n  nmae: x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, cfg, ["optim.lrr=1"])
+    msg = str(e.value)
+    assert f"{cfg}: unknown field(s) ['stepz']" in msg and f"{cfg}.run: unknown field(s) ['nmae']" in msg
+    assert "override 'optim.lrr=1': unknown field(s) ['lrr']" in msg
+
+
+# ---- 2. generation plans -------------------------------------------------------------------------
+
+def test_plans_malformed_with_stray_rows_or_absurd_counts_are_refused(model, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("seed: 1\nmode: [unclosed\n")
+    out = tmp_path / "out"
+    gen = ("generate", "--model", str(model), "--plan", str(plan), "--out", str(out), "--dry-run")
+    line = _one_line(capsys, *gen)
+    assert f"plan file {plan} is not valid YAML" in line and "line 3, column 1" in line
+    spec, train = ConditioningSpec.load(model / "conditioning.json"), training_data(model)
+    t, s = train.types[0], train.sites[0]
+    for mode in ("unseen-pairs", "balance"):
+        with pytest.raises(PlanError, match=f"rows are for mode explicit; mode {mode}"):
+            resolve(GenerationPlan(mode=mode, rows=[{TYPE: t, SITE: s, "count": 1}]), spec, train)
+    plan.write_text("mode: unseen-pairs\ncount: 1e11\n")  # a float (or exponent text) from YAML
+    line = _one_line(capsys, *gen)  # refused at once, before any per-tile task is built
+    assert f"more than {MAX_TILES:,} per plan" in line and "split the plan" in line
+    with pytest.raises(PlanError, match="more than"):
+        resolve(GenerationPlan(rows=[{TYPE: t, SITE: s, "count": float(MAX_TILES + 1)}]), spec, train)
+    assert not out.exists()
+
+
+# ---- 3. broken model directories -----------------------------------------------------------------
+
+def test_broken_model_directory_is_refused_before_ray_and_out(model, tmp_path, capsys):
+    def broken(name: str, damage) -> Path:
+        d = tmp_path / name
+        shutil.copytree(model, d)
+        damage(d)
+        return d
+
+    no_ema = broken("no-ema", lambda d: (d / "ema.safetensors").unlink())
+    truncated = broken("truncated", lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:1000]))
+    inc = broken("inc", lambda d: (d / "conditioning.json").unlink())
+    ckpt = tmp_path / "checkpoint_000001"
+    ckpt.mkdir()
+    for f in ("model.safetensors", "ema.safetensors", "trainer_state.pt", "state.json", "checksums.json"):
+        (ckpt / f).write_text("x")
+    cases = [(no_ema, [], "is not a complete model directory (ema.safetensors missing); pass the model directory "
+                         "written by medi-dist train (<storage>/<run>/model)"),
+             (truncated, ["--weights", "raw"], "checksum mismatch for"),
+             (inc, [], "is not a complete model directory (conditioning.json missing)"),
+             (ckpt, [], "is a training checkpoint, not a model directory; pass the model directory written by "
+                        "medi-dist train")]
+    for d, extra, needle in cases:
+        for dry in (["--dry-run"], []):
+            out = tmp_path / f"out-{d.name}"
+            line = _one_line(capsys, "generate", "--model", str(d), "--mode", "unseen-pairs", "--count", "1",
+                             "--out", str(out), *extra, *dry)
+            assert needle in line and str(d) in line, line
+            assert not out.exists()  # not even generation.json
+
+
+# ---- 4./5. encoders: garbage weights, bad specs, absent devices --------------------------------
+
+def test_garbage_encoder_weights_are_refused_without_unpickling(tmp_path, capsys):
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not a checkpoint at all\n" * 40)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"w": torch.zeros(2), "extra": Path("x")}, pickled)  # a pickle of more than tensors
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"\x00" * 64)
+    for spec in (f"openclip:ViT-B-16:{garbage}", f"inception:{garbage}", f"uni:{pickled}",
+                 f"timm:vit_tiny_patch16_224:{garbage}", f"inception:{fake}", f"openclip:ViT-B-16:{fake}"):
+        path = spec.rpartition(":")[2]
+        with pytest.raises(ValueError, match=rf"^{path} is not a plain tensor state dict/safetensors file "
+                                              r"\(refused without unpickling: [^\n]+\)") as e:
+            E.get_encoder(spec)
+        assert "weights_only=False" not in str(e.value) and "weights_only` set to `False" not in str(e.value)
+    with pytest.raises(ValueError, match=r"GLOBAL pathlib"):  # the cause names what the pickle wanted
+        E.get_encoder(f"uni:{pickled}")
+    with pytest.raises(ValueError, match=r"encoder spec 'random-conv:abc': expected random-conv\[:DIM\[:SEED\]\]"):
+        E.get_encoder("random-conv:abc")
+    rc, _, err = _main(capsys, "evaluate", "fidelity", "--real", str(tmp_path), "--synthetic", str(tmp_path),
+                       "--encoder", f"inception:{garbage}", "--no-mlflow")
+    assert rc == 2 and "Traceback" not in err and "refused without unpickling" in err and len(err.splitlines()) == 1
+
+
+def test_cuda_device_without_cuda_is_one_line(proc_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    line = _one_line(capsys, "evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(proc_dataset),
+                     "--device", "cuda", "--no-mlflow")
+    assert "--device cuda: CUDA is not available on this machine" in line and "use --device cpu" in line
+    assert "is not a device" in _one_line(capsys, "evaluate", "fidelity", "--real", str(proc_dataset),
+                                          "--synthetic", str(proc_dataset), "--device", "gpu", "--no-mlflow")
+
+
+# ---- 6. a missing synthetic pool -----------------------------------------------------------------
+
+def test_missing_or_empty_pool_points_at_generate(proc_dataset, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for pool, state in ((tmp_path / "nope", "does not exist"), (empty, "is empty")):
+        line = _one_line(capsys, "evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(pool),
+                         "--no-mlflow")
+        assert f"{pool} {state}" in line and "`medi-dist generate --out` (a synthetic pool)" in line
+        assert "`medi-dist ingest` (real tiles)" in line
+    (empty / "generation.json").write_text("{}")  # generate was interrupted before its dataset.json
+    assert "run the same generate command again" in _one_line(
+        capsys, "evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(empty), "--no-mlflow")
+
+
+# ---- 7. split shares that cannot be met ----------------------------------------------------------
+
+def test_split_shares_far_from_the_request_are_reported(tmp_path, capsys):
+    rc, out, err = _main(capsys, "ingest", "--source", "procedural", "--tiles", "300", "--size", "32",
+                         "--val-fraction", "0.2", "--out", str(tmp_path / "few"))
+    assert rc == 0, err
+    split = json.loads((tmp_path / "few" / "split.json").read_text())
+    assert split["requested_shares"] == {"train": 0.5, "holdout": 0.3, "val": 0.2}
+    assert abs(split["achieved_shares"]["val"] - 0.2) > 0.1  # 3 sites per type, 3 sides: one site each
+    note = split["share_note"]
+    assert "val 44% (requested 20%)" in note and "3 sites per type for 3 sides" in note
+    assert [ln for ln in out.splitlines() if ln.startswith("warning: split tile shares")] == [f"warning: {note}"]
+    # Many sites per type: the shares are met and nothing is said.
+    scan = sources.procedural(ProceduralConfig(n_types=2, n_sites=24, n_tiles=400, size=16, seed=0))
+    ingest(scan, tmp_path / "many", SplitConfig(0.3, 0.0, 0), shard_mb=0.05)
+    split = json.loads((tmp_path / "many" / "split.json").read_text())
+    assert split["share_note"] is None and abs(split["achieved_shares"]["holdout"] - 0.3) <= 0.1
