@@ -46,6 +46,7 @@ echo "plain: exit $?, $((SECONDS - t0)) s"; grep -E "^plain|Error" "$out/plain.l
 train() {  # name, time limit (s), overrides
   local name=$1 limit=$2 t0=$SECONDS
   shift 2
+  rm -rf /tmp/gpu_check_runs/$name  # a fresh run each time: a re-run on a warm machine must not resume
   timeout "$limit" python3 -m medi_dist train data.dataset=$ds data.balance=none model.preset=$preset \
     model.resolution=$res run.use_gpu=$gpu run.mixed_precision=bf16 steps=100000 run.log_every=5 \
     run.checkpoint_every=100000 run.cpus_per_worker=${CPUS_PER_WORKER:-4} run.threads_per_worker=2 run.name=$name \
