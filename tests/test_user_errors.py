@@ -29,12 +29,7 @@ TYPE, SITE = "cancer_type", "tissue_source_site"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _main(capsys, *args: str) -> tuple[int, str, str]:
