@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_downstream_parser(evs)
     add_tune_parser(sub)
 
-    demo = sub.add_parser("demo", help="the whole MeDi story on the built-in dataset (about 10-11 min on 2 cores)",
+    demo = sub.add_parser("demo", help="the whole MeDi story on the built-in dataset (about 10-12 min on 2 cores)",
                           description="Ingest a procedural H&E dataset with a site<->type confound, train a MeDi and a "
                           "class-only model, generate unseen (type, site) pairs, and compare classifiers on held-out "
                           "sites. Re-running continues from what --out already holds.")

@@ -122,10 +122,13 @@ def _fidelity(args: argparse.Namespace) -> None:
     fd = res["fd"]
     print(f"FD overall {fd['overall']:.3f}, mean over {len(fd['groups'])} subgroups "
           f"{fd['mean_group_fd']:.3f} ({res['encoder']}, {res['resolution']} px)")
-    if fd["skipped"]:
-        reason = next(iter(fd["skipped"].values()))
-        print(f"  {len(fd['skipped'])} subgroups have no per-subgroup FD (e.g. {next(iter(fd['skipped']))}: {reason}; "
-              "lower --min-per-group or generate more tiles)")
+    no_real = [g for g, why in fd["skipped"].items() if why.startswith("0 real")]
+    few = [g for g in fd["skipped"] if g not in no_real]
+    if no_real:
+        print(f"  {len(no_real)} subgroups have no real tiles to compare with (pairs unseen in --real-splits), e.g. {no_real[0]}")
+    if few:
+        print(f"  {len(few)} subgroups have too few tiles for an FD, e.g. {few[0]}: {fd['skipped'][few[0]]}; "
+              "lower --min-per-group or generate more tiles")
     if not ca:
         return
     print(f"conditional accuracy (chance: type {ch['type_accuracy']:.3f}, site {ch['site_accuracy']:.3f}); "
