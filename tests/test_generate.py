@@ -24,7 +24,7 @@ from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
 from medi_dist.generate.command import add_fidelity_parser, add_generate_parser
 from medi_dist.generate.job import GenerateConfig, build_tasks, generate
 from medi_dist.generate.plan import GenerationPlan, PlanError, resolve, training_data
-from medi_dist.generate.tiles import tile_seed
+from medi_dist.generate.tiles import task_tiles, tile_seed
 from medi_dist.generate.writer import SamplingSettings
 from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity, read_tiles
 
@@ -180,7 +180,7 @@ def test_tile_seeds_depend_only_on_plan_seed_row_index(rand_model):
     a, _, _, _ = build_tasks(cfg)
     cfg.tiles_per_shard = 5
     b, _, _, _ = build_tasks(cfg)
-    flat = lambda tasks: [(t["key"], t["seed"]) for task in tasks for t in task["tiles"]]  # noqa: E731
+    flat = lambda tasks: [(t["key"], t["seed"]) for task in tasks for t in task_tiles(task)]  # noqa: E731
     assert len(a) == 1 and len(b) == 10 and flat(a) == flat(b)  # sharding changes nothing about the tiles
 
 
@@ -264,7 +264,7 @@ def test_interrupted_run_resumes_without_duplicate_or_missing_tiles(two_runs, ra
     assert not list((out / "shards" / "train").glob(".*tmp*"))
     index = pd.read_parquet(out / "index.parquet")
     tasks, _, _, _ = build_tasks(_gen(rand_model, out))
-    planned = [t["key"] for task in tasks for t in task["tiles"]]
+    planned = [t["key"] for task in tasks for t in task_tiles(task)]
     assert sorted(index["key"]) == sorted(planned) and not index["key"].duplicated().any()
     verify_shards(out, checksums=True)
     third = generate(_gen(rand_model, out, workers=2))  # nothing left to do: no Ray work at all

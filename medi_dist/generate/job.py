@@ -26,7 +26,7 @@ from ..model.config import ModelConfig
 from ..model.model_dir import WEIGHT_FILES, read_model_info, verify_model_dir
 from ..model.sampling import SAMPLERS
 from .plan import GenerationPlan, PlanError, PlanRow, resolve, training_data
-from .tiles import plan_id, plan_tiles, shard_partition
+from .tiles import plan_id, shard_spans, task_tiles
 from .writer import SPLIT, SamplingSettings, ShardGenerator, read_shard, shard_complete, shard_path
 
 log = logging.getLogger("medi_dist.generate")
@@ -90,15 +90,13 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
     meta = {"synthetic": True, "source": info["model_id"], "sampler": s.sampler, "steps": s.steps,
             "guidance": s.guidance, "weights": weights, "precision": s.precision}
     pid = plan_id(rows, cfg.plan.seed, meta)
-    tiles = plan_tiles(rows, cfg.plan.seed, pid)
-    tasks = []
-    for i, part in enumerate(shard_partition(tiles, cfg.tiles_per_shard)):
-        tasks.append({"shard": i, "path": shard_path(i), "generation": pid, "meta": meta, "tiles": [
-            {"key": t.key, "row": t.row, "index": t.index, "seed": t.seed, "seen": rows[t.row].seen,
-             "conditions": rows[t.row].conditions, "slide_id": f"syn-{pid}-r{t.row:05d}"} for t in part]})
+    # Tasks carry spans of plan rows, not per-tile records; tiles are expanded where they are made.
+    tasks = [{"shard": i, "path": shard_path(i), "generation": pid, "meta": meta, "plan_seed": cfg.plan.seed,
+              "spans": spans, "rows": {str(r): {"conditions": rows[r].conditions, "seen": rows[r].seen} for r, _, _ in spans}}
+             for i, spans in enumerate(shard_spans([r.count for r in rows], cfg.tiles_per_shard))]
     header = {"format": "medi-dist-generation/1", "generation": pid, "model": str(Path(cfg.model).resolve()),
               "model_id": info["model_id"], "plan": asdict(cfg.plan), "sampling": asdict(s), **meta,
-              "tiles_per_shard": cfg.tiles_per_shard, "tiles": len(tiles), "shards": len(tasks),
+              "tiles_per_shard": cfg.tiles_per_shard, "tiles": sum(r.count for r in rows), "shards": len(tasks),
               "training_pairs_from": train.source,
               "rows": [asdict(r) for r in rows]}
     return tasks, rows, header, spec
@@ -162,7 +160,7 @@ def _finalize(out: Path, tasks: list[dict], header: dict, spec: ConditioningSpec
     for t in tasks:
         p = out / t["path"]
         rows += read_shard(p, t, decode=False)  # decoded when written or when found on resume
-        shards.append({"path": t["path"], "split": SPLIT, "tiles": len(t["tiles"]), "bytes": p.stat().st_size,
+        shards.append({"path": t["path"], "split": SPLIT, "tiles": len(task_tiles(t)), "bytes": p.stat().st_size,
                        "sha256": file_sha256(p)})
     index = pd.DataFrame(rows)
     spec.save(out / VOCAB)  # the model's vocabularies, never rebuilt from the tiles

@@ -29,8 +29,8 @@ from ..model.model_dir import read_model_info
 TYPE, SITE = "cancer_type", "tissue_source_site"
 MODES = ("explicit", "unseen-pairs", "balance")
 NUMERIC = {"count", "target", "seed", "include_unseen"}  # plan fields that are not condition values
-# Every planned tile becomes a task entry in the driver's memory (~2 KB each) before sampling starts,
-# so an absurd count (1e11 by a slip) must be refused before the tile list is built.
+# Shard tasks hold spans, so planning is cheap at any size; a count like 1e11 is a slip (years of
+# sampling, ~4 x 10^8 shards), refused before any work.
 MAX_TILES = 50_000_000
 
 

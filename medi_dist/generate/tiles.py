@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from .plan import PlanError, PlanRow
 
@@ -25,22 +25,30 @@ def plan_id(rows: list[PlanRow], plan_seed: int, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
-class Tile:
-    key: str
-    row: int
-    index: int
-    seed: int
-
-
-def plan_tiles(rows: list[PlanRow], plan_seed: int, pid: str) -> list[Tile]:
-    """Every planned tile in plan order; keys sort in that order and carry the plan id."""
-    return [Tile(f"syn-{pid}-r{i:05d}-{j:06d}", i, j, tile_seed(plan_seed, i, j))
-            for i, r in enumerate(rows) for j in range(r.count)]
-
-
-def shard_partition(tiles: list[Tile], per_shard: int) -> list[list[Tile]]:
-    """Consecutive runs of `per_shard` tiles: the partition depends only on the plan."""
+def shard_spans(counts: list[int], per_shard: int) -> list[list[tuple[int, int, int]]]:
+    """Each shard as (row, first index, stop) runs over consecutive planned tiles in plan order: the
+    partition depends only on the plan, and a plan of millions of tiles costs O(rows + shards)."""
     if per_shard < 1:
         raise PlanError(f"tiles per shard must be >= 1, got {per_shard}")
-    return [tiles[i:i + per_shard] for i in range(0, len(tiles), per_shard)]
+    shards, current, room = [], [], per_shard
+    for row, n in enumerate(counts):
+        j = 0
+        while j < n:
+            take = min(room, n - j)
+            current.append((row, j, j + take))
+            j, room = j + take, room - take
+            if room == 0:
+                shards.append(current)
+                current, room = [], per_shard
+    return shards + ([current] if current else [])
+
+
+def task_tiles(task: dict) -> list[dict]:
+    """The tiles of a shard task, expanded from its spans where they are used (worker, resume check)."""
+    pid, out = task["generation"], []
+    for row, start, stop in task["spans"]:
+        r = task["rows"][str(row)]
+        out += [{"key": f"syn-{pid}-r{row:05d}-{j:06d}", "row": row, "index": j, "seed": tile_seed(task["plan_seed"], row, j),
+                 "seen": r["seen"], "conditions": r["conditions"], "slide_id": f"syn-{pid}-r{row:05d}"}
+                for j in range(start, stop)]
+    return out

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..data.shards import SHARD_DIR, check_image, sha256, write_tar_atomic
 from ..metadata import UNKNOWN, SchemaError
+from .tiles import task_tiles
 
 SITE = "tissue_source_site"  # a required tile column: `Unknown` for a model not conditioned on it
 SPLIT = "train"  # synthetic tiles are training material: the stream reads split "train" by default
@@ -55,7 +56,7 @@ def write_shard(path: Path, members: list[tuple[str, bytes, dict]]) -> None:
 
 def read_shard(path: Path, task: dict, decode: bool = True) -> list[dict]:
     """Index rows of a complete shard; SchemaError if it lacks, adds or alters a planned tile."""
-    want = {t["key"]: t for t in task["tiles"]}
+    want = {t["key"]: t for t in task_tiles(task)}
     try:
         with tarfile.open(path) as tar:
             files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
@@ -114,10 +115,11 @@ class ShardGenerator:
 
     def run(self, task: dict) -> dict:
         t0 = time.perf_counter()
-        images = self.sample_tiles(task["tiles"])
+        tiles = task_tiles(task)
+        images = self.sample_tiles(tiles)
         t_sample = time.perf_counter() - t0
         members = []
-        for t, img in zip(task["tiles"], images):
+        for t, img in zip(tiles, images):
             # a class-only model has no site condition: its tiles carry the explicit Unknown site
             meta = {SITE: UNKNOWN, **t["conditions"], **task["meta"], "key": t["key"], "slide_id": t["slide_id"],
                     "seed": t["seed"], "plan_row": t["row"], "plan_index": t["index"], "seen": t["seen"],
