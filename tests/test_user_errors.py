@@ -210,3 +210,38 @@ def test_split_shares_far_from_the_request_are_reported(tmp_path, capsys):
     ingest(scan, tmp_path / "many", SplitConfig(0.3, 0.0, 0), shard_mb=0.05)
     split = json.loads((tmp_path / "many" / "split.json").read_text())
     assert split["share_note"] is None and abs(split["achieved_shares"]["holdout"] - 0.3) <= 0.1
+
+
+def test_second_pass_findings(tmp_path, monkeypatch):
+    """A newcomer's second pass: the resume check compares the dataset as an absolute path; a model
+    without cancer_type is refused at config time; plan ages read like ingest ('>89' is 90) and a
+    word names its column; the fidelity reference holds out slides within every site."""
+    import numpy as np
+    import pandas as pd
+
+    from medi_dist.evaluate.fidelity_job import real_reference
+    from medi_dist.generate.plan import _check_conditions
+    from medi_dist.metadata import ContinuousSpec, Vocab
+    from medi_dist.train.run_folder import training_fields
+
+    monkeypatch.chdir(tmp_path)
+    rel, absolute = (load_config(TrainConfig, None, [f"data.dataset={d}"]) for d in ("data/x", tmp_path / "data" / "x"))
+    assert training_fields(rel)["data.dataset"] == training_fields(absolute)["data.dataset"]
+    with pytest.raises(ConfigError, match="model.conditions must include cancer_type"):
+        load_config(TrainConfig, None, ["model.conditions=[tissue_source_site]"])
+
+    spec = ConditioningSpec([Vocab(TYPE, ["A"]), Vocab(SITE, ["S"])], [ContinuousSpec("age", 60.0, 10.0)])
+    assert _check_conditions(spec, {"age": ">89"}, "row 1") == {"age": 90.0}
+    assert _check_conditions(spec, {"age": "--"}, "row 1") == {"age": None}
+    with pytest.raises(PlanError, match="row 2: age must be a number"):
+        _check_conditions(spec, {"age": "forty"}, "row 2")
+
+    # 3 sites x 2 slides x 10 tiles; the stain feature is the site: every site must stay learnable.
+    sites = np.repeat(["S1", "S2", "S3"], 20)
+    index = pd.DataFrame({TYPE: np.repeat(["A", "B", "C"], 20), SITE: sites,
+                          "slide_id": [f"{s}-{i // 10}" for i, s in enumerate(sites)],
+                          "key": [f"k{i}" for i in range(60)]})
+    onehot = (sites[:, None] == np.array(["S1", "S2", "S3"])).astype(np.float32)
+    feats = {k: onehot + np.random.default_rng(0).normal(0, 0.01, onehot.shape) for k in ("features", "morphology", "stain")}
+    for seed in range(4):
+        assert real_reference(feats, index, seed)["site_accuracy"] == 1.0

@@ -85,15 +85,15 @@ def check_skipped(scan: Scan, skips: SkipLog, kept: int, max_fraction: float) ->
     """Refuse, in one line, an ingest that skipped more than `max_fraction` of its inputs or everything."""
     total = max(scan.total_inputs, 1)
     frac = min(skips.skipped_inputs / total, 1.0)
+    if not kept:  # nothing to ingest whatever the threshold: don't suggest raising it
+        raise SchemaError(f"{scan.name}: every input was skipped; nothing was written. Most common: "
+                          f"{skips.top_reasons(3)}")
     if frac > max_fraction + 1e-9:  # the suggested value below must pass despite float rounding
         raise SchemaError(
             f"{scan.name}: {frac:.0%} of the inputs were skipped ({skips.skipped_inputs} of {scan.total_inputs}), "
             f"more than --max-skipped-fraction {max_fraction:g}; nothing was written. Most common: "
             f"{skips.top_reasons(3)}. Fix those, or pass --max-skipped-fraction {math.ceil(frac * 100) / 100:g} "
             "to ingest the rest")
-    if not kept:
-        raise SchemaError(f"{scan.name}: every input was skipped; nothing was written. Most common: "
-                          f"{skips.top_reasons(3)}")
 
 
 def case_variants(index: pd.DataFrame, columns: Iterable[str]) -> dict[str, list[list[str]]]:

@@ -54,6 +54,7 @@ def _downstream(args: argparse.Namespace) -> None:
     if args.mlflow_run:
         _log_downstream(args, cmp, last)
     else:
+        print(f"per (type, site) on the held-out split, arm {list(arms)[-1]!r}:")
         print(last.subgroups().to_string(index=False, float_format="%.3f"))
 
 

@@ -194,6 +194,10 @@ class DownstreamResult:
     def shortfall(self) -> str | None:
         """A note when the pools held fewer tiles than the ratio asked for (the arm is then mislabelled)."""
         if self.effective_ratio < self.config.ratio - 0.5 / max(self.runs[0].n_real, 1):
+            if self.runs[0].n_synthetic == 0:
+                return (f"{describe(self.config)}: no pool tile fits allocation {self.config.allocation!r} (e.g. "
+                        "unseen-pairs takes only pairs absent from the real subsample), so this arm is real only; "
+                        "choose another allocation or generate tiles at those pairs")
             return (f"{describe(self.config)}: the pools hold too few tiles; it used "
                     f"{self.runs[0].n_synthetic} synthetic per {self.runs[0].n_real} real (effective r="
                     f"{self.effective_ratio:.2f}); generate more tiles to test r={self.config.ratio:g}")

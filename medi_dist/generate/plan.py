@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from ..config import yaml_problem
-from ..metadata import UNKNOWN, ConditioningSpec, UnknownValueError, clean_category
+from ..metadata import UNKNOWN, ConditioningSpec, SchemaError, UnknownValueError, clean_category, clean_continuous
 from ..model.model_dir import read_model_info
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
@@ -161,8 +161,11 @@ def _check_conditions(spec: ConditioningSpec, cond: dict, where: str) -> dict:
             spec.vocab(k).encode(v)
             out[k] = clean_category(v)
         else:
-            x = next(c for c in spec.continuous if c.name == k).encode(v)  # raises on non-numbers
-            out[k] = None if math.isnan(x) else float(v)
+            try:  # the ingest parser: '>89' is 90, missing spellings are the null condition
+                x = clean_continuous(v)
+            except (SchemaError, ValueError):
+                raise PlanError(f"{where}: {k} must be a number (or missing), got {v!r}") from None
+            out[k] = None if math.isnan(x) else x
     return out
 
 

@@ -91,5 +91,8 @@ class TrainConfig:
         bad = {k: v for k, v in positive.items() if not v > 0}
         if bad:
             raise ValueError(f"must be positive: {bad}")
+        if "cancer_type" not in self.model.conditions:
+            raise ValueError(f"model.conditions must include cancer_type (generation asks for types), got "
+                             f"{self.model.conditions}")
         if not 0 <= self.model.cond_dropout <= 1:
             raise ValueError(f"model.cond_dropout must be in [0, 1], got {self.model.cond_dropout}")

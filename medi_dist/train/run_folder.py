@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from pathlib import Path
 
 from ..tracking import flatten
 from .config import TrainConfig
@@ -30,8 +31,12 @@ RUN_ONLY_FIELDS = ("data.cpus_per_decode", "data.max_bad_fraction", "optim.fused
 
 
 def training_fields(cfg: TrainConfig) -> dict:
-    """The whole config, flattened (data.dataset, optim.lr, ...) and JSON-normal (tuples -> lists)."""
-    return json.loads(json.dumps(flatten(asdict(cfg))))
+    """The whole config, flattened (data.dataset, optim.lr, ...) and JSON-normal (tuples -> lists).
+    The dataset is recorded absolute: `data/x` and `/work/data/x` are the same training."""
+    fields = json.loads(json.dumps(flatten(asdict(cfg))))
+    if "://" not in str(fields["data.dataset"]):
+        fields["data.dataset"] = str(Path(fields["data.dataset"]).resolve())
+    return fields
 
 
 def is_run_only(key: str) -> bool:

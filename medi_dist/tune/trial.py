@@ -139,5 +139,6 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / RUNS_FILE).write_text(runs_to_json(runs))
             tune.report({"objective": ms[ctx.metric][0], "objective_sem": ms[ctx.metric][1],
-                         "seeds_done": len(runs), "n_synthetic": runs[-1].n_synthetic, "mlflow_run_id": run_id},
+                         "seeds_done": len(runs), "n_synthetic": runs[-1].n_synthetic,
+                         "effective_ratio": res.effective_ratio, "mlflow_run_id": run_id},
                         checkpoint=tune.Checkpoint.from_directory(d))
