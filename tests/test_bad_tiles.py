@@ -33,7 +33,7 @@ from PIL import Image
 
 from medi_dist.data import sources
 from medi_dist.data.records import SkipLog, TileRecord
-from medi_dist.data.shards import VOCAB, verify_shards, write_dataset
+from medi_dist.data.shards import VOCAB, check_record, verify_shards
 from medi_dist.data.stats import dataset_stats, format_stats
 from medi_dist.data.stream import StreamConfig, decode_tile, tile_stream
 from medi_dist.metadata import ConditioningSpec, ContinuousSpec, SchemaError, Vocab
@@ -192,7 +192,7 @@ def test_dotted_keys_are_sanitised_and_unsanitised_keys_refused(tmp_path):
     assert {s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)} == set(index["key"])
     rec = TileRecord("a.b", tile_bytes(1), "jpg", {"cancer_type": "A", "tissue_source_site": "S0"}, "src.csv row 2")
     with pytest.raises(SchemaError, match=r"tile key 'a\.b' is invalid.*no '\.'"):
-        write_dataset([rec], tmp_path / "w", {"S0": "train"}, SkipLog())
+        check_record(rec, {}, SkipLog())  # what ingest runs on every tile before writing
     assert not (tmp_path / "w").exists()
 
 

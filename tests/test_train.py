@@ -247,7 +247,6 @@ def test_readme_cluster_commands_pass_the_job_path_check(monkeypatch):
 
     import medi_dist.train.trainer as trainer
     from medi_dist.cli import main
-    from medi_dist.ray_setup import JobPathError
 
     _as_job(monkeypatch)
     text = (REPO / "README.md").read_text().split("## Run on a cluster", 1)[1].split("```bash", 1)[1].split("```")[0]

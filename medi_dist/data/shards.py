@@ -177,22 +177,6 @@ def write_shards(
     return pd.DataFrame(rows), shards
 
 
-def write_dataset(
-    records: Iterable[TileRecord],
-    out_dir: str | Path,
-    split_of: dict[str, str],
-    skips: SkipLog,
-    target_bytes: int = 64 << 20,
-    source: str = "",
-) -> tuple[pd.DataFrame, list[dict]]:
-    """Check and write tiles in one pass (ingest checks every tile first, to plan the split on the
-    tiles that survive). Undecodable tiles are skipped and logged; duplicate keys are an error (a
-    silent overwrite would lose a tile)."""
-    seen: dict[str, str] = {}
-    checked = (rec for rec in records if check_record(rec, seen, skips))
-    return write_shards(checked, out_dir, split_of, target_bytes, source)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(text)

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
-import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -65,12 +64,11 @@ def check_resume(folder: RunFolder, name: str, record: dict | None, mcfg: ModelC
     if "config" not in record:  # recorded before the config was: adopt this one from now on
         record.update(config=training_fields(cfg), steps_history=[cfg.steps])
         folder.write_json(RUN_FILE, record)
-    before = record
-    changed = [k for k in ("model_config", "spec") if json.dumps(before[k], sort_keys=True) != json.dumps(now[k], sort_keys=True)]
+    changed = [k for k in ("model_config", "spec") if json.dumps(record[k], sort_keys=True) != json.dumps(now[k], sort_keys=True)]
     if changed:
         what = " and ".join({"model_config": "architecture", "spec": "conditions/vocabularies"}[k] for k in changed)
         raise ValueError(f"run.name={name!r} already holds checkpoints of another model ({what} differ; it was "
-                         f"started on dataset {before['dataset']}, this is {dataset}): choose a new run.name, or "
+                         f"started on dataset {record['dataset']}, this is {dataset}): choose a new run.name, or "
                          f"delete {folder.display} to start over")
     return record
 

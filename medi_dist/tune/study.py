@@ -177,8 +177,6 @@ def _trials_table(grid, n_seeds: int) -> pd.DataFrame:
 
 
 def run_study(cfg: StudyConfig) -> StudyResult:
-    import ray
-
     from ..ray_setup import check_job_paths, ensure_ray
     from ..tracking import RunLogger, find_or_create_run, tracking_uri
     from .report import finish_trials, log_test, prepare
