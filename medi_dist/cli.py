@@ -111,12 +111,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import DemoConfig, format_summary, run_demo
+    from .demo import QUICK_DEMO, DemoConfig, format_summary, run_demo
 
-    cfg = DemoConfig(out=args.out)
-    for name in ("train_steps", "seeds", "tiles"):
+    cfg = DemoConfig(**QUICK_DEMO) if args.quick else DemoConfig()
+    for name in ("out", "types", "sites", "tiles", "seed", "train_steps", "seeds"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    cfg.separate_class_only = args.separate_class_only
     print(format_summary(run_demo(cfg)))
 
 
@@ -216,10 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Ingest a procedural H&E dataset with a site<->type confound, train a MeDi and a "
                           "class-only model, generate unseen (type, site) pairs, and compare classifiers on held-out "
                           "sites. Re-running continues from what --out already holds.")
-    demo.add_argument("--out", default="demo-output")
-    demo.add_argument("--train-steps", type=int, default=None, help="training steps per model")
-    demo.add_argument("--seeds", type=int, nargs="+", default=None)
-    demo.add_argument("--tiles", type=int, default=None, help="procedural tiles to ingest")
+    demo.add_argument("--out", default=None, help="output folder (default demo-output, demo-quick with --quick)")
+    demo.add_argument("--types", type=int, default=None, help="cancer types of the procedural world (default 4)")
+    demo.add_argument("--sites", type=int, default=None, help="tissue source sites, dealt out over the types (default 12)")
+    demo.add_argument("--tiles", type=int, default=None, help="procedural tiles to ingest (default 3000)")
+    demo.add_argument("--seed", type=int, default=None, help="the world (tiles, split) and the generator's training")
+    demo.add_argument("--train-steps", type=int, default=None, help="generator training steps")
+    demo.add_argument("--seeds", type=int, nargs="+", default=None, help="classifier seeds (default 0 1 2 3 4)")
+    demo.add_argument("--separate-class-only", action="store_true",
+                      help="also train a class-only model (the MeDi paper's comparison) besides the site-nulled arm")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smoke run in a few minutes (small world, short training); its numbers mean nothing")
     demo.set_defaults(func=_demo)
     return p
 

@@ -2,13 +2,18 @@
 
 1. ingest a procedural H&E dataset where every site belongs to one cancer type (site <-> type
    confound through stain colour), TCGA-like site imbalance, held-out sites for testing;
-2. train a MeDi model (type + site) and a class-only baseline with Ray Train;
-3. generate tiles: MeDi at every (type, training site) pair, including pairs never seen together;
-   the class-only model the same number of tiles per type;
-4. train classifiers on real, real + class-only, real + MeDi tiles and test them on held-out sites
-   over several seeds; print the table, save a picture, log everything to MLflow.
+2. train one MeDi model (type + site) with Ray Train; its site is dropped more often than its type,
+   so the same network also draws the class-only arm (site nulled): a controlled comparison;
+3. generate tiles at every (type, training site) pair, including pairs never seen together: MeDi,
+   the site-nulled arm (same tiles per type), and two references made without a model, the ground
+   truth (the renderer: what a perfect generator returns) and a noise control in each site's colours;
+4. score the MeDi tiles with probes calibrated on ground truth (type, stain, leakage);
+5. train classifiers on real tiles alone, + each pool, and with the stain baselines (HED jitter,
+   Macenko normalisation), test them on held-out sites over several seeds; print the table and the
+   paired differences, save a picture, log everything to MLflow.
 
-Each stage reuses what an earlier (interrupted) demo run already finished in the output folder.
+Each stage reuses what an earlier (interrupted) demo run already finished in the output folder, and
+the same command gives the same numbers (seeded everything, deterministic data order).
 """
 
 from __future__ import annotations
@@ -33,18 +38,39 @@ class DemoConfig:
     sites: int = 12
     tiles: int = 3000
     size: int = 32
-    train_steps: int = 700
+    holdout_fraction: float = 0.3
+    train_steps: int = 1400
     batch_size: int = 32
+    site_dropout: float = 0.3  # the site-nulled branch is the class-only arm: trained this often
+    type_dropout: float = 0.05  # rarely: a step with the site but no type teaches site -> morphology
+    separate_class_only: bool = False  # also train a class-only model, as in the MeDi paper
     per_pair: int = 40  # generated tiles per (type, site) pair
     sampler: str = "dpmsolver++"
     sampler_steps: int = 20
     guidance: float = 1.0
     ratio: float = 1.0  # synthetic tiles per real training tile
     classifier: str = "cnn"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seed: int = 0  # the world (procedural dataset, split) and the generator's training
     threads: int = 2  # torch threads of the single training worker (the demo targets 2 cores)
     tracking_uri: str | None = None
+
+
+QUICK_DEMO = dict(out="demo-quick", tiles=800, train_steps=60, per_pair=8, sampler_steps=8, seeds=[0, 1])
+WORLD = ("types", "sites", "tiles", "size", "holdout_fraction", "seed")  # what the ingested dataset depends on
+
+
+def _check_world(cfg: DemoConfig, root: Path) -> None:
+    """An output folder holds one world: a re-run with other world settings would silently reuse it."""
+    path = root / "demo.json"
+    want = {k: getattr(cfg, k) for k in WORLD}
+    if path.exists():
+        had = {k: v for k, v in json.loads(path.read_text()).items() if k in WORLD}
+        changed = [f"{k} {had[k]} -> {want[k]}" for k in WORLD if k in had and had[k] != want[k]]
+        if changed:
+            raise ValueError(f"{root} holds a demo of another world ({', '.join(changed)}); "
+                             "choose another --out, or delete the folder")
+    path.write_text(json.dumps(want, indent=2))
 
 
 def _ingest(cfg: DemoConfig, root: Path) -> Path:
@@ -57,7 +83,7 @@ def _ingest(cfg: DemoConfig, root: Path) -> Path:
     if not (ds / "dataset.json").exists():
         scan = sources.procedural(ProceduralConfig(n_types=cfg.types, n_sites=cfg.sites, n_tiles=cfg.tiles,
                                                    size=cfg.size, seed=cfg.seed))
-        ingest(scan, ds, SplitConfig(holdout_fraction=0.3, seed=cfg.seed), overwrite=True)
+        ingest(scan, ds, SplitConfig(holdout_fraction=cfg.holdout_fraction, seed=cfg.seed), overwrite=True)
     return ds
 
 
@@ -69,6 +95,7 @@ def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[st
     tcfg = load_config(TrainConfig, None, [
         f"data.dataset={ds}", "data.balance=type", "model.preset=small", f"model.resolution={cfg.size}",
         f"model.conditions={json.dumps(conditions)}", f"optim.batch_size={cfg.batch_size}", "optim.lr=0.0005",
+        "model.column_dropout=" + json.dumps({"cancer_type": cfg.type_dropout, "tissue_source_site": cfg.site_dropout}),
         f"steps={cfg.train_steps}", f"seed={cfg.seed}", f"run.name={name}", f"run.storage_path={root / 'runs'}",
         f"run.tracking_uri={uri}", f"run.checkpoint_every={max(cfg.train_steps // 4, 1)}", "run.log_every=20",
         f"run.threads_per_worker={cfg.threads}"])
@@ -80,11 +107,13 @@ def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[st
     return out
 
 
-def _generate(cfg: DemoConfig, model: Path, out: Path, plan) -> Path:
+def _generate(cfg: DemoConfig, model: Path | None, out: Path, plan, reference: str | None = None,
+              dataset: Path | None = None) -> Path:
     from .generate.job import GenerateConfig, generate
     from .generate.writer import SamplingSettings
 
-    res = generate(GenerateConfig(model=str(model), out=str(out), plan=plan, tiles_per_shard=128,
+    res = generate(GenerateConfig(model=str(model) if model else None, out=str(out), plan=plan, tiles_per_shard=128,
+                                  reference=reference, dataset=str(dataset) if dataset else None,
                                   sampling=SamplingSettings(sampler=cfg.sampler, steps=cfg.sampler_steps,
                                                             guidance=cfg.guidance, batch_size=64)))
     return res.out
@@ -110,11 +139,35 @@ def _picture(ds: Path, pool: Path, path: Path) -> None:
     tile_grid(cells, types, sites, tile_px=48, per_cell=2).save(path)
 
 
+REAL = "real only"
+# (arm, reference arm): the paired differences the demo reads, with what each one asks
+CONTRASTS = [
+    ("+ ground truth", REAL, "does the protocol reward correct tiles?"),
+    ("+ ground truth", "+ noise control", "... more than coloured noise with the right labels?"),
+    ("+ MeDi", REAL, "does MeDi help?"),
+    ("+ MeDi", "+ site-nulled", "does the site condition add to the same network's class-only tiles?"),
+    ("+ MeDi", "HED jitter", "does MeDi beat the standard stain augmentation?"),
+    ("+ MeDi + HED jitter", "HED jitter", "does MeDi add to stain augmentation?"),
+]
+
+
+def _arms(cfg: DemoConfig, pools: dict[str, Path]) -> dict[str, dict]:
+    syn = lambda name: {"synthetic": [str(pools[name])], "ratio": cfg.ratio}  # noqa: E731
+    jitter = {"augment": "hed-jitter", "augment_ratio": cfg.ratio}
+    arms = {REAL: {"ratio": 0.0}, "+ noise control": syn("noise"), "+ ground truth": syn("oracle"),
+            "HED jitter": jitter, "Macenko normalisation": {"normalize": "macenko"},
+            "+ site-nulled": syn("site-nulled"), "+ MeDi": syn("medi"), "+ MeDi + HED jitter": {**syn("medi"), **jitter}}
+    if "class-only" in pools:
+        arms["+ class-only model"] = syn("class-only")
+    return arms
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from .evaluate.downstream import DownstreamConfig, compare
+    from .evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
     from .generate.plan import GenerationPlan
-    from .tracking import RunLogger, find_or_create_run, tracking_uri
     from .ray_setup import ensure_ray
+    from .tracking import RunLogger, find_or_create_run, tracking_uri
 
     t0 = time.time()
     root = Path(cfg.out).resolve()
@@ -125,6 +178,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     def stage(text: str) -> None:
         stages.set_description(f"demo: {text}")
 
+    _check_world(cfg, root)
     stage("ingest procedural dataset")
     ds = _ingest(cfg, root)
     index = pd.read_parquet(ds / "index.parquet")
@@ -132,35 +186,38 @@ def run_demo(cfg: DemoConfig) -> dict:
     ensure_ray()
     stage("train MeDi model (type + site)")
     medi = _train(cfg, ds, root, "demo-medi", ["cancer_type", "tissue_source_site"], uri)
-    stages.update()
-    stage("train class-only baseline")
-    class_only = _train(cfg, ds, root, "demo-class-only", ["cancer_type"], uri)
+    class_only = _train(cfg, ds, root, "demo-class-only", ["cancer_type"], uri) if cfg.separate_class_only else None
     stages.update()
 
     stage("generate tiles")
     train_rows = index[index["split"] == "train"]
-    n_train_sites = train_rows["tissue_source_site"].nunique()
-    medi_pool = _generate(cfg, medi, root / "synthetic-medi",
-                          GenerationPlan(mode="unseen-pairs", count=cfg.per_pair, seed=cfg.seed))
-    per_type = cfg.per_pair * n_train_sites  # same budget per type as MeDi
-    class_pool = _generate(cfg, class_only, root / "synthetic-class-only", GenerationPlan(
-        mode="explicit", seed=cfg.seed,
-        rows=[{"cancer_type": t, "count": per_type} for t in sorted(train_rows["cancer_type"].unique())]))
+    types = sorted(train_rows["cancer_type"].unique())
+    per_type = cfg.per_pair * train_rows["tissue_source_site"].nunique()  # same budget per type as MeDi
+    pairs = GenerationPlan(mode="unseen-pairs", count=cfg.per_pair, seed=cfg.seed)
+    by_type = [{"cancer_type": t, "count": per_type} for t in types]
+    pools = {"medi": _generate(cfg, medi, root / "synthetic-medi", pairs),
+             "site-nulled": _generate(cfg, medi, root / "synthetic-site-nulled",
+                                      GenerationPlan(mode="explicit", rows=by_type, null_site=True, seed=cfg.seed)),
+             "oracle": _generate(cfg, None, root / "reference-oracle", pairs, "oracle", ds),
+             "noise": _generate(cfg, None, root / "reference-noise", pairs, "noise", ds)}
+    if class_only is not None:
+        pools["class-only"] = _generate(cfg, class_only, root / "synthetic-class-only",
+                                        GenerationPlan(mode="explicit", rows=by_type, seed=cfg.seed))
+    fidelity = evaluate_fidelity(FidelityConfig(real=str(ds), synthetic=str(pools["medi"]), tracking_uri=uri,
+                                                run_name="demo-fidelity-medi"))
     stages.update()
 
     stage(f"evaluate classifiers on held-out sites ({len(cfg.seeds)} seeds)")
     base = DownstreamConfig(real=str(ds), classifier=cfg.classifier, seeds=list(cfg.seeds), image_size=cfg.size,
                             allocation="uniform", cache_dir=str(root / "cache"))
-    comp = compare(base, {"real only": {"ratio": 0.0},
-                          "+ class-only synthetic": {"synthetic": [str(class_pool)], "ratio": cfg.ratio},
-                          "+ MeDi synthetic": {"synthetic": [str(medi_pool)], "ratio": cfg.ratio}})
+    comp = compare(base, _arms(cfg, pools))
     stages.update()
 
     stage("picture and MLflow")
     picture = root / "real_vs_generated.png"
-    _picture(ds, medi_pool, picture)
+    _picture(ds, pools["medi"], picture)
     table = comp.table()
-    deltas = comp.deltas("real only")
+    contrasts = {f"{a} vs {b}": comp.deltas(b)[a] for a, b, _ in CONTRASTS if a in comp.results}
     run_id = find_or_create_run(uri, f"demo-{int(t0)}", tags={"medi_dist.kind": "demo"})
     logger = RunLogger(uri, run_id)
     logger.params(asdict(cfg))
@@ -174,9 +231,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     logger.finish()
     stages.update()
     stages.close()
-    summary = {"table": table, "deltas": deltas, "picture": str(picture), "minutes": minutes, "mlflow_run_id": run_id,
-               "tracking_uri": uri, "held_out_sites": sorted(index.loc[index["split"] == "holdout", "tissue_source_site"].unique())}
-    (root / "results.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "deltas"}, indent=2))
+    summary = {"table": table, "contrasts": contrasts, "picture": str(picture), "minutes": minutes,
+               "mlflow_run_id": run_id, "tracking_uri": uri, "fidelity": fidelity.get("calibrated"),
+               "held_out_sites": sorted(index.loc[index["split"] == "holdout", "tissue_source_site"].unique())}
+    (root / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     (root / "results.txt").write_text(table + "\n")
     return summary
 
@@ -184,12 +242,23 @@ def run_demo(cfg: DemoConfig) -> dict:
 def format_summary(s: dict) -> str:
     from .evaluate.downstream import verdict
 
-    lines = ["", "Classifiers trained on real training-site tiles (+ synthetic), tested on held-out sites "
-             f"{', '.join(s['held_out_sites'])}; mean ± SEM over seeds:", "", s["table"], ""]
-    for arm, d in s["deltas"].items():
-        ba, sba = d["balanced_accuracy"], d["site_balanced_accuracy"]
-        lines.append(f"{arm} vs real only: balanced accuracy {ba[0]:+.3f} ± {ba[1]:.3f}, site-averaged "
-                     f"{sba[0]:+.3f} ± {sba[1]:.3f} (paired over seeds) -> {verdict(*ba)}")
+    lines = ["", "Classifiers trained on real training-site tiles (+ synthetic or a stain baseline), tested on "
+             f"held-out sites {', '.join(s['held_out_sites'])}; mean ± SEM over seeds:", "", s["table"], "",
+             "Paired differences over seeds (an effect is called past 2 SEM):"]
+    questions = {f"{a} vs {b}": q for a, b, q in CONTRASTS}
+    for name, d in s["contrasts"].items():
+        ba, ws = d["balanced_accuracy"], d["worst_site_accuracy"]
+        lines.append(f"  {name}: balanced {ba[0]:+.3f} ± {ba[1]:.3f}, worst-site {ws[0]:+.3f} ± {ws[1]:.3f} "
+                     f"-> {verdict(*ba)}  ({questions[name]})")
+    cal = s.get("fidelity")
+    if cal:
+        got, top = cal["synthetic"], cal["ceiling"]
+        lines += ["", "MeDi tiles, probes calibrated on ground truth (ceiling in brackets): "
+                  f"seen pairs type {got['seen']['type_accuracy']:.2f} ({top['seen']['type_accuracy']:.2f}), stain "
+                  f"{got['seen']['stain_accuracy']:.2f} ({top['seen']['stain_accuracy']:.2f}); unseen pairs type "
+                  f"{got['unseen']['type_accuracy']:.2f} ({top['unseen']['type_accuracy']:.2f}), stain "
+                  f"{got['unseen']['stain_accuracy']:.2f} ({top['unseen']['stain_accuracy']:.2f}), leakage "
+                  f"{got['unseen']['leakage']:.2f} (owner type drawn instead of the requested one)"]
     lines += ["", f"real vs generated tiles per (type, site): {s['picture']}",
               f"wall time: {s['minutes']:.1f} min",
               f"MLflow: .venv/bin/mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1 "

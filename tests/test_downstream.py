@@ -159,7 +159,7 @@ def test_cli_downstream(data, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "real only" in out and "r=1 inverse-frequency" in out and "paired difference" in out
     assert re.search(r"-> (helps|hurts|makes no clear difference) \(balanced accuracy\)", out)
-    assert [verdict(0.1, 0.05), verdict(-0.1, 0.05), verdict(0.03, 0.05)] == ["helps", "hurts", "makes no clear difference"]
+    assert [verdict(0.11, 0.05), verdict(-0.11, 0.05), verdict(0.09, 0.05)] == ["helps", "hurts", "makes no clear difference"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(saved) == {"real only", "r=1 inverse-frequency"}
 

@@ -308,21 +308,36 @@ def _patient(seed: int, ct: int, cs: int, slide: int) -> dict:
     return {"sex": sex, "age": None if rng.random() < 0.05 else age}
 
 
+def render_jpeg(cancer_type: str, site: str, rng: np.random.Generator, size: int) -> bytes:
+    """A tile as the site's scanner stores it: rendered, then JPEG-compressed at the site's quality."""
+    buf = io.BytesIO()
+    Image.fromarray(render_tile(cancer_type, site, rng, size)).save(buf, "JPEG", quality=site_stain(site).quality)
+    return buf.getvalue()
+
+
+def render_tiles(pairs: list[tuple[str, str]], seeds: list, size: int) -> np.ndarray:
+    """Decoded ground-truth tiles (N, size, size, 3) for (type, site) pairs, one seed (int or list) each:
+    what the real dataset would hold for any pair, including pairs it never has."""
+    out = np.empty((len(pairs), size, size, 3), np.uint8)
+    for i, ((t, s), seed) in enumerate(zip(pairs, seeds)):
+        with Image.open(io.BytesIO(render_jpeg(t, s, np.random.default_rng(seed), size))) as im:
+            out[i] = np.asarray(im.convert("RGB"))
+    return out
+
+
 def generate(cfg: ProceduralConfig) -> Iterator[TileRecord]:
     """Tiles in plan order. Each tile's RNG derives from (seed, type, site, index), so any subset
     rendered in any process gives the same bytes."""
     for (t, site), count in plan_counts(cfg).items():
-        ct, cs, q = _crc(t), _crc(site), site_stain(site).quality
+        ct, cs = _crc(t), _crc(site)
         for i in range(count):
             slide = i // cfg.tiles_per_slide
-            img = render_tile(t, site, np.random.default_rng([cfg.seed, ct, cs, 0, i]), cfg.size)
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, "JPEG", quality=q)
+            jpeg = render_jpeg(t, site, np.random.default_rng([cfg.seed, ct, cs, 0, i]), cfg.size)
             meta = {"slide_id": f"proc-{t}-{site}-{slide:04d}", "cancer_type": t, "tissue_source_site": site}
             if cfg.extra_metadata:
                 meta.update(_patient(cfg.seed, ct, cs, slide))
             key = check_key(f"proc-{t}-{site}-{slide:04d}-{i:04d}")
-            yield TileRecord(key, buf.getvalue(), "jpg", meta, origin=f"procedural {t}/{site}/{i}")
+            yield TileRecord(key, jpeg, "jpg", meta, origin=f"procedural {t}/{site}/{i}")
 
 
 if __name__ == "__main__":  # timing: python -m medi_dist.data.procedural [n_tiles] [size]

@@ -28,7 +28,7 @@ class LinearProbe:
         self.C, self.class_weight, self.max_iter = C, class_weight, max_iter
         self.standardize, self.seed = standardize, seed
 
-    def fit(self, feats: np.ndarray, labels) -> "LinearProbe":
+    def fit(self, feats: np.ndarray, labels, sample_weight: np.ndarray | None = None) -> "LinearProbe":
         labels = np.asarray(labels)
         self.classes_ = np.unique(labels)
         self._const = self.classes_[0] if len(self.classes_) == 1 else None
@@ -36,7 +36,9 @@ class LinearProbe:
             lr = LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter,
                                     random_state=self.seed)
             self.model_ = make_pipeline(StandardScaler(), lr) if self.standardize else lr
-            self.model_.fit(np.asarray(feats, dtype=np.float64), labels)
+            kw = {} if sample_weight is None else {
+                ("logisticregression__sample_weight" if self.standardize else "sample_weight"): sample_weight}
+            self.model_.fit(np.asarray(feats, dtype=np.float64), labels, **kw)
         return self
 
     def predict(self, feats: np.ndarray) -> np.ndarray:
@@ -97,7 +99,8 @@ class SmallCNN:
                 out[sel] = torch.rot90(x[sel], r, dims=(2, 3))
         return out
 
-    def fit(self, images: np.ndarray, labels) -> "SmallCNN":
+    def fit(self, images: np.ndarray, labels, sample_weight: np.ndarray | None = None) -> "SmallCNN":
+        """`sample_weight`: each epoch draws its tiles with these probabilities (with replacement)."""
         labels = np.asarray(labels)
         self.classes_, y = np.unique(labels, return_inverse=True)
         x = self._tensor(images)
@@ -118,7 +121,8 @@ class SmallCNN:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps, pct_start=0.15)
         self.model_.train()
         for _ in range(self.epochs):
-            order = torch.randperm(len(x), generator=g)
+            order = (torch.randperm(len(x), generator=g) if sample_weight is None else
+                     torch.multinomial(torch.as_tensor(sample_weight, dtype=torch.float64), len(x), True, generator=g))
             for i in range(0, len(x), self.batch_size):
                 idx = order[i : i + self.batch_size]
                 if len(idx) < 2:  # BatchNorm cannot train on a batch of one

@@ -20,9 +20,11 @@ import pandas as pd
 
 from .allocation import ALLOCATIONS, SITE, TYPE, real_subsample, synthetic_subsample
 from .metrics import METRIC_NAMES, all_metrics, balanced_accuracy, format_table, mean_sem
+from .stain import AUGMENTS, NORMALIZERS, hed_jitter, macenko_normalize, restain
 from .tiles import Inputs, Part, foreign_values, load_inputs, pool_index, read_index
 
 CLASSIFIERS = ("linear", "cnn")
+BALANCES = ("none", "type-site")
 # Fields that decide which tiles/features are loaded; `compare` arms may not change them.
 DATA_FIELDS = {"real", "classifier", "encoder", "train_split", "test_split", "image_size", "cache_dir"}
 
@@ -50,6 +52,12 @@ class DownstreamConfig:
     width: int = 16
     image_size: int = 32
     cache_dir: str = "medi-dist-cache"
+    # Baselines without a generator (stain.py); augment and normalize transform pixels: cnn only.
+    augment: str = "none"  # none | hed-jitter | restain: transformed copies of the real training tiles
+    augment_ratio: float = 1.0  # copies per real training tile
+    jitter: float = 0.05  # hed-jitter strength (Tellez's HED-light 0.05, HED-strong 0.2)
+    normalize: str = "none"  # none | macenko: every slide, train and test, onto the training tiles' stain
+    balance: str = "none"  # none | type-site: each (type, site) weighs the same within its type
 
 
 def validate(cfg: DownstreamConfig, build_encoder: bool = True):
@@ -66,6 +74,15 @@ def validate(cfg: DownstreamConfig, build_encoder: bool = True):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise DownstreamError(f"{name} must be >= 1 or unset, got {v}")
+    for name, value, valid in (("augment", cfg.augment, AUGMENTS), ("normalize", cfg.normalize, NORMALIZERS),
+                               ("balance", cfg.balance, BALANCES)):
+        if value not in valid:
+            raise DownstreamError(f"{name} must be one of {valid}, got {value!r}")
+    if cfg.classifier != "cnn" and (cfg.augment != "none" or cfg.normalize != "none"):
+        raise DownstreamError(f"augment={cfg.augment} / normalize={cfg.normalize} transform pixels, and the linear "
+                              "classifier sees cached encoder features: use --classifier cnn")
+    if not (cfg.augment_ratio > 0 and 0 <= cfg.jitter < 1):
+        raise DownstreamError(f"augment_ratio must be > 0 and jitter in [0, 1), got {cfg.augment_ratio}, {cfg.jitter}")
     if cfg.ratio > 0 and not cfg.synthetic:
         raise DownstreamError(f"ratio {cfg.ratio} > 0 needs at least one synthetic pool (--synthetic DIR)")
     if cfg.test_split == cfg.train_split:
@@ -123,16 +140,57 @@ class SeedRun:
     synthetic_keys: list[str]  # "<pool dir>/<key>"
 
 
-def fit_predict(cfg: DownstreamConfig, X: np.ndarray, y: np.ndarray, X_test: np.ndarray, seed: int) -> np.ndarray:
+def fit_predict(cfg: DownstreamConfig, X: np.ndarray, y: np.ndarray, X_test: np.ndarray, seed: int,
+                weight: np.ndarray | None = None) -> np.ndarray:
     from .classifiers import LinearProbe, SmallCNN
 
     if cfg.classifier == "linear":
-        return LinearProbe(C=cfg.C, seed=seed).fit(X, y).predict(X_test)
+        return LinearProbe(C=cfg.C, seed=seed).fit(X, y, weight).predict(X_test)
     return SmallCNN(image_size=cfg.image_size, width=cfg.width, epochs=cfg.epochs, lr=cfg.lr,
-                    seed=seed).fit(X, y).predict(X_test)
+                    seed=seed).fit(X, y, weight).predict(X_test)
+
+
+def normalized(inputs: Inputs, method: str) -> Inputs:
+    """`inputs` with every slide's pixels Macenko-normalised onto the training tiles' stain (cached:
+    arms of one comparison share it)."""
+    if method == "none":
+        return inputs
+    if method not in inputs.derived:
+        ref = inputs.train.X[np.random.default_rng(0).permutation(len(inputs.train.X))[:2000]]
+        norm = lambda p: Part(macenko_normalize(p.X, p.meta["slide_id"], ref) if len(p.X) else p.X, p.meta)  # noqa: E731
+        inputs.derived[method] = Inputs(norm(inputs.train), norm(inputs.test), norm(inputs.pool))
+    return inputs.derived[method]
+
+
+def augmented(cfg: DownstreamConfig, real: Part, seed: int) -> Part:
+    """round(augment_ratio * n) transformed copies of the real training tiles (with their index rows)."""
+    if cfg.augment == "none":
+        return Part(real.X[:0], real.meta.iloc[:0])
+    rng = np.random.default_rng([seed, 4])
+    idx = rng.choice(len(real.X), int(round(cfg.augment_ratio * len(real.X))), replace=cfg.augment_ratio > 1)
+    idx.sort()
+    X, meta = real.X[idx], real.meta.iloc[idx]
+    if cfg.augment == "hed-jitter":
+        X = hed_jitter(X, rng, cfg.jitter)
+    else:  # restain: each slide into another training site's stain, estimated from all real training tiles
+        X = restain(np.concatenate([X, real.X]), np.concatenate([meta["slide_id"].astype(str) + "#copy",
+                                                                  real.meta["slide_id"].astype(str)]),
+                    np.concatenate([meta[SITE].astype(str), real.meta[SITE].astype(str)]), seed)[:len(X)]
+    return Part(X, meta)
+
+
+def balance_weights(types: np.ndarray, sites: np.ndarray) -> np.ndarray:
+    """Per tile: every (type, site) group gets the same total weight within its type, and every type
+    keeps its tile count (class balancing is the classifiers' own business)."""
+    df = pd.DataFrame({"t": types, "s": sites})
+    group = df.groupby(["t", "s"])["t"].transform("size").to_numpy()
+    per_type = df.groupby("t")["t"].transform("size").to_numpy()
+    groups = df.groupby("t")["s"].transform("nunique").to_numpy()
+    return per_type / (groups * group)
 
 
 def run_seed(cfg: DownstreamConfig, inputs: Inputs, seed: int) -> SeedRun:
+    inputs = normalized(inputs, cfg.normalize)
     tr, te = inputs.train, inputs.test
     ridx = real_subsample(tr.meta, seed, cfg.k_sites, cfg.max_per_class)
     real = tr.meta.iloc[ridx]
@@ -143,10 +201,13 @@ def run_seed(cfg: DownstreamConfig, inputs: Inputs, seed: int) -> SeedRun:
         pool = Part(pool.X[keep], pool.meta[keep].reset_index(drop=True))
     n_syn = int(round(cfg.ratio * len(ridx)))
     sidx, alloc = synthetic_subsample(pool.meta, real_counts, n_syn, cfg.allocation, seed)
-    X = np.concatenate([tr.X[ridx], pool.X[sidx]])
-    y = np.concatenate([real[TYPE].astype(str).to_numpy(), pool.meta[TYPE].astype(str).to_numpy()[sidx]])
+    aug = augmented(cfg, Part(tr.X[ridx], real), seed)
+    X = np.concatenate([tr.X[ridx], pool.X[sidx], aug.X])
+    rows = pd.concat([real, pool.meta.iloc[sidx], aug.meta])  # copies keep their source tile's site
+    y = rows[TYPE].astype(str).to_numpy()
+    weight = balance_weights(y, rows[SITE].astype(str).to_numpy()) if cfg.balance == "type-site" else None
     y_true, sites = te.meta[TYPE].astype(str).to_numpy(), te.meta[SITE].astype(str).to_numpy()
-    pred = np.asarray(fit_predict(cfg, X, y, te.X, seed)).astype(str)
+    pred = np.asarray(fit_predict(cfg, X, y, te.X, seed, weight)).astype(str)
     preds = pd.DataFrame({"key": te.meta["key"].astype(str), TYPE: y_true, SITE: sites, "pred": pred})
     syn = pool.meta.iloc[sidx]
     return SeedRun(seed, all_metrics(y_true, pred, sites), preds, alloc, len(ridx), len(sidx),
@@ -231,8 +292,8 @@ def run_downstream(cfg: DownstreamConfig, inputs: Inputs | None = None, progress
 
 
 def verdict(mean: float, sem: float) -> str:
-    """Plain reading of a paired difference: clear only when it is more than one SEM from zero."""
-    return "helps" if mean - sem > 0 else ("hurts" if mean + sem < 0 else "makes no clear difference")
+    """Plain reading of a paired difference: clear only when it is more than two SEM from zero."""
+    return "helps" if mean - 2 * sem > 0 else ("hurts" if mean + 2 * sem < 0 else "makes no clear difference")
 
 
 @dataclass

@@ -210,6 +210,7 @@ class Inputs:
     train: Part
     test: Part
     pool: Part  # all pools' synthetic tiles; meta column `pool` names the directory
+    derived: dict = field(default_factory=dict)  # e.g. Macenko-normalised copies, shared by arms
 
 
 def pool_index(pool: str | Path) -> pd.DataFrame:

@@ -40,7 +40,7 @@ def plan_from_args(args: argparse.Namespace):
     kw = {k: v for k, v in dict(types=args.types, sites=args.sites, count=args.count, target=args.target,
                                 seed=args.seed).items() if v is not None}
     return GenerationPlan(mode=mode, rows=args.row or [], extra=_kv(args.extra or ""),
-                          include_unseen=args.include_unseen, **kw)
+                          include_unseen=args.include_unseen, null_site=args.null_site, **kw)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -48,8 +48,13 @@ def _generate(args: argparse.Namespace) -> None:
     from .plan import describe
     from .writer import SamplingSettings
 
+    from .plan import PlanError
+
+    if bool(args.model) == bool(args.reference):
+        raise PlanError("say what makes the tiles: --model DIR (a trained model) or --reference oracle|noise "
+                        "--dataset DIR (ground truth of a procedural dataset / a noise control)")
     cfg = GenerateConfig(
-        model=args.model, out=args.out, plan=plan_from_args(args), dataset=args.dataset,
+        model=args.model, reference=args.reference, out=args.out, plan=plan_from_args(args), dataset=args.dataset,
         sampling=SamplingSettings(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                                   weights=args.weights, batch_size=args.batch_size, precision=args.precision,
                                   compile=args.compile),
@@ -75,9 +80,13 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
         description="Sample a model directory's denoiser over a generation plan with a Ray Data actor pool and "
         "write a synthetic dataset directory (same layout as ingest output, split 'train'). A re-run with the same "
         "arguments skips completed shards.")
-    g.add_argument("--model", required=True, help="model directory (from `medi-dist train`)")
+    g.add_argument("--model", help="model directory (from `medi-dist train`)")
+    g.add_argument("--reference", choices=["oracle", "noise"],
+                   help="instead of a model: ground-truth tiles rendered for the plan (procedural datasets only) "
+                   "or a noise control in each site's colours, from --dataset's train split")
     g.add_argument("--out", required=True, help="synthetic dataset directory to create or resume")
-    g.add_argument("--dataset", help="training dataset (default: the one the model directory records)")
+    g.add_argument("--dataset", help="training dataset (default: the one the model directory records; "
+                   "required with --reference)")
     p = g.add_argument_group("plan (a YAML file, or the options below)")
     p.add_argument("--plan", help="YAML plan: mode, rows | types/sites/count/target, extra, seed")
     p.add_argument("--mode", choices=["explicit", "unseen-pairs", "balance"])
@@ -88,6 +97,8 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="unseen-pairs: tiles per (type, site)")
     p.add_argument("--target", type=int, help="balance: top each (type, site) up to this many tiles")
     p.add_argument("--include-unseen", action="store_true", help="balance: also fill pairs absent from training")
+    p.add_argument("--null-site", action="store_true",
+                   help="explicit rows without a site on a type+site model: its site-nulled (class-only) branch")
     p.add_argument("--extra", help="more conditions for every row, e.g. sex=female|male (one row per value)")
     p.add_argument("--seed", type=int, help="plan seed (tile seeds derive from it)")
     s = g.add_argument_group("sampling")
@@ -131,7 +142,20 @@ def _fidelity(args: argparse.Namespace) -> None:
               "lower --min-per-group or generate more tiles")
     if not ca:
         return
-    print(f"conditional accuracy (chance: type {ch['type_accuracy']:.3f}, site {ch['site_accuracy']:.3f}); "
+    cal = res["calibrated"]
+    if cal:
+        print(f"calibrated probes ({cal['probes']}; chance: type {ch['type_accuracy']:.3f}, "
+              f"stain {ch['site_accuracy']:.3f}), each with its ceiling on fresh ground truth:")
+        for part in ("seen", "unseen"):
+            c, top = cal["synthetic"][part], cal["ceiling"][part]
+            line = (f"  {part:6s} pairs (n={c['n']}): type {c['type_accuracy']:.3f} (ceiling {top['type_accuracy']:.3f}), "
+                    f"stain {c['stain_accuracy']:.3f} (ceiling {top['stain_accuracy']:.3f})")
+            if part == "unseen":
+                line += f", leakage {c['leakage']:.3f} (ground truth {top['leakage']:.3f})"
+            print(line)
+    print(f"probes trained on real tiles{'' if cal else ' (no ground truth for this dataset)'}, CONFOUNDED: each site "
+          "belongs to one type there, so the site numbers read morphology too and misjudge unseen pairs "
+          f"(chance: type {ch['type_accuracy']:.3f}, site {ch['site_accuracy']:.3f}); "
           "type from features | grayscale features, site from features | stain statistics:")
     for part in ("seen", "unseen"):
         c = ca[part]

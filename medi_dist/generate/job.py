@@ -10,6 +10,7 @@ directory only reads as a dataset once every planned tile is there exactly once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -25,7 +26,7 @@ from ..metadata import ConditioningSpec
 from ..model.config import ModelConfig
 from ..model.model_dir import WEIGHT_FILES, read_model_info, verify_model_dir
 from ..model.sampling import SAMPLERS
-from .plan import GenerationPlan, PlanError, PlanRow, resolve, training_data
+from .plan import SITE as SITE_COLUMN, GenerationPlan, PlanError, PlanRow, resolve, training_data
 from .tiles import plan_id, shard_spans, task_tiles
 from .writer import SPLIT, SamplingSettings, ShardGenerator, read_shard, shard_complete, shard_path
 
@@ -35,7 +36,7 @@ GENERATION_FILE = "generation.json"
 
 @dataclass
 class GenerateConfig:
-    model: str
+    model: str | None  # model directory; None with `reference`
     out: str
     plan: GenerationPlan = field(default_factory=GenerationPlan)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
@@ -46,6 +47,7 @@ class GenerateConfig:
     tiles_per_shard: int = 256
     max_shards: int | None = None  # stop after this many new shards (tests, preemption drills)
     overwrite: bool = False
+    reference: str | None = None  # oracle | noise: a pool without a model, from `dataset` (reference.py)
 
 
 @dataclass
@@ -72,30 +74,50 @@ def _settings_check(cfg: GenerateConfig, info: dict) -> str:
     mcfg = ModelConfig.from_dict(info["model"])
     if s.guidance != 1.0 and max([mcfg.default_cond_dropout, *mcfg.cond_dropout.values()]) <= 0:
         raise PlanError("classifier-free guidance needs a model trained with condition dropout; use --guidance 1")
+    if cfg.plan.null_site and mcfg.dropout_for(SITE_COLUMN) <= 0:
+        raise PlanError("null_site needs a model trained with site dropout (model.cond_dropout "
+                        "tissue_source_site > 0): its null-site branch is untrained otherwise")
     weights = s.weights if s.weights != "auto" else ("ema" if WEIGHT_FILES["ema"] in info["weights"] else "raw")
     if WEIGHT_FILES.get(weights) not in info["weights"]:
         raise PlanError(f"{cfg.model} has no {weights!r} weights; it has {info['weights']}")
     return weights
 
 
+def _reference_source(cfg: GenerateConfig) -> tuple[dict, ConditioningSpec, str]:
+    from .reference import check_reference, reference_spec
+
+    if cfg.model or not cfg.dataset:
+        raise PlanError(f"a {cfg.reference} pool is made from a dataset, not a model: pass --dataset DIR and no --model")
+    manifest = check_reference(cfg.reference, cfg.dataset)
+    shards = "".join(sh.get("sha256", "") for sh in manifest["shards"])
+    source = f"{cfg.reference}-{hashlib.sha256(shards.encode()).hexdigest()[:12]}"  # names the real tiles used
+    meta = {"synthetic": True, "source": source, "reference": cfg.reference, "sampler": cfg.reference, "steps": 0,
+            "guidance": 1.0, "weights": None, "precision": None}
+    return meta, reference_spec(cfg.dataset), source
+
+
 def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, ConditioningSpec]:
     """Validate everything and return the shard tasks (no sampling, no Ray)."""
-    info = read_model_info(cfg.model)
-    weights = _settings_check(cfg, info)
-    verify_model_dir(cfg.model, WEIGHT_FILES[weights])  # what each actor's loader checks, before Ray or --out
-    spec = ConditioningSpec.load(Path(cfg.model) / "conditioning.json")
+    s = cfg.sampling
+    if cfg.reference:
+        meta, spec, model_id = _reference_source(cfg)
+    else:
+        info = read_model_info(cfg.model)
+        weights = _settings_check(cfg, info)
+        verify_model_dir(cfg.model, WEIGHT_FILES[weights])  # what each actor's loader checks, before Ray or --out
+        spec = ConditioningSpec.load(Path(cfg.model) / "conditioning.json")
+        model_id = info["model_id"]
+        meta = {"synthetic": True, "source": model_id, "sampler": s.sampler, "steps": s.steps,
+                "guidance": s.guidance, "weights": weights, "precision": s.precision}
     train = training_data(cfg.model, cfg.dataset)
     rows = resolve(cfg.plan, spec, train)
-    s = cfg.sampling
-    meta = {"synthetic": True, "source": info["model_id"], "sampler": s.sampler, "steps": s.steps,
-            "guidance": s.guidance, "weights": weights, "precision": s.precision}
     pid = plan_id(rows, cfg.plan.seed, meta)
     # Tasks carry spans of plan rows, not per-tile records; tiles are expanded where they are made.
     tasks = [{"shard": i, "path": shard_path(i), "generation": pid, "meta": meta, "plan_seed": cfg.plan.seed,
               "spans": spans, "rows": {str(r): {"conditions": rows[r].conditions, "seen": rows[r].seen} for r, _, _ in spans}}
              for i, spans in enumerate(shard_spans([r.count for r in rows], cfg.tiles_per_shard))]
-    header = {"format": "medi-dist-generation/1", "generation": pid, "model": str(Path(cfg.model).resolve()),
-              "model_id": info["model_id"], "plan": asdict(cfg.plan), "sampling": asdict(s), **meta,
+    header = {"format": "medi-dist-generation/1", "generation": pid,
+              "model": str(Path(cfg.model or cfg.dataset).resolve()), "model_id": model_id, "plan": asdict(cfg.plan), "sampling": asdict(s), **meta,
               "tiles_per_shard": cfg.tiles_per_shard, "tiles": sum(r.count for r in rows), "shards": len(tasks),
               "training_pairs_from": train.source,
               "rows": [asdict(r) for r in rows]}
@@ -173,6 +195,7 @@ def _finalize(out: Path, tasks: list[dict], header: dict, spec: ConditioningSpec
                         for (t, s), n in groups.items()]}
     atomic_write_text(out / SPLIT_FILE, json.dumps(split, indent=2))
     manifest = {"format": "medi-dist-dataset/1", "source": header["model_id"], "synthetic": True,
+                **({"reference": header["reference"]} if header.get("reference") else {}),
                 "tiles": int(len(index)), "image_formats": ["png"], "categorical": spec.categorical_names,
                 "continuous": spec.continuous_names, "shards": shards, "skipped": [],
                 "generation": {k: v for k, v in header.items() if k != "rows"}}
@@ -192,7 +215,13 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     if pending:  # an incomplete directory must not read as a dataset (e.g. a shard was deleted)
         (out / MANIFEST).unlink(missing_ok=True)
     log.info("%d shards planned, %d complete, %d to generate", len(tasks), len(tasks) - len(pending), len(todo))
-    results = _run_ray(cfg, todo) if todo else []
+    if cfg.reference:  # rendering or noise costs milliseconds per tile: no Ray, no model
+        from .reference import ReferenceGenerator
+
+        gen = ReferenceGenerator(cfg.reference, cfg.dataset, out) if todo else None
+        results = [gen.run(t) for t in todo]
+    else:
+        results = _run_ray(cfg, todo) if todo else []
     complete = len(todo) == len(pending)
     if complete:
         _finalize(out, tasks, header, spec)

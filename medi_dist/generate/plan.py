@@ -28,7 +28,7 @@ from ..model.model_dir import read_model_info
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
 MODES = ("explicit", "unseen-pairs", "balance")
-NUMERIC = {"count", "target", "seed", "include_unseen"}  # plan fields that are not condition values
+NUMERIC = {"count", "target", "seed", "include_unseen", "null_site"}  # plan fields that are not condition values
 # Shard tasks hold spans, so planning is cheap at any size; a count like 1e11 is a slip (years of
 # sampling, ~4 x 10^8 shards), refused before any work.
 MAX_TILES = 50_000_000
@@ -49,6 +49,7 @@ class GenerationPlan:
     include_unseen: bool = False  # balance: also fill (type, site) pairs absent from training
     extra: dict = field(default_factory=dict)  # more conditions, e.g. {sex: [female, male]}: one row per value
     seed: int = 0
+    null_site: bool = False  # explicit rows without a site: the site-conditioned model with its site nulled
 
     @classmethod
     def from_dict(cls, d: dict) -> "GenerationPlan":
@@ -103,9 +104,17 @@ class TrainingData:
         return sorted({s for _, s in self.pairs})
 
 
-def training_data(model_dir: str | Path, dataset: str | Path | None = None) -> TrainingData:
+def _train_counts(index_path: Path) -> Counter:
+    idx = pd.read_parquet(index_path, columns=[TYPE, SITE, "split"])
+    idx = idx[idx["split"] == "train"]
+    return Counter(zip(idx[TYPE].astype(str), idx[SITE].astype(str)))
+
+
+def training_data(model_dir: str | Path | None, dataset: str | Path | None = None) -> TrainingData:
     """The model's training pairs (config.json `train_pairs`, else the train split of its dataset),
     with tile counts from the dataset's index where it can be read (`dataset` overrides the recorded one)."""
+    if model_dir is None:  # a reference pool (oracle, noise): the dataset's own train split
+        return TrainingData(dict(_train_counts(Path(dataset) / "index.parquet")), str(dataset))
     info = read_model_info(model_dir).get("info", {})
     recorded = {tuple(map(str, p)) for p in info.get("train_pairs") or []} or None
     path = dataset or info.get("dataset")
@@ -113,9 +122,7 @@ def training_data(model_dir: str | Path, dataset: str | Path | None = None) -> T
     if dataset is not None and not index_path.is_file():
         raise FileNotFoundError(f"--dataset {dataset} has no index.parquet; point it at the model's training dataset")
     if index_path is not None and index_path.is_file():
-        idx = pd.read_parquet(index_path, columns=[TYPE, SITE, "split"])
-        idx = idx[idx["split"] == "train"]
-        counts = Counter(zip(idx[TYPE].astype(str), idx[SITE].astype(str)))
+        counts = _train_counts(index_path)
         if recorded is None or recorded <= set(counts):
             return TrainingData({p: counts[p] for p in (recorded or counts)}, str(path))
     if recorded is not None:  # the dataset moved or changed: pairs are still known, counts are not
@@ -178,11 +185,12 @@ def _extra_combos(spec: ConditioningSpec, extra: dict) -> list[dict]:
     return [_check_conditions(spec, c, "extra") for c in combos]
 
 
-def _check_complete(spec: ConditioningSpec, cond: dict, where: str) -> None:
+def _check_complete(spec: ConditioningSpec, cond: dict, where: str, nulled: tuple = ()) -> None:
     """A tile's metadata must read back through the model's vocabularies: a categorical column left
-    unconditional becomes `Unknown`, so it may only be left out where `Unknown` is a trained value."""
+    unconditional becomes `Unknown`, so it may only be left out where `Unknown` is a trained value
+    (or where the plan nulls it on purpose)."""
     for v in spec.categorical:
-        if v.name not in cond and UNKNOWN not in v.values:
+        if v.name not in cond and v.name not in nulled and UNKNOWN not in v.values:
             raise PlanError(f"{where}: the model is conditioned on {v.name} (values: {', '.join(v.values)}); "
                             f"give it per row or in extra, e.g. extra: {{{v.name}: [{', '.join(v.values[:2])}]}}")
 
@@ -193,8 +201,12 @@ def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -
         raise PlanError(f"plan mode must be one of {MODES}, got {plan.mode!r}")
     if TYPE not in spec.categorical_names:
         raise PlanError(f"the model is not conditioned on {TYPE} (it has {spec.categorical_names})")
-    by_site = SITE in spec.categorical_names  # False: class-only model, rows name no site
-    if plan.mode != "explicit" and not by_site:
+    if plan.null_site and (plan.mode != "explicit" or SITE not in spec.categorical_names):
+        raise PlanError("null_site is for explicit rows of a model conditioned on tissue_source_site (a class-only "
+                        "arm from the same network): use mode explicit with rows of cancer_type and count")
+    # False: class-only model or site nulled (condition dropout trained that branch); rows name no site
+    by_site = SITE in spec.categorical_names and not plan.null_site
+    if plan.mode != "explicit" and SITE not in spec.categorical_names:
         raise PlanError(f"{plan.mode} plans need a model conditioned on {SITE}; this one is conditioned on "
                         f"{spec.categorical_names}: use explicit rows (cancer_type, count)")
     if plan.mode != "explicit" and plan.rows:
@@ -220,6 +232,8 @@ def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -
             where = f"row {i + 1}"
             if not isinstance(r, dict) or any(k not in r for k in need):
                 raise PlanError(f"{where}: need {', '.join(need)}, got {r!r}")
+            if plan.null_site and SITE in r:
+                raise PlanError(f"{where}: null_site plans leave the site out; drop {SITE} from the row")
             r = dict(r)
             n = _count(r.pop("count"), where)
             t = _check_trained(spec, train, TYPE, r[TYPE], where)
@@ -232,7 +246,7 @@ def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -
             else:
                 seen, real = True, real_of_type[t]
             for extra in _extra_combos(spec, {k: v for k, v in plan.extra.items() if k not in r}):
-                _check_complete(spec, {**extra, **cond}, where)
+                _check_complete(spec, {**extra, **cond}, where, (SITE,) if plan.null_site else ())
                 rows.append(PlanRow({**extra, **cond}, n, seen, real))
     else:
         types = [_check_trained(spec, train, TYPE, t, "types") for t in (plan.types or train.types)]

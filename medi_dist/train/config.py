@@ -27,6 +27,9 @@ class ModelSection:
     continuous: list[str] = field(default_factory=list)  # e.g. [age]
     fusion: str = "additive"
     cond_dropout: float = 0.1  # per column, to a learned null token (classifier-free guidance)
+    # per-column rates over cond_dropout, e.g. {tissue_source_site: 0.3, cancer_type: 0.05}: a site dropped
+    # often trains the same network's class-only branch; a type kept makes the site carry stain, not type
+    column_dropout: dict[str, float] = field(default_factory=dict)
     # v-prediction learns usable samples within a few hundred CPU steps where epsilon gives noise
     # (measured on procedural data; the reference used epsilon); set epsilon to match it exactly
     prediction_type: str = "v_prediction"
@@ -96,3 +99,10 @@ class TrainConfig:
                              f"{self.model.conditions}")
         if not 0 <= self.model.cond_dropout <= 1:
             raise ValueError(f"model.cond_dropout must be in [0, 1], got {self.model.cond_dropout}")
+        if not isinstance(self.model.column_dropout, dict):
+            raise ValueError(f"model.column_dropout must map condition columns to rates, got {self.model.column_dropout!r}")
+        columns = set(self.model.conditions) | set(self.model.continuous)
+        for k, p in self.model.column_dropout.items():
+            if k not in columns or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise ValueError(f"model.column_dropout: {k}={p!r}; need a condition column ({sorted(columns)}) "
+                                 "and a rate in [0, 1]")

@@ -39,7 +39,8 @@ class TrainResult:
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
     m = cfg.model
-    overrides = dict(fusion=m.fusion, default_cond_dropout=m.cond_dropout, prediction_type=m.prediction_type)
+    overrides = dict(fusion=m.fusion, default_cond_dropout=m.cond_dropout, cond_dropout=dict(m.column_dropout),
+                     prediction_type=m.prediction_type)
     if m.resolution:
         overrides["sample_size"] = m.resolution
     return ModelConfig.from_preset(m.preset, **overrides)
