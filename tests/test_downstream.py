@@ -7,6 +7,7 @@ import argparse
 import re
 import json
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -15,9 +16,10 @@ import torch
 
 from medi_dist.evaluate import allocation as al
 from medi_dist.evaluate.downstream import (
-    DownstreamConfig, DownstreamError, compare, load_inputs, run_downstream, run_seed, validate, verdict,
+    DownstreamConfig, DownstreamError, augmented, compare, load_inputs, normalized, run_downstream, run_seed, validate,
+    verdict,
 )
-from medi_dist.evaluate.tiles import AUDIT, FeatureCache, load_tiles, pool_index, read_index
+from medi_dist.evaluate.tiles import AUDIT, FeatureCache, Part, load_tiles, pool_index, read_index
 from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 
@@ -208,3 +210,52 @@ def test_a_ratio_the_pools_cannot_fill_is_reported(data):
     assert res.effective_ratio == pytest.approx(n_syn / n_real)
     assert f"used {n_syn} synthetic per {n_real} real" in res.shortfall()
     assert run_downstream(cfg_for(data, ratio=0.25, seeds=[0])).shortfall() is None
+
+
+def test_stain_baselines_do_what_they_say(data):
+    from medi_dist.evaluate.downstream import balance_weights
+    from medi_dist.evaluate.stain import hed_jitter, macenko_normalize, restain
+
+    X, meta = load_tiles(data["real"], ["train"])
+    sites = meta["tissue_source_site"].astype(str).to_numpy()
+    od = lambda im: (-np.log((im.reshape(len(im), -1, 3).astype(float) + 1) / 256)).mean(1)  # noqa: E731
+    site_means = lambda im: np.stack([od(im[sites == s]).mean(0) for s in np.unique(sites)])  # noqa: E731
+    assert np.abs(hed_jitter(X[:20], np.random.default_rng(0), 0.0).astype(int) - X[:20]).max() <= 2  # identity
+    jittered = hed_jitter(X[:20], np.random.default_rng(0), 0.2)
+    assert np.abs(od(jittered) - od(X[:20])).mean() > 0.02
+    # Macenko: every slide onto one stain, so the sites' mean colours move together
+    norm = macenko_normalize(X, meta["slide_id"], X)
+    assert site_means(norm).std(0).sum() < 0.9 * site_means(X).std(0).sum()  # measured 0.24 vs 0.30
+    # re-staining: each slide into another site's stain; the copies' colour leaves their own site's
+    moved = restain(X, meta["slide_id"], sites, seed=0)
+    own = site_means(X)[np.searchsorted(np.unique(sites), sites)]
+    assert np.abs(od(moved) - own).mean() > 2 * np.abs(od(X) - own).mean()
+    # balancing: each (type, site) the same total weight within its type, types keep their counts
+    w = balance_weights(np.array(["a", "a", "a", "b"]), np.array(["s", "s", "t", "u"]))
+    assert np.allclose(w, [0.75, 0.75, 1.5, 1.0])
+
+
+def test_baseline_arms_in_the_protocol_and_the_cli(data, capsys):
+    from medi_dist.cli import main
+
+    base = DownstreamConfig(str(data["real"]), cache_dir=data["cache"], classifier="cnn", seeds=[0], epochs=1,
+                            width=8, max_per_class=30)
+    comp = compare(base, {"real only": {}, "hed": {"augment": "hed-jitter", "augment_ratio": 0.5},
+                          "restain": {"augment": "restain"}, "macenko": {"normalize": "macenko"},
+                          "balanced": {"balance": "type-site"}})
+    assert all(0 <= r.mean_sem["balanced_accuracy"][0] <= 1 for r in comp.results.values())
+    inputs = load_inputs(base)
+    real = Part(inputs.train.X[:40], inputs.train.meta.iloc[:40])
+    for augment, ratio in (("hed-jitter", 0.5), ("restain", 2.0)):
+        copies = augmented(replace(base, augment=augment, augment_ratio=ratio), real, seed=0)
+        assert len(copies.X) == len(copies.meta) == round(40 * ratio) and not np.array_equal(copies.X, real.X[:len(copies.X)])
+    normed = normalized(inputs, "macenko")
+    assert normed is normalized(inputs, "macenko") and not np.array_equal(normed.test.X, inputs.test.X)  # cached
+    with pytest.raises(DownstreamError, match="use --classifier cnn"):
+        validate(cfg_for(data, classifier="linear", augment="hed-jitter"))
+    with pytest.raises(DownstreamError, match="augment must be one of"):
+        validate(cfg_for(data, classifier="cnn", augment="jpeg"))
+    assert main(["evaluate", "downstream", "--real", str(data["real"]), "--classifier", "cnn", "--epochs", "1",
+                 "--seeds", "0", "--max-per-class", "20", "--baselines", "hed-jitter", "macenko"]) == 0
+    out = capsys.readouterr().out
+    assert "paired difference hed-jitter - real only" in out and "paired difference macenko - real only" in out

@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 
 from .allocation import ALLOCATIONS
+from .downstream import BASELINES
 
 
 def _downstream(args: argparse.Namespace) -> None:
     from ..ray_setup import check_job_paths
-    from .downstream import DownstreamConfig, compare, verdict
+    from .downstream import DownstreamConfig, baseline, compare, verdict
 
     check_job_paths({"--real": args.real, "--cache-dir": args.cache_dir, "--out": args.out,
                      **{f"--synthetic[{i}]": p for i, p in enumerate(args.synthetic)}},
@@ -24,9 +25,11 @@ def _downstream(args: argparse.Namespace) -> None:
     base = DownstreamConfig(real=args.real, synthetic=args.synthetic, classifier=args.classifier, encoder=args.encoder,
                             allocation=args.allocation, seeds=args.seeds, k_sites=args.k_sites,
                             max_per_class=args.max_per_class, test_split=args.test_split, C=args.C, lr=args.lr,
-                            epochs=args.epochs, image_size=args.image_size, cache_dir=args.cache_dir)
+                            epochs=args.epochs, image_size=args.image_size, cache_dir=args.cache_dir,
+                            jitter=args.jitter)
     # Real-only always runs first: the same real tiles per seed, so every delta below is paired.
     arms = {"real only": {"ratio": 0.0}}
+    arms.update({name: baseline(name) for name in dict.fromkeys(args.baselines)})  # on real tiles only
     arms.update({f"r={r:g} {args.allocation}": {"ratio": r} for r in ratios if r != 0})
     if any(r < 0 for r in ratios):
         from .downstream import DownstreamError
@@ -87,6 +90,11 @@ def add_downstream_parser(evaluate_subparsers) -> argparse.ArgumentParser:
                    help="linear probe features: random-conv[:DIM[:SEED]], uni:PATH, uni2-h:PATH, timm:ARCH:PATH, openclip:NAME:PATH or inception:PATH (weights from a local file)")
     p.add_argument("--ratio", type=float, nargs="+", default=[0.0], help="synthetic tiles per real tile (one arm each)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="inverse-frequency")
+    p.add_argument("--baselines", nargs="+", default=[], choices=[b for b in BASELINES if b != "none"],
+                   help="arms without a generator, on the same real tiles (cnn): HED stain jitter (one jittered "
+                   "copy per real tile), re-staining into other training sites' stains, Macenko normalisation of "
+                   "every slide, (type, site)-balanced sampling")
+    p.add_argument("--jitter", type=float, default=0.05, help="HED jitter strength (0.05 HED-light, 0.2 HED-strong)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--k-sites", type=int, default=None, help="train on k random real sites (low-data regime)")
     p.add_argument("--max-per-class", type=int, default=None, help="at most m real tiles per class")

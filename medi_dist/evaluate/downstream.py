@@ -60,6 +60,17 @@ class DownstreamConfig:
     balance: str = "none"  # none | type-site: each (type, site) weighs the same within its type
 
 
+# Named baselines (arms on real tiles only, or added to a synthetic arm) -> config overrides
+BASELINES = {"none": {}, "hed-jitter": {"augment": "hed-jitter"}, "restain": {"augment": "restain"},
+             "macenko": {"normalize": "macenko"}, "type-site-balance": {"balance": "type-site"}}
+
+
+def baseline(name: str) -> dict:
+    if name not in BASELINES:
+        raise DownstreamError(f"baseline must be one of {sorted(BASELINES)}, got {name!r}")
+    return dict(BASELINES[name])
+
+
 def validate(cfg: DownstreamConfig, build_encoder: bool = True):
     """Check the config and inputs without reading pixels; returns the encoder (linear) or None."""
     if not (cfg.ratio >= 0):

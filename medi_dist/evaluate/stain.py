@@ -26,7 +26,10 @@ def hed_jitter(images: np.ndarray, rng: np.random.Generator, sigma: float = 0.05
     for i, img in enumerate(images):
         hed = rgb2hed(img)
         a, b = rng.uniform(1 - sigma, 1 + sigma, 3), rng.uniform(-sigma, sigma, 3)
-        out[i] = np.clip(hed2rgb(hed * a + b) * 255 + 0.5, 0, 255).astype(np.uint8)
+        # add the jitter's change only: skimage's rgb2hed clips negative stain amounts, so a plain
+        # round trip would already shift near-white pixels by up to ~10 %
+        change = (hed2rgb(hed * a + b) - hed2rgb(hed)) * 255
+        out[i] = np.clip(img + change + 0.5, 0, 255).astype(np.uint8)
     return out
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..evaluate.allocation import ALLOCATIONS
-from ..evaluate.downstream import Comparison, DownstreamConfig, DownstreamError, validate
+from ..evaluate.downstream import Comparison, DownstreamConfig, DownstreamError, baseline, validate
 from ..evaluate.metrics import METRIC_NAMES
 from .trial import TrialContext, run_trial
 
@@ -34,6 +34,8 @@ class SearchSpace:
     pools: list[str] = field(default_factory=list)  # generated dataset dirs
     lr: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])  # classifier: cnn
     C: list[float] = field(default_factory=lambda: [0.1, 1.0])  # classifier: linear
+    # stain baselines, alone or with a pool: none | hed-jitter | restain | macenko (cnn) | type-site-balance
+    baseline: list[str] = field(default_factory=lambda: ["none"])
 
 
 @dataclass
@@ -101,8 +103,10 @@ def check_study(cfg: StudyConfig):
         raise DownstreamError(f"cpus_per_trial must be > 0, got {cfg.cpus_per_trial}")
     encoder = None
     for alloc in sp.allocation:
-        probe = replace(base_config(cfg), ratio=max(sp.ratio), allocation=alloc, synthetic=[_abs(p) for p in sp.pools])
-        encoder = validate(probe, build_encoder=encoder is None) or encoder
+        for name in sp.baseline or ["none"]:
+            probe = replace(base_config(cfg), ratio=max(sp.ratio), allocation=alloc,
+                            synthetic=[_abs(p) for p in sp.pools], **baseline(name))
+            encoder = validate(probe, build_encoder=encoder is None) or encoder
     return encoder
 
 
@@ -112,6 +116,8 @@ def param_space(cfg: StudyConfig) -> dict:
     dims = {"ratio": cfg.space.ratio, "allocation": cfg.space.allocation,
             "pool": [_abs(p) for p in cfg.space.pools] or [""]}
     dims.update({"lr": cfg.space.lr} if cfg.classifier == "cnn" else {"C": cfg.space.C})
+    if list(cfg.space.baseline) != ["none"]:  # absent otherwise: studies from before keep their space
+        dims["baseline"] = cfg.space.baseline
     pick = tune.grid_search if cfg.search == "grid" else tune.choice
     return {k: pick(list(v)) for k, v in dims.items()}
 

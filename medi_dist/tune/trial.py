@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluate.downstream import DownstreamConfig, DownstreamResult, SeedRun, load_inputs, run_seed
+from ..evaluate.downstream import DownstreamConfig, DownstreamResult, SeedRun, baseline, load_inputs, run_seed
 from ..evaluate.tiles import AUDIT, LazyEncoder, read_index
 
 RUNS_FILE = "runs.json"
@@ -42,7 +42,8 @@ def trial_config(base: DownstreamConfig, config: dict) -> DownstreamConfig:
     ratio = float(config["ratio"])
     pool = config.get("pool") or ""
     return replace(base, ratio=ratio, allocation=config["allocation"], synthetic=[pool] if ratio > 0 and pool else [],
-                   lr=float(config.get("lr", base.lr)), C=float(config.get("C", base.C)))
+                   lr=float(config.get("lr", base.lr)), C=float(config.get("C", base.C)),
+                   **baseline(config.get("baseline", "none")))
 
 
 def pool_info(pool: str) -> dict:
