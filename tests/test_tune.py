@@ -145,6 +145,22 @@ def test_study_bad_inputs_fail_before_any_work(tune_data, tmp_path):
     assert not store.exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_baselines_in_the_search_space(tune_data, tmp_path):
+    from medi_dist.tune.study import base_config, check_study, param_space
+    from medi_dist.tune.trial import trial_config
+
+    cfg = study_config(tune_data, tmp_path)
+    assert "baseline" not in param_space(cfg)  # a study without baselines keeps its earlier space
+    both = replace(cfg, space=replace(cfg.space, baseline=["none", "type-site-balance"]))
+    check_study(both)
+    assert param_space(both)["baseline"] is not None
+    chosen = trial_config(base_config(both),
+                          {"ratio": 0.5, "allocation": "uniform", "pool": "", "C": 1.0, "baseline": "type-site-balance"})
+    assert chosen.balance == "type-site" and chosen.augment == "none"
+    with pytest.raises(DownstreamError, match="use --classifier cnn"):  # pixel transforms need the CNN
+        check_study(replace(cfg, space=replace(cfg.space, baseline=["hed-jitter"])))
+
+
 def test_example_config_loads():
     from medi_dist.config import load_config
 
