@@ -84,6 +84,22 @@ def test_unseen_pairs_and_balance_plans(rand_model, train_pairs):
     assert len(bal_u) == 2 * len(sites) and all(r.count == target for r in bal_u if not r.seen)
 
 
+def test_site_nulled_plans(rand_model, proc_dataset, tmp_path):
+    """The class-only arm from the same network: type rows, no site, tiles recorded with Unknown site."""
+    spec, train = _spec(rand_model), training_data(rand_model)
+    rows = resolve(GenerationPlan(rows=[{TYPE: t, "count": 2} for t in train.types], null_site=True), spec, train)
+    assert [r.conditions for r in rows] == [{TYPE: t} for t in train.types] and all(r.seen for r in rows)
+    with pytest.raises(PlanError, match="drop tissue_source_site"):
+        resolve(GenerationPlan(rows=[{TYPE: train.types[0], SITE: train.sites[0], "count": 1}], null_site=True), spec, train)
+    with pytest.raises(PlanError, match="null_site is for explicit rows"):
+        resolve(GenerationPlan(mode="unseen-pairs", null_site=True), spec, train)
+    no_drop = ConditionedUNet(ModelConfig.from_preset("tiny", default_cond_dropout=0.0), spec)
+    save_model_dir(tmp_path / "nd", no_drop, EMA(no_drop), extra_info={"name": "nd", "dataset": str(proc_dataset)})
+    with pytest.raises(PlanError, match="trained with site dropout"):
+        build_tasks(GenerateConfig(model=str(tmp_path / "nd"), out=str(tmp_path / "o"), plan=GenerationPlan(
+            rows=[{TYPE: train.types[0], "count": 1}], null_site=True)))
+
+
 def test_plan_validation_errors(rand_model, proc_dataset, train_pairs, tmp_path):
     spec, train = _spec(rand_model), training_data(rand_model)
     t, s = next(iter(train_pairs))
