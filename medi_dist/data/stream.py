@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import ray
 from PIL import Image
+from ray.data.datasource import FileShuffleConfig
 
 from ..metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec
 from .shards import INDEX, VOCAB, load_manifest, verify_shards
@@ -37,6 +38,9 @@ class StreamConfig:
     batch_rows: int = 256
     seed: int = 0
     num_cpus: float = 0.5  # per decode task; budgeted so Train workers don't starve Ray Data
+    # Same seed -> same rows in the same order every run: seeded shard shuffle (a new order each
+    # epoch, the same epochs every run) and blocks delivered in task order, not completion order.
+    deterministic: bool = True
 
 
 class TooManyBadTiles(RuntimeError):
@@ -142,9 +146,19 @@ class TileStream:
     ledger: "ray.actor.ActorHandle"
     spec: ConditioningSpec
     tiles: int  # tiles in the selected splits (before balancing)
+    deterministic: bool = True
 
     def skipped(self) -> dict:
         return ray.get(self.ledger.summary.remote())
+
+    def ingest_options(self) -> "ray.data.ExecutionOptions":
+        """Ray Train's ingest options with this stream's order setting (Train otherwise takes
+        preserve_order from the driver's global DataContext, not from the dataset)."""
+        from ray.train import DataConfig
+
+        opts = DataConfig.default_ingest_options()
+        opts.preserve_order = self.deterministic
+        return opts
 
 
 def tile_stream(dataset_dir: str | Path, splits=("train",), cfg: StreamConfig | None = None,
@@ -172,11 +186,13 @@ def tile_stream(dataset_dir: str | Path, splits=("train",), cfg: StreamConfig | 
     ledger = BadTileLedger.remote()
     ds = ray.data.read_webdataset(
         [str(p) for p in paths], decoder=None, filerename=unify_image_member,
-        suffixes=[IMAGE_COLUMN, "json"], shuffle="files", num_cpus=cfg.num_cpus,
+        suffixes=[IMAGE_COLUMN, "json"], num_cpus=cfg.num_cpus,
+        shuffle=FileShuffleConfig(seed=cfg.seed) if cfg.deterministic else "files",
     )
     # A plain function (not an actor pool) lets Ray Data fuse reading and decoding into one task.
     ds = ds.map_batches(
         DecodeBatch(spec, cfg, weights, ledger, balance_cols),
         batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.num_cpus,
     )
-    return TileStream(ds, ledger, spec, int(len(index)))
+    ds.context.execution_options.preserve_order = cfg.deterministic  # this dataset's own context copy
+    return TileStream(ds, ledger, spec, int(len(index)), cfg.deterministic)

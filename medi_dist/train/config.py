@@ -17,6 +17,9 @@ class DataConfig:
     balance: str = "type"  # none | type | type_site (the reference balances by cancer type)
     max_bad_fraction: float = 0.01
     cpus_per_decode: float = 0.5  # Ray Data's CPU slice per decode task/actor
+    # The same command and seed give the same weights on the same machine: seeded, ordered data
+    # (each epoch its own order) and, on GPU, deterministic cuDNN kernels (no autotuning; slower).
+    deterministic: bool = True
 
 
 @dataclass

@@ -27,10 +27,10 @@ from ..tracking import RunLogger
 from .checkpoint import load_checkpoint, save_checkpoint
 
 
-def torch_batches(shard, batch_size: int, columns: list[str], epoch_skip: int, device):
+def torch_batches(shard, batch_size: int, columns: list[str], epoch_skip: int, device, shuffle_seed: int | None):
     """Tensors for the model's columns; the first `epoch_skip` batches were consumed before a resume."""
     it = shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2,
-                            local_shuffle_buffer_size=4 * batch_size)
+                            local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=shuffle_seed)
     for i, b in enumerate(it):
         if i < epoch_skip:
             continue
@@ -68,7 +68,11 @@ def train_worker(cfg: dict) -> None:
     run, optim = cfg["run"], cfg["optim"]
     if run.get("threads_per_worker"):
         torch.set_num_threads(run["threads_per_worker"])
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest convolutions
+    deterministic = cfg["data"].get("deterministic", True)
+    # fixed input shapes: let cuDNN pick the fastest convolutions, unless the run must be reproducible
+    # (autotuning picks by timing, and some of its kernels sum in a varying order)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
     accelerator = Accelerator(mixed_precision=run["mixed_precision"], cpu=not run["use_gpu"],
                               gradient_accumulation_steps=optim["grad_accum"])
     set_seed(cfg["seed"])  # identical initial weights on every rank
@@ -146,7 +150,10 @@ def train_worker(cfg: dict) -> None:
 
     while step < stop_at:
         t_wait = time.perf_counter()
-        for x, cond in torch_batches(shard, optim["batch_size"], columns, batches_in_epoch, accelerator.device):
+        # seeded per (seed, rank, epoch): a resumed epoch replays the same shuffle
+        shuffle_seed = int(np.random.SeedSequence([cfg["seed"], rank, epoch]).generate_state(1)[0]) if deterministic else None
+        for x, cond in torch_batches(shard, optim["batch_size"], columns, batches_in_epoch, accelerator.device,
+                                     shuffle_seed):
             wait += time.perf_counter() - t_wait
             if run["channels_last"]:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ..data.shards import verify_shards
@@ -151,7 +151,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                            "set run.use_gpu=false (and run.mixed_precision=no) to train on CPU, or submit to a GPU cluster")
     stream = tile_stream(cfg.data.dataset, cfg.data.splits,
                          StreamConfig(resolution=mcfg.sample_size, balance=cfg.data.balance, seed=cfg.seed,
-                                      max_bad_fraction=cfg.data.max_bad_fraction, num_cpus=cfg.data.cpus_per_decode))
+                                      max_bad_fraction=cfg.data.max_bad_fraction, num_cpus=cfg.data.cpus_per_decode,
+                                      deterministic=cfg.data.deterministic))
     spec = stream.spec.subset(cfg.model.conditions, cfg.model.continuous)
     record = check_resume(folder, cfg.run.name, record, mcfg, spec, cfg)
     uri = tracking_uri(cfg.run.tracking_uri)
@@ -177,6 +178,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         datasets={"train": stream.dataset},
+        dataset_config=DataConfig(execution_options=stream.ingest_options()),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
