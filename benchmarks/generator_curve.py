@@ -32,7 +32,7 @@ from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity import frechet_distance
 from medi_dist.evaluate.fidelity_job import calibrated_probes, read_tiles
 from medi_dist.metadata import UNKNOWN, ConditioningSpec
-from medi_dist.model import EMA, ConditionedUNet, ModelConfig, diffusion_loss, encode_conditions, sample
+from medi_dist.model import EMA, ConditionedUNet, ModelConfig, diffusion_loss, encode_conditions, sample, save_model_dir
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
 
@@ -46,18 +46,30 @@ def world(args) -> Path:
     return ds
 
 
-def evaluate(model, spec, index, ds, enc, args) -> dict:
-    types, sites = sorted(index[TYPE].unique()), sorted(index[SITE].unique())
-    rows = [{TYPE: t, SITE: s} for t in types for s in sites for _ in range(args.per_pair)]
-    rows += [{TYPE: t} for t in types for _ in range(args.per_pair * 2)]  # the site-nulled branch
+def draw(model, spec, rows, args, owners=None) -> np.ndarray:
+    """Tiles for rows; with `owners`, the owner-site composition of generate/writer.py."""
     imgs = []
-    model.eval()
     for i in range(0, len(rows), 64):
         chunk = rows[i:i + 64]
-        imgs.append(sample(model, encode_conditions(spec, chunk), seeds=list(range(i, i + len(chunk))),
-                           sampler=args.sampler, steps=args.sampler_steps))
+        cond, directions = encode_conditions(spec, chunk), []
+        if owners:
+            at_owner = [{TYPE: owners[r[SITE]], SITE: r[SITE]} for r in chunk]
+            cond = encode_conditions(spec, [{TYPE: r[TYPE]} for r in chunk])
+            directions = [(encode_conditions(spec, at_owner), encode_conditions(spec, [{TYPE: r[TYPE]} for r in at_owner]),
+                           args.composition_scale)]
+        imgs.append(sample(model, cond, seeds=list(range(i, i + len(chunk))), sampler=args.sampler,
+                           steps=args.sampler_steps, directions=directions))
+    return np.concatenate(imgs)
+
+
+def evaluate(model, spec, index, ds, enc, args, owners=None) -> dict:
+    types, sites = sorted(index[TYPE].unique()), sorted(index[SITE].unique())
+    rows = [{TYPE: t, SITE: s} for t in types for s in sites for _ in range(args.per_pair)]
+    n_sited = len(rows)
+    rows += [{TYPE: t} for t in types for _ in range(args.per_pair * 2)]  # the site-nulled branch
+    model.eval()
+    imgs = np.concatenate([draw(model, spec, rows[:n_sited], args, owners), draw(model, spec, rows[n_sited:], args)])
     model.train()
-    imgs = np.concatenate(imgs)
     meta = pd.DataFrame([{TYPE: r[TYPE], SITE: r.get(SITE, UNKNOWN)} for r in rows])
     trained = set(zip(index[TYPE], index[SITE]))
     meta["seen"] = [(t, s) in trained or s == UNKNOWN for t, s in zip(meta[TYPE], meta[SITE])]
@@ -104,7 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="dpmsolver++")
     p.add_argument("--sampler-steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--composition-scale", type=float, default=1.0, help="also score owner-site composition (0: skip)")
     p.add_argument("--out", default="benchmarks/results/generator_curve.json")
+    p.add_argument("--save", help="also write the final model directory here (for generate / fidelity / downstream)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     ds = world(args)
@@ -122,6 +136,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.95, 0.999), weight_decay=1e-6)
     sched = get_cosine_schedule_with_warmup(opt, max(1, args.steps // 100), args.steps)
     enc = get_encoder("random-conv")
+    owners = index.groupby(SITE)[TYPE].agg(lambda v: v.value_counts().index[0]).to_dict()
     curve, train_s, t0 = [], 0.0, time.perf_counter()
     for step in range(1, args.steps + 1):
         ts = time.perf_counter()
@@ -138,9 +153,14 @@ def main(argv=None) -> int:
             shadow = ConditionedUNet(mcfg, spec)
             shadow.load_state_dict(model.state_dict())
             ema.copy_to(shadow)
-            row = {"step": step, "train_minutes": train_s / 60, "loss": float(loss.detach()), **evaluate(shadow, spec, index, ds, enc, args)}
+            row = {"step": step, "train_minutes": train_s / 60, "loss": float(loss.detach()),
+                   **evaluate(shadow, spec, index, ds, enc, args)}
+            if args.composition_scale > 0:
+                row["owner_site"] = evaluate(shadow, spec, index, ds, enc, args, owners)
             curve.append(row)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            print(json.dumps(row, default=lambda v: round(v, 3)), flush=True)
+    if args.save:
+        save_model_dir(args.save, model, ema, extra_info={"name": "curve", "dataset": str(ds.resolve()), "steps": args.steps})
     result = {"benchmark": "generator_curve", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "cpus": torch.get_num_threads(), "load_at_end": list(np.round(np.array(__import__("os").getloadavg()), 2)),
               "settings": vars(args), "wall_minutes": (time.perf_counter() - t0) / 60, "curve": curve}

@@ -57,7 +57,8 @@ def _generate(args: argparse.Namespace) -> None:
         model=args.model, reference=args.reference, out=args.out, plan=plan_from_args(args), dataset=args.dataset,
         sampling=SamplingSettings(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                                   weights=args.weights, batch_size=args.batch_size, precision=args.precision,
-                                  compile=args.compile),
+                                  compile=args.compile, composition=args.composition,
+                                  composition_scale=args.composition_scale),
         workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         tiles_per_shard=args.tiles_per_shard, max_shards=args.max_shards, overwrite=args.overwrite)
     if args.dry_run:
@@ -105,6 +106,10 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="dpmsolver++", choices=["ddpm", "ddim", "dpmsolver++"])
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    s.add_argument("--composition", default="joint", choices=["joint", "owner-site"],
+                   help="joint: the model's (type, site) prediction; owner-site: (type, no site) plus the site's "
+                   "direction taken at the type that owns the site in training (needs site dropout)")
+    s.add_argument("--composition-scale", type=float, default=1.0, help="weight of the owner-site direction")
     s.add_argument("--weights", default="ema", choices=["ema", "raw", "auto"])
     s.add_argument("--batch-size", type=int, default=32, help="tiles per denoiser call")
     s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])

@@ -72,6 +72,11 @@ def _settings_check(cfg: GenerateConfig, info: dict) -> str:
     if s.precision not in ("fp32", "fp16", "bf16"):
         raise PlanError(f"precision must be fp32, fp16 or bf16, got {s.precision!r}")
     mcfg = ModelConfig.from_dict(info["model"])
+    if s.composition not in ("joint", "owner-site"):
+        raise PlanError(f"composition must be joint or owner-site, got {s.composition!r}")
+    if s.composition == "owner-site" and (cfg.plan.null_site or mcfg.dropout_for(SITE_COLUMN) <= 0):
+        raise PlanError("owner-site composition needs rows with a site and a model trained with site dropout "
+                        "(its no-site branch)")
     if s.guidance != 1.0 and max([mcfg.default_cond_dropout, *mcfg.cond_dropout.values()]) <= 0:
         raise PlanError("classifier-free guidance needs a model trained with condition dropout; use --guidance 1")
     if cfg.plan.null_site and mcfg.dropout_for(SITE_COLUMN) <= 0:
@@ -109,11 +114,17 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
         model_id = info["model_id"]
         meta = {"synthetic": True, "source": model_id, "sampler": s.sampler, "steps": s.steps,
                 "guidance": s.guidance, "weights": weights, "precision": s.precision}
+        if s.composition != "joint":
+            meta.update(composition=s.composition, composition_scale=s.composition_scale)
     train = training_data(cfg.model, cfg.dataset)
     rows = resolve(cfg.plan, spec, train)
     pid = plan_id(rows, cfg.plan.seed, meta)
+    owners = {}  # site -> the type with the most training tiles there (owner-site composition)
+    for (t, site), n in sorted(train.pairs.items(), key=lambda kv: -kv[1]):
+        owners.setdefault(site, t)
     # Tasks carry spans of plan rows, not per-tile records; tiles are expanded where they are made.
-    tasks = [{"shard": i, "path": shard_path(i), "generation": pid, "meta": meta, "plan_seed": cfg.plan.seed,
+    extra = {"owners": owners} if meta.get("composition") else {}
+    tasks = [{"shard": i, "path": shard_path(i), "generation": pid, "meta": meta, "plan_seed": cfg.plan.seed, **extra,
               "spans": spans, "rows": {str(r): {"conditions": rows[r].conditions, "seen": rows[r].seen} for r, _, _ in spans}}
              for i, spans in enumerate(shard_spans([r.count for r in rows], cfg.tiles_per_shard))]
     header = {"format": "medi-dist-generation/1", "generation": pid,

@@ -36,6 +36,10 @@ class SamplingSettings:
     batch_size: int = 32  # tiles per denoiser call (GPU memory bound)
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
     compile: bool = False  # torch.compile the denoiser (GPU)
+    # joint: eps(type, site) as trained. owner-site: eps(type, no site) + scale * (eps(owner, site) -
+    # eps(owner, no site)), the site's stain taken at the type that owns the site, where the model saw it
+    composition: str = "joint"
+    composition_scale: float = 1.0
 
 
 def shard_path(index: int) -> str:
@@ -102,21 +106,34 @@ class ShardGenerator:
             self.model = torch.compile(self.model)
         self.autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.precision]
 
-    def sample_tiles(self, tiles: list[dict]) -> np.ndarray:
-        from ..model import encode_conditions, sample
+    def _conditions(self, chunk: list[dict], owners: dict) -> tuple[dict, list]:
+        from ..model import encode_conditions
+
+        rows = [t["conditions"] for t in chunk]
+        if self.s.composition == "joint":
+            return encode_conditions(self.spec, rows, strict=True), []
+        enc = lambda rs: encode_conditions(self.spec, rs, strict=True)  # noqa: E731
+        no_site = [{k: v for k, v in r.items() if k != SITE} for r in rows]
+        at_owner = [{**r, "cancer_type": owners[r[SITE]]} for r in rows]
+        return enc(no_site), [(enc(at_owner), enc([{k: v for k, v in r.items() if k != SITE} for r in at_owner]),
+                               self.s.composition_scale)]
+
+    def sample_tiles(self, tiles: list[dict], owners: dict | None = None) -> np.ndarray:
+        from ..model import sample
 
         out = []
         for i in range(0, len(tiles), self.s.batch_size):  # fixed micro-batches: same on any worker count
             chunk = tiles[i:i + self.s.batch_size]
-            cond = encode_conditions(self.spec, [t["conditions"] for t in chunk], strict=True)
+            cond, directions = self._conditions(chunk, owners or {})
             out.append(sample(self.model, cond, seeds=[t["seed"] for t in chunk], sampler=self.s.sampler,
-                              steps=self.s.steps, guidance_scale=self.s.guidance, autocast_dtype=self.autocast))
+                              steps=self.s.steps, guidance_scale=self.s.guidance, autocast_dtype=self.autocast,
+                              directions=directions))
         return np.concatenate(out)
 
     def run(self, task: dict) -> dict:
         t0 = time.perf_counter()
         tiles = task_tiles(task)
-        images = self.sample_tiles(tiles)
+        images = self.sample_tiles(tiles, task.get("owners"))
         t_sample = time.perf_counter() - t0
         members = []
         for t, img in zip(tiles, images):
@@ -126,6 +143,6 @@ class ShardGenerator:
                     "generation": task["generation"], "split": SPLIT}
             members.append((t["key"], png_bytes(img), meta))
         write_shard(self.out / task["path"], members)
-        evals = len(images) * self.s.steps * (2 if self.s.guidance != 1.0 else 1)
+        evals = len(images) * self.s.steps * ((2 if self.s.guidance != 1.0 else 1) + (2 if self.s.composition != "joint" else 0))
         return {"path": task["path"], "tiles": len(images), "sample_s": t_sample,
                 "total_s": time.perf_counter() - t0, "evaluations": evals}

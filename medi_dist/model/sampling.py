@@ -94,6 +94,7 @@ def sample(
     autocast_dtype: torch.dtype | None = None,
     per_tile: bool = False,
     return_tensor: bool = False,
+    directions: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], float]] = (),
 ) -> np.ndarray | torch.Tensor:
     """Generate one tile per row of `cond` (keys cond_<name>/cont_<name>; absent columns are null).
 
@@ -102,6 +103,10 @@ def sample(
     column null; s == 1 skips the unconditional pass. per_tile=True: bitwise batch-independent
     pixels (one denoiser call per tile and step). Returns uint8 (B, H, W, 3), or the float
     tensor in [-1, 1] with return_tensor=True.
+
+    directions: composable conditioning (Liu et al. 2022), (plus, minus, w) condition sets added to
+    the prediction for `cond` as w * (eps(plus) - eps(minus)); e.g. a site's stain taken where the
+    model saw it: cond = (type, no site), plus = (site's own type, site), minus = (its type, no site).
     """
     base = unwrap(model)
     b = _batch_size(cond, seeds, generators)
@@ -116,15 +121,20 @@ def sample(
     sched = make_sampler(base.config, sampler)
     sched.set_timesteps(steps, device=device)
 
-    c = base.null_conditions(b, device)
-    c.update({k: v.to(device) for k, v in cond.items()})
+    def full(given: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = base.null_conditions(b, device)
+        out.update({k: v.to(device) for k, v in given.items()})
+        return out
+
+    # one forward pass over [cond; plus_1; minus_1; ...; uncond]
+    sets = [full(cond)] + [full(d) for plus, minus, _ in directions for d in (plus, minus)]
     guided = guidance_scale != 1.0
-    if guided:  # one forward pass over [cond; uncond]
-        u = base.null_conditions(b, device)
-        c = {k: torch.cat([v, u[k]]) for k, v in c.items()}
+    if guided:
+        sets.append(base.null_conditions(b, device))
+    c = {k: torch.cat([s_[k] for s_ in sets]) for k in sets[0]}
 
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    reps = 2 if guided else 1
+    reps = len(sets)
 
     def predict(xin: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Model output for [cond; uncond] rows (just cond when unguided)."""
@@ -135,7 +145,7 @@ def sample(
         for i in range(b):  # every call sees the same shapes whatever the batch: [tile] or [tile; tile]
             with amp:
                 outs.append(model(xin[i : i + 1].repeat(reps, 1, 1, 1), t, {k: v[i::b] for k, v in c.items()}).float())
-        return torch.cat([o[:1] for o in outs] + [o[1:] for o in outs])
+        return torch.cat([o[j : j + 1] for j in range(reps) for o in outs])
 
     shape = (base.config.in_channels, size, size)
     x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device) * sched.init_noise_sigma
@@ -143,10 +153,12 @@ def sample(
     base.eval()
     try:
         for t in sched.timesteps:
-            out = predict(sched.scale_model_input(x, t), t)
+            parts = predict(sched.scale_model_input(x, t), t).chunk(reps)
+            out = parts[0]
+            for i, (_, _, w) in enumerate(directions):
+                out = out + w * (parts[1 + 2 * i] - parts[2 + 2 * i])
             if guided:
-                oc, ou = out.chunk(2)
-                out = ou + guidance_scale * (oc - ou)
+                out = parts[-1] + guidance_scale * (out - parts[-1])
             if sampler == "ddpm":  # stochastic: per-tile step noise from each tile's own generator
                 x = torch.cat([sched.step(out[i : i + 1], t, x[i : i + 1], generator=g).prev_sample for i, g in enumerate(generators)])
             else:  # DDIM (eta=0) and DPM-Solver++ are deterministic given the initial noise
