@@ -33,7 +33,7 @@ def hed_jitter(images: np.ndarray, rng: np.random.Generator, sigma: float = 0.05
     return out
 
 
-def _macenko(images: np.ndarray):
+def fit_macenko(images: np.ndarray):
     """A torchstain Macenko normalizer fitted on the stacked tiles, or None where the tiles are too
     pale to estimate a stain (no pixel above the optical-density threshold)."""
     from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
@@ -66,7 +66,7 @@ def _groups(keys) -> dict:
 
 def macenko_normalize(images: np.ndarray, groups, reference: np.ndarray) -> np.ndarray:
     """Every group (slide) of `images` mapped onto the stain of `reference` tiles."""
-    target = _macenko(reference)
+    target = fit_macenko(reference)
     out = images.copy()
     for rows in _groups(groups).values():
         out[rows] = _apply(target, images[rows])
@@ -76,7 +76,7 @@ def macenko_normalize(images: np.ndarray, groups, reference: np.ndarray) -> np.n
 def restain(images: np.ndarray, slides, sites, seed: int) -> np.ndarray:
     """Each slide's tiles re-stained into the stain of another site of `sites` (seeded per slide)."""
     sites = np.asarray(sites).astype(str)
-    targets = {s: _macenko(images[rows]) for s, rows in _groups(sites).items()}
+    targets = {s: fit_macenko(images[rows]) for s, rows in _groups(sites).items()}
     names = sorted(targets)
     rng = np.random.default_rng([seed, 5])
     out = images.copy()

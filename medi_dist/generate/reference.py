@@ -3,9 +3,12 @@
 - ``oracle``: ground truth. On a procedural dataset the renderer can draw any (type, site) pair, so
   this is what a perfect MeDi generator would return for the plan (the ceiling of every table).
   Refused for any other dataset: real data has no renderer.
-- ``noise``: a control. Smoothed noise in the colours of the requested site (per-channel optical
-  density mean and spread of its real training tiles), labelled with the requested type. It carries
-  stain colour and labels but no morphology: an arm must beat it before its gain is about the tiles.
+- ``noise``: a control. Smoothed noise in the stain of the requested site, labelled with the
+  requested type: haematoxylin and eosin amounts drawn from their spread over *all* training tiles
+  (so the amounts say nothing about the type), mixed with the site's own stain vectors (Macenko,
+  fitted on the site's training tiles). It carries the site's colour and the labels but no
+  morphology: an arm must beat it before its gain is about the tiles. (Per-site colour statistics
+  alone would not do: a site's mean colour carries its owner type's nuclei density.)
 
 Tiles are a function of (dataset, plan, tile seed) only, like a generator's, and go through the same
 shard writer, resume and dataset files (generate/job.py).
@@ -53,17 +56,27 @@ def tile_size(dataset: str | Path) -> int:
     return int(read_tiles(dataset, ["train"], None, limit=1)[0].shape[1])
 
 
-def site_colours(dataset: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per training site: optical-density mean and standard deviation per RGB channel."""
+IO = 240  # transmitted light, as torchstain's Macenko
+
+
+def site_stains(dataset: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Per training site its stain matrix (3 x 2 optical densities of H and E, Macenko), and the mean
+    and spread of the (H, E) amounts per pixel over every training tile of every site."""
     from ..evaluate.fidelity_job import read_tiles
+    from ..evaluate.stain import fit_macenko
 
     images, index = read_tiles(dataset, ["train"], None)
-    od = -np.log((images.reshape(len(images), -1, 3).astype(np.float64) + 1) / 256)
-    out = {}
+    stains, amounts = {}, []
     for site, rows in index.groupby(SITE).indices.items():
-        px = od[rows].reshape(-1, 3)
-        out[str(site)] = (px.mean(0), px.std(0))
-    return out
+        he = fit_macenko(images[rows])
+        if he is None:
+            raise PlanError(f"{dataset}: the tiles of site {site} are too pale to estimate a stain; "
+                            "a noise control needs every training site's stain")
+        stains[str(site)] = he.HERef
+        od = -np.log((images[rows].reshape(-1, 3).astype(np.float64) + 1) / IO)
+        amounts.append(np.linalg.lstsq(he.HERef, od.T, rcond=None)[0].T[:: max(1, len(od) // 20000)])
+    amounts = np.clip(np.concatenate(amounts), 0, None)
+    return stains, amounts.mean(0), amounts.std(0)
 
 
 class ReferenceGenerator(ShardGenerator):
@@ -73,9 +86,9 @@ class ReferenceGenerator(ShardGenerator):
         self.kind, self.out = kind, Path(out_dir)
         self.s = SamplingSettings(sampler=kind, steps=0)
         self.size = tile_size(dataset)
-        self.colours = site_colours(dataset) if kind == "noise" else {}
+        self.stains, self.mean, self.std = site_stains(dataset) if kind == "noise" else ({}, None, None)
 
-    def sample_tiles(self, tiles: list[dict]) -> np.ndarray:
+    def sample_tiles(self, tiles: list[dict], owners: dict | None = None) -> np.ndarray:
         from ..data.procedural import render_jpeg
 
         out = np.empty((len(tiles), self.size, self.size, 3), np.uint8)
@@ -85,9 +98,9 @@ class ReferenceGenerator(ShardGenerator):
             if self.kind == "oracle":
                 with Image.open(io.BytesIO(render_jpeg(c[TYPE], c[SITE], rng, self.size))) as im:
                     out[i] = np.asarray(im.convert("RGB"))
-            else:
-                mean, std = self.colours[c[SITE]]
-                z = gaussian_filter(rng.standard_normal((self.size, self.size, 3)), (1, 1, 0))
-                od = mean + std * z / (z.std(axis=(0, 1)) + 1e-6)
-                out[i] = np.clip(256 * np.exp(-od) - 1 + 0.5, 0, 255).astype(np.uint8)
+            else:  # type-neutral H and E amounts, the requested site's stain vectors
+                z = gaussian_filter(rng.standard_normal((self.size, self.size, 2)), (1, 1, 0))
+                amount = np.clip(self.mean + self.std * z / (z.std(axis=(0, 1)) + 1e-6), 0, None)
+                od = amount @ self.stains[c[SITE]].T
+                out[i] = np.clip(IO * np.exp(-od) + 0.5, 0, 255).astype(np.uint8)
         return out
