@@ -27,7 +27,8 @@ def _ingest(args: argparse.Namespace) -> None:
         from .data.procedural import ProceduralConfig
 
         scan = sources.procedural(ProceduralConfig(
-            n_types=args.types, n_sites=args.sites, n_tiles=args.tiles, size=args.size, seed=args.seed))
+            n_types=args.types, n_sites=args.sites, n_tiles=args.tiles, size=args.size, seed=args.seed,
+            scanner_lines=args.scanner_lines))
     elif args.source == "tcga-ut":
         _need(args, "root", "metadata")
         scan = sources.tcga_ut(args.root, args.metadata, skips)
@@ -118,6 +119,7 @@ def _demo(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.separate_class_only = args.separate_class_only
+    cfg.scanner_lines = not args.stain_only
     print(format_summary(run_demo(cfg)))
 
 
@@ -172,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sites", type=int, default=12)
     g.add_argument("--tiles", type=int, default=2000)
     g.add_argument("--size", type=int, default=64, help="tile size in pixels")
+    g.add_argument("--scanner-lines", action="store_true",
+                   help="each site's scanner also leaves a faint line pattern: a site shortcut that is not colour")
     g = ing.add_argument_group("tcga-ut")
     g.add_argument("--root", help="folder of <cancer type>/<slide_submitter_id>/*.jpg (or .png, .tif, ...)")
     g.add_argument("--metadata", help="GDC slide metadata CSV/TSV/Parquet (slide_submitter_id, tissue_source_site, ...)")
@@ -224,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None, help="the world (tiles, split) and the generator's training")
     demo.add_argument("--train-steps", type=int, default=None, help="generator training steps")
     demo.add_argument("--seeds", type=int, nargs="+", default=None, help="classifier seeds (default 0 1 2 3 4)")
+    demo.add_argument("--stain-only", action="store_true",
+                      help="a world whose sites differ by stain only (no scanner lines): stain baselines saturate it")
     demo.add_argument("--separate-class-only", action="store_true",
                       help="also train a class-only model (the MeDi paper's comparison) besides the site-nulled arm")
     demo.add_argument("--quick", action="store_true",

@@ -177,3 +177,23 @@ def test_site_changes_colour_not_morphology():
         assert not np.array_equal(a, b)
         ha, hb = _deconvolve(a, "A1")[0], _deconvolve(b, "B1")[0]
         assert np.corrcoef(ha.ravel(), hb.ravel())[0, 1] > 0.8, t
+
+
+def test_scanner_lines_are_a_site_signature_without_colour():
+    """scanner_lines adds each site's own neutral-density line pattern: the same on every tile of the
+    site (so a classifier can use it as a shortcut), different between sites, no change of hue."""
+    from medi_dist.data.procedural import render_tile, site_stain
+
+    def od(site, seed, lines):
+        return -np.log((render_tile("SHEET", site, np.random.default_rng(seed), 32, lines) + 1.0) / 256)
+
+    diffs = {s: [od(s, k, True) - od(s, k, False) for k in (1, 2)] for s in ("A1", "B1")}
+    for s, (d1, d2) in diffs.items():
+        assert np.corrcoef(d1.ravel(), d2.ravel())[0, 1] > 0.8  # one pattern for the site, whatever the tile
+        assert d1.mean() > 0.02  # added optical density, the same in every channel (no hue):
+        assert np.ptp(d1.mean(axis=(0, 1))) < 0.2 * d1.mean()
+    assert np.corrcoef(diffs["A1"][0].ravel(), diffs["B1"][0].ravel())[0, 1] < 0.5
+    assert site_stain("A1").lines != site_stain("B1").lines
+    # off by default: the existing world's tiles are unchanged
+    assert np.array_equal(render_tile("SHEET", "A1", np.random.default_rng(1), 32),
+                          render_tile("SHEET", "A1", np.random.default_rng(1), 32, False))

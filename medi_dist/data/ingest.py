@@ -150,6 +150,7 @@ def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | Non
         manifest = {
             "format": "medi-dist-dataset/1",
             "source": scan.name,
+            **({"renderer": scan.renderer} if scan.renderer else {}),
             "tiles": int(len(index)),
             "image_formats": sorted(index["image_format"].unique().tolist()),
             "categorical": scan.categorical,

@@ -53,6 +53,9 @@ class ProceduralConfig:
     imbalance: str = "tcga"  # "tcga" (long-tailed site shares, as in TCGA_SITE_SHARES) or "uniform"
     tiles_per_slide: int = 8
     extra_metadata: bool = True  # also emit sex (male/female) and age (int, ~5% None)
+    # Each site's scanner also leaves a faint periodic line pattern (its own period, angle, strength):
+    # a site shortcut that is not colour, so stain augmentation and normalisation cannot remove it.
+    scanner_lines: bool = False
 
 
 def cancer_types(n: int) -> list[str]:
@@ -78,6 +81,7 @@ class SiteStain:
     bg: np.ndarray  # background OD (slide glass / white balance tint)
     blur: float  # Gaussian sigma in pixels at 64 px
     quality: int  # JPEG quality
+    lines: tuple[float, float, float]  # scanner line pattern: period (64-px units), angle, OD amplitude
 
 
 @lru_cache(maxsize=4096)
@@ -87,7 +91,9 @@ def site_stain(site: str) -> SiteStain:
     unit = lambda v: np.clip(v, 0.01, None) / np.linalg.norm(np.clip(v, 0.01, None))
     h = unit(H_REF + rng.normal(0, 0.1, 3)) * rng.uniform(0.7, 1.4)
     e = unit(E_REF + rng.normal(0, 0.1, 3)) * rng.uniform(0.6, 1.45)
-    return SiteStain(h, e, rng.uniform(0, 0.08, 3), float(rng.uniform(0, 1.0)), int(rng.integers(55, 96)))
+    stain = (h, e, rng.uniform(0, 0.08, 3), float(rng.uniform(0, 1.0)), int(rng.integers(55, 96)))
+    lines = tuple(np.random.default_rng([_crc(site), 2]).uniform((5.0, 0.0, 0.2), (12.0, np.pi, 0.4)))
+    return SiteStain(*stain, lines)  # lines drawn apart: the stains of existing datasets stay as they were
 
 
 # ---------------------------------------------------------------- type: morphology
@@ -233,15 +239,22 @@ def _noise(rng, n, sigma):
     return x / (x.std() + 1e-6)
 
 
-def render_tile(cancer_type: str, site: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+def render_tile(cancer_type: str, site: str, rng: np.random.Generator, size: int = 64,
+                scanner_lines: bool = False) -> np.ndarray:
     """One HxWx3 uint8 tile (before JPEG): the type draws the stain concentrations, the site stains,
-    blurs them. Every random draw comes from `rng`."""
+    blurs them (and, with scanner_lines, adds its scanner's line pattern). Every random draw comes
+    from `rng`."""
     draw, f = _parse_type(cancer_type)
     h, e = draw(rng, size, f)
     h = np.clip(h, 0, 1.6) * np.clip(0.85 + 0.25 * _noise(rng, size, 0.6), 0.3, None)  # chromatin grain
     e = np.clip(e * (1 + 0.12 * _noise(rng, size, 3.0)), 0, None)  # uneven eosin uptake
     st = site_stain(site)
-    rgb = 255 * np.exp(-(h[..., None] * st.h + e[..., None] * st.e + st.bg))
+    od = h[..., None] * st.h + e[..., None] * st.e + st.bg
+    if scanner_lines:  # neutral density (no colour), fixed in the scanner's frame: the same on every tile
+        yy, xx = _grid(size)
+        period, angle, amp = st.lines
+        od = od + (amp * (1 + np.sin(2 * np.pi * (yy * np.cos(angle) + xx * np.sin(angle)) / period)) / 2)[..., None]
+    rgb = 255 * np.exp(-od)
     if st.blur > 0.05:
         rgb = gaussian_filter(rgb, (st.blur * size / 64, st.blur * size / 64, 0))
     rgb += rng.normal(0, 2.0, rgb.shape)  # sensor noise
@@ -308,19 +321,20 @@ def _patient(seed: int, ct: int, cs: int, slide: int) -> dict:
     return {"sex": sex, "age": None if rng.random() < 0.05 else age}
 
 
-def render_jpeg(cancer_type: str, site: str, rng: np.random.Generator, size: int) -> bytes:
+def render_jpeg(cancer_type: str, site: str, rng: np.random.Generator, size: int, scanner_lines: bool = False) -> bytes:
     """A tile as the site's scanner stores it: rendered, then JPEG-compressed at the site's quality."""
     buf = io.BytesIO()
-    Image.fromarray(render_tile(cancer_type, site, rng, size)).save(buf, "JPEG", quality=site_stain(site).quality)
+    Image.fromarray(render_tile(cancer_type, site, rng, size, scanner_lines)).save(
+        buf, "JPEG", quality=site_stain(site).quality)
     return buf.getvalue()
 
 
-def render_tiles(pairs: list[tuple[str, str]], seeds: list, size: int) -> np.ndarray:
+def render_tiles(pairs: list[tuple[str, str]], seeds: list, size: int, scanner_lines: bool = False) -> np.ndarray:
     """Decoded ground-truth tiles (N, size, size, 3) for (type, site) pairs, one seed (int or list) each:
     what the real dataset would hold for any pair, including pairs it never has."""
     out = np.empty((len(pairs), size, size, 3), np.uint8)
     for i, ((t, s), seed) in enumerate(zip(pairs, seeds)):
-        with Image.open(io.BytesIO(render_jpeg(t, s, np.random.default_rng(seed), size))) as im:
+        with Image.open(io.BytesIO(render_jpeg(t, s, np.random.default_rng(seed), size, scanner_lines))) as im:
             out[i] = np.asarray(im.convert("RGB"))
     return out
 
@@ -332,7 +346,7 @@ def generate(cfg: ProceduralConfig) -> Iterator[TileRecord]:
         ct, cs = _crc(t), _crc(site)
         for i in range(count):
             slide = i // cfg.tiles_per_slide
-            jpeg = render_jpeg(t, site, np.random.default_rng([cfg.seed, ct, cs, 0, i]), cfg.size)
+            jpeg = render_jpeg(t, site, np.random.default_rng([cfg.seed, ct, cs, 0, i]), cfg.size, cfg.scanner_lines)
             meta = {"slide_id": f"proc-{t}-{site}-{slide:04d}", "cancer_type": t, "tissue_source_site": site}
             if cfg.extra_metadata:
                 meta.update(_patient(cfg.seed, ct, cs, slide))

@@ -35,6 +35,7 @@ class Scan:
     continuous: list[str] = field(default_factory=list)
     name: str = ""
     inputs: int = 0  # inputs listed, in the unit skips count (tiles; slides for wsi); 0: sum of groups
+    renderer: dict | None = None  # procedural: what the renderer needs to draw more of this world
 
     @property
     def total_inputs(self) -> int:
@@ -222,7 +223,8 @@ def procedural(cfg) -> Scan:
     counts = plan_counts(cfg)
     cat = ["cancer_type", "tissue_source_site"] + (["sex"] if cfg.extra_metadata else [])
     cont = ["age"] if cfg.extra_metadata else []
-    return Scan(Counter(counts), lambda: generate(cfg), cat, cont, "procedural")
+    return Scan(Counter(counts), lambda: generate(cfg), cat, cont, "procedural",
+                renderer={"size": cfg.size, "scanner_lines": cfg.scanner_lines})
 
 
 # ---- wsi -----------------------------------------------------------------------------------------

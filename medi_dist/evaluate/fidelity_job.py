@@ -140,7 +140,7 @@ def calibrated_probes(enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | P
     one type). Each is reported next to its ceiling, its accuracy on fresh renderings. Leakage: the
     share of unseen-pair tiles whose predicted type is the one that owns the requested site."""
     from ..data.procedural import render_tiles
-    from ..generate.reference import tile_size
+    from ..generate.reference import scanner_lines, tile_size
 
     types = sorted(r_idx[TYPE].astype(str).unique())
     sites = sorted(set(r_idx[SITE].astype(str)) | set(s_idx[SITE].astype(str)) - {UNKNOWN})
@@ -150,7 +150,7 @@ def calibrated_probes(enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | P
     def render(tag: int, n: int):
         pairs = [(t, s) for t in types for s in sites for _ in range(n)]
         img = render_tiles(pairs, [[seed, tag, zlib.crc32(f"{t}/{s}".encode()), i] for i, (t, s) in enumerate(pairs)],
-                           native)
+                           native, scanner_lines(real))
         if native != res:  # as real tiles reach the model: stored at full size, resized by the stream
             img = np.stack([np.asarray(Image.fromarray(x).resize((res, res), Image.BILINEAR)) for x in img])
         return img, np.array([t for t, _ in pairs]), np.array([s for _, s in pairs])

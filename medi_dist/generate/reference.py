@@ -50,6 +50,11 @@ def reference_spec(dataset: str | Path) -> ConditioningSpec:
     return ConditioningSpec.load(Path(dataset) / VOCAB).subset([TYPE, SITE])
 
 
+def scanner_lines(dataset: str | Path) -> bool:
+    """Whether the procedural world of `dataset` has its sites' scanner line patterns."""
+    return bool((load_manifest(dataset).get("renderer") or {}).get("scanner_lines", False))
+
+
 def tile_size(dataset: str | Path) -> int:
     from ..evaluate.fidelity_job import read_tiles
 
@@ -87,6 +92,7 @@ class ReferenceGenerator(ShardGenerator):
         self.s = SamplingSettings(sampler=kind, steps=0)
         self.size = tile_size(dataset)
         self.stains, self.mean, self.std = site_stains(dataset) if kind == "noise" else ({}, None, None)
+        self.lines = scanner_lines(dataset)
 
     def sample_tiles(self, tiles: list[dict], owners: dict | None = None) -> np.ndarray:
         from ..data.procedural import render_jpeg
@@ -96,7 +102,7 @@ class ReferenceGenerator(ShardGenerator):
             rng = np.random.default_rng(t["seed"])
             c = t["conditions"]
             if self.kind == "oracle":
-                with Image.open(io.BytesIO(render_jpeg(c[TYPE], c[SITE], rng, self.size))) as im:
+                with Image.open(io.BytesIO(render_jpeg(c[TYPE], c[SITE], rng, self.size, self.lines))) as im:
                     out[i] = np.asarray(im.convert("RGB"))
             else:  # type-neutral H and E amounts, the requested site's stain vectors
                 z = gaussian_filter(rng.standard_normal((self.size, self.size, 2)), (1, 1, 0))
