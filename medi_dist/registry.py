@@ -1,0 +1,129 @@
+"""Model directories in MLflow: logged as a pyfunc (pyfunc_model.py, stored as code, not pickled) with
+the directory as its artifact, registered in the Model Registry, and resolved back to a local,
+checksum-verified directory from `models:/NAME/VERSION` or `runs:/RUN_ID/PATH`."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .model.model_dir import ModelDirError, read_model_info, verify_checksums
+from .tracking import RunLogger
+
+MODEL_ARTIFACT = "medi_model"  # the MLflow model's path in its run
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+DEFAULT_CACHE = "medi-dist-cache/models"
+
+
+def log_model_dir(log: RunLogger, model_dir: str | Path, registered_name: str | None = None) -> str | None:
+    """Log `model_dir` as an MLflow pyfunc under the run; register it as `registered_name` (returns
+    the new version) when given."""
+    import mlflow.pyfunc
+
+    from . import pyfunc_model
+    from .model.model_dir import WEIGHT_FILES
+
+    from .metadata import ConditioningSpec
+
+    info = read_model_info(model_dir)
+    spec = ConditioningSpec.load(Path(model_dir) / "conditioning.json")
+    with tempfile.TemporaryDirectory() as d:
+        local = Path(d) / MODEL_ARTIFACT
+        # pip_requirements given: MLflow would otherwise load the model to infer them
+        mlflow.pyfunc.save_model(str(local), python_model=pyfunc_model.__file__,
+                                 artifacts={pyfunc_model.MODEL_DIR_ARTIFACT: str(model_dir)},
+                                 pip_requirements=_requirements(), signature=pyfunc_model.signature(spec),
+                                 metadata={"medi_dist_model_id": info["model_id"],
+                                           "weights": [w for w in WEIGHT_FILES.values() if w in info["weights"]]})
+        log.c.log_artifacts(log.run_id, str(local), MODEL_ARTIFACT)
+    log.tags({"medi_dist.model_id": info["model_id"]})
+    if not registered_name:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        log.c.create_registered_model(registered_name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    mv = log.c.create_model_version(registered_name, f"runs:/{log.run_id}/{MODEL_ARTIFACT}", run_id=log.run_id,
+                                    tags={"medi_dist.model_id": info["model_id"]})
+    log.tags({"medi_dist.registered_model": f"{registered_name}/{mv.version}"})
+    return mv.version
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "diffusers", "safetensors", "pandas", "Pillow", "medi-dist"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            out.append(pkg)
+    return out
+
+
+def is_model_uri(model: str) -> bool:
+    return str(model).startswith(MODEL_URI_SCHEMES)
+
+
+def resolve_model(model: str, cache_dir: str | Path = DEFAULT_CACHE, tracking_uri: str | None = None) -> str:
+    """A model directory path for `model`: a path as is; `models:/NAME/VERSION` or `runs:/RUN_ID/PATH`
+    (an MLflow model logged by medi-dist, or a plain model directory artifact) downloaded once into
+    `cache_dir` and checked against its checksums.json, as the loader checks it."""
+    if not is_model_uri(model):
+        return model
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from .tracking import tracking_uri as default_uri
+
+    uri = tracking_uri or default_uri()
+    dest = Path(cache_dir) / (re.sub(r"[^A-Za-z0-9._-]+", "_", model.split(":/", 1)[1]).strip("_")[:80] + "-"
+                              + hashlib.sha256(f"{uri} {model}".encode()).hexdigest()[:8])
+    if not (dest / "done").exists():  # a finished download; a broken one is fetched again
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=_artifact_uri(model, uri), dst_path=str(dest / "files"),
+                                                tracking_uri=uri)
+        except MlflowException as e:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ModelDirError(f"--model {model}: {str(e).splitlines()[0]} (tracking URI {uri}); check the name and "
+                                "version (the Models page of the MLflow UI) or set MLFLOW_TRACKING_URI") from None
+        (dest / "done").touch()
+    found = [p.parent for p in sorted((dest / "files").rglob("checksums.json"))]
+    if len(found) != 1:
+        raise ModelDirError(f"--model {model} holds {len(found)} medi-dist model directories (checksums.json), "
+                            f"expected one; pass a runs:/RUN_ID/PATH that names one model")
+    info = read_model_info(found[0])
+    verify_checksums(found[0], ["config.json", "conditioning.json", *info["weights"]])
+    return str(found[0])
+
+
+def _artifact_uri(model: str, uri: str) -> str:
+    """models:/NAME/VERSION (or NAME/latest, NAME@ALIAS) -> where its files are, asked of the registry at
+    `uri` (download_artifacts would ask the default registry); runs:/ URIs resolve through `uri` already."""
+    if not model.startswith("models:/"):
+        return model
+    from .tracking import client
+
+    c = client(uri)
+    ref = model[len("models:/"):].strip("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = c.get_model_version_by_alias(name, alias).version
+    else:
+        name, _, version = ref.rpartition("/")
+        if not name:
+            raise ModelDirError(f"--model {model}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+        if version == "latest":
+            versions = c.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ModelDirError(f"--model {model}: registered model {name!r} has no versions (tracking URI {uri})")
+            version = str(max(int(v.version) for v in versions))
+    return c.get_model_version_download_uri(name, version)
