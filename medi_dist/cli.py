@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .metadata import SchemaError, UnknownValueError
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medi-dist", description=__doc__.split(":")[0] + ": metadata-guided diffusion "
                                 "for histopathology tiles on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    p.add_argument("--parent-run", metavar="NAME", help="MLflow: make this command's runs children of the job run "
+                   "NAME (created by the first command that names it; same as $MEDI_DIST_PARENT_RUN=NAME)")
     sub = p.add_subparsers(dest="command", required=True)
 
     ing = sub.add_parser("ingest", help="turn tiles into a sharded, site-split dataset directory",
@@ -240,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.parent_run:
+        from .tracking import PARENT_ENV
+
+        os.environ[PARENT_ENV] = args.parent_run
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -55,6 +55,7 @@ class DemoConfig:
     seed: int = 0  # the world (procedural dataset, split) and the generator's training
     threads: int = 2  # torch threads of the single training worker (the demo targets 2 cores)
     tracking_uri: str | None = None
+    system_metrics: bool = True  # MLflow system metrics on the training and generation runs
 
 
 QUICK_DEMO = dict(out="demo-quick", tiles=800, train_steps=60, per_pair=8, sampler_steps=8, seeds=[0, 1])
@@ -99,7 +100,7 @@ def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[st
         "model.column_dropout=" + json.dumps({"cancer_type": cfg.type_dropout, "tissue_source_site": cfg.site_dropout}),
         f"steps={cfg.train_steps}", f"seed={cfg.seed}", f"run.name={name}", f"run.storage_path={root / 'runs'}",
         f"run.tracking_uri={uri}", f"run.checkpoint_every={max(cfg.train_steps // 4, 1)}", "run.log_every=20",
-        f"run.threads_per_worker={cfg.threads}"])
+        f"run.threads_per_worker={cfg.threads}", f"run.system_metrics={cfg.system_metrics}"])
     out = output_dir(tcfg)
     if not (out / "config.json").exists():
         res = train(tcfg)
@@ -116,7 +117,8 @@ def _generate(cfg: DemoConfig, model: Path | None, out: Path, plan, reference: s
     res = generate(GenerateConfig(model=str(model) if model else None, out=str(out), plan=plan, tiles_per_shard=128,
                                   reference=reference, dataset=str(dataset) if dataset else None,
                                   sampling=SamplingSettings(sampler=cfg.sampler, steps=cfg.sampler_steps,
-                                                            guidance=cfg.guidance, batch_size=64)))
+                                                            guidance=cfg.guidance, batch_size=64),
+                                  log_mlflow=True, tracking_uri=cfg.tracking_uri, system_metrics=cfg.system_metrics))
     return res.out
 
 
@@ -163,16 +165,23 @@ def _arms(cfg: DemoConfig, pools: dict[str, Path]) -> dict[str, dict]:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    from .tracking import job, tracking_uri
+
+    t0 = time.time()
+    uri = tracking_uri(cfg.tracking_uri)
+    with job(uri, f"demo-{int(t0)}", "demo") as logger:  # the parent run: every run below is its child
+        return _run_demo(cfg, t0, uri, logger)
+
+
+def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger) -> dict:
     from .evaluate.downstream import DownstreamConfig, compare
     from .evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
     from .generate.plan import GenerationPlan
     from .ray_setup import ensure_ray
-    from .tracking import RunLogger, find_or_create_run, tracking_uri
+    from .tracking import log_datasets, stage as child_run, ui_link
 
-    t0 = time.time()
     root = Path(cfg.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri(cfg.tracking_uri)
     stages = tqdm(total=6, desc="demo", unit="stage", bar_format="{desc}: {n}/{total} stages |{bar}| {elapsed}")
 
     def stage(text: str) -> None:
@@ -210,7 +219,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage(f"evaluate classifiers on held-out sites ({len(cfg.seeds)} seeds)")
     base = DownstreamConfig(real=str(ds), classifier=cfg.classifier, seeds=list(cfg.seeds), image_size=cfg.size,
                             allocation="uniform", cache_dir=str(root / "cache"))
-    comp = compare(base, _arms(cfg, pools))
+    with child_run(uri, "evaluate", "evaluate") as ev:
+        log_datasets(ev, {"real": str(ds), "synthetic": [str(p) for p in pools.values()]})
+        comp = compare(base, _arms(cfg, pools))
+        ev.artifact_bytes(comp.table().encode(), "results.txt")
     stages.update()
 
     stage("picture and MLflow")
@@ -218,8 +230,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     _picture(ds, pools["medi"], picture)
     table = comp.table()
     contrasts = {f"{a} vs {b}": comp.deltas(b)[a] for a, b, _ in CONTRASTS if a in comp.results}
-    run_id = find_or_create_run(uri, f"demo-{int(t0)}", tags={"medi_dist.kind": "demo"})
-    logger = RunLogger(uri, run_id)
     logger.params(asdict(cfg))
     for arm, res in comp.results.items():
         slug = arm.replace("+ ", "").replace(" ", "_").replace("-", "_")
@@ -228,11 +238,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     logger.artifact_bytes(picture.read_bytes(), picture.name)
     minutes = (time.time() - t0) / 60
     logger.metrics({"wall_minutes": minutes})
-    logger.finish()
     stages.update()
     stages.close()
     summary = {"table": table, "contrasts": contrasts, "picture": str(picture), "minutes": minutes,
-               "mlflow_run_id": run_id, "tracking_uri": uri, "fidelity": fidelity.get("calibrated"),
+               "mlflow_run_id": logger.run_id, "tracking_uri": uri, "ui": ui_link(uri, logger.run_id),
+               "fidelity": fidelity.get("calibrated"),
                "held_out_sites": sorted(index.loc[index["split"] == "holdout", "tissue_source_site"].unique())}
     (root / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     (root / "results.txt").write_text(table + "\n")
@@ -262,5 +272,5 @@ def format_summary(s: dict) -> str:
     lines += ["", f"real vs generated tiles per (type, site): {s['picture']}",
               f"wall time: {s['minutes']:.1f} min",
               f"MLflow: .venv/bin/mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1 "
-              "then open http://127.0.0.1:5000 (experiment medi-dist)"]
+              f"then open {s.get('ui', 'http://127.0.0.1:5000')} (the demo's parent run, Model training mode)"]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import hashlib
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from .model.model_dir import ModelDirError, read_model_info, verify_checksums
@@ -30,7 +31,8 @@ def log_model_dir(log: RunLogger, model_dir: str | Path, registered_name: str | 
 
     info = read_model_info(model_dir)
     spec = ConditioningSpec.load(Path(model_dir) / "conditioning.json")
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided")  # predict samples: slow
         local = Path(d) / MODEL_ARTIFACT
         # pip_requirements given: MLflow would otherwise load the model to infer them
         mlflow.pyfunc.save_model(str(local), python_model=pyfunc_model.__file__,

@@ -249,7 +249,7 @@ def evaluate_fidelity(cfg: FidelityConfig) -> dict:
 
 
 def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path) -> str:
-    from ..tracking import RunLogger, find_or_create_run, tracking_uri
+    from ..tracking import RunLogger, find_or_create_run, log_datasets, tracking_uri
 
     uri = tracking_uri(cfg.tracking_uri)
     name = cfg.run_name or f"fidelity-{Path(cfg.synthetic).resolve().name}"
@@ -268,6 +268,7 @@ def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path) -> str:
     if len(result["fd"]["groups"]) <= 500:  # per-subgroup curves; larger studies keep them in the JSON
         metrics.update({f"fd_group/{g}": v["fd"] for g, v in result["fd"]["groups"].items()})
     logger.metrics(_finite(metrics))
+    log_datasets(logger, {"real": cfg.real, "synthetic": cfg.synthetic})
     logger.artifact_bytes(out.read_bytes(), "fidelity.json", "fidelity")
     logger.finish()
     return run_id

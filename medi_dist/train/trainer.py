@@ -19,7 +19,7 @@ from ..data.shards import verify_shards
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
 from ..ray_setup import check_job_paths, check_resource, ensure_ray
-from ..tracking import RunLogger, find_or_create_run, tracking_uri
+from ..tracking import RunLogger, find_or_create_run, log_datasets, system_metrics_logged, tracking_uri
 from .config import TrainConfig
 from .loop import train_worker
 from .run_folder import (RUN_FILE, RunFolder, check_same_training, finished_at, registered_step,
@@ -162,6 +162,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     logger = RunLogger(uri, run_id)
     logger.params({**asdict(cfg), "model_config": mcfg.to_dict()})
     logger.status("RUNNING")  # again, after an interrupted (KILLED) start
+    log_datasets(logger, {"training": cfg.data.dataset})
     if record.get("mlflow_run_id") != run_id:
         record["mlflow_run_id"] = run_id
         folder.write_json(RUN_FILE, record)
@@ -184,7 +185,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )
     try:
-        result = fit(trainer)
+        with system_metrics_logged(logger, cfg.run.system_metrics):
+            result = fit(trainer)
     except Interrupted:
         logger.finish("KILLED")
         raise Interrupted(registered_step(folder)) from None
@@ -202,6 +204,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 shutil.rmtree(out)
             tmp.rename(out)
         logger.tags({"medi_dist.model_dir": str(out.resolve())})
+        if cfg.run.log_model:
+            from ..registry import log_model_dir
+
+            name = cfg.run.name if cfg.run.registered_model is None else cfg.run.registered_model
+            log_model_dir(logger, out, name or None)
         logger.finish()
         # a re-run with steps <= this step returns at once instead of restarting Ray Train
         record["finished"] = {"step": metrics["step"], "model_dir": str(out.resolve())}

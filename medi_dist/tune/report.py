@@ -47,7 +47,7 @@ def log_result(log, res: DownstreamResult, prefix: str, baseline: DownstreamResu
 def prepare(cfg, base: DownstreamConfig, encoder, uri: str, parent: str, audit_dir: Path) -> dict:
     """Warm the feature cache (train, val, pools) once, so parallel trials do not all encode, and
     score real-only on val: the reference for every trial's per-site plot. Returns site -> score."""
-    from ..tracking import RunLogger, find_or_create_run
+    from ..tracking import RunLogger, find_or_create_run, log_datasets
     from .study import _abs
 
     AUDIT.reset()
@@ -57,6 +57,7 @@ def prepare(cfg, base: DownstreamConfig, encoder, uri: str, parent: str, audit_d
                              {"medi_dist.kind": "tune-baseline"}, parent_run_id=parent)
     log = RunLogger(uri, run)
     log.params({"ratio": 0.0, "classifier": base.classifier, "seeds": base.seeds})
+    log_datasets(log, {"real": base.real})
     log_result(log, res, "val")
     log.finish()
     _audit(audit_dir, "prepare")

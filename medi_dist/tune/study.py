@@ -184,7 +184,7 @@ def _trials_table(grid, n_seeds: int) -> pd.DataFrame:
 
 def run_study(cfg: StudyConfig) -> StudyResult:
     from ..ray_setup import check_job_paths, ensure_ray
-    from ..tracking import RunLogger, find_or_create_run, tracking_uri
+    from ..tracking import RunLogger, find_or_create_run, log_datasets, tracking_uri
     from .report import finish_trials, log_test, prepare
 
     check_job_paths({"real": cfg.real, "storage_path": cfg.storage_path, "cache_dir": cfg.cache_dir,
@@ -200,6 +200,7 @@ def run_study(cfg: StudyConfig) -> StudyResult:
     parent = find_or_create_run(uri, cfg.name, cfg.experiment, {"medi_dist.kind": "tune-study"})
     plog = RunLogger(uri, parent)
     plog.params({"study": asdict(cfg)})
+    log_datasets(plog, {"real": _abs(cfg.real), "synthetic": [_abs(p) for p in cfg.space.pools]})
     base = base_config(cfg)
     baseline = prepare(cfg, base, encoder, uri, parent, audit_dir)
     ctx = TrialContext(base, cfg.name, cfg.experiment, uri, parent, encoder.name if encoder else "", cfg.metric,
