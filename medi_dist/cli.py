@@ -109,7 +109,11 @@ def _train(args: argparse.Namespace) -> None:
         print(f"model directory: {res.model_dir}")
     else:
         print(f"stopped early; run the same command again to resume run {cfg.run.name!r}")
-    print(f"MLflow run {res.mlflow_run_id}: `mlflow ui --backend-store-uri {_uri(cfg.run.tracking_uri)}`")
+    from .tracking import ui_link
+
+    uri = _uri(cfg.run.tracking_uri)
+    print(f"MLflow run {res.mlflow_run_id}: `mlflow ui --backend-store-uri {uri}`, then "
+          f"{ui_link(uri, res.mlflow_run_id, cfg.run.experiment)}")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -86,9 +86,22 @@ def find_or_create_run(uri: str, run_name: str, experiment: str = DEFAULT_EXPERI
 
 
 def new_run(c, exp: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """A run with MLflow's context tags (user, source command, git commit), as the fluent API sets them."""
+    from mlflow.tracking.context.registry import resolve_tags
+
     if parent_run_id:
         tags = {**tags, PARENT_TAG: parent_run_id}
-    return c.create_run(exp, run_name=run_name, tags=tags).info.run_id
+    return c.create_run(exp, run_name=run_name, tags=resolve_tags(tags)).info.run_id
+
+
+def ui_link(uri: str, run_id: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """A UI address that opens in "Model training" mode: MLflow 3.17's UI takes the mode from the
+    browser (its GenAI | Model training switch, GenAI until switched) or this URL parameter, not
+    from the experiment tag."""
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"  # `mlflow ui` on a local store
+    exp = client(uri).get_experiment_by_name(experiment)
+    where = f"/runs/{run_id}" if run_id else ""
+    return f"{base}/#/experiments/{exp.experiment_id if exp else 0}{where}?workflowType=machine_learning"
 
 
 def current_parent(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@contextmanager
+def serve(tmp_path: Path):
+    """A real `mlflow server` on a free loopback port; yields (url, artifacts folder)."""
     port, art = free_port(), tmp_path / "server-artifacts"
     exe = Path(sys.executable).parent / "mlflow"
     log = open(tmp_path / "server.log", "w")
@@ -54,6 +56,12 @@ def mlflow_server(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with serve(tmp_path) as server:
+        yield server
 
 
 def test_study_logs_to_mlflow_server(ray_cluster, mlflow_server, tmp_path, monkeypatch):
