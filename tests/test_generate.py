@@ -389,7 +389,8 @@ def test_conditional_accuracy_above_chance_after_short_training(ray_cluster, tra
     out, fid, uri = tmp / "syn", tmp / "fidelity.json", f"sqlite:///{tmp / 'mlflow.db'}"
     cli = _cli()
     args = cli.parse_args(["generate", "--model", str(model), "--out", str(out), "--mode", "unseen-pairs", "--count", "8",
-                           "--sampler", "ddim", "--steps", "20", "--tiles-per-shard", "64", "--batch-size", "64"])
+                           "--sampler", "ddim", "--steps", "20", "--tiles-per-shard", "64", "--batch-size", "64",
+                           "--tracking-uri", uri])
     args.func(args)
     args = cli.parse_args(["evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(out), "--out", str(fid),
                            "--tracking-uri", uri, "--run-name", "fid-test", "--min-per-group", "8"])

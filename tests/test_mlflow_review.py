@@ -1,0 +1,156 @@
+"""What a reviewer sees in MLflow, against a real `mlflow server` on 127.0.0.1: a named job with its
+stages as child runs, dataset inputs with medi-dist's digests, a registered model that `generate
+--model models:/NAME/VERSION` downloads and verifies, system metrics, and (headless Chromium) the UI
+pages that show all of it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from medi_dist import tracking
+from medi_dist.cli import main
+from medi_dist.data.shards import load_manifest
+from medi_dist.metadata import ConditioningSpec
+from medi_dist.model import ConditionedUNet, ModelConfig, save_model_dir
+from medi_dist.registry import log_model_dir, resolve_model
+from synthetic_pools import ingest_procedural, make_pool
+from test_mlflow_server import serve
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serve(tmp_path_factory.mktemp("server")) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    return ingest_procedural(tmp_path_factory.mktemp("review") / "data", n_types=2, n_sites=6, n_tiles=60)
+
+
+def tiny_model(real: Path, out: Path, run_id: str) -> Path:
+    spec = ConditioningSpec.load(real / "vocab.json").subset(["cancer_type", "tissue_source_site"])
+    m = ConditionedUNet(ModelConfig.from_preset("tiny"), spec)  # untrained: these tests read records, not pixels
+    save_model_dir(out, m, extra_info={"name": "tiny", "dataset": str(real), "mlflow_run_id": run_id})
+    return out
+
+
+def inputs(c, run_id: str) -> dict[str, tuple[str, str]]:
+    """dataset name -> (digest, context) of a run's dataset inputs."""
+    return {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+            for d in c.get_run(run_id).inputs.dataset_inputs}
+
+
+def test_named_job_registered_model_and_generation(ray_cluster, server, real, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.setenv(tracking.PARENT_ENV, "chain")  # what --parent-run sets; restored afterwards
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    c = tracking.client(server)
+    # the train stage as trainer.py records it (test_train.py runs the real one): dataset, model, registry
+    train = tracking.RunLogger(server, tracking.find_or_create_run(server, "tiny-train", tags={"medi_dist.kind": "train"}))
+    tracking.log_datasets(train, {"training": str(real)})
+    version = log_model_dir(train, tiny_model(real, tmp_path / "model", train.run_id), "medi-tiny")
+    train.finish()
+
+    out, cache = tmp_path / "pool", tmp_path / "cache"
+    gen = ["--parent-run", "chain", "generate", "--model", f"models:/medi-tiny/{version}", "--out", str(out),
+           "--model-cache", str(cache), "--mode", "unseen-pairs", "--count", "2", "--steps", "2", "--system-metrics"]
+    assert main(gen) == 0, capsys.readouterr().err
+    exp = c.get_experiment_by_name("medi-dist")
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING
+    (gen_run,) = c.search_runs([exp.experiment_id], "tags.`medi_dist.kind` = 'generate'")
+    (job,) = c.search_runs([exp.experiment_id], "tags.`medi_dist.kind` = 'job'")
+    assert job.info.run_name == "chain" and job.info.status == "FINISHED"
+    for run in (c.get_run(train.run_id), gen_run):
+        assert run.data.tags[tracking.PARENT_TAG] == job.info.run_id
+    # the job lasts from its first stage's start to its last stage's end
+    assert job.info.start_time <= c.get_run(train.run_id).info.start_time
+    assert job.info.end_time >= gen_run.info.end_time > gen_run.info.start_time
+    digest = tracking.dataset_digest
+    assert inputs(c, gen_run.info.run_id) == {"data": (digest(load_manifest(real)), "training"),
+                                              "pool": (digest(load_manifest(out)), "generated")}
+    assert inputs(c, train.run_id) == {"data": (digest(load_manifest(real)), "training")}
+    tags = gen_run.data.tags
+    assert tags["medi_dist.model_run_id"] == train.run_id and f"runs/{train.run_id})" in tags["mlflow.note.content"]
+    assert gen_run.data.params["model"] == f"models:/medi-tiny/{version}"
+    assert any(k.startswith("system/cpu_utilization") for k in gen_run.data.metrics), sorted(gen_run.data.metrics)
+    # the generated pool records the downloaded model, which the loader verified
+    assert json.loads((out / "generation.json").read_text())["model"].startswith(str(cache.resolve()))
+
+    # runs:/ resolves too; a tampered download or an unknown name is one line, not a traceback
+    by_run = resolve_model(f"runs:/{train.run_id}/medi_model", cache, server)
+    assert (Path(by_run) / "checksums.json").is_file()
+    (Path(by_run) / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        resolve_model(f"runs:/{train.run_id}/medi_model", cache, server)
+    capsys.readouterr()
+    assert main(["generate", "--model", "models:/no-such-model/1", "--out", str(tmp_path / "x"), "--model-cache",
+                 str(cache), "--mode", "unseen-pairs", "--count", "1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "models:/no-such-model/1" in err and "no-such-model" in err
+
+
+def demo_like_store(uri: str, real: Path, tmp: Path) -> dict[str, str]:
+    """What `medi-dist demo` records, in miniature and made directly (no training): a demo parent run
+    with train / generate / evaluate children, dataset inputs, a registered model."""
+    pool = make_pool(real, tmp / "synthetic-medi", per_pair=2)
+    with tracking.job(uri, "demo-review", "demo") as parent:
+        train = tracking.RunLogger(uri, tracking.find_or_create_run(uri, "demo-medi", tags={"medi_dist.kind": "train"}))
+        tracking.log_datasets(train, {"training": str(real)})
+        for step, loss in enumerate([0.9, 0.5, 0.3]):
+            train.metrics({"loss": loss}, step)
+        log_model_dir(train, tiny_model(real, tmp / "model", train.run_id), "demo-medi")
+        train.finish()
+        with tracking.stage(uri, "generate-synthetic-medi", "generate") as gen:
+            tracking.log_datasets(gen, {"training": str(real), "generated": str(pool)})
+        with tracking.stage(uri, "evaluate", "evaluate") as ev:
+            tracking.log_datasets(ev, {"real": str(real), "synthetic": [str(pool)]})
+            ev.metrics({"medi_synthetic.balanced_accuracy": 0.8})
+        parent.artifact_bytes(b"arm  balanced_accuracy\n", "results.txt")
+    return {"parent": parent.run_id, "train": train.run_id, "generate": gen.run_id}
+
+
+def page_text(url: str, profile: Path, screenshot: Path | None = None) -> str:
+    """The rendered page's text (headless Chromium, virtual time: the app's requests settle first)."""
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+            f"--user-data-dir={profile}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
+    if screenshot:
+        subprocess.run(args + [f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
+    dom = subprocess.run(args + ["--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    text = re.sub(r"<style.*?</style>|<script.*?</script>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="LOUD SKIP: chromium is not installed, so the MLflow UI browser check "
+                    "did not run; `make install` installs it as root (apt-get install -y chromium)")
+def test_mlflow_ui_in_a_browser(server, real, tmp_path):
+    runs = demo_like_store(server, real, tmp_path)
+    profile, digest = tmp_path / "chromium", tracking.dataset_digest(load_manifest(real))
+
+    # the link medi-dist prints opens the experiment in Model training mode: Runs and the Model registry,
+    # not the GenAI pages (Overview of traces, Evaluation runs)
+    exp = page_text(tracking.ui_link(server), profile)
+    assert "Model training" in exp and "Model registry" in exp and "Evaluation runs" not in exp, exp[:600]
+    assert "demo-review" in exp and " Runs " in exp
+
+    parent = page_text(tracking.ui_link(server, runs["parent"]), profile, tmp_path / "parent.png")
+    children = re.search(r"Child runs (.*?) Source", parent)
+    assert children, parent[:1500]
+    assert {"demo-medi", "generate-synthetic-medi", "evaluate"} <= set(re.split(r"[ ,]+", children.group(1)))
+    assert (tmp_path / "parent.png").stat().st_size > 10_000
+
+    train = page_text(tracking.ui_link(server, runs["train"]), profile)
+    assert "Parent run demo-review" in train
+    assert f"Datasets data ({digest}) training" in train, train[:1500]
+    assert re.search(r"Registered models demo-medi v1", train), train[:1500]
+
+    gen = page_text(tracking.ui_link(server, runs["generate"]), profile)
+    assert f"data ({digest}) training" in gen and "synthetic-medi (" in gen and "generated" in gen, gen[:1500]
