@@ -25,8 +25,8 @@ RUN_NAME_TAG = "medi_dist.run_name"
 KIND_TAG = "medi_dist.kind"
 PARENT_TAG = "mlflow.parentRunId"
 PARENT_ENV = "MEDI_DIST_PARENT_RUN"  # name of a user-level job run that the runs of this process join
-# The UI guesses an untagged experiment's kind and opened ours in GenAI mode (traces); this tag value
-# is its "Model training" mode (mlflow 3.x server JS: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
+# The experiment's kind as MLflow records it: "Model training" (server JS: CUSTOM_MODEL_DEVELOPMENT).
+# MLflow 3.17.2's UI stores it but picks its mode from the browser or ?workflowType= (see ui_link).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 _job_parent: str | None = None  # run id of the job() block this process is in
