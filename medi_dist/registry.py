@@ -25,8 +25,6 @@ def log_model_dir(log: RunLogger, model_dir: str | Path, registered_name: str | 
     import mlflow.pyfunc
 
     from . import pyfunc_model
-    from .model.model_dir import WEIGHT_FILES
-
     from .metadata import ConditioningSpec
 
     info = read_model_info(model_dir)
@@ -38,8 +36,7 @@ def log_model_dir(log: RunLogger, model_dir: str | Path, registered_name: str | 
         mlflow.pyfunc.save_model(str(local), python_model=pyfunc_model.__file__,
                                  artifacts={pyfunc_model.MODEL_DIR_ARTIFACT: str(model_dir)},
                                  pip_requirements=_requirements(), signature=pyfunc_model.signature(spec),
-                                 metadata={"medi_dist_model_id": info["model_id"],
-                                           "weights": [w for w in WEIGHT_FILES.values() if w in info["weights"]]})
+                                 metadata={"medi_dist_model_id": info["model_id"], "weights": info["weights"]})
         log.c.log_artifacts(log.run_id, str(local), MODEL_ARTIFACT)
     log.tags({"medi_dist.model_id": info["model_id"]})
     if not registered_name:
