@@ -123,6 +123,12 @@ def _demo(args: argparse.Namespace) -> None:
     print(format_summary(run_demo(cfg)))
 
 
+def _check_ray(args: argparse.Namespace) -> None:
+    from .ray_setup import check_ray
+
+    print(check_ray(args.address))
+
+
 def _uri(uri: str | None) -> str:
     from .tracking import tracking_uri
 
@@ -235,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true",
                       help="a smoke run in a few minutes (small world, short training); its numbers mean nothing")
     demo.set_defaults(func=_demo)
+
+    chk = sub.add_parser("check-ray", help="check in seconds that Ray can be joined, or that `ray job submit` reaches a "
+                         "cluster's job API", description="Without --address: join the cluster train/generate/tune/demo "
+                         "would join (RAY_ADDRESS, else the one `ray start` recorded; none: they start a local "
+                         "instance). With --address: check `ray job submit --address URL` (reachable, Ray's "
+                         "dashboard, token accepted). A problem is one line naming the fix, exit 2.")
+    chk.add_argument("--address", help="the job API address given to `ray job submit`, e.g. http://127.0.0.1:8265")
+    chk.set_defaults(func=_check_ray)
     return p
 
 

@@ -173,6 +173,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     root = Path(cfg.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.tracking_uri)
+    ensure_ray()  # first: a cluster that cannot be joined is reported before any work, not under the progress bar
     stages = tqdm(total=6, desc="demo", unit="stage", bar_format="{desc}: {n}/{total} stages |{bar}| {elapsed}")
 
     def stage(text: str) -> None:
@@ -183,7 +184,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     ds = _ingest(cfg, root)
     index = pd.read_parquet(ds / "index.parquet")
     stages.update()
-    ensure_ray()
     stage("train MeDi model (type + site)")
     medi = _train(cfg, ds, root, "demo-medi", ["cancer_type", "tissue_source_site"], uri)
     class_only = _train(cfg, ds, root, "demo-class-only", ["cancer_type"], uri) if cfg.separate_class_only else None

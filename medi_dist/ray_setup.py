@@ -86,6 +86,53 @@ def _join(ray) -> None:
         raise fail(*_explain(e)) from e
 
 
+def check_ray(job_api: str | None = None) -> str:
+    """`medi-dist check-ray`: the cluster the commands would join (joined to check), or with
+    job_api what `ray job submit --address URL` meets; a RayJoinError line when it would fail."""
+    if job_api:
+        return check_job_api(job_api)
+    address, where = ray_address()
+    if address is None:
+        return f"{where}: medi-dist commands start a local Ray instance"
+    import ray
+
+    ensure_ray()
+    res = ray.cluster_resources()
+    return (f"joined Ray at {address} ({where}): {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, "
+            f"{res.get('GPU', 0):g} GPU")
+
+
+def check_job_api(url: str) -> str:
+    """GET URL/api/version with the token `ray job submit` would send: Ray's CLI answers a dead head or a
+    wrong port with a traceback after ~10 s; this says which in one line."""
+    import urllib.error
+    import urllib.request
+
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    def fail(why: str, fix: str) -> RayJoinError:
+        return RayJoinError(f"`ray job submit --address {url}` would fail: {why}; {fix}")
+
+    port_fix = "--address is the head's dashboard, http://HOST:8265 by default (not the GCS port 6379)"
+    if urlparse(url).scheme not in ("http", "https"):
+        raise fail("the job API address is an http:// URL", port_fix)
+    req = urllib.request.Request(url.rstrip("/") + "/api/version", headers=get_auth_headers_if_auth_enabled({}))
+    try:
+        with urllib.request.urlopen(req, timeout=PROBE_TIMEOUT_S) as r:
+            version = json.loads(r.read()).get("ray_version")
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise fail(*_token_problem()) from None
+        raise fail(f"HTTP {e.code} for /api/version: that is not Ray's dashboard", port_fix) from None
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        why = ("nothing listens there (connection refused)" if isinstance(reason, ConnectionRefusedError)
+               else f"no answer from Ray's dashboard ({reason})")
+        raise fail(why, "start the head, or the tunnel (`ray dashboard CLUSTER.yaml`, `kubectl port-forward`); "
+                   + port_fix) from None
+    return f"Ray {version} job API at {url} answers and accepts this client's token"
+
+
 def _probe(address: str) -> str | None:
     """Why nothing usable answers at host:port, or None. Ray's own client retries a dead address for
     about 14 minutes; a socket connect and a gRPC (HTTP/2) greeting take a few seconds at most."""
