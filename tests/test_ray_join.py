@@ -62,13 +62,14 @@ class Head:
         """SIGKILL, no `ray stop`: the record in RAY_TMPDIR/ray/ray_current_cluster stays."""
         import psutil
 
-        procs = self.processes()
+        # the dashboard's module processes do not name the temp dir: take every process's children too
+        procs = {p for r in self.processes() for p in [r, *r.children(recursive=True)] if p.pid != os.getpid()}
         for p in procs:
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(procs, timeout=10)
+        psutil.wait_procs(list(procs), timeout=10)
 
 
 @pytest.fixture(scope="module")
