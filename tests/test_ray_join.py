@@ -82,8 +82,14 @@ def head():
 
 @pytest.fixture(scope="module")
 def inputs(proc_dataset, tmp_path_factory) -> dict:
-    """Valid inputs that take each command up to the point where it joins Ray."""
+    """Valid inputs that take each command up to the point where it joins Ray. The commands' modules are
+    imported here: the timed calls measure the commands, not first imports (a minute on a loaded machine)."""
     import torch
+
+    import medi_dist.demo
+    import medi_dist.generate.job
+    import medi_dist.train.trainer
+    import medi_dist.tune.study  # noqa: F401
 
     from medi_dist.metadata import ConditioningSpec
     from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
