@@ -153,11 +153,11 @@ gcs = GcsClient(address=sys.argv[1])
 meta = json.loads(gcs.internal_kv_get(KEY, namespace=NS))
 gcs.internal_kv_put(KEY, json.dumps({**meta, "ray_version": "2.0.0"}).encode(), True, namespace=NS)
 """
-# A fresh `medi-dist` process, timed after the heavy imports (torch, Ray Train: tens of seconds on a
+# A fresh `medi-dist` process, timed after the heavy imports (torch, Ray Train, Tune: tens of seconds on a
 # loaded 2-core machine, and not what this is about); each JSON argument list is one command.
 DRIVER = """
 import json, sys, time
-import medi_dist.train.trainer
+import medi_dist.demo, medi_dist.generate.job, medi_dist.train.trainer, medi_dist.tune.study
 from medi_dist.cli import main
 rc = 0
 for args in map(json.loads, sys.argv[1:]):
