@@ -87,6 +87,8 @@ def inputs(proc_dataset, tmp_path_factory) -> dict:
     import torch
 
     import medi_dist.demo
+    import medi_dist.evaluate.downstream
+    import medi_dist.evaluate.fidelity_job
     import medi_dist.generate.job
     import medi_dist.train.trainer
     import medi_dist.tune.study  # noqa: F401
@@ -158,6 +160,7 @@ gcs.internal_kv_put(KEY, json.dumps({**meta, "ray_version": "2.0.0"}).encode(), 
 DRIVER = """
 import json, sys, time
 import medi_dist.demo, medi_dist.generate.job, medi_dist.train.trainer, medi_dist.tune.study
+import medi_dist.evaluate.downstream, medi_dist.evaluate.fidelity_job
 from medi_dist.cli import main
 rc = 0
 for args in map(json.loads, sys.argv[1:]):
