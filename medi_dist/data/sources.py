@@ -127,7 +127,8 @@ def tcga_ut(root: str | Path, metadata: str | Path, skips: SkipLog) -> Scan:
         raise FileNotFoundError(f"tile folder {root} does not exist")
     table = read_table(metadata)
     require_columns(table, ["slide_submitter_id", "tissue_source_site"], metadata,
-                    "Export the GDC slide metadata (see ../shared/data/tcga_slide_metadata_sample.csv for the format)")
+                    "Export the GDC slide metadata (the format: tests/data/tcga_slide_metadata_sample.csv in the "
+                    "medi-dist repository)")
     table = table.rename(columns=TCGA_COLUMNS)
     table["slide_submitter_id"] = table["slide_submitter_id"].map(lambda v: str(v).strip())  # join key
     table = table.drop_duplicates("slide_submitter_id").set_index("slide_submitter_id")
