@@ -39,7 +39,7 @@ def ensure_dataset(work: Path, args) -> Path:
 
 
 def ensure_model(work: Path, ds: Path, args) -> Path:
-    from medi_dist.config import load_config
+    from medi_dist.config_loader import load_config
     from medi_dist.train.config import TrainConfig
     from medi_dist.train.trainer import train
 

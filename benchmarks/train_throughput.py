@@ -77,7 +77,7 @@ class CondRows(list):
 
 
 def medi_dist_run(ds, workers, args, tmp, batch) -> tuple[float, float]:
-    from medi_dist.config import load_config
+    from medi_dist.config_loader import load_config
     from medi_dist.tracking import client
     from medi_dist.train.config import TrainConfig
     from medi_dist.train.trainer import train

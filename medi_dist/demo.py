@@ -89,7 +89,7 @@ def _ingest(cfg: DemoConfig, root: Path) -> Path:
 
 
 def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[str], uri: str) -> Path:
-    from .config import load_config
+    from .config_loader import load_config
     from .train.config import TrainConfig
     from .train.trainer import output_dir, train
 
@@ -122,7 +122,7 @@ def _generate(cfg: DemoConfig, model: Path | None, out: Path, plan, reference: s
 
 def _picture(ds: Path, pool: Path, path: Path) -> None:
     """Real (left) and MeDi-generated (right) tile per (type, site); blank where none exists."""
-    from .evaluate.tiles import load_tiles
+    from .evaluate.tile_reader import load_tiles
     from .visual import tile_grid
 
     cells: dict[tuple[str, str], list] = {}

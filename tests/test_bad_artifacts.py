@@ -33,7 +33,7 @@ from bad_inputs import (  # noqa: F401 (pytest fixtures, used by name)
 )
 from PIL import Image
 
-from medi_dist.config import ConfigError, load_config
+from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.data import sources
 from medi_dist.data.ingest import ingest
 from medi_dist.data.procedural import ProceduralConfig

@@ -19,7 +19,7 @@ from medi_dist.evaluate.downstream import (
     DownstreamConfig, DownstreamError, augmented, compare, load_inputs, normalized, run_downstream, run_seed, validate,
     verdict,
 )
-from medi_dist.evaluate.tiles import AUDIT, FeatureCache, Part, load_tiles, pool_index, read_index
+from medi_dist.evaluate.tile_reader import AUDIT, FeatureCache, Part, load_tiles, pool_index, read_index
 from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 

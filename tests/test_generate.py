@@ -21,10 +21,11 @@ from medi_dist.data.shards import verify_shards
 from medi_dist.data.stream import StreamConfig, tile_stream
 from medi_dist.metadata import ConditioningSpec, UnknownValueError
 from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
-from medi_dist.generate.command import add_fidelity_parser, add_generate_parser
+from medi_dist.evaluate.command import add_fidelity_parser
+from medi_dist.generate.command import add_generate_parser
 from medi_dist.generate.job import GenerateConfig, build_tasks, generate
 from medi_dist.generate.plan import GenerationPlan, PlanError, resolve, training_data
-from medi_dist.generate.tiles import task_tiles, tile_seed
+from medi_dist.generate.tile_list import task_tiles, tile_seed
 from medi_dist.generate.writer import SamplingSettings
 from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity, read_tiles
 

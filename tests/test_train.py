@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from medi_dist.config import ConfigError, load_config
+from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.metadata import UnknownValueError
 from medi_dist.model import encode_conditions, load_model_dir
 from medi_dist.train.config import TrainConfig

@@ -14,14 +14,15 @@ import pandas as pd
 import pytest
 
 from medi_dist.evaluate.downstream import DownstreamError
-from medi_dist.tune import SearchSpace, StudyConfig, run_study
+from medi_dist.tune.config import SearchSpace, StudyConfig
+from medi_dist.tune.study import run_study
 from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 DRIVER = """
 import json, sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
-from medi_dist.config import from_dict
-from medi_dist.tune import StudyConfig, run_study
+from medi_dist.config_loader import from_dict
+from medi_dist.tune.study import StudyConfig, run_study
 run_study(from_dict(StudyConfig, json.loads(sys.argv[2])))
 """
 
@@ -162,7 +163,7 @@ def test_baselines_in_the_search_space(tune_data, tmp_path):
 
 
 def test_example_config_loads():
-    from medi_dist.config import load_config
+    from medi_dist.config_loader import load_config
 
     cfg = load_config(StudyConfig, Path(__file__).parents[1] / "jobs" / "tune_small.yaml", ["num_samples=2"])
     assert cfg.num_samples == 2 and cfg.space.allocation == ["unseen-pairs", "inverse-frequency", "uniform"]

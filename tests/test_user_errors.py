@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medi_dist import cli
-from medi_dist.config import ConfigError, load_config
+from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.data import sources
 from medi_dist.data.ingest import ingest
 from medi_dist.data.procedural import ProceduralConfig

@@ -21,7 +21,7 @@ import pandas as pd
 from .allocation import ALLOCATIONS, SITE, TYPE, real_subsample, synthetic_subsample
 from .metrics import METRIC_NAMES, all_metrics, balanced_accuracy, format_table, mean_sem
 from .stain import AUGMENTS, NORMALIZERS, hed_jitter, macenko_normalize, restain
-from .tiles import Inputs, Part, foreign_values, load_inputs, pool_index, read_index
+from .tile_reader import Inputs, Part, foreign_values, load_inputs, pool_index, read_index
 
 CLASSIFIERS = ("linear", "cnn")
 BALANCES = ("none", "type-site")

@@ -33,7 +33,7 @@ from ..metadata import UNKNOWN
 from .classifiers import LinearProbe
 from .encoders import get_encoder
 from .fidelity import conditional_accuracy, fidelity_report, frechet_distance
-from .tiles import foreign_values, read_index
+from .tile_reader import foreign_values, read_index
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
 # reported accuracy -> (label column, feature set the probe is trained on)

@@ -27,7 +27,7 @@ from ..model.config import ModelConfig
 from ..model.model_dir import WEIGHT_FILES, read_model_info, verify_model_dir
 from ..model.sampling import SAMPLERS
 from .plan import SITE as SITE_COLUMN, GenerationPlan, PlanError, PlanRow, resolve, training_data
-from .tiles import plan_id, shard_spans, task_tiles
+from .tile_list import plan_id, shard_spans, task_tiles
 from .writer import SPLIT, SamplingSettings, ShardGenerator, read_shard, shard_complete, shard_path
 
 log = logging.getLogger("medi_dist.generate")

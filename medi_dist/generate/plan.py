@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from ..config import yaml_problem
+from ..config_loader import yaml_problem
 from ..metadata import UNKNOWN, ConditioningSpec, SchemaError, UnknownValueError, clean_category, clean_continuous
 from ..model.model_dir import read_model_info
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..data.shards import SHARD_DIR, check_image, sha256, write_tar_atomic
 from ..metadata import UNKNOWN, SchemaError
-from .tiles import task_tiles
+from .tile_list import task_tiles
 
 SITE = "tissue_source_site"  # a required tile column: `Unknown` for a model not conditioned on it
 SPLIT = "train"  # synthetic tiles are training material: the stream reads split "train" by default

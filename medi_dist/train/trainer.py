@@ -18,6 +18,7 @@ from ray.train.torch import TorchTrainer
 from ..data.shards import verify_shards
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
+from ..paths import absolute
 from ..ray_setup import check_job_paths, check_resource, ensure_ray
 from ..tracking import RunLogger, find_or_create_run, tracking_uri
 from .config import TrainConfig
@@ -123,15 +124,10 @@ def already_finished(record: dict, steps: int) -> TrainResult | None:
                        0, finished_before=True)
 
 
-def storage_path(cfg: TrainConfig) -> str:
-    storage = cfg.run.storage_path
-    return storage if "://" in storage else str(Path(storage).resolve())
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     check_job_paths({"data.dataset": cfg.data.dataset, "run.storage_path": cfg.run.storage_path,
                      "run.output": cfg.run.output}, {"run.tracking_uri": cfg.run.tracking_uri})
-    storage = storage_path(cfg)
+    storage = absolute(cfg.run.storage_path)
     folder = RunFolder(storage, cfg.run.name)
     record = folder.read_json(RUN_FILE)
     if record is not None:  # a re-run: same training, and nothing to do once finished
