@@ -133,8 +133,10 @@ def _picture(ds: Path, pool: Path, path: Path) -> None:
     blank = np.full_like(real_imgs[0], 235)
     for t in types:
         for s in sites:
-            r = np.flatnonzero((real_meta["cancer_type"] == t).to_numpy() & (real_meta["tissue_source_site"] == s).to_numpy())
-            g = np.flatnonzero((syn_meta["cancer_type"] == t).to_numpy() & (syn_meta["tissue_source_site"] == s).to_numpy())
+            r = np.flatnonzero((real_meta["cancer_type"] == t).to_numpy()
+                               & (real_meta["tissue_source_site"] == s).to_numpy())
+            g = np.flatnonzero((syn_meta["cancer_type"] == t).to_numpy()
+                               & (syn_meta["tissue_source_site"] == s).to_numpy())
             if len(r) or len(g):
                 cells[(t, s)] = [real_imgs[r[0]] if len(r) else blank, syn_imgs[g[0]] if len(g) else blank]
     tile_grid(cells, types, sites, tile_px=48, per_cell=2).save(path)

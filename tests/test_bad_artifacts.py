@@ -194,7 +194,8 @@ def test_bad_configs_give_one_clear_line(tmp_path):
         load_config(TrainConfig, negative)
     for over, msg in ((["steps=-1"], "steps must be positive"), (["run.num_workers=0"], "num_workers"),
                       (["steps=[1]"], r"override 'steps=\[1\]': expected int, got \[1\]"),
-                      (["run=3"], "override 'run=3': expected a mapping"), (["stepz=3"], r"unknown field\(s\) \['stepz'\]"),
+                      (["run=3"], "override 'run=3': expected a mapping"),
+                      (["stepz=3"], r"unknown field\(s\) \['stepz'\]"),
                       (["steps=[1,"], "override 'steps=\\[1,': the value is not valid YAML")):
         with pytest.raises(ConfigError, match=msg):
             load_config(TrainConfig, None, over)

@@ -159,7 +159,8 @@ def test_manifest_source_csv_and_parquet(tmp_path):
         p.parent.mkdir(exist_ok=True)
         Image.fromarray(render_tile("SHEET" if i % 2 else "GLAND", f"S{i % 6}", np.random.default_rng(i), 32)).save(p)
         rows.append({"path": f"img/t{i}.png", "cancer_type": "A" if i % 2 else "B", "tissue_source_site": f"S{i % 6}",
-                     "slide_id": f"slide{i // 4}", "sex": ["male", "female", ""][i % 3], "age": None if i == 0 else 40 + i})
+                     "slide_id": f"slide{i // 4}", "sex": ["male", "female", ""][i % 3],
+                     "age": None if i == 0 else 40 + i})
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
     pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet")
     for name in ("m.csv", "m.parquet"):

@@ -4,15 +4,15 @@ CNN paths, the feature cache, the CLI, and clear errors before any work for bad 
 from __future__ import annotations
 
 import argparse
-import re
 import json
+import re
 from collections import Counter
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 from medi_dist.evaluate import allocation as al
 from medi_dist.evaluate.downstream import (
@@ -20,7 +20,6 @@ from medi_dist.evaluate.downstream import (
     verdict,
 )
 from medi_dist.evaluate.tile_reader import AUDIT, FeatureCache, Part, load_tiles, pool_index, read_index
-from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -190,7 +189,8 @@ def test_pools_of_test_sites_or_another_dataset_are_refused(data, tmp_path):
 
     AUDIT.reset()
     leak = make_pool(data["real"], tmp_path / "leak", per_pair=1, sites_split="holdout")
-    with pytest.raises(DownstreamError, match=r"leak.* keeps out of its 'train' split: .*\(holdout\).*leak the test sites"):
+    with pytest.raises(DownstreamError,
+                       match=r"leak.* keeps out of its 'train' split: .*\(holdout\).*leak the test sites"):
         run_downstream(DownstreamConfig(str(data["real"]), synthetic=[str(leak)], ratio=1.0, cache_dir=data["cache"]))
     other = make_pool(data["real"], tmp_path / "other", per_pair=1)
     idx = pd.read_parquet(other / "index.parquet")

@@ -12,8 +12,8 @@ import yaml
 
 from medi_dist import cli
 from medi_dist.config_loader import config_fields, load_config
-from medi_dist.train.config import TrainConfig
 from medi_dist.tracking import flatten
+from medi_dist.train.config import TrainConfig
 from medi_dist.tune.config import StudyConfig
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medi_dist"

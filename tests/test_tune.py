@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 from medi_dist.evaluate.downstream import DownstreamError
 from medi_dist.tune.config import SearchSpace, StudyConfig
 from medi_dist.tune.study import run_study
-from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 DRIVER = """
 import json, sys, ray

@@ -242,6 +242,7 @@ def test_second_pass_findings(tmp_path, monkeypatch):
                           "slide_id": [f"{s}-{i // 10}" for i, s in enumerate(sites)],
                           "key": [f"k{i}" for i in range(60)]})
     onehot = (sites[:, None] == np.array(["S1", "S2", "S3"])).astype(np.float32)
-    feats = {k: onehot + np.random.default_rng(0).normal(0, 0.01, onehot.shape) for k in ("features", "morphology", "stain")}
+    feats = {k: onehot + np.random.default_rng(0).normal(0, 0.01, onehot.shape)
+             for k in ("features", "morphology", "stain")}
     for seed in range(4):
         assert real_reference(feats, index, seed)["site_accuracy"] == 1.0

@@ -127,7 +127,8 @@ def add_ingest_parser(sub) -> argparse.ArgumentParser:
                    help="each site's scanner also leaves a faint line pattern: a site shortcut that is not colour")
     g = ing.add_argument_group("tcga-ut")
     g.add_argument("--root", help="folder of <cancer type>/<slide_submitter_id>/*.jpg (or .png, .tif, ...)")
-    g.add_argument("--metadata", help="GDC slide metadata CSV/TSV/Parquet (slide_submitter_id, tissue_source_site, ...)")
+    g.add_argument("--metadata",
+                   help="GDC slide metadata CSV/TSV/Parquet (slide_submitter_id, tissue_source_site, ...)")
     g = ing.add_argument_group("manifest")
     g.add_argument("--manifest", help="CSV/Parquet, one row per tile: an image path (relative paths are read from "
                    "the manifest's folder), cancer_type, tissue_source_site; optional columns below")

@@ -12,9 +12,9 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pandas as pd
 from PIL import Image
@@ -185,7 +185,8 @@ def manifest(path: str | Path, skips: SkipLog, image_column: str = "path",
                     f"Use --image-column to name the image-path column (now {image_column!r})")
     if table.empty:
         raise SchemaError(f"{path}: the manifest has no rows")
-    cat = ["cancer_type", "tissue_source_site"] + [c for c in ("sex", "race") if c in table.columns and c not in categorical] + list(categorical)
+    optional = [c for c in ("sex", "race") if c in table.columns and c not in categorical]
+    cat = ["cancer_type", "tissue_source_site"] + optional + list(categorical)
     cont = list(continuous) or (["age"] if "age" in table.columns else [])
     rows = table.to_dict("records")
     groups: Counter = Counter(

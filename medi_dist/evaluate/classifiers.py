@@ -13,7 +13,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from .encoders import _check_tiles, preprocess
+from .encoders import check_tiles, preprocess
 
 
 class LinearProbe:
@@ -84,7 +84,7 @@ class SmallCNN:
 
     def _tensor(self, images: np.ndarray) -> torch.Tensor:
         # Same fixed normalisation for every tile, real or synthetic.
-        return preprocess(_check_tiles(images), self.image_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        return preprocess(check_tiles(images), self.image_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
     @staticmethod
     def _dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

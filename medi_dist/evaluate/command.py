@@ -14,6 +14,9 @@ from pathlib import Path
 from .allocation import ALLOCATIONS
 from .downstream import BASELINES
 
+ENCODERS_HELP = ("random-conv[:DIM[:SEED]], uni:PATH, uni2-h:PATH, timm:ARCH:PATH, openclip:NAME:PATH or "
+                 "inception:PATH (weights from a local file)")
+
 
 def _downstream(args: argparse.Namespace) -> None:
     from ..ray_setup import check_job_paths
@@ -88,7 +91,7 @@ def add_downstream_parser(evaluate_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--synthetic", nargs="*", default=[], metavar="DIR", help="synthetic pool directories")
     p.add_argument("--classifier", choices=["linear", "cnn"], default="linear")
     p.add_argument("--encoder", default="random-conv",
-                   help="linear probe features: random-conv[:DIM[:SEED]], uni:PATH, uni2-h:PATH, timm:ARCH:PATH, openclip:NAME:PATH or inception:PATH (weights from a local file)")
+                   help="linear probe features: " + ENCODERS_HELP)
     p.add_argument("--ratio", type=float, nargs="+", default=[0.0], help="synthetic tiles per real tile (one arm each)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="inverse-frequency")
     p.add_argument("--baselines", nargs="+", default=[], choices=[b for b in BASELINES if b != "none"],
@@ -126,7 +129,8 @@ def _fidelity(args: argparse.Namespace) -> None:
     no_real = [g for g, why in fd["skipped"].items() if why.startswith("0 real")]
     few = [g for g in fd["skipped"] if g not in no_real]
     if no_real:
-        print(f"  {len(no_real)} subgroups have no real tiles to compare with (pairs unseen in --real-splits), e.g. {no_real[0]}")
+        print(f"  {len(no_real)} subgroups have no real tiles to compare with (pairs unseen in --real-splits), "
+              f"e.g. {no_real[0]}")
     if few:
         print(f"  {len(few)} subgroups have too few tiles for an FD, e.g. {few[0]}: {fd['skipped'][few[0]]}; "
               "lower --min-per-group or generate more tiles")
@@ -152,7 +156,8 @@ def _fidelity(args: argparse.Namespace) -> None:
         print(f"  {part:6s} pairs (n={c['n']}): type {c['type_accuracy']:.3f} | {c['type_accuracy_morphology']:.3f}, "
               f"site {c['site_accuracy']:.3f} | {c['site_accuracy_stain']:.3f}")
     if res["real_reference"]:
-        print("real tiles of held-out slides (the probes' own ceiling): " + json.dumps({k: round(v, 3) for k, v in res["real_reference"].items()}))
+        ref = {k: round(v, 3) for k, v in res["real_reference"].items()}
+        print("real tiles of held-out slides (the probes' own ceiling): " + json.dumps(ref))
 
 
 def add_fidelity_parser(evaluate_sub) -> argparse.ArgumentParser:
@@ -163,7 +168,7 @@ def add_fidelity_parser(evaluate_sub) -> argparse.ArgumentParser:
         "pairs. Results go to a JSON file and an MLflow run.")
     f.add_argument("--real", required=True, help="real dataset directory")
     f.add_argument("--synthetic", required=True, help="synthetic dataset directory (from `medi-dist generate`)")
-    f.add_argument("--encoder", default="random-conv", help="random-conv[:DIM[:SEED]], uni:PATH, uni2-h:PATH, timm:ARCH:PATH, openclip:NAME:PATH or inception:PATH (weights from a local file)")
+    f.add_argument("--encoder", default="random-conv", help=ENCODERS_HELP)
     f.add_argument("--out", help="results JSON (default: <synthetic>/fidelity.json)")
     f.add_argument("--real-splits", nargs="+", default=["train"])
     f.add_argument("--resolution", type=int, help="compare at this size (default: the synthetic tiles' size)")

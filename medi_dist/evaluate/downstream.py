@@ -134,7 +134,8 @@ def check_pool(cfg: DownstreamConfig, pool, pidx: pd.DataFrame, real: pd.DataFra
               if s in split_of and cfg.train_split not in split_of[s]}
     if leaked:
         raise DownstreamError(f"synthetic pool {pool} holds tiles of sites that {cfg.real} keeps out of its "
-                              f"{cfg.train_split!r} split: " + ", ".join(f"{s} ({'/'.join(v)})" for s, v in leaked.items())
+                              f"{cfg.train_split!r} split: "
+                              + ", ".join(f"{s} ({'/'.join(v)})" for s, v in leaked.items())
                               + "; training on them would leak the test sites' stain. Generate only at "
                               "training sites, from a model trained on this dataset's split")
 

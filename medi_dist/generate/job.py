@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data.shards import INDEX, MANIFEST, SPLIT as SPLIT_FILE, VOCAB, atomic_write_parquet, atomic_write_text, file_sha256
+from ..data.shards import INDEX, MANIFEST, VOCAB, atomic_write_parquet, atomic_write_text, file_sha256
+from ..data.shards import SPLIT as SPLIT_FILE
 from ..metadata import ConditioningSpec
 from ..model.config import ModelConfig
 from ..model.model_dir import WEIGHT_FILES, read_model_info, verify_model_dir
@@ -146,7 +147,8 @@ def _prepare_out(out: Path, header: dict, overwrite: bool) -> None:
         else:
             old = json.loads(gen.read_text())
             if (old.get("generation"), old.get("tiles_per_shard")) != (header["generation"], header["tiles_per_shard"]):
-                raise FileExistsError(f"{out} holds tiles of another plan or sharding (generation {old.get('generation')}, "
+                raise FileExistsError(f"{out} holds tiles of another plan or sharding (generation "
+                                      f"{old.get('generation')}, "
                                       f"now {header['generation']}); choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(f"shards/{SPLIT}/.*.tmp-*"):

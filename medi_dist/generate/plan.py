@@ -52,7 +52,7 @@ class GenerationPlan:
     null_site: bool = False  # explicit rows without a site: the site-conditioned model with its site nulled
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GenerationPlan":
+    def from_dict(cls, d: dict) -> GenerationPlan:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
@@ -60,7 +60,7 @@ class GenerationPlan:
         return cls(**d)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "GenerationPlan":
+    def from_yaml(cls, path: str | Path) -> GenerationPlan:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"plan file {p} does not exist")

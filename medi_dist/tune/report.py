@@ -16,8 +16,8 @@ import pandas as pd
 from ..evaluate.downstream import Comparison, DownstreamConfig, compare, load_inputs, run_downstream
 from ..evaluate.metrics import METRIC_NAMES
 from ..evaluate.result_log import log_result
-from ..paths import absolute
 from ..evaluate.tile_reader import AUDIT
+from ..paths import absolute
 from .trial import trial_config
 
 TEST_TAG = "medi_dist.test_evaluated_trial"
@@ -66,7 +66,9 @@ def finish_trials(uri: str, trials: pd.DataFrame, best: dict, plog) -> None:
 
 def log_test(cfg, base: DownstreamConfig, best: dict, encoder, plog, audit_dir: Path) -> Comparison | None:
     """Re-evaluate the best configuration once on the holdout sites, next to real-only (paired)."""
-    if plog.c.get_run(plog.run_id).data.tags.get(TEST_TAG) == best["trial_id"]:
+    from ..tracking import client
+
+    if client(plog.uri).get_run(plog.run_id).data.tags.get(TEST_TAG) == best["trial_id"]:
         return None  # this exact selection was already scored on the holdout: do not look again
     AUDIT.reset()
     test_base = replace(base, test_split="holdout")

@@ -38,7 +38,8 @@ class StudyResult:
 
 
 def base_config(cfg: StudyConfig, test_split: str = "val") -> DownstreamConfig:
-    return DownstreamConfig(real=absolute(cfg.real), classifier=cfg.classifier, encoder=cfg.encoder, seeds=list(cfg.seeds),
+    return DownstreamConfig(real=absolute(cfg.real), classifier=cfg.classifier, encoder=cfg.encoder,
+                            seeds=list(cfg.seeds),
                             k_sites=cfg.k_sites, max_per_class=cfg.max_per_class, test_split=test_split,
                             epochs=cfg.epochs, width=cfg.width, image_size=cfg.image_size,
                             cache_dir=absolute(cfg.cache_dir))
@@ -175,8 +176,8 @@ def run_study(cfg: StudyConfig) -> StudyResult:
 
 
 def summary(res: StudyResult, metric: str = "site_balanced_accuracy") -> str:
-    cols = [c for c in ("trial_id", "ratio", "effective_ratio", "allocation", "pool", "lr", "C", "objective", "seeds_done")
-            if c in res.trials]
+    cols = [c for c in ("trial_id", "ratio", "effective_ratio", "allocation", "pool", "lr", "C", "objective",
+                        "seeds_done") if c in res.trials]
     t = res.trials[cols].copy()
     if "pool" in t:
         t["pool"] = [Path(p).name if p else "-" for p in t["pool"]]
@@ -184,7 +185,8 @@ def summary(res: StudyResult, metric: str = "site_balanced_accuracy") -> str:
              "", "best: " + json.dumps({k: res.best[k] for k in cols if k in res.best}, default=str)]
     if res.best.get("effective_ratio", res.best.get("ratio", 0)) < res.best.get("ratio", 0) - 0.01:
         lines.append(f"note: the best trial asked for ratio {res.best['ratio']:g} but its pools held enough for "
-                     f"{res.best['effective_ratio']:.2f} synthetic per real tile; generate more tiles to test higher ratios")
+                     f"{res.best['effective_ratio']:.2f} synthetic per real tile; generate more tiles to test higher "
+                     "ratios")
     failed = res.trials[res.trials["error"] != ""]
     if len(failed):
         lines += ["", f"{len(failed)} trial(s) failed (run again to retry them): "
