@@ -36,8 +36,11 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 here = mod.split(".") if is_pkg else mod.split(".")[:-1]
-                base = ".".join(here[:len(here) - node.level + 1] + [node.module or ""]).rstrip(".") \
-                    if node.level else node.module
+                base = (
+                    ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).rstrip(".")
+                    if node.level
+                    else node.module
+                )
                 targets = [base] + [f"{base}.{a.name}" for a in node.names]  # `from . import plots`
             else:
                 continue
@@ -99,8 +102,11 @@ def test_help_lists_every_field_with_its_default(command, cls, capsys):
         cli.main([command, "--help"])
     assert e.value.code == 0
     lines = capsys.readouterr().out.splitlines()
-    listed = {line.split(" = ")[0].strip(): line.split(" = ", 1)[1].split("  #")[0].strip()
-              for line in lines if " = " in line and line.startswith("  ")}
+    listed = {
+        line.split(" = ")[0].strip(): line.split(" = ", 1)[1].split("  #")[0].strip()
+        for line in lines
+        if " = " in line and line.startswith("  ")
+    }
     leaves = flatten(dataclasses.asdict(cls()))
     assert set(listed) == set(leaves)
     for key, value in leaves.items():  # the default as an override would write it
@@ -110,10 +116,13 @@ def test_help_lists_every_field_with_its_default(command, cls, capsys):
         assert any(line.strip().startswith("run.storage_path = ") and "cloud URI" in line for line in lines)
 
 
-@pytest.mark.parametrize("command, cls, config, overrides", [
-    ("train", TrainConfig, "train_small.yaml", ["steps=7", "run.name=printed", "data.splits=[train,val]"]),
-    ("tune", StudyConfig, "tune_small.yaml", ["space.ratio=1", "num_samples=3"]),
-])
+@pytest.mark.parametrize(
+    "command, cls, config, overrides",
+    [
+        ("train", TrainConfig, "train_small.yaml", ["steps=7", "run.name=printed", "data.splits=[train,val]"]),
+        ("tune", StudyConfig, "tune_small.yaml", ["space.ratio=1", "num_samples=3"]),
+    ],
+)
 def test_print_config_shows_the_resolved_config(command, cls, config, overrides, capsys, tmp_path):
     assert cli.main([command, "--print-config", "--config", str(JOBS / config), *overrides]) == 0
     printed = capsys.readouterr().out
@@ -127,3 +136,10 @@ def test_print_config_still_refuses_a_bad_override(capsys):
     assert cli.main(["train", "--print-config", "steps=-1"]) == 2
     captured = capsys.readouterr()
     assert "steps must be positive" in captured.err and captured.out == ""
+
+
+def test_readme_module_table_lists_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    modules = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    missing = sorted(m for m in modules if f"| `{m}` |" not in readme)
+    assert not missing, f"add these to the README's module table: {missing}"

@@ -21,9 +21,16 @@ def _ingest(args: argparse.Namespace) -> None:
     if args.source == "procedural":
         from .procedural import ProceduralConfig
 
-        scan = sources.procedural(ProceduralConfig(
-            n_types=args.types, n_sites=args.sites, n_tiles=args.tiles, size=args.size, seed=args.seed,
-            scanner_lines=args.scanner_lines))
+        scan = sources.procedural(
+            ProceduralConfig(
+                n_types=args.types,
+                n_sites=args.sites,
+                n_tiles=args.tiles,
+                size=args.size,
+                seed=args.seed,
+                scanner_lines=args.scanner_lines,
+            )
+        )
     elif args.source == "tcga-ut":
         _need(args, "root", "metadata")
         scan = sources.tcga_ut(args.root, args.metadata, skips)
@@ -34,11 +41,26 @@ def _ingest(args: argparse.Namespace) -> None:
         _need(args, "slides")
         from .wsi import WSIConfig
 
-        scan = sources.wsi_scan(args.slides, WSIConfig(tile_px=args.tile_px, mpp=args.mpp, assume_mpp=args.assume_mpp,
-                                               max_tiles_per_slide=args.max_tiles_per_slide), skips)
+        scan = sources.wsi_scan(
+            args.slides,
+            WSIConfig(
+                tile_px=args.tile_px,
+                mpp=args.mpp,
+                assume_mpp=args.assume_mpp,
+                max_tiles_per_slide=args.max_tiles_per_slide,
+            ),
+            skips,
+        )
     split = SplitConfig(args.holdout_fraction, args.val_fraction, args.seed)
-    ingest(scan, args.out, split, skips, shard_mb=args.shard_mb, overwrite=args.overwrite,
-           max_skipped_fraction=args.max_skipped_fraction)
+    ingest(
+        scan,
+        args.out,
+        split,
+        skips,
+        shard_mb=args.shard_mb,
+        overwrite=args.overwrite,
+        max_skipped_fraction=args.max_skipped_fraction,
+    )
     print(f"wrote {args.out}")
     if skips.entries:
         print(skips.summary())
@@ -55,14 +77,18 @@ def _pick_source(args: argparse.Namespace) -> str:
     if args.source is None:
         if len(given) > 1:
             flags = " and ".join(f for fl in given.values() for f in fl)
-            raise ConfigError(f"{flags} are inputs of different sources ({', '.join(given)}); give one source's "
-                              "inputs, or name it with --source")
+            raise ConfigError(
+                f"{flags} are inputs of different sources ({', '.join(given)}); give one source's "
+                "inputs, or name it with --source"
+            )
         return next(iter(given), "procedural")
     other = {src: flags for src, flags in given.items() if src != args.source}
     if other:
         src, flags = next(iter(other.items()))
-        raise ConfigError(f"--source {args.source} does not read {' '.join(flags)} (an input of --source {src}); "
-                          f"drop {'it' if len(flags) == 1 else 'them'} or drop --source")
+        raise ConfigError(
+            f"--source {args.source} does not read {' '.join(flags)} (an input of --source {src}); "
+            f"drop {'it' if len(flags) == 1 else 'them'} or drop --source"
+        )
     return args.source
 
 
@@ -101,43 +127,65 @@ manifest columns (--source manifest; the --slides table of --source wsi takes th
 
 
 def add_ingest_parser(sub) -> argparse.ArgumentParser:
-    ing = sub.add_parser("ingest", help="turn tiles into a sharded, site-split dataset directory",
-                         description="Read tiles from a source, split sites (disjoint, seeded), write WebDataset "
-                         "shards + index.parquet + vocab.json + split.json into --out.",
-                         epilog=INGEST_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ing.add_argument("--source", choices=["procedural", "tcga-ut", "manifest", "wsi"], default=None,
-                     help="default: the source whose input is given (--manifest, --root/--metadata, --slides); "
-                     "procedural when none is")
+    ing = sub.add_parser(
+        "ingest",
+        help="turn tiles into a sharded, site-split dataset directory",
+        description="Read tiles from a source, split sites (disjoint, seeded), write WebDataset "
+        "shards + index.parquet + vocab.json + split.json into --out.",
+        epilog=INGEST_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ing.add_argument(
+        "--source",
+        choices=["procedural", "tcga-ut", "manifest", "wsi"],
+        default=None,
+        help="default: the source whose input is given (--manifest, --root/--metadata, --slides); "
+        "procedural when none is",
+    )
     ing.add_argument("--out", required=True, help="dataset directory to create")
     ing.add_argument("--seed", type=int, default=0, help="seed for the split (and procedural tiles)")
     ing.add_argument("--holdout-fraction", type=float, default=0.3, help="share of tiles in held-out sites")
     ing.add_argument("--val-fraction", type=float, default=0.0, help="share of tiles in validation sites (0: none)")
     ing.add_argument("--shard-mb", type=float, default=64, help="target shard size in MiB")
     ing.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    ing.add_argument("--max-skipped-fraction", type=float, default=0.2,
-                     help="stop, writing nothing, if more than this share of the inputs is skipped (default 0.2: a "
-                     "few bad tiles are normal; past a fifth the cause is usually one systematic mistake, such as "
-                     "paths relative to the wrong folder, and the split would be planned on what is left)")
+    ing.add_argument(
+        "--max-skipped-fraction",
+        type=float,
+        default=0.2,
+        help="stop, writing nothing, if more than this share of the inputs is skipped (default 0.2: a "
+        "few bad tiles are normal; past a fifth the cause is usually one systematic mistake, such as "
+        "paths relative to the wrong folder, and the split would be planned on what is left)",
+    )
     g = ing.add_argument_group("procedural (the built-in dataset; the default when no input is given)")
     g.add_argument("--types", type=int, default=4)
     g.add_argument("--sites", type=int, default=12)
     g.add_argument("--tiles", type=int, default=2000)
     g.add_argument("--size", type=int, default=64, help="tile size in pixels")
-    g.add_argument("--scanner-lines", action="store_true",
-                   help="each site's scanner also leaves a faint line pattern: a site shortcut that is not colour")
+    g.add_argument(
+        "--scanner-lines",
+        action="store_true",
+        help="each site's scanner also leaves a faint line pattern: a site shortcut that is not colour",
+    )
     g = ing.add_argument_group("tcga-ut")
     g.add_argument("--root", help="folder of <cancer type>/<slide_submitter_id>/*.jpg (or .png, .tif, ...)")
-    g.add_argument("--metadata",
-                   help="GDC slide metadata CSV/TSV/Parquet (slide_submitter_id, tissue_source_site, ...)")
+    g.add_argument(
+        "--metadata", help="GDC slide metadata CSV/TSV/Parquet (slide_submitter_id, tissue_source_site, ...)"
+    )
     g = ing.add_argument_group("manifest")
-    g.add_argument("--manifest", help="CSV/Parquet, one row per tile: an image path (relative paths are read from "
-                   "the manifest's folder), cancer_type, tissue_source_site; optional columns below")
+    g.add_argument(
+        "--manifest",
+        help="CSV/Parquet, one row per tile: an image path (relative paths are read from "
+        "the manifest's folder), cancer_type, tissue_source_site; optional columns below",
+    )
     g.add_argument("--image-column", default="path")
     g.add_argument("--categorical", nargs="*", default=[], help="extra categorical metadata columns")
     g.add_argument("--continuous", nargs="*", default=[], help="continuous metadata columns (default: age if present)")
     g = ing.add_argument_group("wsi")
-    g.add_argument("--slides", help="CSV/Parquet: path (relative to the table's folder), cancer_type, "
-                   "tissue_source_site; optional slide_id, sex, race, age")
+    g.add_argument(
+        "--slides",
+        help="CSV/Parquet: path (relative to the table's folder), cancer_type, "
+        "tissue_source_site; optional slide_id, sex, race, age",
+    )
     g.add_argument("--tile-px", type=int, default=256)
     g.add_argument("--mpp", type=float, default=0.5, help="microns per pixel of the tiles (0.5 ~ 20x)")
     g.add_argument("--assume-mpp", type=float, default=None, help="mpp to use for slides that do not record it")

@@ -10,8 +10,9 @@ from . import plots
 from .downstream import DownstreamResult
 
 
-def log_artifacts(log, res: DownstreamResult, prefix: str, baseline: pd.Series | None = None,
-                  label: str = "augmented") -> None:
+def log_artifacts(
+    log, res: DownstreamResult, prefix: str, baseline: pd.Series | None = None, label: str = "augmented"
+) -> None:
     """CSVs and plots named `*_{prefix}`; `baseline` (real-only per-site scores) is drawn beside `res`
     as `label`, without it `res` is the real-only arm."""
     log.artifact_bytes(res.subgroups().to_csv(index=False).encode(), f"subgroups_{prefix}.csv")
@@ -31,6 +32,7 @@ def log_artifacts(log, res: DownstreamResult, prefix: str, baseline: pd.Series |
 def log_result(log, res: DownstreamResult, prefix: str, baseline: DownstreamResult | None = None) -> None:
     """Mean/SEM metrics (`{prefix}_{metric}`, `{prefix}_{metric}_sem`) and `log_artifacts`."""
     ms = res.mean_sem
-    log.metrics({**{f"{prefix}_{k}": m for k, (m, _) in ms.items()},
-                 **{f"{prefix}_{k}_sem": s for k, (_, s) in ms.items()}})
+    log.metrics(
+        {**{f"{prefix}_{k}": m for k, (m, _) in ms.items()}, **{f"{prefix}_{k}_sem": s for k, (_, s) in ms.items()}}
+    )
     log_artifacts(log, res, prefix, baseline.site_scores() if baseline is not None else None)

@@ -19,12 +19,16 @@ def _train(args: argparse.Namespace) -> None:
     res = train(cfg)
     m = res.metrics
     if res.finished_before:
-        print(f"run {cfg.run.name} already finished at step {m['step']}; model directory: {res.model_dir} "
-              "(raise steps to train further)")
+        print(
+            f"run {cfg.run.name} already finished at step {m['step']}; model directory: {res.model_dir} "
+            "(raise steps to train further)"
+        )
         return
-    print(f"run {cfg.run.name}: step {m.get('step')} of {cfg.steps}, loss {m.get('loss', float('nan')):.4f}, "
-          f"ranks in sync: {bool(m.get('ranks_in_sync'))}, worker nodes: {m.get('worker_nodes')}, "
-          f"skipped tiles: {res.skipped_tiles}")
+    print(
+        f"run {cfg.run.name}: step {m.get('step')} of {cfg.steps}, loss {m.get('loss', float('nan')):.4f}, "
+        f"ranks in sync: {bool(m.get('ranks_in_sync'))}, worker nodes: {m.get('worker_nodes')}, "
+        f"skipped tiles: {res.skipped_tiles}"
+    )
     if res.model_dir:
         print(f"model directory: {res.model_dir}")
     else:
@@ -34,9 +38,11 @@ def _train(args: argparse.Namespace) -> None:
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "train", help="train a MeDi diffusion model with Ray Train",
+        "train",
+        help="train a MeDi diffusion model with Ray Train",
         description="Train on a dataset directory with N Ray Train workers. Settings come from --config\n"
-        "(YAML, see jobs/) and section.field=value overrides.")
+        "(YAML, see jobs/) and section.field=value overrides.",
+    )
     add_config_arguments(p, TrainConfig, "training", "steps=200 run.num_workers=2 data.dataset=DIR")
     p.set_defaults(func=_train)
     return p
