@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "sites. Re-running continues from what --out already holds.")
     demo.add_argument("--out", default=None, help="output folder (default demo-output, demo-quick with --quick)")
     demo.add_argument("--types", type=int, default=None, help="cancer types of the procedural world (default 4)")
-    demo.add_argument("--sites", type=int, default=None, help="tissue source sites, dealt out over the types (default 12)")
+    demo.add_argument("--sites", type=int, default=None,
+                      help="tissue source sites, dealt out over the types (default 12)")
     demo.add_argument("--tiles", type=int, default=None, help="procedural tiles to ingest (default 3000)")
     demo.add_argument("--seed", type=int, default=None, help="the world (tiles, split) and the generator's training")
     demo.add_argument("--train-steps", type=int, default=None, help="generator training steps")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from PIL import Image
+
 from bad_inputs import (  # noqa: F401 (pytest fixtures, used by name)
     N_GOOD,
     REPO,
@@ -31,8 +33,6 @@ from bad_inputs import (  # noqa: F401 (pytest fixtures, used by name)
     snapshot,
     tile_bytes,
 )
-from PIL import Image
-
 from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.data import sources
 from medi_dist.data.ingest import ingest

@@ -17,6 +17,8 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
+
 from bad_inputs import (
     N_GOOD,
     good_csv,  # noqa: F401 (pytest fixtures, used by name)
@@ -29,8 +31,6 @@ from bad_inputs import (
     tile_bytes,
     write_manifest,
 )
-from PIL import Image
-
 from medi_dist.data import sources
 from medi_dist.data.records import SkipLog, TileRecord
 from medi_dist.data.shards import VOCAB, check_record, verify_shards

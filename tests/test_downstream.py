@@ -12,15 +12,22 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
-from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 from medi_dist.evaluate import allocation as al
 from medi_dist.evaluate.downstream import (
-    DownstreamConfig, DownstreamError, augmented, compare, load_inputs, normalized, run_downstream, run_seed, validate,
+    DownstreamConfig,
+    DownstreamError,
+    augmented,
+    compare,
+    load_inputs,
+    normalized,
+    run_downstream,
+    run_seed,
+    validate,
     verdict,
 )
 from medi_dist.evaluate.tile_reader import AUDIT, FeatureCache, Part, load_tiles, pool_index, read_index
-
+from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -160,7 +167,8 @@ def test_cli_downstream(data, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "real only" in out and "r=1 inverse-frequency" in out and "paired difference" in out
     assert re.search(r"-> (helps|hurts|makes no clear difference) \(balanced accuracy\)", out)
-    assert [verdict(0.11, 0.05), verdict(-0.11, 0.05), verdict(0.09, 0.05)] == ["helps", "hurts", "makes no clear difference"]
+    assert [verdict(0.11, 0.05), verdict(-0.11, 0.05), verdict(0.09, 0.05)] == \
+        ["helps", "hurts", "makes no clear difference"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(saved) == {"real only", "r=1 inverse-frequency"}
 
@@ -248,7 +256,8 @@ def test_baseline_arms_in_the_protocol_and_the_cli(data, capsys):
     real = Part(inputs.train.X[:40], inputs.train.meta.iloc[:40])
     for augment, ratio in (("hed-jitter", 0.5), ("restain", 2.0)):
         copies = augmented(replace(base, augment=augment, augment_ratio=ratio), real, seed=0)
-        assert len(copies.X) == len(copies.meta) == round(40 * ratio) and not np.array_equal(copies.X, real.X[:len(copies.X)])
+        assert len(copies.X) == len(copies.meta) == round(40 * ratio)
+        assert not np.array_equal(copies.X, real.X[:len(copies.X)])
     normed = normalized(inputs, "macenko")
     assert normed is normalized(inputs, "macenko") and not np.array_equal(normed.test.X, inputs.test.X)  # cached
     with pytest.raises(DownstreamError, match="use --classifier cnn"):

@@ -92,7 +92,8 @@ def test_site_nulled_plans(rand_model, proc_dataset, tmp_path):
     rows = resolve(GenerationPlan(rows=[{TYPE: t, "count": 2} for t in train.types], null_site=True), spec, train)
     assert [r.conditions for r in rows] == [{TYPE: t} for t in train.types] and all(r.seen for r in rows)
     with pytest.raises(PlanError, match="drop tissue_source_site"):
-        resolve(GenerationPlan(rows=[{TYPE: train.types[0], SITE: train.sites[0], "count": 1}], null_site=True), spec, train)
+        resolve(GenerationPlan(rows=[{TYPE: train.types[0], SITE: train.sites[0], "count": 1}], null_site=True),
+                spec, train)
     with pytest.raises(PlanError, match="null_site is for explicit rows"):
         resolve(GenerationPlan(mode="unseen-pairs", null_site=True), spec, train)
     no_drop = ConditionedUNet(ModelConfig.from_preset("tiny", default_cond_dropout=0.0), spec)

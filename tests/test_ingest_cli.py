@@ -9,8 +9,8 @@ import re
 
 import pandas as pd
 import pytest
-from bad_inputs import N_GOOD, good_csv, ingest_csv, one_error_line, run_cli, snapshot, tile_bytes, write_manifest  # noqa: F401
 
+from bad_inputs import N_GOOD, good_csv, ingest_csv, one_error_line, run_cli, snapshot, tile_bytes, write_manifest  # noqa: F401
 from medi_dist import cli
 from medi_dist.data.shards import INDEX, MANIFEST
 from medi_dist.metadata import SchemaError

@@ -12,7 +12,6 @@ import yaml
 
 from medi_dist import cli
 from medi_dist.config_loader import config_fields, load_config
-from medi_dist.tracking import flatten
 from medi_dist.train.config import TrainConfig
 from medi_dist.tune.config import StudyConfig
 
@@ -96,6 +95,16 @@ def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def _leaves(cfg, prefix=""):
+    """(dotted name, default) of every field that is not itself a dataclass section (a dict is a value)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
 @pytest.mark.parametrize("command, cls", [("train", TrainConfig), ("tune", StudyConfig)])
 def test_help_lists_every_field_with_its_default(command, cls, capsys):
     with pytest.raises(SystemExit) as e:
@@ -107,7 +116,7 @@ def test_help_lists_every_field_with_its_default(command, cls, capsys):
         for line in lines
         if " = " in line and line.startswith("  ")
     }
-    leaves = flatten(dataclasses.asdict(cls()))
+    leaves = dict(_leaves(cls()))
     assert set(listed) == set(leaves)
     for key, value in leaves.items():  # the default as an override would write it
         assert yaml.safe_load(listed[key]) == value, key

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from synthetic_pools import ingest_procedural, make_pool
 
 from medi_dist.tune.config import SearchSpace, StudyConfig
 from medi_dist.tune.study import run_study
+from synthetic_pools import ingest_procedural, make_pool
 
 
 def free_port() -> int:

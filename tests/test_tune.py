@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 from medi_dist.evaluate.downstream import DownstreamError
 from medi_dist.tune.config import SearchSpace, StudyConfig
 from medi_dist.tune.study import run_study
+from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 DRIVER = """
 import json, sys, ray
@@ -156,7 +156,8 @@ def test_baselines_in_the_search_space(tune_data, tmp_path):
     check_study(both)
     assert param_space(both)["baseline"] is not None
     chosen = trial_config(base_config(both),
-                          {"ratio": 0.5, "allocation": "uniform", "pool": "", "C": 1.0, "baseline": "type-site-balance"})
+                          {"ratio": 0.5, "allocation": "uniform", "pool": "", "C": 1.0,
+                           "baseline": "type-site-balance"})
     assert chosen.balance == "type-site" and chosen.augment == "none"
     with pytest.raises(DownstreamError, match="use --classifier cnn"):  # pixel transforms need the CNN
         check_study(replace(cfg, space=replace(cfg.space, baseline=["hed-jitter"])))

@@ -142,7 +142,8 @@ def _fidelity(args: argparse.Namespace) -> None:
               f"stain {ch['site_accuracy']:.3f}), each with its ceiling on fresh ground truth:")
         for part in ("seen", "unseen"):
             c, top = cal["synthetic"][part], cal["ceiling"][part]
-            line = (f"  {part:6s} pairs (n={c['n']}): type {c['type_accuracy']:.3f} (ceiling {top['type_accuracy']:.3f}), "
+            line = (f"  {part:6s} pairs (n={c['n']}): type {c['type_accuracy']:.3f} "
+                    f"(ceiling {top['type_accuracy']:.3f}), "
                     f"stain {c['stain_accuracy']:.3f} (ceiling {top['stain_accuracy']:.3f})")
             if part == "unseen":
                 line += f", leakage {c['leakage']:.3f} (ground truth {top['leakage']:.3f})"

@@ -92,6 +92,16 @@ def read_tiles(root: str | Path, splits: list[str] | None, resolution: int | Non
     return np.stack([images[k] for k in index["key"]]), index
 
 
+def tile_size(dataset: str | Path) -> int:
+    """The stored size of a dataset's tiles (its first train tile)."""
+    return int(read_tiles(dataset, ["train"], None, limit=1)[0].shape[1])
+
+
+def scanner_lines(dataset: str | Path) -> bool:
+    """Whether the procedural world of `dataset` has its sites' scanner line patterns."""
+    return bool((load_manifest(dataset).get("renderer") or {}).get("scanner_lines", False))
+
+
 def real_reference(feats: dict, index: pd.DataFrame, seed: int) -> dict:
     """Probe accuracy on held-out real tiles: what real tiles score. Half the slides of every site are
     held out (a site wholly held out would be a class the probe never saw, scoring 0); a site with
@@ -140,7 +150,6 @@ def calibrated_probes(enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | P
     one type). Each is reported next to its ceiling, its accuracy on fresh renderings. Leakage: the
     share of unseen-pair tiles whose predicted type is the one that owns the requested site."""
     from ..data.procedural import render_tiles
-    from ..generate.reference import scanner_lines, tile_size
 
     types = sorted(r_idx[TYPE].astype(str).unique())
     sites = sorted(set(r_idx[SITE].astype(str)) | set(s_idx[SITE].astype(str)) - {UNKNOWN})

@@ -40,10 +40,8 @@ def plan_from_args(args: argparse.Namespace):
 
 def _generate(args: argparse.Namespace) -> None:
     from .job import GenerateConfig, build_tasks, generate
-    from .plan import describe
+    from .plan import PlanError, describe
     from .writer import SamplingSettings
-
-    from .plan import PlanError
 
     if bool(args.model) == bool(args.reference):
         raise PlanError("say what makes the tiles: --model DIR (a trained model) or --reference oracle|noise "

@@ -27,7 +27,8 @@ from ..metadata import ConditioningSpec
 from ..model.config import ModelConfig
 from ..model.model_dir import WEIGHT_FILES, read_model_info, verify_model_dir
 from ..model.sampling import SAMPLERS
-from .plan import SITE as SITE_COLUMN, GenerationPlan, PlanError, PlanRow, resolve, training_data
+from .plan import SITE as SITE_COLUMN
+from .plan import GenerationPlan, PlanError, PlanRow, resolve, training_data
 from .tile_list import plan_id, shard_spans, task_tiles
 from .writer import SPLIT, SamplingSettings, ShardGenerator, read_shard, shard_complete, shard_path
 
@@ -93,7 +94,8 @@ def _reference_source(cfg: GenerateConfig) -> tuple[dict, ConditioningSpec, str]
     from .reference import check_reference, reference_spec
 
     if cfg.model or not cfg.dataset:
-        raise PlanError(f"a {cfg.reference} pool is made from a dataset, not a model: pass --dataset DIR and no --model")
+        raise PlanError(f"a {cfg.reference} pool is made from a dataset, not a model: pass --dataset DIR and no "
+                        "--model")
     manifest = check_reference(cfg.reference, cfg.dataset)
     shards = "".join(sh.get("sha256", "") for sh in manifest["shards"])
     source = f"{cfg.reference}-{hashlib.sha256(shards.encode()).hexdigest()[:12]}"  # names the real tiles used
@@ -129,7 +131,8 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
               "spans": spans, "rows": {str(r): {"conditions": rows[r].conditions, "seen": rows[r].seen} for r, _, _ in spans}}
              for i, spans in enumerate(shard_spans([r.count for r in rows], cfg.tiles_per_shard))]
     header = {"format": "medi-dist-generation/1", "generation": pid,
-              "model": str(Path(cfg.model or cfg.dataset).resolve()), "model_id": model_id, "plan": asdict(cfg.plan), "sampling": asdict(s), **meta,
+              "model": str(Path(cfg.model or cfg.dataset).resolve()), "model_id": model_id, "plan": asdict(cfg.plan),
+              "sampling": asdict(s), **meta,
               "tiles_per_shard": cfg.tiles_per_shard, "tiles": sum(r.count for r in rows), "shards": len(tasks),
               "training_pairs_from": train.source,
               "rows": [asdict(r) for r in rows]}
