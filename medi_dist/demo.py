@@ -58,7 +58,8 @@ class DemoConfig:
 
 
 QUICK_DEMO = dict(out="demo-quick", tiles=800, train_steps=60, per_pair=8, sampler_steps=8, seeds=[0, 1])
-WORLD = ("types", "sites", "tiles", "size", "holdout_fraction", "scanner_lines", "seed")  # what the ingested dataset depends on
+# what the ingested dataset depends on
+WORLD = ("types", "sites", "tiles", "size", "holdout_fraction", "scanner_lines", "seed")
 
 
 def _check_world(cfg: DemoConfig, root: Path) -> None:

@@ -152,7 +152,7 @@ class TileStream:
     def skipped(self) -> dict:
         return ray.get(self.ledger.summary.remote())
 
-    def ingest_options(self) -> "ray.data.ExecutionOptions":
+    def ingest_options(self) -> ray.data.ExecutionOptions:
         """Ray Train's ingest options with this stream's order setting (Train otherwise takes
         preserve_order from the driver's global DataContext, not from the dataset)."""
         from ray.train import DataConfig

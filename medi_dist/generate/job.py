@@ -123,12 +123,13 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
     rows = resolve(cfg.plan, spec, train)
     pid = plan_id(rows, cfg.plan.seed, meta)
     owners = {}  # site -> the type with the most training tiles there (owner-site composition)
-    for (t, site), n in sorted(train.pairs.items(), key=lambda kv: -kv[1]):
+    for (t, site), _n in sorted(train.pairs.items(), key=lambda kv: -kv[1]):
         owners.setdefault(site, t)
     # Tasks carry spans of plan rows, not per-tile records; tiles are expanded where they are made.
     extra = {"owners": owners} if meta.get("composition") else {}
     tasks = [{"shard": i, "path": shard_path(i), "generation": pid, "meta": meta, "plan_seed": cfg.plan.seed, **extra,
-              "spans": spans, "rows": {str(r): {"conditions": rows[r].conditions, "seen": rows[r].seen} for r, _, _ in spans}}
+              "spans": spans,
+              "rows": {str(r): {"conditions": rows[r].conditions, "seen": rows[r].seen} for r, _, _ in spans}}
              for i, spans in enumerate(shard_spans([r.count for r in rows], cfg.tiles_per_shard))]
     header = {"format": "medi-dist-generation/1", "generation": pid,
               "model": str(Path(cfg.model or cfg.dataset).resolve()), "model_id": model_id, "plan": asdict(cfg.plan),

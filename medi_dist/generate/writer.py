@@ -143,6 +143,7 @@ class ShardGenerator:
                     "generation": task["generation"], "split": SPLIT}
             members.append((t["key"], png_bytes(img), meta))
         write_shard(self.out / task["path"], members)
-        evals = len(images) * self.s.steps * ((2 if self.s.guidance != 1.0 else 1) + (2 if self.s.composition != "joint" else 0))
+        per_step = (2 if self.s.guidance != 1.0 else 1) + (2 if self.s.composition != "joint" else 0)
+        evals = len(images) * self.s.steps * per_step
         return {"path": task["path"], "tiles": len(images), "sample_s": t_sample,
                 "total_s": time.perf_counter() - t0, "evaluations": evals}
