@@ -55,8 +55,8 @@ def draw(model, spec, rows, args, owners=None) -> np.ndarray:
         if owners:
             at_owner = [{TYPE: owners[r[SITE]], SITE: r[SITE]} for r in chunk]
             cond = encode_conditions(spec, [{TYPE: r[TYPE]} for r in chunk])
-            directions = [(encode_conditions(spec, at_owner), encode_conditions(spec, [{TYPE: r[TYPE]} for r in at_owner]),
-                           args.composition_scale)]
+            directions = [(encode_conditions(spec, at_owner),
+                           encode_conditions(spec, [{TYPE: r[TYPE]} for r in at_owner]), args.composition_scale)]
         imgs.append(sample(model, cond, seeds=list(range(i, i + len(chunk))), sampler=args.sampler,
                            steps=args.sampler_steps, directions=directions))
     return np.concatenate(imgs)
@@ -160,9 +160,11 @@ def main(argv=None) -> int:
             curve.append(row)
             print(json.dumps(row, default=lambda v: round(v, 3)), flush=True)
     if args.save:
-        save_model_dir(args.save, model, ema, extra_info={"name": "curve", "dataset": str(ds.resolve()), "steps": args.steps})
-    result = {"benchmark": "generator_curve", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-              "cpus": torch.get_num_threads(), "load_at_end": list(np.round(np.array(__import__("os").getloadavg()), 2)),
+        save_model_dir(args.save, model, ema,
+                       extra_info={"name": "curve", "dataset": str(ds.resolve()), "steps": args.steps})
+    result = {"benchmark": "generator_curve", "date": time.strftime("%Y-%m-%d"),
+              "machine": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(),
+              "load_at_end": list(np.round(np.array(__import__("os").getloadavg()), 2)),
               "settings": vars(args), "wall_minutes": (time.perf_counter() - t0) / 60, "curve": curve}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

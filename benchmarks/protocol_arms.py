@@ -48,7 +48,8 @@ def main(argv=None) -> int:
                                                    seed=args.seed, scanner_lines=not args.stain_only)),
                ds, SplitConfig(holdout_fraction=0.3, seed=args.seed), overwrite=True)
     plan = GenerationPlan(mode="unseen-pairs", count=args.per_pair, seed=args.seed)
-    pools = {k: str(generate(GenerateConfig(model=None, reference=k, dataset=str(ds), out=str(root / k), plan=plan)).out)
+    pools = {k: str(generate(GenerateConfig(model=None, reference=k, dataset=str(ds), out=str(root / k),
+                                            plan=plan)).out)
              for k in ("oracle", "noise")}
     t0 = time.perf_counter()
     base = DownstreamConfig(real=str(ds), classifier="cnn", seeds=list(range(args.seeds)), image_size=32,
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
                  ("+ ground truth", "+ noise control"), ("+ ground truth", "HED jitter"),
                  ("+ noise control", "real only"), ("HED jitter", "real only"), ("Macenko", "real only"))}
     for name, d in contrasts.items():
-        print(f"{name}: " + ", ".join(f"{m} {d[m][0]:+.3f} ± {d[m][1]:.3f}" for m in ("balanced_accuracy", "worst_site_accuracy")))
+        print(f"{name}: " + ", ".join(f"{m} {d[m][0]:+.3f} ± {d[m][1]:.3f}"
+                                      for m in ("balanced_accuracy", "worst_site_accuracy")))
     result = {"benchmark": "protocol_arms", "date": time.strftime("%Y-%m-%d"), "settings": vars(args),
               "classifier_minutes": (time.perf_counter() - t0) / 60, "load_at_end": os.getloadavg(),
               "arms": {k: {"mean_sem": r.mean_sem, "per_seed": r.per_seed} for k, r in comp.results.items()},

@@ -39,7 +39,7 @@ def ensure_dataset(work: Path, args) -> Path:
 
 
 def ensure_model(work: Path, ds: Path, args) -> Path:
-    from medi_dist.config import load_config
+    from medi_dist.config_loader import load_config
     from medi_dist.train.config import TrainConfig
     from medi_dist.train.trainer import train
 
@@ -54,7 +54,8 @@ def ensure_model(work: Path, ds: Path, args) -> Path:
         f"run.name={name}", f"run.storage_path={work / 'runs'}", f"run.tracking_uri=sqlite:///{work / 'mlflow.db'}",
         f"run.checkpoint_every={args.train_steps}", f"run.cpus_per_worker={args.cpus}", "run.log_every=100"])
     res = train(cfg)
-    print(f"trained {name}: {args.train_steps} steps in {time.perf_counter() - t0:.0f} s, loss {res.metrics.get('loss'):.4f}")
+    print(f"trained {name}: {args.train_steps} steps in {time.perf_counter() - t0:.0f} s, "
+          f"loss {res.metrics.get('loss'):.4f}")
     return res.model_dir
 
 
@@ -147,7 +148,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     floor = fd_floor(ds, res, args.encoder, args.count)
     chance = fid["chance"]
-    print(f"\nmodel {info['model_id']} ({info['model']['preset']}, {res} px, {info['info'].get('steps')} training steps, "
+    print(f"\nmodel {info['model_id']} ({info['model']['preset']}, {res} px, {info['info'].get('steps')} training "
+          "steps, "
           f"{info['model']['prediction_type']}); plan: unseen-pairs x {args.count} tiles = {stats['tiles']} tiles "
           f"({ca['seen']['n']} at seen pairs); {args.workers} worker(s) x {args.cpus} CPU, batch {args.batch_size}; "
           f"encoder {fid['encoder']}; chance: type {chance['type_accuracy']:.2f}, site {chance['site_accuracy']:.2f}\n")
@@ -160,7 +162,8 @@ def main() -> None:
               + " | ".join(f"{x:.2f}" for x in r_[7:]) + " |")
     ref = fid["real_reference"]
     print(f"| real vs real (other slides) | | | | | {floor[0]:.3f} | {floor[1]:.3f} | {ref['type_accuracy']:.2f} | "
-          f"{ref['site_accuracy']:.2f} | | | {ref['type_accuracy_morphology']:.2f} | {ref['site_accuracy_stain']:.2f} |")
+          f"{ref['site_accuracy']:.2f} | | | {ref['type_accuracy_morphology']:.2f} | "
+          f"{ref['site_accuracy_stain']:.2f} |")
 
 
 if __name__ == "__main__":

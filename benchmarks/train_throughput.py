@@ -40,7 +40,7 @@ def plain_loop(files, spec_rows, args) -> float:
         def __getitem__(self, i):
             return super().__getitem__(i), spec_rows[i]
 
-    spec, rows = spec_rows.spec, None
+    spec = spec_rows.spec
     dev = "cuda" if args.gpu else "cpu"
     torch.backends.cudnn.benchmark = True  # as in medi-dist's loop
     torch.set_num_threads(1 if not args.gpu else torch.get_num_threads())
@@ -77,7 +77,7 @@ class CondRows(list):
 
 
 def medi_dist_run(ds, workers, args, tmp, batch) -> tuple[float, float]:
-    from medi_dist.config import load_config
+    from medi_dist.config_loader import load_config
     from medi_dist.tracking import client
     from medi_dist.train.config import TrainConfig
     from medi_dist.train.trainer import train
@@ -118,13 +118,14 @@ def main() -> None:
     ap.add_argument("--work", default="benchmarks/.work")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import ray
     import sys
+
+    import ray
 
     sys.path.insert(0, str(Path(__file__).parent))
     import pandas as pd
-
     from data_throughput import ensure_dataset
+
     from medi_dist.metadata import ConditioningSpec
 
     root = Path(args.work)

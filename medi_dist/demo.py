@@ -58,7 +58,8 @@ class DemoConfig:
 
 
 QUICK_DEMO = dict(out="demo-quick", tiles=800, train_steps=60, per_pair=8, sampler_steps=8, seeds=[0, 1])
-WORLD = ("types", "sites", "tiles", "size", "holdout_fraction", "scanner_lines", "seed")  # what the ingested dataset depends on
+# what the ingested dataset depends on
+WORLD = ("types", "sites", "tiles", "size", "holdout_fraction", "scanner_lines", "seed")
 
 
 def _check_world(cfg: DemoConfig, root: Path) -> None:
@@ -89,7 +90,7 @@ def _ingest(cfg: DemoConfig, root: Path) -> Path:
 
 
 def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[str], uri: str) -> Path:
-    from .config import load_config
+    from .config_loader import load_config
     from .train.config import TrainConfig
     from .train.trainer import output_dir, train
 
@@ -122,7 +123,7 @@ def _generate(cfg: DemoConfig, model: Path | None, out: Path, plan, reference: s
 
 def _picture(ds: Path, pool: Path, path: Path) -> None:
     """Real (left) and MeDi-generated (right) tile per (type, site); blank where none exists."""
-    from .evaluate.tiles import load_tiles
+    from .evaluate.tile_reader import load_tiles
     from .visual import tile_grid
 
     cells: dict[tuple[str, str], list] = {}
@@ -133,8 +134,10 @@ def _picture(ds: Path, pool: Path, path: Path) -> None:
     blank = np.full_like(real_imgs[0], 235)
     for t in types:
         for s in sites:
-            r = np.flatnonzero((real_meta["cancer_type"] == t).to_numpy() & (real_meta["tissue_source_site"] == s).to_numpy())
-            g = np.flatnonzero((syn_meta["cancer_type"] == t).to_numpy() & (syn_meta["tissue_source_site"] == s).to_numpy())
+            r = np.flatnonzero((real_meta["cancer_type"] == t).to_numpy()
+                               & (real_meta["tissue_source_site"] == s).to_numpy())
+            g = np.flatnonzero((syn_meta["cancer_type"] == t).to_numpy()
+                               & (syn_meta["tissue_source_site"] == s).to_numpy())
             if len(r) or len(g):
                 cells[(t, s)] = [real_imgs[r[0]] if len(r) else blank, syn_imgs[g[0]] if len(g) else blank]
     tile_grid(cells, types, sites, tile_px=48, per_cell=2).save(path)

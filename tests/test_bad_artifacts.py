@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from PIL import Image
+
 from bad_inputs import (  # noqa: F401 (pytest fixtures, used by name)
     N_GOOD,
     REPO,
@@ -31,9 +33,7 @@ from bad_inputs import (  # noqa: F401 (pytest fixtures, used by name)
     snapshot,
     tile_bytes,
 )
-from PIL import Image
-
-from medi_dist.config import ConfigError, load_config
+from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.data import sources
 from medi_dist.data.ingest import ingest
 from medi_dist.data.procedural import ProceduralConfig
@@ -194,7 +194,8 @@ def test_bad_configs_give_one_clear_line(tmp_path):
         load_config(TrainConfig, negative)
     for over, msg in ((["steps=-1"], "steps must be positive"), (["run.num_workers=0"], "num_workers"),
                       (["steps=[1]"], r"override 'steps=\[1\]': expected int, got \[1\]"),
-                      (["run=3"], "override 'run=3': expected a mapping"), (["stepz=3"], r"unknown field\(s\) \['stepz'\]"),
+                      (["run=3"], "override 'run=3': expected a mapping"),
+                      (["stepz=3"], r"unknown field\(s\) \['stepz'\]"),
                       (["steps=[1,"], "override 'steps=\\[1,': the value is not valid YAML")):
         with pytest.raises(ConfigError, match=msg):
             load_config(TrainConfig, None, over)

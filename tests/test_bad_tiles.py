@@ -17,6 +17,8 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
+
 from bad_inputs import (
     N_GOOD,
     good_csv,  # noqa: F401 (pytest fixtures, used by name)
@@ -29,8 +31,6 @@ from bad_inputs import (
     tile_bytes,
     write_manifest,
 )
-from PIL import Image
-
 from medi_dist.data import sources
 from medi_dist.data.records import SkipLog, TileRecord
 from medi_dist.data.shards import VOCAB, check_record, verify_shards
@@ -43,10 +43,13 @@ from medi_dist.metadata import ConditioningSpec, ContinuousSpec, SchemaError, Vo
 BAD_TILES = {
     # case: (file name, bytes, what the skip reason must say)
     "corrupt": ("bad.jpg", lambda: b"\xff\xd8\xff\xe0" + bytes(range(256)) * 2, r"cannot decode image"),
-    "truncated": ("bad.jpg", lambda: tile_bytes(99)[: len(tile_bytes(99)) // 2], r"cannot decode image .*(?i:truncated)"),
-    "grayscale": ("bad.jpg", lambda: tile_bytes(99, mode="L"), r"image mode L \(need 8-bit RGB H&E\); convert it to RGB"),
+    "truncated": ("bad.jpg", lambda: tile_bytes(99)[: len(tile_bytes(99)) // 2],
+                  r"cannot decode image .*(?i:truncated)"),
+    "grayscale": ("bad.jpg", lambda: tile_bytes(99, mode="L"),
+                  r"image mode L \(need 8-bit RGB H&E\); convert it to RGB"),
     "rgba": ("bad.png", lambda: tile_bytes(99, mode="RGBA", fmt="PNG"), r"image mode RGBA .*convert it to RGB"),
-    "16-bit grayscale": ("bad.png", lambda: tile_bytes(99, mode="I;16", fmt="PNG"), r"image mode I;16 .*convert it to RGB"),
+    "16-bit grayscale": ("bad.png", lambda: tile_bytes(99, mode="I;16", fmt="PNG"),
+                         r"image mode I;16 .*convert it to RGB"),
     "non-square": ("bad.jpg", lambda: tile_bytes(99, size=(48, 32)), r"tile is 48x32, not square; crop it"),
     "decompression bomb": ("bad.png", lambda: png_raw(20000, 20000, 8, 2, b"\x00" * 64), r"DecompressionBombError"),
 }
@@ -206,13 +209,15 @@ def test_model_condition_column_missing_from_data(mixed):
 def test_category_whitespace_is_stripped_and_case_variants_are_listed(tmp_path):
     """'LUAD ' is 'LUAD' in every categorical column; 'MALE' / 'male' stay two values but ingest lists
     them once per column (summary via data stats, and dataset.json)."""
-    rows_meta = {i: {"cancer_type": f" {'AB'[i % 2]} ", "tissue_source_site": f"{['S0', 'S1', 'S2', 'S3', 'S4', 'S5'][i % 6]}\t",
+    rows_meta = {i: {"cancer_type": f" {'AB'[i % 2]} ",
+                     "tissue_source_site": f"{['S0', 'S1', 'S2', 'S3', 'S4', 'S5'][i % 6]}\t",
                      "sex": ["male", "MALE ", "female"][i % 3], "race": ["White", "WHITE", "white", " asian"][i % 4]}
                  for i in range(N_GOOD)}
     csv = write_manifest(tmp_path, rows_meta=rows_meta)
     _, index, manifest = ingest_csv(csv, tmp_path / "ds")
     assert set(index["cancer_type"]) == {"A", "B"} and set(index["tissue_source_site"]) == {f"S{i}" for i in range(6)}
-    assert set(index["sex"]) == {"male", "MALE", "female"} and set(index["race"]) == {"White", "WHITE", "white", "asian"}
+    assert set(index["sex"]) == {"male", "MALE", "female"}
+    assert set(index["race"]) == {"White", "WHITE", "white", "asian"}
     assert manifest["case_variants"] == {"race": [["WHITE", "White", "white"]], "sex": [["MALE", "male"]]}
     text = format_stats(dataset_stats(tmp_path / "ds"))
     assert text.count("differ only by case") == 2

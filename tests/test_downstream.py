@@ -4,24 +4,30 @@ CNN paths, the feature cache, the CLI, and clear errors before any work for bad 
 from __future__ import annotations
 
 import argparse
-import re
 import json
+import re
 from collections import Counter
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from medi_dist.evaluate import allocation as al
 from medi_dist.evaluate.downstream import (
-    DownstreamConfig, DownstreamError, augmented, compare, load_inputs, normalized, run_downstream, run_seed, validate,
+    DownstreamConfig,
+    DownstreamError,
+    augmented,
+    compare,
+    load_inputs,
+    normalized,
+    run_downstream,
+    run_seed,
+    validate,
     verdict,
 )
-from medi_dist.evaluate.tiles import AUDIT, FeatureCache, Part, load_tiles, pool_index, read_index
+from medi_dist.evaluate.tile_reader import AUDIT, FeatureCache, Part, load_tiles, pool_index, read_index
 from synthetic_pools import empty_pool, ingest_procedural, make_pool
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -161,7 +167,8 @@ def test_cli_downstream(data, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "real only" in out and "r=1 inverse-frequency" in out and "paired difference" in out
     assert re.search(r"-> (helps|hurts|makes no clear difference) \(balanced accuracy\)", out)
-    assert [verdict(0.11, 0.05), verdict(-0.11, 0.05), verdict(0.09, 0.05)] == ["helps", "hurts", "makes no clear difference"]
+    assert [verdict(0.11, 0.05), verdict(-0.11, 0.05), verdict(0.09, 0.05)] == \
+        ["helps", "hurts", "makes no clear difference"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(saved) == {"real only", "r=1 inverse-frequency"}
 
@@ -190,7 +197,8 @@ def test_pools_of_test_sites_or_another_dataset_are_refused(data, tmp_path):
 
     AUDIT.reset()
     leak = make_pool(data["real"], tmp_path / "leak", per_pair=1, sites_split="holdout")
-    with pytest.raises(DownstreamError, match=r"leak.* keeps out of its 'train' split: .*\(holdout\).*leak the test sites"):
+    with pytest.raises(DownstreamError,
+                       match=r"leak.* keeps out of its 'train' split: .*\(holdout\).*leak the test sites"):
         run_downstream(DownstreamConfig(str(data["real"]), synthetic=[str(leak)], ratio=1.0, cache_dir=data["cache"]))
     other = make_pool(data["real"], tmp_path / "other", per_pair=1)
     idx = pd.read_parquet(other / "index.parquet")
@@ -248,7 +256,8 @@ def test_baseline_arms_in_the_protocol_and_the_cli(data, capsys):
     real = Part(inputs.train.X[:40], inputs.train.meta.iloc[:40])
     for augment, ratio in (("hed-jitter", 0.5), ("restain", 2.0)):
         copies = augmented(replace(base, augment=augment, augment_ratio=ratio), real, seed=0)
-        assert len(copies.X) == len(copies.meta) == round(40 * ratio) and not np.array_equal(copies.X, real.X[:len(copies.X)])
+        assert len(copies.X) == len(copies.meta) == round(40 * ratio)
+        assert not np.array_equal(copies.X, real.X[:len(copies.X)])
     normed = normalized(inputs, "macenko")
     assert normed is normalized(inputs, "macenko") and not np.array_equal(normed.test.X, inputs.test.X)  # cached
     with pytest.raises(DownstreamError, match="use --classifier cnn"):

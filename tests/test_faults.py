@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from medi_dist.config import load_config
+from medi_dist.config_loader import load_config
 from medi_dist.tracking import client
 from medi_dist.train.config import TrainConfig
 from medi_dist.train.trainer import train

@@ -238,7 +238,8 @@ def test_timm_encoder_loads_local_weights_and_refuses_other_architectures(tmp_pa
     with pytest.raises(ValueError, match="unknown timm architecture"):
         E.get_encoder(f"timm:no_such_vit:{tmp_path / 'vit.pth'}")
     # UNI's preset is its published ViT-L/16 (303 M parameters); a file for another model is refused in one line.
-    with pytest.raises(ValueError, match=r"vit.pth does not hold UNI \(MahmoodLab ViT-L/16\) weights: .* missing .* unexpected .* of another shape"):
+    with pytest.raises(ValueError, match=r"vit.pth does not hold UNI \(MahmoodLab ViT-L/16\) weights: "
+                                         r".* missing .* unexpected .* of another shape"):
         E.get_encoder(f"uni:{tmp_path / 'vit.pth'}")
     arch, kwargs, _ = E.TIMM_PRESETS["uni"]
     with torch.device("meta"):

@@ -19,14 +19,15 @@ from PIL import Image
 
 from medi_dist.data.shards import verify_shards
 from medi_dist.data.stream import StreamConfig, tile_stream
-from medi_dist.metadata import ConditioningSpec, UnknownValueError
-from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
-from medi_dist.generate.command import add_fidelity_parser, add_generate_parser
+from medi_dist.evaluate.command import add_fidelity_parser
+from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity, read_tiles
+from medi_dist.generate.command import add_generate_parser
 from medi_dist.generate.job import GenerateConfig, build_tasks, generate
 from medi_dist.generate.plan import GenerationPlan, PlanError, resolve, training_data
-from medi_dist.generate.tiles import task_tiles, tile_seed
+from medi_dist.generate.tile_list import task_tiles, tile_seed
 from medi_dist.generate.writer import SamplingSettings
-from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity, read_tiles
+from medi_dist.metadata import ConditioningSpec, UnknownValueError
+from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
 
@@ -79,7 +80,8 @@ def test_unseen_pairs_and_balance_plans(rand_model, train_pairs):
     # balance: each seen pair topped up to the target; unseen pairs only when asked
     target = max(train_pairs.values()) + 5
     bal = resolve(GenerationPlan(mode="balance", target=target), spec, train)
-    assert {(r.conditions[TYPE], r.conditions[SITE]): r.count for r in bal} == {p: target - n for p, n in train_pairs.items()}
+    assert {(r.conditions[TYPE], r.conditions[SITE]): r.count for r in bal} == \
+        {p: target - n for p, n in train_pairs.items()}
     bal_u = resolve(GenerationPlan(mode="balance", target=target, include_unseen=True, types=types[:2]), spec, train)
     assert len(bal_u) == 2 * len(sites) and all(r.count == target for r in bal_u if not r.seen)
 
@@ -90,7 +92,8 @@ def test_site_nulled_plans(rand_model, proc_dataset, tmp_path):
     rows = resolve(GenerationPlan(rows=[{TYPE: t, "count": 2} for t in train.types], null_site=True), spec, train)
     assert [r.conditions for r in rows] == [{TYPE: t} for t in train.types] and all(r.seen for r in rows)
     with pytest.raises(PlanError, match="drop tissue_source_site"):
-        resolve(GenerationPlan(rows=[{TYPE: train.types[0], SITE: train.sites[0], "count": 1}], null_site=True), spec, train)
+        resolve(GenerationPlan(rows=[{TYPE: train.types[0], SITE: train.sites[0], "count": 1}], null_site=True),
+                spec, train)
     with pytest.raises(PlanError, match="null_site is for explicit rows"):
         resolve(GenerationPlan(mode="unseen-pairs", null_site=True), spec, train)
     no_drop = ConditionedUNet(ModelConfig.from_preset("tiny", default_cond_dropout=0.0), spec)
@@ -110,7 +113,8 @@ def test_plan_validation_errors(rand_model, proc_dataset, train_pairs, tmp_path)
                        + ", ".join(train.sites) + "$"):
         resolve(GenerationPlan(mode="unseen-pairs", sites=[s, "ZZ9"]), spec, train)
     held = sorted(set(spec.vocab(SITE).values) - set(train.sites))[0]  # in the vocabulary, never trained
-    with pytest.raises(UnknownValueError, match=f"{held}.*no training tiles.*trained values \\(4\\): " + ", ".join(train.sites)):
+    with pytest.raises(UnknownValueError,
+                       match=f"{held}.*no training tiles.*trained values \\(4\\): " + ", ".join(train.sites)):
         resolve(row(tissue_source_site=held), spec, train)
     with pytest.raises(PlanError, match="count -1 is negative"):
         resolve(row(count=-1), spec, train)
@@ -139,7 +143,8 @@ def test_plan_validation_errors(rand_model, proc_dataset, train_pairs, tmp_path)
     with pytest.raises(UnknownValueError):
         generate(GenerateConfig(model=str(rand_model), out=str(out), plan=row(cancer_type="NOPE")))
     with pytest.raises(PlanError, match="unknown sampler"):
-        generate(GenerateConfig(model=str(rand_model), out=str(out), plan=row(), sampling=SamplingSettings(sampler="euler")))
+        generate(GenerateConfig(model=str(rand_model), out=str(out), plan=row(),
+                                sampling=SamplingSettings(sampler="euler")))
     assert not out.exists()
 
 
@@ -148,13 +153,15 @@ def test_yaml_plan_dry_run_on_the_command_line(rand_model, train_pairs, tmp_path
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"mode: explicit\nseed: 3\nrows:\n  - {{cancer_type: {t}, tissue_source_site: {s}, count: 5}}\n")
     out = tmp_path / "out"
-    args = _cli().parse_args(["generate", "--model", str(rand_model), "--plan", str(plan), "--out", str(out), "--dry-run"])
+    args = _cli().parse_args(["generate", "--model", str(rand_model), "--plan", str(plan), "--out", str(out),
+                              "--dry-run"])
     args.func(args)
     printed = capsys.readouterr().out
     assert f"cancer_type={t}, tissue_source_site={s}: 5 (seen, {n} training tiles)" in printed
     assert "1 shards" in printed and not out.exists()
     # Digit site codes stay text (YAML alone reads 05 as 5); counts and seeds are still numbers.
-    plan.write_text("seed: 3\ninclude_unseen: true\nsites: [05, 44]\nrows:\n  - {tissue_source_site: 05, age: 60, count: 5}\n")
+    plan.write_text("seed: 3\ninclude_unseen: true\nsites: [05, 44]\n"
+                    "rows:\n  - {tissue_source_site: 05, age: 60, count: 5}\n")
     read = GenerationPlan.from_yaml(plan)
     assert read.rows == [{"tissue_source_site": "05", "age": "60", "count": 5}] and read.sites == ["05", "44"]
     assert read.seed == 3 and read.include_unseen is True
@@ -175,7 +182,8 @@ def test_class_only_model_takes_type_rows_and_records_unknown_site(ray_cluster, 
     spec, train = _spec(model), training_data(model)
     t = sorted(train.types)[0]
     rows = resolve(GenerationPlan(rows=[{TYPE: t, "count": 3}]), spec, train)
-    assert rows[0].conditions == {TYPE: t} and rows[0].real_count == sum(n for (a, _), n in train_pairs.items() if a == t)
+    assert rows[0].conditions == {TYPE: t}
+    assert rows[0].real_count == sum(n for (a, _), n in train_pairs.items() if a == t)
     with pytest.raises(PlanError, match="unseen-pairs plans need a model conditioned on tissue_source_site"):
         resolve(GenerationPlan(mode="unseen-pairs"), spec, train)
     with pytest.raises(UnknownValueError, match="not condition columns"):
@@ -328,7 +336,8 @@ def test_dataset_fd_is_zero_for_itself_and_grows_with_stain_shift(proc_dataset, 
     fd = {}
     for strength in (0.0, 0.3, 0.8):
         syn = proc_dataset if strength == 0 else _shifted_copy(proc_dataset, tmp_path / f"shift{strength}", strength)
-        res = evaluate_fidelity(FidelityConfig(real=str(proc_dataset), synthetic=str(syn), real_splits=["train", "holdout"],
+        res = evaluate_fidelity(FidelityConfig(real=str(proc_dataset), synthetic=str(syn),
+                                               real_splits=["train", "holdout"],
                                                out=str(tmp_path / f"fid{strength}.json"), conditional=False,
                                                log_mlflow=False))
         fd[strength] = (res["fd"]["overall"], res["fd"]["mean_group_fd"])
@@ -388,11 +397,12 @@ def test_conditional_accuracy_above_chance_after_short_training(ray_cluster, tra
     model, tmp = trained_model
     out, fid, uri = tmp / "syn", tmp / "fidelity.json", f"sqlite:///{tmp / 'mlflow.db'}"
     cli = _cli()
-    args = cli.parse_args(["generate", "--model", str(model), "--out", str(out), "--mode", "unseen-pairs", "--count", "8",
-                           "--sampler", "ddim", "--steps", "20", "--tiles-per-shard", "64", "--batch-size", "64"])
+    args = cli.parse_args(["generate", "--model", str(model), "--out", str(out), "--mode", "unseen-pairs",
+                           "--count", "8", "--sampler", "ddim", "--steps", "20", "--tiles-per-shard", "64",
+                           "--batch-size", "64"])
     args.func(args)
-    args = cli.parse_args(["evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(out), "--out", str(fid),
-                           "--tracking-uri", uri, "--run-name", "fid-test", "--min-per-group", "8"])
+    args = cli.parse_args(["evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(out),
+                           "--out", str(fid), "--tracking-uri", uri, "--run-name", "fid-test", "--min-per-group", "8"])
     args.func(args)
     printed = capsys.readouterr().out
     res = json.loads(fid.read_text())

@@ -9,8 +9,8 @@ import re
 
 import pandas as pd
 import pytest
-from bad_inputs import N_GOOD, good_csv, ingest_csv, one_error_line, run_cli, snapshot, tile_bytes, write_manifest  # noqa: F401
 
+from bad_inputs import N_GOOD, good_csv, ingest_csv, one_error_line, run_cli, snapshot, tile_bytes, write_manifest  # noqa: F401
 from medi_dist import cli
 from medi_dist.data.shards import INDEX, MANIFEST
 from medi_dist.metadata import SchemaError
@@ -98,7 +98,8 @@ def test_paths_relative_to_the_working_directory_are_named_as_such(tmp_path):
     csv.rename(moved)
     proc = run_cli("ingest", "--manifest", "meta/m.csv", "--out", "ds", cwd=tmp_path)
     one_error_line(proc, "every input was skipped; nothing was written",
-                   "path relative to the current directory, not to the table's folder (24, e.g. meta/m.csv row 2 (img/t0.jpg))")
+                   "path relative to the current directory, not to the table's folder "
+                   "(24, e.g. meta/m.csv row 2 (img/t0.jpg))")
     assert not (tmp_path / "ds").exists()
     help_text = run_cli("ingest", "--help", cwd=tmp_path).communicate(timeout=120)[0]
     assert "A relative path is read from the manifest's" in help_text

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from medi_dist.tune import SearchSpace, StudyConfig, run_study
+from medi_dist.tune.config import SearchSpace, StudyConfig
+from medi_dist.tune.study import run_study
 from synthetic_pools import ingest_procedural, make_pool
 
 

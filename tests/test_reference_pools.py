@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from medi_dist.cli import main
-from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity, read_tiles
+from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
 from medi_dist.generate.job import GenerateConfig, generate
 from medi_dist.generate.plan import GenerationPlan, PlanError
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medi_dist.config import ConfigError, load_config
+from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.metadata import ConditioningSpec, ContinuousSpec, Vocab
 from medi_dist.model import EMA, ConditionedUNet, ModelConfig, ModelDirError, load_model_dir, save_model_dir
 from medi_dist.model.model_dir import sha256_file

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from medi_dist.data.shards import INDEX, MANIFEST, file_sha256
-from medi_dist.data.stream import StreamConfig, TooManyBadTiles, tile_stream
+from medi_dist.data.stream import StreamConfig, tile_stream
 from medi_dist.metadata import ConditioningSpec, SchemaError
 
 
@@ -86,7 +86,8 @@ def test_corrupt_tile_is_skipped_and_counted(ray_cluster, proc_dataset, tmp_path
 
 def test_too_many_corrupt_tiles_abort(ray_cluster, proc_dataset, tmp_path):
     _corrupt_copy(proc_dataset, tmp_path / "d", 40)
-    s = tile_stream(tmp_path / "d", ("train",), StreamConfig(resolution=8, max_bad_fraction=0.01, min_rows_for_abort=10))
+    s = tile_stream(tmp_path / "d", ("train",),
+                    StreamConfig(resolution=8, max_bad_fraction=0.01, min_rows_for_abort=10))
     with pytest.raises(Exception, match="failed to decode"):
         _rows(s)
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from medi_dist.config import ConfigError, load_config
+from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.metadata import UnknownValueError
 from medi_dist.model import encode_conditions, load_model_dir
+from medi_dist.tracking import client
 from medi_dist.train.config import TrainConfig
 from medi_dist.train.trainer import train
-from medi_dist.tracking import client
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,9 +54,11 @@ def test_model_dir_reloads_with_identical_outputs(two_worker_run):
     assert spec.categorical_names == ["cancer_type", "tissue_source_site"]
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     site = spec.vocab("tissue_source_site").values[0]
-    cond = encode_conditions(spec, [{"cancer_type": spec.vocab("cancer_type").values[0], "tissue_source_site": site}] * 4)
+    cond = encode_conditions(spec,
+                             [{"cancer_type": spec.vocab("cancer_type").values[0], "tissue_source_site": site}] * 4)
     with torch.no_grad():
-        torch.testing.assert_close(a(x, torch.tensor([10] * 4), cond), b(x, torch.tensor([10] * 4), cond), rtol=0, atol=0)
+        t = torch.tensor([10] * 4)
+        torch.testing.assert_close(a(x, t, cond), b(x, t, cond), rtol=0, atol=0)
     with pytest.raises(UnknownValueError, match="valid values"):
         encode_conditions(spec, [{"cancer_type": "NOPE", "tissue_source_site": site}])
 
@@ -102,7 +104,8 @@ def test_stopped_run_resumes_and_follows_uninterrupted_loss(ray_cluster, proc_da
     # The same run name with other conditions cannot resume those checkpoints: one line, before any work.
     other = _cfg(proc_dataset, tmp_path, "cut", steps=60, **{"model.conditions": "[cancer_type]"})
     with pytest.raises(ValueError, match=r"run.name='cut' was started with other training settings: model.conditions "
-                                         r'\["cancer_type", "tissue_source_site"\] -> \["cancer_type"\]; use a new run.name'):
+                                         r'\["cancer_type", "tissue_source_site"\] -> \["cancer_type"\]; '
+                                         r'use a new run.name'):
         train(other)
 
 
@@ -235,13 +238,15 @@ def test_relative_paths_are_refused_in_a_job_with_working_dir(monkeypatch, tmp_p
         train(cfg)
     msg = str(e.value)
     assert "\n" not in msg and "ray job submit --working-dir" in msg
-    assert "data.dataset=data/procedural, run.storage_path=medi-dist-runs, run.tracking_uri (default ./mlflow.db)" in msg
+    assert ("data.dataset=data/procedural, run.storage_path=medi-dist-runs, run.tracking_uri (default ./mlflow.db)"
+            in msg)
     assert "pass absolute paths or URIs on shared storage (e.g. /mnt/shared/" in msg
     assert main(["tune", "--config", str(REPO / "jobs/tune_small.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("real=data/procedural, storage_path=medi-dist-runs, cache_dir=medi-dist-cache, "
                                      "space.pools[0]=data/pools/medi-ddim25, tracking_uri (default ./mlflow.db)") in err
-    assert main(["generate", "--model", "runs/m/model", "--out", "/mnt/x", "--mode", "unseen-pairs", "--count", "1"]) == 2
+    assert main(["generate", "--model", "runs/m/model", "--out", "/mnt/x", "--mode", "unseen-pairs",
+                 "--count", "1"]) == 2
     assert "--model=runs/m/model;" in capsys.readouterr().err
     assert main(["evaluate", "fidelity", "--real", "/mnt/r", "--synthetic", "syn", "--tracking-uri",
                  "sqlite:///mlflow.db"]) == 2

@@ -14,14 +14,15 @@ import pandas as pd
 import pytest
 
 from medi_dist.evaluate.downstream import DownstreamError
-from medi_dist.tune import SearchSpace, StudyConfig, run_study
+from medi_dist.tune.config import SearchSpace, StudyConfig
+from medi_dist.tune.study import run_study
 from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 DRIVER = """
 import json, sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
-from medi_dist.config import from_dict
-from medi_dist.tune import StudyConfig, run_study
+from medi_dist.config_loader import from_dict
+from medi_dist.tune.study import StudyConfig, run_study
 run_study(from_dict(StudyConfig, json.loads(sys.argv[2])))
 """
 
@@ -155,14 +156,15 @@ def test_baselines_in_the_search_space(tune_data, tmp_path):
     check_study(both)
     assert param_space(both)["baseline"] is not None
     chosen = trial_config(base_config(both),
-                          {"ratio": 0.5, "allocation": "uniform", "pool": "", "C": 1.0, "baseline": "type-site-balance"})
+                          {"ratio": 0.5, "allocation": "uniform", "pool": "", "C": 1.0,
+                           "baseline": "type-site-balance"})
     assert chosen.balance == "type-site" and chosen.augment == "none"
     with pytest.raises(DownstreamError, match="use --classifier cnn"):  # pixel transforms need the CNN
         check_study(replace(cfg, space=replace(cfg.space, baseline=["hed-jitter"])))
 
 
 def test_example_config_loads():
-    from medi_dist.config import load_config
+    from medi_dist.config_loader import load_config
 
     cfg = load_config(StudyConfig, Path(__file__).parents[1] / "jobs" / "tune_small.yaml", ["num_samples=2"])
     assert cfg.num_samples == 2 and cfg.space.allocation == ["unseen-pairs", "inverse-frequency", "uniform"]

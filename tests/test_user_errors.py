@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medi_dist import cli
-from medi_dist.config import ConfigError, load_config
+from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.data import sources
 from medi_dist.data.ingest import ingest
 from medi_dist.data.procedural import ProceduralConfig
@@ -220,7 +220,7 @@ def test_second_pass_findings(tmp_path, monkeypatch):
     import pandas as pd
 
     from medi_dist.evaluate.fidelity_job import real_reference
-    from medi_dist.generate.plan import _check_conditions
+    from medi_dist.generate.plan import check_conditions
     from medi_dist.metadata import ContinuousSpec, Vocab
     from medi_dist.train.run_folder import training_fields
 
@@ -231,10 +231,10 @@ def test_second_pass_findings(tmp_path, monkeypatch):
         load_config(TrainConfig, None, ["model.conditions=[tissue_source_site]"])
 
     spec = ConditioningSpec([Vocab(TYPE, ["A"]), Vocab(SITE, ["S"])], [ContinuousSpec("age", 60.0, 10.0)])
-    assert _check_conditions(spec, {"age": ">89"}, "row 1") == {"age": 90.0}
-    assert _check_conditions(spec, {"age": "--"}, "row 1") == {"age": None}
+    assert check_conditions(spec, {"age": ">89"}, "row 1") == {"age": 90.0}
+    assert check_conditions(spec, {"age": "--"}, "row 1") == {"age": None}
     with pytest.raises(PlanError, match="row 2: age must be a number"):
-        _check_conditions(spec, {"age": "forty"}, "row 2")
+        check_conditions(spec, {"age": "forty"}, "row 2")
 
     # 3 sites x 2 slides x 10 tiles; the stain feature is the site: every site must stay learnable.
     sites = np.repeat(["S1", "S2", "S3"], 20)
@@ -242,6 +242,7 @@ def test_second_pass_findings(tmp_path, monkeypatch):
                           "slide_id": [f"{s}-{i // 10}" for i, s in enumerate(sites)],
                           "key": [f"k{i}" for i in range(60)]})
     onehot = (sites[:, None] == np.array(["S1", "S2", "S3"])).astype(np.float32)
-    feats = {k: onehot + np.random.default_rng(0).normal(0, 0.01, onehot.shape) for k in ("features", "morphology", "stain")}
+    feats = {k: onehot + np.random.default_rng(0).normal(0, 0.01, onehot.shape)
+             for k in ("features", "morphology", "stain")}
     for seed in range(4):
         assert real_reference(feats, index, seed)["site_accuracy"] == 1.0

@@ -17,9 +17,10 @@ import random
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pandas as pd
 
@@ -70,7 +71,8 @@ def _spool(records: Iterable[TileRecord], path: Path, skips: SkipLog) -> tuple[l
                 continue
             kept.append(_Spooled(rec.key, rec.image_format, rec.meta, rec.origin, f.tell(), len(rec.image_bytes)))
             f.write(rec.image_bytes)
-            groups[(clean_category(rec.meta.get("cancer_type")), clean_category(rec.meta.get("tissue_source_site")))] += 1
+            pair = clean_category(rec.meta.get("cancer_type")), clean_category(rec.meta.get("tissue_source_site"))
+            groups[pair] += 1
     return kept, groups
 
 

@@ -15,16 +15,16 @@ from __future__ import annotations
 import io
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from medi_dist.data.records import TileRecord
-from medi_dist.metadata import check_key
+from ..metadata import check_key
+from .records import TileRecord
 
 # (number of sites, top-1 site share) for each of the 32 TCGA projects. Computed from
 # ../shared/data/tcga_site_statistics.csv (8,726 diagnostic slides); the mean top-1 share is 0.30.
@@ -88,7 +88,9 @@ class SiteStain:
 def site_stain(site: str) -> SiteStain:
     """The stain of one site depends only on its code (a lab's protocol), not on the seed or type."""
     rng = np.random.default_rng([_crc(site), 1])
-    unit = lambda v: np.clip(v, 0.01, None) / np.linalg.norm(np.clip(v, 0.01, None))
+    def unit(v):
+        return np.clip(v, 0.01, None) / np.linalg.norm(np.clip(v, 0.01, None))
+
     h = unit(H_REF + rng.normal(0, 0.1, 3)) * rng.uniform(0.7, 1.4)
     e = unit(E_REF + rng.normal(0, 0.1, 3)) * rng.uniform(0.6, 1.45)
     stain = (h, e, rng.uniform(0, 0.08, 3), float(rng.uniform(0, 1.0)), int(rng.integers(55, 96)))

@@ -19,9 +19,10 @@ import json
 import os
 import tarfile
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 from PIL import Image
@@ -167,7 +168,8 @@ def write_shards(
         site = clean_category(meta.get("tissue_source_site"))
         split = split_of.get(site)
         if split is None:
-            raise SchemaError(f"{rec.origin}: site {site!r} has no split assignment (internal error: split built from other data)")
+            raise SchemaError(f"{rec.origin}: site {site!r} has no split assignment (internal error: split built "
+                              "from other data)")
         w = writers.setdefault(split, ShardWriter(out_dir, split, target_bytes))
         w.add(TileRecord(rec.key, rec.image_bytes, rec.image_format, meta, rec.origin), sha256(rec.image_bytes))
     for w in writers.values():

@@ -12,9 +12,9 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pandas as pd
 from PIL import Image
@@ -127,7 +127,8 @@ def tcga_ut(root: str | Path, metadata: str | Path, skips: SkipLog) -> Scan:
         raise FileNotFoundError(f"tile folder {root} does not exist")
     table = read_table(metadata)
     require_columns(table, ["slide_submitter_id", "tissue_source_site"], metadata,
-                    "Export the GDC slide metadata (see ../shared/data/tcga_slide_metadata_sample.csv for the format)")
+                    "Export the GDC slide metadata (the format: tests/data/tcga_slide_metadata_sample.csv in the "
+                    "medi-dist repository)")
     table = table.rename(columns=TCGA_COLUMNS)
     table["slide_submitter_id"] = table["slide_submitter_id"].map(lambda v: str(v).strip())  # join key
     table = table.drop_duplicates("slide_submitter_id").set_index("slide_submitter_id")
@@ -184,7 +185,8 @@ def manifest(path: str | Path, skips: SkipLog, image_column: str = "path",
                     f"Use --image-column to name the image-path column (now {image_column!r})")
     if table.empty:
         raise SchemaError(f"{path}: the manifest has no rows")
-    cat = ["cancer_type", "tissue_source_site"] + [c for c in ("sex", "race") if c in table.columns and c not in categorical] + list(categorical)
+    optional = [c for c in ("sex", "race") if c in table.columns and c not in categorical]
+    cat = ["cancer_type", "tissue_source_site"] + optional + list(categorical)
     cont = list(continuous) or (["age"] if "age" in table.columns else [])
     rows = table.to_dict("records")
     groups: Counter = Counter(

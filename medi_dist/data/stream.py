@@ -127,7 +127,8 @@ class DecodeBatch:
                 f"first: {bad[:1] or 'see logs'}. Check the shards with `medi-dist data stats --verify`."
             )
         out = {"key": np.array(keys, dtype=object)}
-        out["image"] = np.stack(images) if images else np.zeros((0, 3, self.cfg.resolution, self.cfg.resolution), np.float32)
+        res = self.cfg.resolution
+        out["image"] = np.stack(images) if images else np.zeros((0, 3, res, res), np.float32)
         enc = [self.spec.encode_row(r) for r in rows]
         for v in self.spec.categorical:
             out[CONDITION_PREFIX + v.name] = np.array([e[CONDITION_PREFIX + v.name] for e in enc], dtype=np.int64)
@@ -142,8 +143,8 @@ class DecodeBatch:
 
 @dataclass
 class TileStream:
-    dataset: "ray.data.Dataset"
-    ledger: "ray.actor.ActorHandle"
+    dataset: ray.data.Dataset
+    ledger: ray.actor.ActorHandle
     spec: ConditioningSpec
     tiles: int  # tiles in the selected splits (before balancing)
     deterministic: bool = True
@@ -151,7 +152,7 @@ class TileStream:
     def skipped(self) -> dict:
         return ray.get(self.ledger.summary.remote())
 
-    def ingest_options(self) -> "ray.data.ExecutionOptions":
+    def ingest_options(self) -> ray.data.ExecutionOptions:
         """Ray Train's ingest options with this stream's order setting (Train otherwise takes
         preserve_order from the driver's global DataContext, not from the dataset)."""
         from ray.train import DataConfig

@@ -13,7 +13,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from .encoders import _check_tiles, preprocess
+from .encoders import check_tiles, preprocess
 
 
 class LinearProbe:
@@ -28,7 +28,7 @@ class LinearProbe:
         self.C, self.class_weight, self.max_iter = C, class_weight, max_iter
         self.standardize, self.seed = standardize, seed
 
-    def fit(self, feats: np.ndarray, labels, sample_weight: np.ndarray | None = None) -> "LinearProbe":
+    def fit(self, feats: np.ndarray, labels, sample_weight: np.ndarray | None = None) -> LinearProbe:
         labels = np.asarray(labels)
         self.classes_ = np.unique(labels)
         self._const = self.classes_[0] if len(self.classes_) == 1 else None
@@ -84,7 +84,7 @@ class SmallCNN:
 
     def _tensor(self, images: np.ndarray) -> torch.Tensor:
         # Same fixed normalisation for every tile, real or synthetic.
-        return preprocess(_check_tiles(images), self.image_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        return preprocess(check_tiles(images), self.image_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
     @staticmethod
     def _dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -99,7 +99,7 @@ class SmallCNN:
                 out[sel] = torch.rot90(x[sel], r, dims=(2, 3))
         return out
 
-    def fit(self, images: np.ndarray, labels, sample_weight: np.ndarray | None = None) -> "SmallCNN":
+    def fit(self, images: np.ndarray, labels, sample_weight: np.ndarray | None = None) -> SmallCNN:
         """`sample_weight`: each epoch draws its tiles with these probabilities (with replacement)."""
         labels = np.asarray(labels)
         self.classes_, y = np.unique(labels, return_inverse=True)

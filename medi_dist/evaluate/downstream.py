@@ -21,7 +21,7 @@ import pandas as pd
 from .allocation import ALLOCATIONS, SITE, TYPE, real_subsample, synthetic_subsample
 from .metrics import METRIC_NAMES, all_metrics, balanced_accuracy, format_table, mean_sem
 from .stain import AUGMENTS, NORMALIZERS, hed_jitter, macenko_normalize, restain
-from .tiles import Inputs, Part, foreign_values, load_inputs, pool_index, read_index
+from .tile_reader import Inputs, Part, foreign_values, load_inputs, pool_index, read_index
 
 CLASSIFIERS = ("linear", "cnn")
 BALANCES = ("none", "type-site")
@@ -134,7 +134,8 @@ def check_pool(cfg: DownstreamConfig, pool, pidx: pd.DataFrame, real: pd.DataFra
               if s in split_of and cfg.train_split not in split_of[s]}
     if leaked:
         raise DownstreamError(f"synthetic pool {pool} holds tiles of sites that {cfg.real} keeps out of its "
-                              f"{cfg.train_split!r} split: " + ", ".join(f"{s} ({'/'.join(v)})" for s, v in leaked.items())
+                              f"{cfg.train_split!r} split: "
+                              + ", ".join(f"{s} ({'/'.join(v)})" for s, v in leaked.items())
                               + "; training on them would leak the test sites' stain. Generate only at "
                               "training sites, from a model trained on this dataset's split")
 

@@ -42,7 +42,7 @@ def check_device(device: str | torch.device) -> torch.device:
     return d
 
 
-def _check_tiles(images: np.ndarray) -> np.ndarray:
+def check_tiles(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim == 3 and images.shape[-1] == 3:
         images = images[None]
@@ -159,7 +159,7 @@ class Encoder:
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> np.ndarray:
-        images = _check_tiles(images)
+        images = check_tiles(images)
         self.model.eval()
         out = []
         for i in range(0, len(images), self.batch_size):

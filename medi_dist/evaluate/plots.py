@@ -66,7 +66,7 @@ def pool_grid(pool_dir: str | Path, per_cell: int = 2, max_types: int = 8, max_s
               tile_px: int = 48) -> bytes:
     """PNG of a few synthetic tiles per (type, site) of a pool, types as rows and sites as columns."""
     from ..visual import png_bytes, tile_grid
-    from .tiles import load_tiles, read_index
+    from .tile_reader import load_tiles, read_index
 
     idx = read_index(pool_dir, ["train"])
     types = sorted(idx[TYPE].astype(str).unique())[:max_types]

@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data.shards import INDEX, MANIFEST, SPLIT as SPLIT_FILE, VOCAB, atomic_write_parquet, atomic_write_text, file_sha256
+from ..data.shards import INDEX, MANIFEST, VOCAB, atomic_write_parquet, atomic_write_text, file_sha256
+from ..data.shards import SPLIT as SPLIT_FILE
 from ..metadata import ConditioningSpec
 from ..model.config import ModelConfig
 from ..model.model_dir import WEIGHT_FILES, read_model_info, verify_model_dir
 from ..model.sampling import SAMPLERS
-from .plan import SITE as SITE_COLUMN, GenerationPlan, PlanError, PlanRow, resolve, training_data
-from .tiles import plan_id, shard_spans, task_tiles
+from .plan import SITE as SITE_COLUMN
+from .plan import GenerationPlan, PlanError, PlanRow, resolve, training_data
+from .tile_list import plan_id, shard_spans, task_tiles
 from .writer import SPLIT, SamplingSettings, ShardGenerator, read_shard, shard_complete, shard_path
 
 log = logging.getLogger("medi_dist.generate")
@@ -92,7 +94,8 @@ def _reference_source(cfg: GenerateConfig) -> tuple[dict, ConditioningSpec, str]
     from .reference import check_reference, reference_spec
 
     if cfg.model or not cfg.dataset:
-        raise PlanError(f"a {cfg.reference} pool is made from a dataset, not a model: pass --dataset DIR and no --model")
+        raise PlanError(f"a {cfg.reference} pool is made from a dataset, not a model: pass --dataset DIR and no "
+                        "--model")
     manifest = check_reference(cfg.reference, cfg.dataset)
     shards = "".join(sh.get("sha256", "") for sh in manifest["shards"])
     source = f"{cfg.reference}-{hashlib.sha256(shards.encode()).hexdigest()[:12]}"  # names the real tiles used
@@ -120,15 +123,17 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
     rows = resolve(cfg.plan, spec, train)
     pid = plan_id(rows, cfg.plan.seed, meta)
     owners = {}  # site -> the type with the most training tiles there (owner-site composition)
-    for (t, site), n in sorted(train.pairs.items(), key=lambda kv: -kv[1]):
+    for (t, site), _n in sorted(train.pairs.items(), key=lambda kv: -kv[1]):
         owners.setdefault(site, t)
     # Tasks carry spans of plan rows, not per-tile records; tiles are expanded where they are made.
     extra = {"owners": owners} if meta.get("composition") else {}
     tasks = [{"shard": i, "path": shard_path(i), "generation": pid, "meta": meta, "plan_seed": cfg.plan.seed, **extra,
-              "spans": spans, "rows": {str(r): {"conditions": rows[r].conditions, "seen": rows[r].seen} for r, _, _ in spans}}
+              "spans": spans,
+              "rows": {str(r): {"conditions": rows[r].conditions, "seen": rows[r].seen} for r, _, _ in spans}}
              for i, spans in enumerate(shard_spans([r.count for r in rows], cfg.tiles_per_shard))]
     header = {"format": "medi-dist-generation/1", "generation": pid,
-              "model": str(Path(cfg.model or cfg.dataset).resolve()), "model_id": model_id, "plan": asdict(cfg.plan), "sampling": asdict(s), **meta,
+              "model": str(Path(cfg.model or cfg.dataset).resolve()), "model_id": model_id, "plan": asdict(cfg.plan),
+              "sampling": asdict(s), **meta,
               "tiles_per_shard": cfg.tiles_per_shard, "tiles": sum(r.count for r in rows), "shards": len(tasks),
               "training_pairs_from": train.source,
               "rows": [asdict(r) for r in rows]}
@@ -146,7 +151,8 @@ def _prepare_out(out: Path, header: dict, overwrite: bool) -> None:
         else:
             old = json.loads(gen.read_text())
             if (old.get("generation"), old.get("tiles_per_shard")) != (header["generation"], header["tiles_per_shard"]):
-                raise FileExistsError(f"{out} holds tiles of another plan or sharding (generation {old.get('generation')}, "
+                raise FileExistsError(f"{out} holds tiles of another plan or sharding (generation "
+                                      f"{old.get('generation')}, "
                                       f"now {header['generation']}); choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(f"shards/{SPLIT}/.*.tmp-*"):

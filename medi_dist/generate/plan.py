@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from ..config import yaml_problem
+from ..config_loader import yaml_problem
 from ..metadata import UNKNOWN, ConditioningSpec, SchemaError, UnknownValueError, clean_category, clean_continuous
 from ..model.model_dir import read_model_info
 
@@ -52,7 +52,7 @@ class GenerationPlan:
     null_site: bool = False  # explicit rows without a site: the site-conditioned model with its site nulled
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GenerationPlan":
+    def from_dict(cls, d: dict) -> GenerationPlan:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
@@ -60,7 +60,7 @@ class GenerationPlan:
         return cls(**d)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "GenerationPlan":
+    def from_yaml(cls, path: str | Path) -> GenerationPlan:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"plan file {p} does not exist")
@@ -157,7 +157,7 @@ def _check_trained(spec: ConditioningSpec, train: TrainingData, column: str, val
     return v
 
 
-def _check_conditions(spec: ConditioningSpec, cond: dict, where: str) -> dict:
+def check_conditions(spec: ConditioningSpec, cond: dict, where: str) -> dict:
     names = spec.categorical_names + spec.continuous_names
     bad = sorted(set(cond) - set(names))
     if bad:
@@ -182,7 +182,7 @@ def _extra_combos(spec: ConditioningSpec, extra: dict) -> list[dict]:
         raise PlanError("extra is for columns other than cancer_type and tissue_source_site")
     lists = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in extra.items()}
     combos = [dict(zip(lists, vals)) for vals in itertools.product(*lists.values())]
-    return [_check_conditions(spec, c, "extra") for c in combos]
+    return [check_conditions(spec, c, "extra") for c in combos]
 
 
 def _check_complete(spec: ConditioningSpec, cond: dict, where: str, nulled: tuple = ()) -> None:
@@ -238,7 +238,7 @@ def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -
             n = _count(r.pop("count"), where)
             t = _check_trained(spec, train, TYPE, r[TYPE], where)
             s = _check_trained(spec, train, SITE, r[SITE], where) if by_site else None
-            cond = _check_conditions(spec, r, where)  # unknown columns (e.g. a site for a class-only model)
+            cond = check_conditions(spec, r, where)  # unknown columns (e.g. a site for a class-only model)
             cond[TYPE] = t
             if by_site:
                 cond[SITE] = s

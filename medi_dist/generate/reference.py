@@ -25,7 +25,7 @@ from scipy.ndimage import gaussian_filter
 
 from ..data.shards import VOCAB, load_manifest
 from ..metadata import ConditioningSpec
-from .plan import PlanError, SITE, TYPE
+from .plan import SITE, TYPE, PlanError
 from .writer import SamplingSettings, ShardGenerator
 
 KINDS = ("oracle", "noise")
@@ -48,17 +48,6 @@ def check_reference(kind: str, dataset: str | Path) -> dict:
 def reference_spec(dataset: str | Path) -> ConditioningSpec:
     """Pools are planned over (type, site) only: other columns are not rendered."""
     return ConditioningSpec.load(Path(dataset) / VOCAB).subset([TYPE, SITE])
-
-
-def scanner_lines(dataset: str | Path) -> bool:
-    """Whether the procedural world of `dataset` has its sites' scanner line patterns."""
-    return bool((load_manifest(dataset).get("renderer") or {}).get("scanner_lines", False))
-
-
-def tile_size(dataset: str | Path) -> int:
-    from ..evaluate.fidelity_job import read_tiles
-
-    return int(read_tiles(dataset, ["train"], None, limit=1)[0].shape[1])
 
 
 IO = 240  # transmitted light, as torchstain's Macenko
@@ -88,6 +77,8 @@ class ReferenceGenerator(ShardGenerator):
     """`ShardGenerator` whose tiles come from the renderer (oracle) or coloured noise (noise)."""
 
     def __init__(self, kind: str, dataset: str | Path, out_dir: str | Path):
+        from ..evaluate.fidelity_job import scanner_lines, tile_size
+
         self.kind, self.out = kind, Path(out_dir)
         self.s = SamplingSettings(sampler=kind, steps=0)
         self.size = tile_size(dataset)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..data.shards import SHARD_DIR, check_image, sha256, write_tar_atomic
 from ..metadata import UNKNOWN, SchemaError
-from .tiles import task_tiles
+from .tile_list import task_tiles
 
 SITE = "tissue_source_site"  # a required tile column: `Unknown` for a model not conditioned on it
 SPLIT = "train"  # synthetic tiles are training material: the stream reads split "train" by default
@@ -143,6 +143,7 @@ class ShardGenerator:
                     "generation": task["generation"], "split": SPLIT}
             members.append((t["key"], png_bytes(img), meta))
         write_shard(self.out / task["path"], members)
-        evals = len(images) * self.s.steps * ((2 if self.s.guidance != 1.0 else 1) + (2 if self.s.composition != "joint" else 0))
+        per_step = (2 if self.s.guidance != 1.0 else 1) + (2 if self.s.composition != "joint" else 0)
+        evals = len(images) * self.s.steps * per_step
         return {"path": task["path"], "tiles": len(images), "sample_s": t_sample,
                 "total_s": time.perf_counter() - t0, "evaluations": evals}

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medi_dist.metadata import ConditioningSpec
-
+from ..metadata import ConditioningSpec
 from .config import ModelConfig
 from .ema import EMA
 from .unet import ConditionedUNet, unwrap
@@ -91,7 +90,7 @@ def save_model_dir(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model_id": model_id,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "weights": weights,
             "model": config.to_dict(),
             "info": extra_info,

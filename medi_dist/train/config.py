@@ -103,7 +103,8 @@ class TrainConfig:
         if not 0 <= self.model.cond_dropout <= 1:
             raise ValueError(f"model.cond_dropout must be in [0, 1], got {self.model.cond_dropout}")
         if not isinstance(self.model.column_dropout, dict):
-            raise ValueError(f"model.column_dropout must map condition columns to rates, got {self.model.column_dropout!r}")
+            raise ValueError(f"model.column_dropout must map condition columns to rates, got "
+                             f"{self.model.column_dropout!r}")
         columns = set(self.model.conditions) | set(self.model.continuous)
         for k, p in self.model.column_dropout.items():
             if k not in columns or not isinstance(p, (int, float)) or not 0 <= p <= 1:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
-from pathlib import Path
 
+from ..paths import absolute, is_uri
 from ..tracking import flatten
 from .config import TrainConfig
 
@@ -35,8 +35,7 @@ def training_fields(cfg: TrainConfig) -> dict:
     """The whole config, flattened (data.dataset, optim.lr, ...) and JSON-normal (tuples -> lists).
     The dataset is recorded absolute: `data/x` and `/work/data/x` are the same training."""
     fields = json.loads(json.dumps(flatten(asdict(cfg))))
-    if "://" not in str(fields["data.dataset"]):
-        fields["data.dataset"] = str(Path(fields["data.dataset"]).resolve())
+    fields["data.dataset"] = absolute(fields["data.dataset"])
     return fields
 
 
@@ -51,7 +50,7 @@ class RunFolder:
         import pyarrow.fs as pafs
 
         self._pafs = pafs
-        self.fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+        self.fs, root = pafs.FileSystem.from_uri(storage) if is_uri(storage) else (pafs.LocalFileSystem(), storage)
         self.path = f"{root.rstrip('/')}/{name}"
         self.display = f"{storage.rstrip('/')}/{name}"
 

@@ -18,12 +18,20 @@ from ray.train.torch import TorchTrainer
 from ..data.shards import verify_shards
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
+from ..paths import absolute
 from ..ray_setup import check_job_paths, check_resource, ensure_ray
 from ..tracking import RunLogger, find_or_create_run, tracking_uri
 from .config import TrainConfig
-from .loop import train_worker
-from .run_folder import (RUN_FILE, RunFolder, check_same_training, finished_at, registered_step,
-                         remove_unregistered, training_fields)
+from .loop import WorkerConfig, train_worker
+from .run_folder import (
+    RUN_FILE,
+    RunFolder,
+    check_same_training,
+    finished_at,
+    registered_step,
+    remove_unregistered,
+    training_fields,
+)
 
 log = logging.getLogger("medi_dist.train")
 
@@ -65,7 +73,8 @@ def check_resume(folder: RunFolder, name: str, record: dict | None, mcfg: ModelC
     if "config" not in record:  # recorded before the config was: adopt this one from now on
         record.update(config=training_fields(cfg), steps_history=[cfg.steps])
         folder.write_json(RUN_FILE, record)
-    changed = [k for k in ("model_config", "spec") if json.dumps(record[k], sort_keys=True) != json.dumps(now[k], sort_keys=True)]
+    changed = [k for k in ("model_config", "spec")
+               if json.dumps(record[k], sort_keys=True) != json.dumps(now[k], sort_keys=True)]
     if changed:
         what = " and ".join({"model_config": "architecture", "spec": "conditions/vocabularies"}[k] for k in changed)
         raise ValueError(f"run.name={name!r} already holds checkpoints of another model ({what} differ; it was "
@@ -123,15 +132,10 @@ def already_finished(record: dict, steps: int) -> TrainResult | None:
                        0, finished_before=True)
 
 
-def storage_path(cfg: TrainConfig) -> str:
-    storage = cfg.run.storage_path
-    return storage if "://" in storage else str(Path(storage).resolve())
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     check_job_paths({"data.dataset": cfg.data.dataset, "run.storage_path": cfg.run.storage_path,
                      "run.output": cfg.run.output}, {"run.tracking_uri": cfg.run.tracking_uri})
-    storage = storage_path(cfg)
+    storage = absolute(cfg.run.storage_path)
     folder = RunFolder(storage, cfg.run.name)
     record = folder.read_json(RUN_FILE)
     if record is not None:  # a re-run: same training, and nothing to do once finished
@@ -145,10 +149,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         workers = cfg.run.num_workers
         check_resource("CPU", workers * cfg.run.cpus_per_worker + cfg.data.cpus_per_decode,
                        f"training with {workers} worker(s) x {cfg.run.cpus_per_worker:g} CPU + data decoding",
-                       "lower run.cpus_per_worker (e.g. 0.5; run.threads_per_worker sets torch threads) or run.num_workers")
+                       "lower run.cpus_per_worker (e.g. 0.5; run.threads_per_worker sets torch threads) or "
+                       "run.num_workers")
         if cfg.run.use_gpu:
             check_resource("GPU", workers, f"training with run.use_gpu=true and {workers} worker(s)",
-                           "set run.use_gpu=false (and run.mixed_precision=no) to train on CPU, or submit to a GPU cluster")
+                           "set run.use_gpu=false (and run.mixed_precision=no) to train on CPU, or submit to a GPU "
+                           "cluster")
     stream = tile_stream(cfg.data.dataset, cfg.data.splits,
                          StreamConfig(resolution=mcfg.sample_size, balance=cfg.data.balance, seed=cfg.seed,
                                       max_bad_fraction=cfg.data.max_bad_fraction, num_cpus=cfg.data.cpus_per_decode,
@@ -170,11 +176,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     index = pd.read_parquet(Path(cfg.data.dataset) / "index.parquet")
     train_rows = index[index["split"].isin(cfg.data.splits)]
     pairs = sorted(set(zip(train_rows["cancer_type"], train_rows["tissue_source_site"])))
-    loop_cfg = {**asdict(cfg), "pairs": pairs, "model_config": mcfg.to_dict(), "spec": spec.to_dict(), "tracking_uri": uri,
-                "mlflow_run_id": run_id, "steps": cfg.steps, "dataset": str(cfg.data.dataset)}
+    worker = WorkerConfig(cfg, mcfg, spec, pairs, uri, run_id)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=loop_cfg,
+        train_loop_config={"worker": worker},  # a dict for Ray (it records the config); the worker reads the dataclass
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         datasets={"train": stream.dataset},

@@ -16,54 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
-from ..evaluate.allocation import ALLOCATIONS
 from ..evaluate.downstream import Comparison, DownstreamConfig, DownstreamError, baseline, validate
 from ..evaluate.metrics import METRIC_NAMES
+from ..paths import absolute
+from .config import StudyConfig
 from .trial import TrialContext, run_trial
-
-
-@dataclass
-class SearchSpace:
-    ratio: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
-    allocation: list[str] = field(default_factory=lambda: list(ALLOCATIONS))
-    pools: list[str] = field(default_factory=list)  # generated dataset dirs
-    lr: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])  # classifier: cnn
-    C: list[float] = field(default_factory=lambda: [0.1, 1.0])  # classifier: linear
-    # stain baselines, alone or with a pool: none | hed-jitter | restain | macenko (cnn) | type-site-balance
-    baseline: list[str] = field(default_factory=lambda: ["none"])
-
-
-@dataclass
-class StudyConfig:
-    name: str = "tune-small"
-    real: str = "data/procedural"  # needs a val split: ingest with --val-fraction > 0
-    space: SearchSpace = field(default_factory=SearchSpace)
-    search: str = "random"  # random: num_samples draws | grid: every combination once
-    num_samples: int = 8
-    seed: int = 0
-    classifier: str = "linear"
-    encoder: str = "random-conv"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    k_sites: int | None = None
-    max_per_class: int | None = None
-    epochs: int = 4
-    width: int = 16
-    image_size: int = 32
-    metric: str = "site_balanced_accuracy"
-    grace_period: int = 1  # ASHA: seeds every trial gets before it can be stopped
-    reduction_factor: int = 2
-    cpus_per_trial: float = 1.0
-    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs allow
-    storage_path: str = "medi-dist-runs"
-    cache_dir: str = "medi-dist-cache"
-    experiment: str = "medi-dist"
-    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else ./mlflow.db
-    final_eval: bool = True
 
 
 @dataclass
@@ -75,15 +37,12 @@ class StudyResult:
     path: str
 
 
-def _abs(p: str) -> str:
-    return str(Path(p).expanduser().resolve()) if p and "://" not in p else p
-
-
 def base_config(cfg: StudyConfig, test_split: str = "val") -> DownstreamConfig:
-    return DownstreamConfig(real=_abs(cfg.real), classifier=cfg.classifier, encoder=cfg.encoder, seeds=list(cfg.seeds),
+    return DownstreamConfig(real=absolute(cfg.real), classifier=cfg.classifier, encoder=cfg.encoder,
+                            seeds=list(cfg.seeds),
                             k_sites=cfg.k_sites, max_per_class=cfg.max_per_class, test_split=test_split,
                             epochs=cfg.epochs, width=cfg.width, image_size=cfg.image_size,
-                            cache_dir=_abs(cfg.cache_dir))
+                            cache_dir=absolute(cfg.cache_dir))
 
 
 def check_study(cfg: StudyConfig):
@@ -105,7 +64,7 @@ def check_study(cfg: StudyConfig):
     for alloc in sp.allocation:
         for name in sp.baseline or ["none"]:
             probe = replace(base_config(cfg), ratio=max(sp.ratio), allocation=alloc,
-                            synthetic=[_abs(p) for p in sp.pools], **baseline(name))
+                            synthetic=[absolute(p) for p in sp.pools], **baseline(name))
             encoder = validate(probe, build_encoder=encoder is None) or encoder
     return encoder
 
@@ -114,7 +73,7 @@ def param_space(cfg: StudyConfig) -> dict:
     from ray import tune
 
     dims = {"ratio": cfg.space.ratio, "allocation": cfg.space.allocation,
-            "pool": [_abs(p) for p in cfg.space.pools] or [""]}
+            "pool": [absolute(p) for p in cfg.space.pools] or [""]}
     dims.update({"lr": cfg.space.lr} if cfg.classifier == "cnn" else {"C": cfg.space.C})
     if list(cfg.space.baseline) != ["none"]:  # absent otherwise: studies from before keep their space
         dims["baseline"] = cfg.space.baseline
@@ -154,7 +113,7 @@ def check_same_study(cfg: StudyConfig, path: Path) -> None:
     so resuming with different settings is an error that names them."""
     d = asdict(cfg)
     d = {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}
-    d["real"], d["space"]["pools"] = _abs(d["real"]), [_abs(p) for p in d["space"]["pools"]]
+    d["real"], d["space"]["pools"] = absolute(d["real"]), [absolute(p) for p in d["space"]["pools"]]
     d = json.loads(json.dumps(d))
     f = path / "study.json"
     if not f.exists():
@@ -192,7 +151,7 @@ def run_study(cfg: StudyConfig) -> StudyResult:
                     {"tracking_uri": cfg.tracking_uri})
     encoder = check_study(cfg)
     uri = tracking_uri(cfg.tracking_uri)
-    path = Path(_abs(cfg.storage_path)) / cfg.name
+    path = Path(absolute(cfg.storage_path)) / cfg.name
     audit_dir = path / "audit"
     audit_dir.mkdir(parents=True, exist_ok=True)
     check_same_study(cfg, path)
@@ -217,8 +176,8 @@ def run_study(cfg: StudyConfig) -> StudyResult:
 
 
 def summary(res: StudyResult, metric: str = "site_balanced_accuracy") -> str:
-    cols = [c for c in ("trial_id", "ratio", "effective_ratio", "allocation", "pool", "lr", "C", "objective", "seeds_done")
-            if c in res.trials]
+    cols = [c for c in ("trial_id", "ratio", "effective_ratio", "allocation", "pool", "lr", "C", "objective",
+                        "seeds_done") if c in res.trials]
     t = res.trials[cols].copy()
     if "pool" in t:
         t["pool"] = [Path(p).name if p else "-" for p in t["pool"]]
@@ -226,7 +185,8 @@ def summary(res: StudyResult, metric: str = "site_balanced_accuracy") -> str:
              "", "best: " + json.dumps({k: res.best[k] for k in cols if k in res.best}, default=str)]
     if res.best.get("effective_ratio", res.best.get("ratio", 0)) < res.best.get("ratio", 0) - 0.01:
         lines.append(f"note: the best trial asked for ratio {res.best['ratio']:g} but its pools held enough for "
-                     f"{res.best['effective_ratio']:.2f} synthetic per real tile; generate more tiles to test higher ratios")
+                     f"{res.best['effective_ratio']:.2f} synthetic per real tile; generate more tiles to test higher "
+                     "ratios")
     failed = res.trials[res.trials["error"] != ""]
     if len(failed):
         lines += ["", f"{len(failed)} trial(s) failed (run again to retry them): "

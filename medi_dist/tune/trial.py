@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..evaluate import plots
 from ..evaluate.downstream import DownstreamConfig, DownstreamResult, SeedRun, baseline, load_inputs, run_seed
-from ..evaluate.tiles import AUDIT, LazyEncoder, read_index
+from ..evaluate.result_log import log_artifacts
+from ..evaluate.tile_reader import AUDIT, LazyEncoder, read_index
 
 RUNS_FILE = "runs.json"
 
@@ -80,22 +82,6 @@ def _write_audit(path: Path, trial_id: str, start: float, runs, computed: list[i
     tmp.replace(path)
 
 
-def _log_artifacts(log, res: DownstreamResult, ctx: TrialContext, first: bool) -> None:
-    from ..evaluate import plots
-
-    log.artifact_bytes(res.subgroups().to_csv(index=False).encode(), "subgroups_val.csv")
-    log.artifact_bytes(pd.DataFrame(res.per_seed).to_csv(index=False).encode(), "per_seed_val.csv")
-    fig = plots.site_bars({"real only": pd.Series(ctx.baseline_sites), "this trial": res.site_scores()},
-                          "val sites: real only vs this trial")
-    log.figure(fig, "site_accuracy_val.png")
-    plots.close(fig)
-    fig = plots.confusion(res.predictions, "val confusion (all seeds so far)")
-    log.figure(fig, "confusion_val.png")
-    plots.close(fig)
-    if first and res.config.synthetic:
-        log.artifact_bytes(plots.pool_grid(res.config.synthetic[0]), "pool_samples.png")
-
-
 def run_trial(config: dict, ctx: TrialContext) -> None:
     """Tune function trainable (wrapped with tune.with_parameters(ctx=...))."""
     import torch
@@ -135,7 +121,9 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                      **{f"val_{k}_mean": m for k, (m, _) in ms.items()},
                      "n_real": runs[-1].n_real, "n_synthetic": runs[-1].n_synthetic,
                      "effective_ratio": res.effective_ratio}, step=step)
-        _log_artifacts(log, res, ctx, first=step == 0)
+        log_artifacts(log, res, "val", pd.Series(ctx.baseline_sites), label="this trial")
+        if step == 0 and pool:
+            log.artifact_bytes(plots.pool_grid(pool), "pool_samples.png")
         _write_audit(audit, trial_id, start, runs, computed)
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / RUNS_FILE).write_text(runs_to_json(runs))
