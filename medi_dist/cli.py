@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.command import add_train_parser
     from .tune.command import add_tune_parser
 
-    p = argparse.ArgumentParser(prog="medi-dist", description=__doc__.split(":")[0] + ": metadata-guided diffusion "
-                                "for histopathology tiles on Ray.")
+    p = argparse.ArgumentParser(
+        prog="medi-dist",
+        description=__doc__.split(":")[0] + ": metadata-guided diffusion for histopathology tiles on Ray.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     add_ingest_parser(sub)
@@ -52,31 +54,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_evaluate_parser(sub)
     add_tune_parser(sub)
-    demo = sub.add_parser("demo", help="the whole MeDi story on the built-in dataset (about 10-12 min on 2 cores)",
-                          description="Ingest a procedural H&E dataset with a site<->type confound, train a MeDi and a "
-                          "class-only model, generate unseen (type, site) pairs, and compare classifiers on held-out "
-                          "sites. Re-running continues from what --out already holds.")
+    demo = sub.add_parser(
+        "demo",
+        help="the whole MeDi story on the built-in dataset (about 10-12 min on 2 cores)",
+        description="Ingest a procedural H&E dataset with a site<->type confound, train a MeDi and a "
+        "class-only model, generate unseen (type, site) pairs, and compare classifiers on held-out "
+        "sites. Re-running continues from what --out already holds.",
+    )
     demo.add_argument("--out", default=None, help="output folder (default demo-output, demo-quick with --quick)")
     demo.add_argument("--types", type=int, default=None, help="cancer types of the procedural world (default 4)")
-    demo.add_argument("--sites", type=int, default=None,
-                      help="tissue source sites, dealt out over the types (default 12)")
+    demo.add_argument(
+        "--sites", type=int, default=None, help="tissue source sites, dealt out over the types (default 12)"
+    )
     demo.add_argument("--tiles", type=int, default=None, help="procedural tiles to ingest (default 3000)")
     demo.add_argument("--seed", type=int, default=None, help="the world (tiles, split) and the generator's training")
     demo.add_argument("--train-steps", type=int, default=None, help="generator training steps")
     demo.add_argument("--seeds", type=int, nargs="+", default=None, help="classifier seeds (default 0 1 2 3 4)")
-    demo.add_argument("--stain-only", action="store_true",
-                      help="a world whose sites differ by stain only (no scanner lines): stain baselines saturate it")
-    demo.add_argument("--separate-class-only", action="store_true",
-                      help="also train a class-only model (the MeDi paper's comparison) besides the site-nulled arm")
-    demo.add_argument("--quick", action="store_true",
-                      help="a smoke run in a few minutes (small world, short training); its numbers mean nothing")
+    demo.add_argument(
+        "--stain-only",
+        action="store_true",
+        help="a world whose sites differ by stain only (no scanner lines): stain baselines saturate it",
+    )
+    demo.add_argument(
+        "--separate-class-only",
+        action="store_true",
+        help="also train a class-only model (the MeDi paper's comparison) besides the site-nulled arm",
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in a few minutes (small world, short training); its numbers mean nothing",
+    )
     demo.set_defaults(func=_demo)
 
-    chk = sub.add_parser("check-ray", help="check in seconds that Ray can be joined, or that `ray job submit` reaches a "
-                         "cluster's job API", description="Without --address: join the cluster train/generate/tune/demo "
-                         "would join (RAY_ADDRESS, else the one `ray start` recorded; none: they start a local "
-                         "instance). With --address: check `ray job submit --address URL` (reachable, Ray's "
-                         "dashboard, token accepted). A problem is one line naming the fix, exit 2.")
+    chk = sub.add_parser(
+        "check-ray",
+        help="check in seconds that Ray can be joined, or that `ray job submit` reaches a cluster's job API",
+        description="Without --address: join the cluster train/generate/tune/demo "
+        "would join (RAY_ADDRESS, else the one `ray start` recorded; none: they start a local "
+        "instance). With --address: check `ray job submit --address URL` (reachable, Ray's "
+        "dashboard, token accepted). A problem is one line naming the fix, exit 2.",
+    )
     chk.add_argument("--address", help="the job API address given to `ray job submit`, e.g. http://127.0.0.1:8265")
     chk.set_defaults(func=_check_ray)
     return p
@@ -84,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         args.func(args)
     except USER_ERRORS as e:

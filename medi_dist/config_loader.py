@@ -123,7 +123,7 @@ def _unknown_fields(cls: type, data: dict, key: str, origin: _Origin) -> list[st
 def _blame(message: str, key: str, origin: _Origin) -> str:
     """A dataclass's own check failed: blame an override whose field the message names, else the file."""
     for k, text in origin.overrides.items():
-        rel = k[len(key) + 1:] if key and k.startswith(key + ".") else (k if not key else None)
+        rel = k[len(key) + 1 :] if key and k.startswith(key + ".") else (k if not key else None)
         if rel and re.search(rf"(?<![\w.]){re.escape(rel)}(?![\w])", message):
             return f"override {text!r}"
     return origin.where(key)
@@ -200,8 +200,11 @@ def _field_notes(cls: type) -> dict[str, str]:
         return {}
     tokens = tokenize.generate_tokens(io.StringIO(src).readline)
     comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
-    return {n.target.id: comments[n.end_lineno] for n in ast.parse(src).body[0].body
-            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.end_lineno in comments}
+    return {
+        n.target.id: comments[n.end_lineno]
+        for n in ast.parse(src).body[0].body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.end_lineno in comments
+    }
 
 
 def _yaml_value(value: Any) -> str:
@@ -226,15 +229,17 @@ def config_help(cls: type) -> str:
     """Every field with its default, generated from the dataclasses (so `--help` cannot drift)."""
     rows = [(f"  {k} = {v}", note) for k, v, note in config_fields(cls)]
     width = min(max(len(left) for left, _ in rows), 40) + 2
-    return "settings and their defaults (override with field=value; a YAML --config nests sections):\n" + \
-        "\n".join(f"{left:{width}}# {note}" if note else left for left, note in rows)
+    return "settings and their defaults (override with field=value; a YAML --config nests sections):\n" + "\n".join(
+        f"{left:{width}}# {note}" if note else left for left, note in rows
+    )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, what: str, example: str) -> None:
     """--config, --print-config and field=value overrides, with every field listed in the epilog."""
     parser.add_argument("--config", help=f"YAML {what} config")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (file, then overrides) as YAML and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (file, then overrides) as YAML and exit"
+    )
     parser.add_argument("overrides", nargs="*", help=f"field=value overrides (e.g. {example})")
     parser.epilog = config_help(cls)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the field table's lines

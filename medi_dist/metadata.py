@@ -102,9 +102,7 @@ class Vocab:
             return self._index[v]
         except KeyError:
             shown = ", ".join(self.values[:50]) + (" ..." if len(self.values) > 50 else "")
-            raise UnknownValueError(
-                f"unknown {self.name} {v!r}; valid values ({len(self.values)}): {shown}"
-            ) from None
+            raise UnknownValueError(f"unknown {self.name} {v!r}; valid values ({len(self.values)}): {shown}") from None
 
     def decode(self, index: int) -> str:
         return self.values[index]
@@ -205,8 +203,9 @@ class ConditioningSpec:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def build(cls, rows: list[Mapping[str, Any]], categorical: list[str],
-              continuous: list[str] = ()) -> ConditioningSpec:
+    def build(
+        cls, rows: list[Mapping[str, Any]], categorical: list[str], continuous: list[str] = ()
+    ) -> ConditioningSpec:
         return cls(
             [Vocab.build(name, (r.get(name) for r in rows)) for name in categorical],
             [ContinuousSpec.build(name, (r.get(name) for r in rows)) for name in continuous],

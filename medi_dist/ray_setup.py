@@ -49,8 +49,9 @@ def ray_address() -> tuple[str | None, str]:
     if env == "local":
         return None, "RAY_ADDRESS=local"
     if env and env != "auto":
-        return env, ("RAY_ADDRESS, set by `ray job submit` for this job" if os.environ.get(JOB_CONFIG_ENV)
-                     else "RAY_ADDRESS")
+        return env, (
+            "RAY_ADDRESS, set by `ray job submit` for this job" if os.environ.get(JOB_CONFIG_ENV) else "RAY_ADDRESS"
+        )
     from ray._common.utils import get_ray_address_file
 
     record = get_ray_address_file(None)
@@ -73,9 +74,11 @@ def _join(ray) -> None:
         return RayJoinError(f"cannot join Ray at {address} ({where}): {why}; {fix}")
 
     if urlparse(address).scheme in ("http", "https"):
-        raise fail("that is a dashboard/job API address (for `ray job submit --address`), not a cluster to join",
-                   "unset RAY_ADDRESS (or set RAY_ADDRESS=local) to run here, or submit the command with "
-                   f"`ray job submit --address {address} -- medi-dist ...`")
+        raise fail(
+            "that is a dashboard/job API address (for `ray job submit --address`), not a cluster to join",
+            "unset RAY_ADDRESS (or set RAY_ADDRESS=local) to run here, or submit the command with "
+            f"`ray job submit --address {address} -- medi-dist ...`",
+        )
     why = _probe(address)
     if why:
         raise fail(why, _fix_unreachable(where))
@@ -98,8 +101,10 @@ def check_ray(job_api: str | None = None) -> str:
 
     ensure_ray()
     res = ray.cluster_resources()
-    return (f"joined Ray at {address} ({where}): {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, "
-            f"{res.get('GPU', 0):g} GPU")
+    return (
+        f"joined Ray at {address} ({where}): {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, "
+        f"{res.get('GPU', 0):g} GPU"
+    )
 
 
 def check_job_api(url: str) -> str:
@@ -126,10 +131,14 @@ def check_job_api(url: str) -> str:
         raise fail(f"HTTP {e.code} for /api/version: that is not Ray's dashboard", port_fix) from None
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        why = ("nothing listens there (connection refused)" if isinstance(reason, ConnectionRefusedError)
-               else f"no answer from Ray's dashboard ({reason})")
-        raise fail(why, "start the head, or the tunnel (`ray dashboard CLUSTER.yaml`, `kubectl port-forward`); "
-                   + port_fix) from None
+        why = (
+            "nothing listens there (connection refused)"
+            if isinstance(reason, ConnectionRefusedError)
+            else f"no answer from Ray's dashboard ({reason})"
+        )
+        raise fail(
+            why, "start the head, or the tunnel (`ray dashboard CLUSTER.yaml`, `kubectl port-forward`); " + port_fix
+        ) from None
     return f"Ray {version} job API at {url} answers and accepts this client's token"
 
 
@@ -143,7 +152,7 @@ def _probe(address: str) -> str | None:
         s = socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S)
     except ConnectionRefusedError:
         return "nothing listens there (connection refused)"
-    except socket.timeout:
+    except TimeoutError:
         return f"no answer within {PROBE_TIMEOUT_S:g} s (host down, or a firewall drops the port)"
     except OSError as e:
         return f"cannot connect ({e.strerror or e})"
@@ -165,13 +174,17 @@ def _fix_unreachable(where: str) -> str:
         from ray._common.utils import get_ray_address_file
 
         record = get_ray_address_file(None)
-        return (f"its head stopped without `ray stop`: run `ray stop` (or delete {record}) and medi-dist starts "
-                "a local Ray instance of its own, or set RAY_ADDRESS=local to start one now")
+        return (
+            f"its head stopped without `ray stop`: run `ray stop` (or delete {record}) and medi-dist starts "
+            "a local Ray instance of its own, or set RAY_ADDRESS=local to start one now"
+        )
     if "ray job submit" in where:
         return "the job's cluster is not reachable from this node: check the head with `ray status` and resubmit"
-    return ("start that cluster or correct RAY_ADDRESS (the head's GCS address, host:6379 by default, not the "
-            "dashboard's :8265); "
-            "unset it or set RAY_ADDRESS=local to start a local Ray instance instead")
+    return (
+        "start that cluster or correct RAY_ADDRESS (the head's GCS address, host:6379 by default, not the "
+        "dashboard's :8265); "
+        "unset it or set RAY_ADDRESS=local to start a local Ray instance instead"
+    )
 
 
 def _explain(e: BaseException) -> tuple[str, str]:
@@ -186,12 +199,17 @@ def _explain(e: BaseException) -> tuple[str, str]:
     versions = re.findall(r"Ray: (\S+)\s+Python: (\S+)", text)
     if "Version mismatch" in text and len(versions) >= 2:
         (ray_c, py_c), (ray_me, py_me) = versions[:2]
-        return (f"version mismatch: the cluster runs Ray {ray_c} on Python {py_c}, this environment Ray {ray_me} "
-                f"on Python {py_me}", f"install the cluster's versions here (pip install ray=={ray_c}, Python "
-                f"{py_c}) or run the command on the cluster with `ray job submit`")
+        return (
+            f"version mismatch: the cluster runs Ray {ray_c} on Python {py_c}, this environment Ray {ray_me} "
+            f"on Python {py_me}",
+            f"install the cluster's versions here (pip install ray=={ray_c}, Python "
+            f"{py_c}) or run the command on the cluster with `ray job submit`",
+        )
     last = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return f"Ray says: {last[-1][:300] if last else type(chain[0]).__name__}", \
-        "check the cluster with `ray status`, or unset RAY_ADDRESS (or set RAY_ADDRESS=local) to run locally"
+    return (
+        f"Ray says: {last[-1][:300] if last else type(chain[0]).__name__}",
+        "check the cluster with `ray status`, or unset RAY_ADDRESS (or set RAY_ADDRESS=local) to run locally",
+    )
 
 
 def _token_problem() -> tuple[str, str]:
@@ -199,9 +217,11 @@ def _token_problem() -> tuple[str, str]:
 
     fix = f"give this client the cluster's token (`ray get-auth-token` on the head) in {TOKEN_PLACES}"
     if get_authentication_mode() != AuthenticationMode.TOKEN:
-        return ("the cluster requires token authentication and this client sent no token (RAY_AUTH_MODE is not "
-                "token; Ray sends one to an explicit address only with RAY_AUTH_MODE=token)",
-                f"export RAY_AUTH_MODE=token and {fix}")
+        return (
+            "the cluster requires token authentication and this client sent no token (RAY_AUTH_MODE is not "
+            "token; Ray sends one to an explicit address only with RAY_AUTH_MODE=token)",
+            f"export RAY_AUTH_MODE=token and {fix}",
+        )
     if os.environ.get("RAY_AUTH_TOKEN"):
         found = "the token in RAY_AUTH_TOKEN"
     elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
@@ -262,8 +282,7 @@ def check_resource(kind: str, need: float, what: str, advice: str) -> None:
 # Same name as ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR (a test checks), copied so
 # the check needs no Ray import.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-SHARED_EXAMPLES = ("/mnt/shared/... or s3://BUCKET/...; for MLflow http://mlflow:5000 or "
-                   "sqlite:////mnt/shared/mlflow.db")
+SHARED_EXAMPLES = "/mnt/shared/... or s3://BUCKET/...; for MLflow http://mlflow:5000 or sqlite:////mnt/shared/mlflow.db"
 
 
 class JobPathError(ValueError):
@@ -313,6 +332,8 @@ def check_job_paths(paths: dict[str, str | None], stores: dict[str, str | None] 
         elif _relative_store(uri):
             bad.append(f"{label}={uri}")
     if bad:
-        raise JobPathError(f"running under `ray job submit --working-dir`, relative paths land in Ray's temporary "
-                           f"copy of the working dir and are lost on a Ray restart or code change: {', '.join(bad)}; "
-                           f"pass absolute paths or URIs on shared storage (e.g. {SHARED_EXAMPLES})")
+        raise JobPathError(
+            f"running under `ray job submit --working-dir`, relative paths land in Ray's temporary "
+            f"copy of the working dir and are lost on a Ray restart or code change: {', '.join(bad)}; "
+            f"pass absolute paths or URIs on shared storage (e.g. {SHARED_EXAMPLES})"
+        )

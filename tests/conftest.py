@@ -17,8 +17,9 @@ def ray_cluster():
     import ray
 
     # 4 logical CPUs on 2 cores: Train workers and Ray Data tasks each get an explicit slice.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}
+    )
     yield ray
     ray.shutdown()
 

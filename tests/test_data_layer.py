@@ -116,8 +116,11 @@ def test_tcga_ut_source(tmp_path, tcga_metadata):
     orphan = tmp_path / "tiles" / "LUAD" / "TCGA-XX-0000-01Z-00-DX1"  # a slide with no metadata row
     orphan.mkdir()
     (orphan / "tile_0.jpg").write_bytes(_jpeg(99))
-    first = tmp_path / "tiles" / "LUAD" / meta.iloc[0].slide_submitter_id if meta.iloc[0].project_id == "TCGA-LUAD" \
+    first = (
+        tmp_path / "tiles" / "LUAD" / meta.iloc[0].slide_submitter_id
+        if meta.iloc[0].project_id == "TCGA-LUAD"
         else next((tmp_path / "tiles" / "LUAD").iterdir())
+    )
     (first / "tile_bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")  # corrupt JPEG
     (first / "tile_gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # unreadable file
     skips = SkipLog()
@@ -158,9 +161,16 @@ def test_manifest_source_csv_and_parquet(tmp_path):
         p = tmp_path / "img" / f"t{i}.png"
         p.parent.mkdir(exist_ok=True)
         Image.fromarray(render_tile("SHEET" if i % 2 else "GLAND", f"S{i % 6}", np.random.default_rng(i), 32)).save(p)
-        rows.append({"path": f"img/t{i}.png", "cancer_type": "A" if i % 2 else "B", "tissue_source_site": f"S{i % 6}",
-                     "slide_id": f"slide{i // 4}", "sex": ["male", "female", ""][i % 3],
-                     "age": None if i == 0 else 40 + i})
+        rows.append(
+            {
+                "path": f"img/t{i}.png",
+                "cancer_type": "A" if i % 2 else "B",
+                "tissue_source_site": f"S{i % 6}",
+                "slide_id": f"slide{i // 4}",
+                "sex": ["male", "female", ""][i % 3],
+                "age": None if i == 0 else 40 + i,
+            }
+        )
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
     pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet")
     for name in ("m.csv", "m.parquet"):
@@ -200,8 +210,7 @@ def test_tcga_ut_accepts_tiff_tiles_like_the_manifest_source(tmp_path, tcga_meta
     Image.fromarray(arr).save(slide / "tile_t.tif")
     Image.fromarray(arr).save(slide / "tile_u.TIFF")
     skips = SkipLog()
-    ingest(sources.tcga_ut(tmp_path / "tiles", tcga_metadata, skips),
-           tmp_path / "ds", SplitConfig(0.3, seed=0), skips)
+    ingest(sources.tcga_ut(tmp_path / "tiles", tcga_metadata, skips), tmp_path / "ds", SplitConfig(0.3, seed=0), skips)
     index = pd.read_parquet(tmp_path / "ds" / INDEX).set_index("key")
     assert len(skips) == 0 and len(index) == len(meta) * 2 + 2
     for stem in ("tile_t", "tile_u"):

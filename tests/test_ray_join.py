@@ -47,10 +47,30 @@ class Head:
         self.env = _clean_env(RAY_TMPDIR=self.tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
         port, dash = _free_port(), _free_port()
         self.job_api = f"http://127.0.0.1:{dash}"
-        subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                        "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(_free_port()),
-                        "--num-cpus", "1", "--object-store-memory", "80000000", "--disable-usage-stats"],
-                       env=self.env, check=True, capture_output=True, timeout=180)
+        subprocess.run(
+            [
+                RAY,
+                "start",
+                "--head",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-port",
+                str(dash),
+                "--dashboard-agent-listen-port",
+                str(_free_port()),
+                "--num-cpus",
+                "1",
+                "--object-store-memory",
+                "80000000",
+                "--disable-usage-stats",
+            ],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
         self.address = (Path(self.tmp) / "ray" / "ray_current_cluster").read_text().strip()
 
     def processes(self):
@@ -84,7 +104,7 @@ def head():
 def inputs(proc_dataset, tmp_path_factory) -> dict:
     """Valid inputs that take each command up to the point where it joins Ray. The commands' modules are
     imported here: the timed calls measure the commands, not first imports (a minute on a loaded machine)."""
-    import torch
+    import torch  # noqa: F401  (imported before the timed call, like the commands do)
 
     import medi_dist.demo
     import medi_dist.evaluate.downstream
@@ -92,7 +112,6 @@ def inputs(proc_dataset, tmp_path_factory) -> dict:
     import medi_dist.generate.job
     import medi_dist.train.trainer
     import medi_dist.tune.study  # noqa: F401
-
     from medi_dist.metadata import ConditioningSpec
     from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
 
@@ -107,13 +126,40 @@ def inputs(proc_dataset, tmp_path_factory) -> dict:
 def _args(command: str, inputs: dict, out: Path) -> list[str]:
     db = f"sqlite:///{out}/mlflow.db"
     return {
-        "train": ["train", "--config", str(REPO / "jobs/train_small.yaml"), f"data.dataset={inputs['dataset']}",
-                  f"run.storage_path={out}/runs", f"run.tracking_uri={db}", "model.preset=tiny", "steps=2"],
-        "generate": ["generate", "--model", str(inputs["model"]), "--out", str(out / "gen"), "--mode", "unseen-pairs",
-                     "--count", "4"],
-        "tune": ["tune", "--config", str(REPO / "jobs/tune_small.yaml"), f"real={inputs['tune_real']}",
-                 "space.ratio=[0]", "space.pools=[]", "num_samples=1", "seeds=[0]", f"storage_path={out}/runs",
-                 f"cache_dir={out}/cache", f"tracking_uri={db}"],
+        "train": [
+            "train",
+            "--config",
+            str(REPO / "jobs/train_small.yaml"),
+            f"data.dataset={inputs['dataset']}",
+            f"run.storage_path={out}/runs",
+            f"run.tracking_uri={db}",
+            "model.preset=tiny",
+            "steps=2",
+        ],
+        "generate": [
+            "generate",
+            "--model",
+            str(inputs["model"]),
+            "--out",
+            str(out / "gen"),
+            "--mode",
+            "unseen-pairs",
+            "--count",
+            "4",
+        ],
+        "tune": [
+            "tune",
+            "--config",
+            str(REPO / "jobs/tune_small.yaml"),
+            f"real={inputs['tune_real']}",
+            "space.ratio=[0]",
+            "space.pools=[]",
+            "num_samples=1",
+            "seeds=[0]",
+            f"storage_path={out}/runs",
+            f"cache_dir={out}/cache",
+            f"tracking_uri={db}",
+        ],
         "demo": ["demo", "--out", str(out / "demo"), "--tiles", "96", "--train-steps", "1", "--seeds", "0"],
     }[command]
 
@@ -141,8 +187,10 @@ def test_unreachable_ray_address(command, inputs, tmp_path, monkeypatch, capsys)
     rc = cli.main(_args(command, inputs, tmp_path))
     line = _error_line(capsys.readouterr().err)
     assert rc == 2 and time.time() - t0 < LIMIT_S
-    assert line.startswith(f"medi-dist {command}: error: cannot join Ray at {closed} (RAY_ADDRESS): nothing listens "
-                           "there (connection refused); start that cluster or correct RAY_ADDRESS"), line
+    assert line.startswith(
+        f"medi-dist {command}: error: cannot join Ray at {closed} (RAY_ADDRESS): nothing listens "
+        "there (connection refused); start that cluster or correct RAY_ADDRESS"
+    ), line
     assert "RAY_ADDRESS=local" in line
 
 
@@ -175,13 +223,21 @@ def test_check_ray_on_a_closed_port(capsys):
     url = f"http://127.0.0.1:{_free_port()}"
     assert cli.main(["check-ray", "--address", url]) == 2
     line = _error_line(capsys.readouterr().err)
-    assert line.startswith(f"medi-dist check-ray: error: `ray job submit --address {url}` would fail: nothing listens "
-                           "there (connection refused); start the head, or the tunnel"), line
+    assert line.startswith(
+        f"medi-dist check-ray: error: `ray job submit --address {url}` would fail: nothing listens "
+        "there (connection refused); start the head, or the tunnel"
+    ), line
 
 
 def _start(env: dict[str, str], *commands: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", DRIVER, *map(json.dumps, commands)], env=env, cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *map(json.dumps, commands)],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _finish(proc: subprocess.Popen, failed: int = 1) -> tuple[list[str], str]:
@@ -199,16 +255,23 @@ def test_live_head_refuses_wrong_or_missing_token_and_other_versions(head, input
     """Real `medi-dist` processes against a live token-auth head: each ends in seconds, one line."""
     assert head.processes(), "runs before the head is killed"
     check = ["check-ray", "--address", head.job_api]  # what `ray job submit --address` would meet
-    wrong = _start(_clean_env(RAY_ADDRESS=head.address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token-" + "x" * 24),
-                   _args("train", inputs, tmp_path), check)
+    wrong = _start(
+        _clean_env(RAY_ADDRESS=head.address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token-" + "x" * 24),
+        _args("train", inputs, tmp_path),
+        check,
+    )
     # RAY_AUTH_MODE unset: Ray sends no token to an explicit address, whatever ~/.ray/auth_token holds
     none = _start(_clean_env(RAY_ADDRESS=head.address), _args("generate", inputs, tmp_path), check)
     (train, job), _ = _finish(wrong, failed=2)
-    assert train.startswith(f"medi-dist train: error: cannot join Ray at {head.address} (RAY_ADDRESS): the cluster "
-                            "refused the token in RAY_AUTH_TOKEN: it is not the cluster's token;"), train
+    assert train.startswith(
+        f"medi-dist train: error: cannot join Ray at {head.address} (RAY_ADDRESS): the cluster "
+        "refused the token in RAY_AUTH_TOKEN: it is not the cluster's token;"
+    ), train
     assert "~/.ray/auth_token" in train and "RAY_AUTH_TOKEN_PATH" in train
-    assert job.startswith(f"medi-dist check-ray: error: `ray job submit --address {head.job_api}` would fail: the "
-                          "cluster refused the token in RAY_AUTH_TOKEN"), job
+    assert job.startswith(
+        f"medi-dist check-ray: error: `ray job submit --address {head.job_api}` would fail: the "
+        "cluster refused the token in RAY_AUTH_TOKEN"
+    ), job
     (generate, job), _ = _finish(none, failed=2)
     for line in (generate, job):
         assert "this client sent no token" in line and "export RAY_AUTH_MODE=token" in line, line
@@ -217,9 +280,11 @@ def test_live_head_refuses_wrong_or_missing_token_and_other_versions(head, input
     subprocess.run([sys.executable, "-c", SET_VERSION, head.address], env=head.env, check=True, timeout=120)
     # the recorded cluster and the right token
     [line], out = _finish(_start(head.env, _args("tune", inputs, tmp_path), check))
-    assert line.startswith(f"medi-dist tune: error: cannot join Ray at {head.address} (the local cluster recorded "
-                           f"in {head.tmp}/ray/ray_current_cluster by `ray start`): version mismatch: the cluster runs "
-                           "Ray 2.0.0"), line
+    assert line.startswith(
+        f"medi-dist tune: error: cannot join Ray at {head.address} (the local cluster recorded "
+        f"in {head.tmp}/ray/ray_current_cluster by `ray start`): version mismatch: the cluster runs "
+        "Ray 2.0.0"
+    ), line
     assert "pip install ray==2.0.0" in line
     assert f"job API at {head.job_api} answers and accepts this client's token" in out
 
@@ -239,16 +304,20 @@ def test_dead_recorded_cluster(command, head, inputs, tmp_path, monkeypatch, cap
     line = _error_line(capsys.readouterr().err)
     assert rc == 2 and time.time() - t0 < LIMIT_S
     record = f"{head.tmp}/ray/ray_current_cluster"
-    assert line == (f"medi-dist {command}: error: cannot join Ray at {head.address} (the local cluster recorded in "
-                    f"{record} by `ray start`): nothing listens there (connection refused); its head stopped without "
-                    f"`ray stop`: run `ray stop` (or delete {record}) and medi-dist starts a local Ray instance of its "
-                    "own, or set RAY_ADDRESS=local to start one now")
+    assert line == (
+        f"medi-dist {command}: error: cannot join Ray at {head.address} (the local cluster recorded in "
+        f"{record} by `ray start`): nothing listens there (connection refused); its head stopped without "
+        f"`ray stop`: run `ray stop` (or delete {record}) and medi-dist starts a local Ray instance of its "
+        "own, or set RAY_ADDRESS=local to start one now"
+    )
 
 
 def test_dead_recorded_cluster_real_process(head, inputs, tmp_path):
     """The same from a fresh process (the 832 s `medi-dist train` of issue 20)."""
     head.kill()
-    [train, demo], _ = _finish(_start(_clean_env(RAY_TMPDIR=head.tmp), _args("train", inputs, tmp_path),
-                                      _args("demo", inputs, tmp_path)), failed=2)
+    [train, demo], _ = _finish(
+        _start(_clean_env(RAY_TMPDIR=head.tmp), _args("train", inputs, tmp_path), _args("demo", inputs, tmp_path)),
+        failed=2,
+    )
     for line in (train, demo):
         assert f"cannot join Ray at {head.address} (the local cluster recorded in" in line and "`ray stop`" in line

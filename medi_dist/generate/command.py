@@ -32,10 +32,21 @@ def plan_from_args(args: argparse.Namespace):
     mode = args.mode or ("explicit" if args.row else None)
     if mode is None:
         raise PlanError("say what to generate: --plan FILE, --mode unseen-pairs|balance, or --row ...")
-    kw = {k: v for k, v in dict(types=args.types, sites=args.sites, count=args.count, target=args.target,
-                                seed=args.seed).items() if v is not None}
-    return GenerationPlan(mode=mode, rows=args.row or [], extra=_kv(args.extra or ""),
-                          include_unseen=args.include_unseen, null_site=args.null_site, **kw)
+    kw = {
+        k: v
+        for k, v in dict(
+            types=args.types, sites=args.sites, count=args.count, target=args.target, seed=args.seed
+        ).items()
+        if v is not None
+    }
+    return GenerationPlan(
+        mode=mode,
+        rows=args.row or [],
+        extra=_kv(args.extra or ""),
+        include_unseen=args.include_unseen,
+        null_site=args.null_site,
+        **kw,
+    )
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -44,16 +55,34 @@ def _generate(args: argparse.Namespace) -> None:
     from .writer import SamplingSettings
 
     if bool(args.model) == bool(args.reference):
-        raise PlanError("say what makes the tiles: --model DIR (a trained model) or --reference oracle|noise "
-                        "--dataset DIR (ground truth of a procedural dataset / a noise control)")
+        raise PlanError(
+            "say what makes the tiles: --model DIR (a trained model) or --reference oracle|noise "
+            "--dataset DIR (ground truth of a procedural dataset / a noise control)"
+        )
     cfg = GenerateConfig(
-        model=args.model, reference=args.reference, out=args.out, plan=plan_from_args(args), dataset=args.dataset,
-        sampling=SamplingSettings(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                                  weights=args.weights, batch_size=args.batch_size, precision=args.precision,
-                                  compile=args.compile, composition=args.composition,
-                                  composition_scale=args.composition_scale),
-        workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-        tiles_per_shard=args.tiles_per_shard, max_shards=args.max_shards, overwrite=args.overwrite)
+        model=args.model,
+        reference=args.reference,
+        out=args.out,
+        plan=plan_from_args(args),
+        dataset=args.dataset,
+        sampling=SamplingSettings(
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=args.guidance,
+            weights=args.weights,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            compile=args.compile,
+            composition=args.composition,
+            composition_scale=args.composition_scale,
+        ),
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        tiles_per_shard=args.tiles_per_shard,
+        max_shards=args.max_shards,
+        overwrite=args.overwrite,
+    )
     if args.dry_run:
         tasks, rows, header, _ = build_tasks(cfg)
         print(describe(rows))
@@ -62,46 +91,66 @@ def _generate(args: argparse.Namespace) -> None:
     res = generate(cfg)
     print(describe(res.rows, limit=10))
     speed = f"; {res.stats['tiles_per_s_per_worker']:.2f} tiles/s per worker" if res.generated else ""
-    print(f"{res.out}: {len(res.generated)} shards generated, {res.skipped} already complete, of {res.shards}"
-          f"{speed} ({res.seconds:.0f} s)")
+    print(
+        f"{res.out}: {len(res.generated)} shards generated, {res.skipped} already complete, of {res.shards}"
+        f"{speed} ({res.seconds:.0f} s)"
+    )
     if not res.complete:
         print("stopped early; run the same command again to finish")
 
 
 def add_generate_parser(sub) -> argparse.ArgumentParser:
     g = sub.add_parser(
-        "generate", help="generate synthetic tiles for (type, site, ...) subgroups with Ray Data",
+        "generate",
+        help="generate synthetic tiles for (type, site, ...) subgroups with Ray Data",
         description="Sample a model directory's denoiser over a generation plan with a Ray Data actor pool and "
         "write a synthetic dataset directory (same layout as ingest output, split 'train'). A re-run with the same "
-        "arguments skips completed shards.")
+        "arguments skips completed shards.",
+    )
     g.add_argument("--model", help="model directory (from `medi-dist train`)")
-    g.add_argument("--reference", choices=["oracle", "noise"],
-                   help="instead of a model: ground-truth tiles rendered for the plan (procedural datasets only) "
-                   "or a noise control in each site's colours, from --dataset's train split")
+    g.add_argument(
+        "--reference",
+        choices=["oracle", "noise"],
+        help="instead of a model: ground-truth tiles rendered for the plan (procedural datasets only) "
+        "or a noise control in each site's colours, from --dataset's train split",
+    )
     g.add_argument("--out", required=True, help="synthetic dataset directory to create or resume")
-    g.add_argument("--dataset", help="training dataset (default: the one the model directory records; "
-                   "required with --reference)")
+    g.add_argument(
+        "--dataset", help="training dataset (default: the one the model directory records; required with --reference)"
+    )
     p = g.add_argument_group("plan (a YAML file, or the options below)")
     p.add_argument("--plan", help="YAML plan: mode, rows | types/sites/count/target, extra, seed")
     p.add_argument("--mode", choices=["explicit", "unseen-pairs", "balance"])
-    p.add_argument("--row", action="append", type=_kv, metavar="K=V,...",
-                   help="explicit row, e.g. cancer_type=GLAND,tissue_source_site=B1,count=10 (repeatable)")
+    p.add_argument(
+        "--row",
+        action="append",
+        type=_kv,
+        metavar="K=V,...",
+        help="explicit row, e.g. cancer_type=GLAND,tissue_source_site=B1,count=10 (repeatable)",
+    )
     p.add_argument("--types", nargs="+", help="cancer types (default: every trained type)")
     p.add_argument("--sites", nargs="+", help="sites (default: every trained site)")
     p.add_argument("--count", type=int, help="unseen-pairs: tiles per (type, site)")
     p.add_argument("--target", type=int, help="balance: top each (type, site) up to this many tiles")
     p.add_argument("--include-unseen", action="store_true", help="balance: also fill pairs absent from training")
-    p.add_argument("--null-site", action="store_true",
-                   help="explicit rows without a site on a type+site model: its site-nulled (class-only) branch")
+    p.add_argument(
+        "--null-site",
+        action="store_true",
+        help="explicit rows without a site on a type+site model: its site-nulled (class-only) branch",
+    )
     p.add_argument("--extra", help="more conditions for every row, e.g. sex=female|male (one row per value)")
     p.add_argument("--seed", type=int, help="plan seed (tile seeds derive from it)")
     s = g.add_argument_group("sampling")
     s.add_argument("--sampler", default="dpmsolver++", choices=["ddpm", "ddim", "dpmsolver++"])
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    s.add_argument("--composition", default="joint", choices=["joint", "owner-site"],
-                   help="joint: the model's (type, site) prediction; owner-site: (type, no site) plus the site's "
-                   "direction taken at the type that owns the site in training (needs site dropout)")
+    s.add_argument(
+        "--composition",
+        default="joint",
+        choices=["joint", "owner-site"],
+        help="joint: the model's (type, site) prediction; owner-site: (type, no site) plus the site's "
+        "direction taken at the type that owns the site in training (needs site dropout)",
+    )
     s.add_argument("--composition-scale", type=float, default=1.0, help="weight of the owner-site direction")
     s.add_argument("--weights", default="ema", choices=["ema", "raw", "auto"])
     s.add_argument("--batch-size", type=int, default=32, help="tiles per denoiser call")

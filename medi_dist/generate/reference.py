@@ -39,9 +39,11 @@ def check_reference(kind: str, dataset: str | Path) -> dict:
     if manifest.get("synthetic"):
         raise PlanError(f"{dataset} is a synthetic pool; the {kind} pool is made from the real dataset it imitates")
     if kind == "oracle" and manifest.get("source") != "procedural":
-        raise PlanError(f"an oracle pool renders ground truth with the procedural renderer, but {dataset} was "
-                        f"ingested from {manifest.get('source')!r} data, which has no renderer; use --reference "
-                        "noise for a control, or a generator model (--model)")
+        raise PlanError(
+            f"an oracle pool renders ground truth with the procedural renderer, but {dataset} was "
+            f"ingested from {manifest.get('source')!r} data, which has no renderer; use --reference "
+            "noise for a control, or a generator model (--model)"
+        )
     return manifest
 
 
@@ -64,8 +66,10 @@ def site_stains(dataset: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray,
     for site, rows in index.groupby(SITE).indices.items():
         he = fit_macenko(images[rows])
         if he is None:
-            raise PlanError(f"{dataset}: the tiles of site {site} are too pale to estimate a stain; "
-                            "a noise control needs every training site's stain")
+            raise PlanError(
+                f"{dataset}: the tiles of site {site} are too pale to estimate a stain; "
+                "a noise control needs every training site's stain"
+            )
         stains[str(site)] = he.HERef
         od = -np.log((images[rows].reshape(-1, 3).astype(np.float64) + 1) / IO)
         amounts.append(np.linalg.lstsq(he.HERef, od.T, rcond=None)[0].T[:: max(1, len(od) // 20000)])

@@ -151,8 +151,10 @@ def verify_checksums(path: str | Path, files: list[str]) -> None:
             raise ModelDirError(f"{sums_file} has no checksum for {name}")
         got = sha256_file(f)
         if got != sums[name]:
-            raise ModelDirError(f"checksum mismatch for {f}: expected sha256 {sums[name][:16]}..., got {got[:16]}... "
-                                "(file corrupted or modified); copy the model directory again")
+            raise ModelDirError(
+                f"checksum mismatch for {f}: expected sha256 {sums[name][:16]}..., got {got[:16]}... "
+                "(file corrupted or modified); copy the model directory again"
+            )
 
 
 def verify_model_dir(path: str | Path, weights_file: str) -> None:

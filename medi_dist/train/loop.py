@@ -32,8 +32,14 @@ from .config import TrainConfig
 
 def torch_batches(shard, batch_size: int, columns: list[str], epoch_skip: int, device, shuffle_seed: int | None):
     """Tensors for the model's columns; the first `epoch_skip` batches were consumed before a resume."""
-    it = shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2,
-                            local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=shuffle_seed)
+    it = shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        prefetch_batches=2,
+        local_shuffle_buffer_size=4 * batch_size,
+        local_shuffle_seed=shuffle_seed,
+    )
     for i, b in enumerate(it):
         if i < epoch_skip:
             continue
@@ -53,8 +59,9 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def log_sample_grid(logger: RunLogger, ema: EMA, model_cfg: ModelConfig, spec: ConditioningSpec,
-                    pairs: list, step: int) -> None:
+def log_sample_grid(
+    logger: RunLogger, ema: EMA, model_cfg: ModelConfig, spec: ConditioningSpec, pairs: list, step: int
+) -> None:
     """A (type x site) grid sampled from the EMA weights on the training device, as an MLflow artifact."""
     from ..visual import model_sample_grid, png_bytes
 
@@ -111,7 +118,7 @@ class Window:
 
     def add(self, loss: torch.Tensor, imgs: int) -> None:
         self.losses.append(loss.detach())
-        del self.losses[:-self.keep]
+        del self.losses[: -self.keep]
         self.imgs += imgs
 
     def close(self, last: int) -> tuple[float, int, float, float]:
@@ -125,15 +132,21 @@ class Window:
 def build(cfg: WorkerConfig, rank: int) -> Parts:
     """Model, EMA, optimizer, schedule and generator, identical on every rank (seeded)."""
     run, optim = cfg.train.run, cfg.train.optim
-    accelerator = Accelerator(mixed_precision=run.mixed_precision, cpu=not run.use_gpu,
-                              gradient_accumulation_steps=optim.grad_accum)
+    accelerator = Accelerator(
+        mixed_precision=run.mixed_precision, cpu=not run.use_gpu, gradient_accumulation_steps=optim.grad_accum
+    )
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = ConditionedUNet(cfg.model, cfg.spec)
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, optim.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                            weight_decay=optim.weight_decay, fused=optim.fused and run.use_gpu)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        weight_decay=optim.weight_decay,
+        fused=optim.fused and run.use_gpu,
+    )
     steps = cfg.train.steps
     sched = get_cosine_schedule_with_warmup(opt, max(1, int(optim.warmup_fraction * steps)), steps)
     # Per-rank noise and t draws, on the training device (CPU-drawn noise would stall a GPU step).
@@ -184,8 +197,9 @@ def train_step(parts: Parts, x: torch.Tensor, cond: dict, grad_clip: float) -> t
     return loss
 
 
-def checkpoint(parts: Parts, pos: Position, cfg: WorkerConfig, window: Window, logger: RunLogger | None,
-               final: bool) -> None:
+def checkpoint(
+    parts: Parts, pos: Position, cfg: WorkerConfig, window: Window, logger: RunLogger | None, final: bool
+) -> None:
     """All ranks report together; rank 0 attaches the checkpoint (and, at the end, the model dir)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -199,24 +213,47 @@ def checkpoint(parts: Parts, pos: Position, cfg: WorkerConfig, window: Window, l
         torch.distributed.all_gather_object(gathered, mine)
     digests, nodes = [g[0] for g in gathered], {g[1] for g in gathered}
     optim = cfg.train.optim
-    metrics = {"step": pos.step, "epoch": pos.epoch, "loss": mean_loss(window.losses[-50:]),
-               "ranks_in_sync": float(len(set(digests)) == 1), "weights_sha256": digest,
-               "worker_nodes": len(nodes), "final": final,
-               "samples_seen": pos.step * optim.batch_size * optim.grad_accum * world}
+    metrics = {
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "loss": mean_loss(window.losses[-50:]),
+        "ranks_in_sync": float(len(set(digests)) == 1),
+        "weights_sha256": digest,
+        "worker_nodes": len(nodes),
+        "final": final,
+        "samples_seen": pos.step * optim.batch_size * optim.grad_accum * world,
+    }
     with tempfile.TemporaryDirectory() as d:
         ck = None
         if rank == 0:
             base, ema = unwrap(parts.model), parts.ema
-            save_checkpoint(Path(d), base.state_dict(), ema.shadow,
-                            {"optimizer": parts.opt.state_dict(), "scheduler": parts.sched.state_dict(),
-                             "generators": gens, "ema_meta": {"decay": ema.decay, "warmup": ema.warmup,
-                                                              "step": ema.step}},
-                            {"step": pos.step, "epoch": pos.epoch, "batches_in_epoch": pos.batches_in_epoch})
+            save_checkpoint(
+                Path(d),
+                base.state_dict(),
+                ema.shadow,
+                {
+                    "optimizer": parts.opt.state_dict(),
+                    "scheduler": parts.sched.state_dict(),
+                    "generators": gens,
+                    "ema_meta": {"decay": ema.decay, "warmup": ema.warmup, "step": ema.step},
+                },
+                {"step": pos.step, "epoch": pos.epoch, "batches_in_epoch": pos.batches_in_epoch},
+            )
             if final:
-                save_model_dir(Path(d) / "model", base, ema, config=cfg.model, spec=cfg.spec,
-                               extra_info={"name": cfg.train.run.name, "steps": pos.step,
-                                           "dataset": str(cfg.train.data.dataset), "train_pairs": cfg.pairs,
-                                           "mlflow_run_id": cfg.mlflow_run_id})
+                save_model_dir(
+                    Path(d) / "model",
+                    base,
+                    ema,
+                    config=cfg.model,
+                    spec=cfg.spec,
+                    extra_info={
+                        "name": cfg.train.run.name,
+                        "steps": pos.step,
+                        "dataset": str(cfg.train.data.dataset),
+                        "train_pairs": cfg.pairs,
+                        "mlflow_run_id": cfg.mlflow_run_id,
+                    },
+                )
             ck = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ck)
     if logger and final:
@@ -253,10 +290,14 @@ def train_worker(config: dict) -> None:
     while pos.step < stop_at:
         t_wait = time.perf_counter()
         # seeded per (seed, rank, epoch): a resumed epoch replays the same shuffle
-        shuffle_seed = (int(np.random.SeedSequence([cfg.train.seed, rank, pos.epoch]).generate_state(1)[0])
-                        if deterministic else None)
-        for x, cond in torch_batches(shard, optim.batch_size, columns, pos.batches_in_epoch, parts.accelerator.device,
-                                     shuffle_seed):
+        shuffle_seed = (
+            int(np.random.SeedSequence([cfg.train.seed, rank, pos.epoch]).generate_state(1)[0])
+            if deterministic
+            else None
+        )
+        for x, cond in torch_batches(
+            shard, optim.batch_size, columns, pos.batches_in_epoch, parts.accelerator.device, shuffle_seed
+        ):
             window.wait += time.perf_counter() - t_wait
             if run.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -268,8 +309,15 @@ def train_worker(config: dict) -> None:
                 pos.step += 1
                 if logger and pos.step % run.log_every == 0:
                     loss_mean, imgs, wait, dt = window.close(run.log_every)
-                    logger.metrics({"loss": loss_mean, "lr": parts.sched.get_last_lr()[0],
-                                    "img_per_s": imgs * world / dt, "data_wait_fraction": wait / dt}, pos.step)
+                    logger.metrics(
+                        {
+                            "loss": loss_mean,
+                            "lr": parts.sched.get_last_lr()[0],
+                            "img_per_s": imgs * world / dt,
+                            "data_wait_fraction": wait / dt,
+                        },
+                        pos.step,
+                    )
                 if logger and run.sample_every and pos.step % run.sample_every == 0 and pos.step < steps:
                     log_sample_grid(logger, parts.ema, cfg.model, cfg.spec, cfg.pairs, pos.step)
                 if pos.step % run.checkpoint_every == 0 and pos.step < stop_at:

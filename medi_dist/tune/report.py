@@ -36,8 +36,9 @@ def prepare(cfg, base: DownstreamConfig, encoder, uri: str, parent: str, audit_d
     AUDIT.reset()
     inputs = load_inputs(base, encoder, [absolute(p) for p in cfg.space.pools])
     res = run_downstream(replace(base, ratio=0.0), inputs)
-    run = find_or_create_run(uri, f"{cfg.name}/real-only", cfg.experiment,
-                             {"medi_dist.kind": "tune-baseline"}, parent_run_id=parent)
+    run = find_or_create_run(
+        uri, f"{cfg.name}/real-only", cfg.experiment, {"medi_dist.kind": "tune-baseline"}, parent_run_id=parent
+    )
     log = RunLogger(uri, run)
     log.params({"ratio": 0.0, "classifier": base.classifier, "seeds": base.seeds})
     log_result(log, res, "val")
@@ -58,8 +59,13 @@ def finish_trials(uri: str, trials: pd.DataFrame, best: dict, plog) -> None:
         c.set_tag(rid, "medi_dist.best", str(row["trial_id"] == best["trial_id"]).lower())
         c.set_tag(rid, "medi_dist.early_stopped", str(not row["complete"] and not row["error"]).lower())
         c.set_terminated(rid, "FAILED" if row["error"] else "FINISHED")
-    plog.tags({"best_trial": best["trial_id"], "best_run_id": best["mlflow_run_id"],
-               **{f"best.{k}": best[k] for k in ("ratio", "allocation", "pool", "lr", "C") if k in best}})
+    plog.tags(
+        {
+            "best_trial": best["trial_id"],
+            "best_run_id": best["mlflow_run_id"],
+            **{f"best.{k}": best[k] for k in ("ratio", "allocation", "pool", "lr", "C") if k in best},
+        }
+    )
     plog.metrics({"best_val_objective": best["objective"], "best_val_objective_sem": best["objective_sem"]})
     plog.artifact_bytes(trials.to_csv(index=False).encode(), "trials.csv")
 
@@ -73,8 +79,10 @@ def log_test(cfg, base: DownstreamConfig, best: dict, encoder, plog, audit_dir: 
     AUDIT.reset()
     test_base = replace(base, test_split="holdout")
     chosen = trial_config(test_base, best)
-    arms = {"real only": {"ratio": 0.0, "synthetic": [], "lr": chosen.lr, "C": chosen.C},
-            "best": {k: getattr(chosen, k) for k in ("ratio", "allocation", "synthetic", "lr", "C")}}
+    arms = {
+        "real only": {"ratio": 0.0, "synthetic": [], "lr": chosen.lr, "C": chosen.C},
+        "best": {k: getattr(chosen, k) for k in ("ratio", "allocation", "synthetic", "lr", "C")},
+    }
     cmp = compare(test_base, arms)
     _audit(audit_dir, "final")
     real, aug = cmp.results["real only"], cmp.results["best"]
