@@ -25,12 +25,17 @@ def signature(spec):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    inputs = Schema([ColSpec("string", c) for c in spec.categorical_names]
-                    + [ColSpec("double", c, required=False) for c in spec.continuous_names]
-                    + [ColSpec("long", "seed", required=False)])
+    inputs = Schema(
+        [ColSpec("string", c) for c in spec.categorical_names]
+        + [ColSpec("double", c, required=False) for c in spec.continuous_names]
+        + [ColSpec("long", "seed", required=False)]
+    )
     kinds = {str: "string", int: "long", float: "double"}
-    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("binary", "png")]),
-                          params=ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in DEFAULT_PARAMS.items()]))
+    return ModelSignature(
+        inputs=inputs,
+        outputs=Schema([ColSpec("binary", "png")]),
+        params=ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in DEFAULT_PARAMS.items()]),
+    )
 
 
 class MeDiTileGenerator(PythonModel):
@@ -39,8 +44,10 @@ class MeDiTileGenerator(PythonModel):
         self.model = None  # loaded at the first predict, with the weights it asks for
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from medi_dist.generate.writer import png_bytes  # absolute: MLflow runs this file as a module of its own
-        from medi_dist.model import encode_conditions, load_model_dir, sample
+        from PIL import Image
+
+        from medi_dist.model import encode_conditions, load_model_dir, sample  # absolute: MLflow runs this file
+        from medi_dist.visual import png_bytes  # as a module of its own
 
         p = {**DEFAULT_PARAMS, **(params or {})}
         if self.model is None or self.model.weights_kind != p["weights"]:
@@ -49,9 +56,15 @@ class MeDiTileGenerator(PythonModel):
         seeds = df["seed"].astype(int).tolist() if "seed" in df else list(range(len(df)))
         rows = [{k: v for k, v in r.items() if k != "seed"} for r in df.to_dict("records")]
         cond = encode_conditions(self.spec, rows, strict=True)
-        tiles = sample(self.model, cond, seeds=seeds, sampler=p["sampler"], steps=int(p["steps"]),
-                       guidance_scale=float(p["guidance"]))
-        return df.assign(seed=seeds, png=[png_bytes(t) for t in tiles])
+        tiles = sample(
+            self.model,
+            cond,
+            seeds=seeds,
+            sampler=p["sampler"],
+            steps=int(p["steps"]),
+            guidance_scale=float(p["guidance"]),
+        )
+        return df.assign(seed=seeds, png=[png_bytes(Image.fromarray(t)) for t in tiles])
 
 
 mlflow.models.set_model(MeDiTileGenerator())

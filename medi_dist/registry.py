@@ -33,10 +33,14 @@ def log_model_dir(log: RunLogger, model_dir: str | Path, registered_name: str | 
         warnings.filterwarnings("ignore", message=".*input example was not provided")  # predict samples: slow
         local = Path(d) / MODEL_ARTIFACT
         # pip_requirements given: MLflow would otherwise load the model to infer them
-        mlflow.pyfunc.save_model(str(local), python_model=pyfunc_model.__file__,
-                                 artifacts={pyfunc_model.MODEL_DIR_ARTIFACT: str(model_dir)},
-                                 pip_requirements=_requirements(), signature=pyfunc_model.signature(spec),
-                                 metadata={"medi_dist_model_id": info["model_id"], "weights": info["weights"]})
+        mlflow.pyfunc.save_model(
+            str(local),
+            python_model=pyfunc_model.__file__,
+            artifacts={pyfunc_model.MODEL_DIR_ARTIFACT: str(model_dir)},
+            pip_requirements=_requirements(),
+            signature=pyfunc_model.signature(spec),
+            metadata={"medi_dist_model_id": info["model_id"], "weights": info["weights"]},
+        )
         log.c.log_artifacts(log.run_id, str(local), MODEL_ARTIFACT)
     log.tags({"medi_dist.model_id": info["model_id"]})
     if not registered_name:
@@ -48,8 +52,12 @@ def log_model_dir(log: RunLogger, model_dir: str | Path, registered_name: str | 
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    mv = log.c.create_model_version(registered_name, f"runs:/{log.run_id}/{MODEL_ARTIFACT}", run_id=log.run_id,
-                                    tags={"medi_dist.model_id": info["model_id"]})
+    mv = log.c.create_model_version(
+        registered_name,
+        f"runs:/{log.run_id}/{MODEL_ARTIFACT}",
+        run_id=log.run_id,
+        tags={"medi_dist.model_id": info["model_id"]},
+    )
     log.tags({"medi_dist.registered_model": f"{registered_name}/{mv.version}"})
     return mv.version
 
@@ -82,23 +90,31 @@ def resolve_model(model: str, cache_dir: str | Path = DEFAULT_CACHE, tracking_ur
     from .tracking import tracking_uri as default_uri
 
     uri = tracking_uri or default_uri()
-    dest = Path(cache_dir) / (re.sub(r"[^A-Za-z0-9._-]+", "_", model.split(":/", 1)[1]).strip("_")[:80] + "-"
-                              + hashlib.sha256(f"{uri} {model}".encode()).hexdigest()[:8])
+    dest = Path(cache_dir) / (
+        re.sub(r"[^A-Za-z0-9._-]+", "_", model.split(":/", 1)[1]).strip("_")[:80]
+        + "-"
+        + hashlib.sha256(f"{uri} {model}".encode()).hexdigest()[:8]
+    )
     if not (dest / "done").exists():  # a finished download; a broken one is fetched again
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=_artifact_uri(model, uri), dst_path=str(dest / "files"),
-                                                tracking_uri=uri)
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=_artifact_uri(model, uri), dst_path=str(dest / "files"), tracking_uri=uri
+            )
         except MlflowException as e:
             shutil.rmtree(dest, ignore_errors=True)
-            raise ModelDirError(f"--model {model}: {str(e).splitlines()[0]} (tracking URI {uri}); check the name and "
-                                "version (the Models page of the MLflow UI) or set MLFLOW_TRACKING_URI") from None
+            raise ModelDirError(
+                f"--model {model}: {str(e).splitlines()[0]} (tracking URI {uri}); check the name and "
+                "version (the Models page of the MLflow UI) or set MLFLOW_TRACKING_URI"
+            ) from None
         (dest / "done").touch()
     found = [p.parent for p in sorted((dest / "files").rglob("checksums.json"))]
     if len(found) != 1:
-        raise ModelDirError(f"--model {model} holds {len(found)} medi-dist model directories (checksums.json), "
-                            f"expected one; pass a runs:/RUN_ID/PATH that names one model")
+        raise ModelDirError(
+            f"--model {model} holds {len(found)} medi-dist model directories (checksums.json), "
+            f"expected one; pass a runs:/RUN_ID/PATH that names one model"
+        )
     info = read_model_info(found[0])
     verify_checksums(found[0], ["config.json", "conditioning.json", *info["weights"]])
     return str(found[0])
@@ -112,14 +128,16 @@ def _artifact_uri(model: str, uri: str) -> str:
     from .tracking import client
 
     c = client(uri)
-    ref = model[len("models:/"):].strip("/")
+    ref = model[len("models:/") :].strip("/")
     if "@" in ref:
         name, alias = ref.split("@", 1)
         version = c.get_model_version_by_alias(name, alias).version
     else:
         name, _, version = ref.rpartition("/")
         if not name:
-            raise ModelDirError(f"--model {model}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+            raise ModelDirError(
+                f"--model {model}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS"
+            )
         if version == "latest":
             versions = c.search_model_versions(f"name = '{name}'")
             if not versions:

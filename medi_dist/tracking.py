@@ -16,9 +16,10 @@ import os
 import tempfile
 import uuid
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 DEFAULT_EXPERIMENT = "medi-dist"
 RUN_NAME_TAG = "medi_dist.run_name"
@@ -37,7 +38,7 @@ def tracking_uri(uri: str | None = None) -> str:
     may run in another directory)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # workers run in other folders
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"  # workers run in other folders
     if uri:
         return uri
     return f"sqlite:///{Path('mlflow.db').resolve()}"
@@ -46,7 +47,7 @@ def tracking_uri(uri: str | None = None) -> str:
 def artifact_root(uri: str) -> str | None:
     """With a local sqlite store, keep artifacts beside it (absolute, so every process agrees)."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
     return None  # a server decides
 
 
@@ -59,16 +60,22 @@ def client(uri: str | None = None):
 def experiment_id(c, name: str = DEFAULT_EXPERIMENT) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        return c.create_experiment(name, artifact_location=artifact_root(c.tracking_uri),
-                                   tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        return c.create_experiment(
+            name, artifact_location=artifact_root(c.tracking_uri), tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+        )
     if EXPERIMENT_KIND_TAG not in exp.tags:  # made before this tag (or by someone else): a user's choice stays
         c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return exp.experiment_id
 
 
-def find_or_create_run(uri: str, run_name: str, experiment: str = DEFAULT_EXPERIMENT,
-                       tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-                       key: str | None = None) -> str:
+def find_or_create_run(
+    uri: str,
+    run_name: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    key: str | None = None,
+) -> str:
     """The run tagged with `key` (default: the run name), so a resumed job keeps its run, or a new one.
     Without `parent_run_id` the run joins the current job (`job()` or $MEDI_DIST_PARENT_RUN), if any; a
     resumed run moves to the job that resumes it."""
@@ -122,7 +129,7 @@ def current_parent(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None
 
 
 @contextmanager
-def ended_as(log: "RunLogger") -> Iterator["RunLogger"]:
+def ended_as(log: RunLogger) -> Iterator[RunLogger]:
     """End the run with the block: FINISHED, KILLED on Ctrl-C, FAILED on an error."""
     try:
         yield log
@@ -136,12 +143,19 @@ def ended_as(log: "RunLogger") -> Iterator["RunLogger"]:
 
 
 @contextmanager
-def job(uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT) -> Iterator["RunLogger"]:
+def job(uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[RunLogger]:
     """A user-level job's parent run, from the start of the block to its end; every run created in
     this process meanwhile (find_or_create_run, stage) is its child."""
     global _job_parent
-    log = RunLogger(uri, new_run(client(uri), experiment_id(client(uri), experiment), name,
-                                 {RUN_NAME_TAG: f"{name}/{uuid.uuid4().hex[:8]}", KIND_TAG: kind}))
+    log = RunLogger(
+        uri,
+        new_run(
+            client(uri),
+            experiment_id(client(uri), experiment),
+            name,
+            {RUN_NAME_TAG: f"{name}/{uuid.uuid4().hex[:8]}", KIND_TAG: kind},
+        ),
+    )
     previous, _job_parent = _job_parent, log.run_id
     try:
         with ended_as(log):
@@ -151,19 +165,28 @@ def job(uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT) ->
 
 
 @contextmanager
-def stage(uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT,
-          system_metrics: bool = False) -> Iterator["RunLogger"]:
+def stage(
+    uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT, system_metrics: bool = False
+) -> Iterator[RunLogger]:
     """A new run for one stage (generate, evaluate), lasting as long as the block; a child of the current job."""
     c = client(uri)
     exp = experiment_id(c, experiment)
-    log = RunLogger(uri, new_run(c, exp, name, {RUN_NAME_TAG: f"{name}/{uuid.uuid4().hex[:8]}", KIND_TAG: kind},
-                                 current_parent(uri, experiment)))
+    log = RunLogger(
+        uri,
+        new_run(
+            c,
+            exp,
+            name,
+            {RUN_NAME_TAG: f"{name}/{uuid.uuid4().hex[:8]}", KIND_TAG: kind},
+            current_parent(uri, experiment),
+        ),
+    )
     with ended_as(log), system_metrics_logged(log, system_metrics):
         yield log
 
 
 @contextmanager
-def system_metrics_logged(log: "RunLogger", on: bool = True) -> Iterator[None]:
+def system_metrics_logged(log: RunLogger, on: bool = True) -> Iterator[None]:
     """MLflow's system metrics (CPU, memory, disk, network, GPU when there is one) of this machine,
     every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10), while the block runs."""
     if not on:
@@ -187,7 +210,7 @@ def dataset_digest(manifest: dict) -> str:
     return hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16]  # MLflow keeps 36 characters
 
 
-def log_datasets(log: "RunLogger", datasets: dict[str, str | list[str]]) -> None:
+def log_datasets(log: RunLogger, datasets: dict[str, str | list[str]]) -> None:
     """Dataset inputs: context (e.g. training, synthetic, evaluation) -> dataset dir(s); each is
     named by its folder, with its digest, tile count and condition columns."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -201,15 +224,21 @@ def log_datasets(log: "RunLogger", datasets: dict[str, str | list[str]]) -> None
     for context, roots in datasets.items():
         for root in [roots] if isinstance(roots, (str, Path)) else roots:
             m = load_manifest(root)
-            schema = Schema([ColSpec("string", c) for c in m.get("categorical", [])]
-                            + [ColSpec("double", c) for c in m.get("continuous", [])])
+            schema = Schema(
+                [ColSpec("string", c) for c in m.get("categorical", [])]
+                + [ColSpec("double", c) for c in m.get("continuous", [])]
+            )
             path = str(root) if "://" in str(root) else str(Path(root).resolve())
             with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path, either way
                 warnings.simplefilter("ignore")
                 source = resolve_dataset_source(path)
             ds = MetaDataset(source, name=Path(path).name, digest=dataset_digest(m), schema=schema)
-            inputs.append(DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context),
-                                                                 InputTag("medi_dist.tiles", str(m["tiles"]))]))
+            inputs.append(
+                DatasetInput(
+                    ds._to_mlflow_entity(),
+                    [InputTag("mlflow.data.context", context), InputTag("medi_dist.tiles", str(m["tiles"]))],
+                )
+            )
     log.c.log_inputs(log.run_id, datasets=inputs)
 
 
@@ -234,7 +263,7 @@ class RunLogger:
         existing = self.c.get_run(self.run_id).data.params
         new = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if k not in existing]
         for i in range(0, len(new), 100):
-            self.c.log_batch(self.run_id, params=new[i:i + 100])
+            self.c.log_batch(self.run_id, params=new[i : i + 100])
 
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import time

@@ -45,8 +45,10 @@ def tiny_model(real: Path, out: Path, run_id: str) -> Path:
 
 def inputs(c, run_id: str) -> dict[str, tuple[str, str]]:
     """dataset name -> (digest, context) of a run's dataset inputs."""
-    return {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
-            for d in c.get_run(run_id).inputs.dataset_inputs}
+    return {
+        d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+        for d in c.get_run(run_id).inputs.dataset_inputs
+    }
 
 
 def test_named_job_registered_model_and_generation(ray_cluster, server, real, tmp_path, monkeypatch, capsys):
@@ -55,14 +57,32 @@ def test_named_job_registered_model_and_generation(ray_cluster, server, real, tm
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     c = tracking.client(server)
     # the train stage as trainer.py records it (test_train.py runs the real one): dataset, model, registry
-    train = tracking.RunLogger(server, tracking.find_or_create_run(server, "tiny-train", tags={"medi_dist.kind": "train"}))
+    train = tracking.RunLogger(
+        server, tracking.find_or_create_run(server, "tiny-train", tags={"medi_dist.kind": "train"})
+    )
     tracking.log_datasets(train, {"training": str(real)})
     version = log_model_dir(train, tiny_model(real, tmp_path / "model", train.run_id), "medi-tiny")
     train.finish()
 
     out, cache = tmp_path / "pool", tmp_path / "cache"
-    gen = ["--parent-run", "chain", "generate", "--model", f"models:/medi-tiny/{version}", "--out", str(out),
-           "--model-cache", str(cache), "--mode", "unseen-pairs", "--count", "2", "--steps", "2", "--system-metrics"]
+    gen = [
+        "--parent-run",
+        "chain",
+        "generate",
+        "--model",
+        f"models:/medi-tiny/{version}",
+        "--out",
+        str(out),
+        "--model-cache",
+        str(cache),
+        "--mode",
+        "unseen-pairs",
+        "--count",
+        "2",
+        "--steps",
+        "2",
+        "--system-metrics",
+    ]
     assert main(gen) == 0, capsys.readouterr().err
     exp = c.get_experiment_by_name("medi-dist")
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING
@@ -75,8 +95,10 @@ def test_named_job_registered_model_and_generation(ray_cluster, server, real, tm
     assert job.info.start_time <= c.get_run(train.run_id).info.start_time
     assert job.info.end_time >= gen_run.info.end_time > gen_run.info.start_time
     digest = tracking.dataset_digest
-    assert inputs(c, gen_run.info.run_id) == {"data": (digest(load_manifest(real)), "training"),
-                                              "pool": (digest(load_manifest(out)), "generated")}
+    assert inputs(c, gen_run.info.run_id) == {
+        "data": (digest(load_manifest(real)), "training"),
+        "pool": (digest(load_manifest(out)), "generated"),
+    }
     assert inputs(c, train.run_id) == {"data": (digest(load_manifest(real)), "training")}
     tags = gen_run.data.tags
     assert tags["medi_dist.model_run_id"] == train.run_id and f"runs/{train.run_id})" in tags["mlflow.note.content"]
@@ -92,8 +114,25 @@ def test_named_job_registered_model_and_generation(ray_cluster, server, real, tm
     with pytest.raises(ValueError, match="checksum mismatch"):
         resolve_model(f"runs:/{train.run_id}/medi_model", cache, server)
     capsys.readouterr()
-    assert main(["generate", "--model", "models:/no-such-model/1", "--out", str(tmp_path / "x"), "--model-cache",
-                 str(cache), "--mode", "unseen-pairs", "--count", "1", "--dry-run"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "models:/no-such-model/1",
+                "--out",
+                str(tmp_path / "x"),
+                "--model-cache",
+                str(cache),
+                "--mode",
+                "unseen-pairs",
+                "--count",
+                "1",
+                "--dry-run",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "models:/no-such-model/1" in err and "no-such-model" in err
 
@@ -120,8 +159,17 @@ def demo_like_store(uri: str, real: Path, tmp: Path) -> dict[str, str]:
 
 def page_text(url: str, profile: Path, screenshot: Path | None = None) -> str:
     """The rendered page's text (headless Chromium, virtual time: the app's requests settle first)."""
-    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-            f"--user-data-dir={profile}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
+    args = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1000",
+        "--virtual-time-budget=20000",
+    ]
     if screenshot:
         subprocess.run(args + [f"--screenshot={screenshot}", url], capture_output=True, timeout=300, check=True)
     dom = subprocess.run(args + ["--dump-dom", url], capture_output=True, text=True, timeout=300, check=True).stdout
@@ -129,8 +177,11 @@ def page_text(url: str, profile: Path, screenshot: Path | None = None) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="LOUD SKIP: chromium is not installed, so the MLflow UI browser check "
-                    "did not run; `make install` installs it as root (apt-get install -y chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="LOUD SKIP: chromium is not installed, so the MLflow UI browser check "
+    "did not run; `make install` installs it as root (apt-get install -y chromium)",
+)
 def test_mlflow_ui_in_a_browser(server, real, tmp_path):
     runs = demo_like_store(server, real, tmp_path)
     profile, digest = tmp_path / "chromium", tracking.dataset_digest(load_manifest(real))
