@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -157,22 +158,34 @@ def demo_like_store(uri: str, real: Path, tmp: Path) -> dict[str, str]:
     return {"parent": parent.run_id, "train": train.run_id, "generate": gen.run_id}
 
 
-def page_text(url: str, profile: Path, screenshot: Path | None = None) -> str:
-    """The rendered page's text (headless Chromium, virtual time: the app's requests settle first)."""
-    args = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--window-size=1400,1000",
-        "--virtual-time-budget=20000",
-    ]
+# No network here or in CI: nothing but the page's own requests (no updates, sync, QUIC probes, GPU).
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,1000",
+    "--virtual-time-budget=20000",  # virtual time: the app's requests settle before the dump
+]
+
+
+def chromium(url: str, profiles: Path, *flags: str, text: bool = False) -> subprocess.CompletedProcess:
+    """One headless Chromium launch with a fresh profile (--user-data-dir)."""
+    profile = Path(tempfile.mkdtemp(prefix="profile-", dir=profiles))
+    cmd = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url]
+    return subprocess.run(cmd, capture_output=True, text=text, timeout=300, check=True)
+
+
+def page_text(url: str, profiles: Path, screenshot: Path | None = None) -> str:
+    """The rendered page's text; with `screenshot`, also a PNG of it."""
     if screenshot:
-        subprocess.run(args + [f"--screenshot={screenshot}", url], capture_output=True, timeout=300, check=True)
-    dom = subprocess.run(args + ["--dump-dom", url], capture_output=True, text=True, timeout=300, check=True).stdout
+        chromium(url, profiles, f"--screenshot={screenshot}")
+    dom = chromium(url, profiles, "--dump-dom", text=True).stdout
     text = re.sub(r"<style.*?</style>|<script.*?</script>", " ", dom, flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
 
@@ -184,24 +197,26 @@ def page_text(url: str, profile: Path, screenshot: Path | None = None) -> str:
 )
 def test_mlflow_ui_in_a_browser(server, real, tmp_path):
     runs = demo_like_store(server, real, tmp_path)
-    profile, digest = tmp_path / "chromium", tracking.dataset_digest(load_manifest(real))
+    profiles, digest = tmp_path / "chromium", tracking.dataset_digest(load_manifest(real))
+    profiles.mkdir()
 
     # the link medi-dist prints opens the experiment in Model training mode: Runs and the Model registry,
     # not the GenAI pages (Overview of traces, Evaluation runs)
-    exp = page_text(tracking.ui_link(server), profile)
+    exp = page_text(tracking.ui_link(server), profiles, tmp_path / "experiment.png")
     assert "Model training" in exp and "Model registry" in exp and "Evaluation runs" not in exp, exp[:600]
     assert "demo-review" in exp and " Runs " in exp
+    assert (tmp_path / "experiment.png").stat().st_size > 10_000
 
-    parent = page_text(tracking.ui_link(server, runs["parent"]), profile, tmp_path / "parent.png")
+    parent = page_text(tracking.ui_link(server, runs["parent"]), profiles, tmp_path / "parent.png")
     children = re.search(r"Child runs (.*?) Source", parent)
     assert children, parent[:1500]
     assert {"demo-medi", "generate-synthetic-medi", "evaluate"} <= set(re.split(r"[ ,]+", children.group(1)))
     assert (tmp_path / "parent.png").stat().st_size > 10_000
 
-    train = page_text(tracking.ui_link(server, runs["train"]), profile)
+    train = page_text(tracking.ui_link(server, runs["train"]), profiles)
     assert "Parent run demo-review" in train
     assert f"Datasets data ({digest}) training" in train, train[:1500]
     assert re.search(r"Registered models demo-medi v1", train), train[:1500]
 
-    gen = page_text(tracking.ui_link(server, runs["generate"]), profile)
+    gen = page_text(tracking.ui_link(server, runs["generate"]), profiles)
     assert f"data ({digest}) training" in gen and "Parent run demo-review" in gen, gen[:1500]
