@@ -18,7 +18,7 @@ from medi_dist import tracking
 from medi_dist.cli import main
 from medi_dist.data.shards import load_manifest
 from medi_dist.metadata import ConditioningSpec
-from medi_dist.model import ConditionedUNet, ModelConfig, save_model_dir
+from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
 from medi_dist.registry import log_model_dir, resolve_model
 from synthetic_pools import ingest_procedural, make_pool
 from test_mlflow_server import serve
@@ -40,7 +40,8 @@ def real(tmp_path_factory):
 def tiny_model(real: Path, out: Path, run_id: str) -> Path:
     spec = ConditioningSpec.load(real / "vocab.json").subset(["cancer_type", "tissue_source_site"])
     m = ConditionedUNet(ModelConfig.from_preset("tiny"), spec)  # untrained: these tests read records, not pixels
-    save_model_dir(out, m, extra_info={"name": "tiny", "dataset": str(real), "mlflow_run_id": run_id})
+    # raw and EMA weights, as `medi-dist train` writes them (generate samples the EMA by default)
+    save_model_dir(out, m, EMA(m), extra_info={"name": "tiny", "dataset": str(real), "mlflow_run_id": run_id})
     return out
 
 
