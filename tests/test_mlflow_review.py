@@ -5,6 +5,7 @@ pages that show all of it."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -108,6 +109,20 @@ def test_named_job_registered_model_and_generation(ray_cluster, server, real, tm
     assert any(k.startswith("system/cpu_utilization") for k in gen_run.data.metrics), sorted(gen_run.data.metrics)
     # the generated pool records the downloaded model, which the loader verified
     assert json.loads((out / "generation.json").read_text())["model"].startswith(str(cache.resolve()))
+
+    # the registered pyfunc generates one tile per row of conditions (models-from-code, no pickle)
+    import mlflow.pyfunc
+    import pandas as pd
+    from PIL import Image
+
+    rows = pd.read_parquet(real / "index.parquet")[["cancer_type", "tissue_source_site"]].drop_duplicates()[:2]
+    got = mlflow.pyfunc.load_model(f"models:/medi-tiny/{version}").predict(
+        rows.assign(seed=[7, 8]), params={"steps": 2}
+    )
+    assert got["seed"].tolist() == [7, 8] and got["cancer_type"].tolist() == rows["cancer_type"].tolist()
+    tiles = [Image.open(io.BytesIO(b)) for b in got["png"]]
+    px = ModelConfig.from_preset("tiny").sample_size
+    assert [t.size for t in tiles] == [(px, px)] * 2 and tiles[0].tobytes() != tiles[1].tobytes()
 
     # runs:/ resolves too; a tampered download or an unknown name is one line, not a traceback
     by_run = resolve_model(f"runs:/{train.run_id}/medi_model", cache, server)
