@@ -134,6 +134,11 @@ def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[st
         res = train(tcfg)
         if res.model_dir is None:
             raise RuntimeError(f"training {name} did not finish; run the demo again to resume it")
+    else:  # trained by an earlier run of this demo: its training run joins this demo's parent run
+        from .paths import absolute
+        from .tracking import adopt_run
+
+        adopt_run(uri, f"{absolute(tcfg.run.storage_path)}/{name}")
     return out
 
 
@@ -271,7 +276,13 @@ def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger) -> dict:
             cfg, class_only, root / "synthetic-class-only", GenerationPlan(mode="explicit", rows=by_type, seed=cfg.seed)
         )
     fidelity = evaluate_fidelity(
-        FidelityConfig(real=str(ds), synthetic=str(pools["medi"]), tracking_uri=uri, run_name="demo-fidelity-medi")
+        FidelityConfig(
+            real=str(ds),
+            synthetic=str(pools["medi"]),
+            tracking_uri=uri,
+            run_name="demo-fidelity-medi",
+            run_key=f"{root}/demo-fidelity-medi",  # another demo folder in the same store: its own run
+        )
     )
     stages.update()
 

@@ -111,6 +111,17 @@ def ui_link(uri: str, run_id: str | None = None, experiment: str = DEFAULT_EXPER
     return f"{base}/#/experiments/{exp.experiment_id if exp else 0}{where}?workflowType=machine_learning"
 
 
+def adopt_run(uri: str, key: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
+    """The run tagged with `key`, made a child of the current job (a stage done by an earlier job
+    that this one reuses, e.g. a demo's finished training); None when there is no such run."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    found = exp and c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{key}'", max_results=1)
+    if not found:
+        return None
+    return find_or_create_run(uri, found[0].info.run_name, experiment, key=key)
+
+
 def current_parent(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
     """The run id of the job this process works for: a `job()` block, else the run named by
     $MEDI_DIST_PARENT_RUN (created by the first stage, set RUNNING again by each later one)."""

@@ -60,6 +60,7 @@ class FidelityConfig:
     tracking_uri: str | None = None
     experiment: str = "medi-dist"
     run_name: str | None = None  # default: fidelity-<synthetic dir name>
+    run_key: str | None = None  # the run to log into again (default: the run name); the demo keys it by its folder
     log_mlflow: bool = True
 
 
@@ -306,7 +307,7 @@ def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path) -> str:
 
     uri = tracking_uri(cfg.tracking_uri)
     name = cfg.run_name or f"fidelity-{Path(cfg.synthetic).resolve().name}"
-    run_id = find_or_create_run(uri, name, cfg.experiment, tags={"medi_dist.kind": "fidelity"})
+    run_id = find_or_create_run(uri, name, cfg.experiment, tags={"medi_dist.kind": "fidelity"}, key=cfg.run_key)
     logger = RunLogger(uri, run_id)
     logger.params(
         {
