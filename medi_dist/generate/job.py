@@ -301,15 +301,20 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     out = Path(cfg.out)
     tasks, rows, header, spec = build_tasks(cfg)  # every error surfaces here, before any work
     _prepare_out(out, header, cfg.overwrite)
+    pending = [t for t in tasks if not shard_complete(out, t)]
+    if pending and not cfg.reference:  # join Ray first: a cluster that cannot be joined is one line, no MLflow run
+        from ..ray_setup import ensure_ray
+
+        ensure_ray()
     if not cfg.log_mlflow:
-        return _generate(cfg, tasks, rows, header, spec, t0)
+        return _generate(cfg, tasks, pending, rows, header, spec, t0)
     from ..tracking import log_datasets, stage, tracking_uri
 
     with stage(
         tracking_uri(cfg.tracking_uri), f"generate-{out.resolve().name}", "generate", system_metrics=cfg.system_metrics
     ) as log:
         _log_start(log, cfg, header)
-        res = _generate(cfg, tasks, rows, header, spec, t0)
+        res = _generate(cfg, tasks, pending, rows, header, spec, t0)
         log.metrics(
             {
                 "tiles_planned": res.tiles,
@@ -369,10 +374,15 @@ def _log_start(log, cfg: GenerateConfig, header: dict) -> None:
 
 
 def _generate(
-    cfg: GenerateConfig, tasks: list[dict], rows: list[PlanRow], header: dict, spec: ConditioningSpec, t0: float
+    cfg: GenerateConfig,
+    tasks: list[dict],
+    pending: list[dict],
+    rows: list[PlanRow],
+    header: dict,
+    spec: ConditioningSpec,
+    t0: float,
 ) -> GenerateResult:
     out = Path(cfg.out)
-    pending = [t for t in tasks if not shard_complete(out, t)]
     todo = pending if cfg.max_shards is None else pending[: cfg.max_shards]
     if pending:  # an incomplete directory must not read as a dataset (e.g. a shard was deleted)
         (out / MANIFEST).unlink(missing_ok=True)
