@@ -307,6 +307,7 @@ def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger) -> dict:
     table = comp.table()
     contrasts = {f"{a} vs {b}": comp.deltas(b)[a] for a, b, _ in CONTRASTS if a in comp.results}
     logger.params(asdict(cfg))
+    log_datasets(logger, {"real": str(ds), "synthetic": [str(p) for p in pools.values()]})  # the list's Dataset column
     for arm, res in comp.results.items():
         slug = arm.replace("+ ", "").replace(" ", "_").replace("-", "_")
         logger.metrics({f"{slug}.{k}": v[0] for k, v in res.mean_sem.items()})

@@ -171,6 +171,7 @@ def demo_like_store(uri: str, real: Path, tmp: Path) -> dict[str, str]:
             tracking.log_datasets(ev, {"real": str(real), "synthetic": [str(pool)]})
             ev.metrics({"medi_synthetic.balanced_accuracy": 0.8})
         parent.artifact_bytes(b"arm  balanced_accuracy\n", "results.txt")
+        tracking.log_datasets(parent, {"real": str(real), "synthetic": [str(pool)]})
     return {"parent": parent.run_id, "train": train.run_id, "generate": gen.run_id}
 
 
@@ -228,6 +229,7 @@ def test_mlflow_ui_in_a_browser(server, real, tmp_path):
     assert children, parent[:1500]
     assert {"demo-medi", "generate-synthetic-medi", "evaluate"} <= set(re.split(r"[ ,]+", children.group(1)))
     assert (tmp_path / "parent.png").stat().st_size > 10_000
+    assert f"Datasets data ({digest}) real" in parent, parent[:1500]
 
     train = page_text(tracking.ui_link(server, runs["train"]), profiles)
     assert "Parent run demo-review" in train
