@@ -229,7 +229,7 @@ def test_mlflow_ui_in_a_browser(server, real, tmp_path):
     assert children, parent[:1500]
     assert {"demo-medi", "generate-synthetic-medi", "evaluate"} <= set(re.split(r"[ ,]+", children.group(1)))
     assert (tmp_path / "parent.png").stat().st_size > 10_000
-    assert f"Datasets data ({digest}) real" in parent, parent[:1500]
+    assert f"data ({digest}) real" in parent, parent[:1500]
 
     train = page_text(tracking.ui_link(server, runs["train"]), profiles)
     assert "Parent run demo-review" in train
