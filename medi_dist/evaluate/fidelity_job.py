@@ -147,39 +147,46 @@ def _seen(synth: pd.DataFrame, real: pd.DataFrame) -> np.ndarray:
     return np.array([p in pairs for p in zip(synth[TYPE], synth[SITE])])
 
 
-def calibrated_probes(
-    enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | Path, r_idx: pd.DataFrame, seed: int, per_pair: int = 24
-) -> dict:
+class CalibratedProbes:
     """Procedural data only: type and stain probes trained on ground-truth renderings of *every*
     (type, site) pair, so neither can read one through the other (on real tiles each site belongs to
-    one type). Each is reported next to its ceiling, its accuracy on fresh renderings. Leakage: the
-    share of unseen-pair tiles whose predicted type is the one that owns the requested site."""
-    from ..data.procedural import render_tiles
+    one type). `ceiling` is their accuracy on fresh renderings. Leakage: the share of unseen-pair
+    tiles whose predicted type is the one that owns the requested site. Fit once, score many pools
+    (a learning curve scores one per checkpoint)."""
 
-    types = sorted(r_idx[TYPE].astype(str).unique())
-    sites = sorted(set(r_idx[SITE].astype(str)) | set(s_idx[SITE].astype(str)) - {UNKNOWN})
-    owner = r_idx.groupby(SITE)[TYPE].agg(lambda v: v.astype(str).value_counts().index[0]).to_dict()
-    native, res = tile_size(real), s_img.shape[1]
+    def __init__(self, enc, real: str | Path, r_idx: pd.DataFrame, seed: int, resolution: int, sites=(), per_pair=24):
+        from ..data.procedural import render_tiles
 
-    def render(tag: int, n: int):
-        pairs = [(t, s) for t in types for s in sites for _ in range(n)]
-        img = render_tiles(
-            pairs,
-            [[seed, tag, zlib.crc32(f"{t}/{s}".encode()), i] for i, (t, s) in enumerate(pairs)],
-            native,
-            scanner_lines(real),
-        )
-        if native != res:  # as real tiles reach the model: stored at full size, resized by the stream
-            img = np.stack([np.asarray(Image.fromarray(x).resize((res, res), Image.BILINEAR)) for x in img])
-        return img, np.array([t for t, _ in pairs]), np.array([s for _, s in pairs])
+        self.enc, self.per_pair = enc, per_pair
+        types = sorted(r_idx[TYPE].astype(str).unique())
+        sites = sorted(set(r_idx[SITE].astype(str)) | set(sites) - {UNKNOWN})
+        self.owner = r_idx.groupby(SITE)[TYPE].agg(lambda v: v.astype(str).value_counts().index[0]).to_dict()
+        native, lines = tile_size(real), scanner_lines(real)
 
-    fit_img, fit_t, fit_s = render(1, per_pair)
-    type_probe = LinearProbe(seed=seed).fit(enc.encode(fit_img), fit_t)
-    stain_probe = LinearProbe(seed=seed).fit(stain_features(fit_img), fit_s)
-    trained = set(zip(r_idx[TYPE].astype(str), r_idx[SITE].astype(str)))
+        def render(tag: int, n: int):
+            pairs = [(t, s) for t in types for s in sites for _ in range(n)]
+            img = render_tiles(
+                pairs,
+                [[seed, tag, zlib.crc32(f"{t}/{s}".encode()), i] for i, (t, s) in enumerate(pairs)],
+                native,
+                lines,
+            )
+            if native != resolution:  # as real tiles reach the model: stored at full size, resized by the stream
+                img = np.stack(
+                    [np.asarray(Image.fromarray(x).resize((resolution, resolution), Image.BILINEAR)) for x in img]
+                )
+            return img, np.array([t for t, _ in pairs]), np.array([s for _, s in pairs])
 
-    def score(img, want_t, want_s, seen):
-        pt, ps = type_probe.predict(enc.encode(img)), stain_probe.predict(stain_features(img))
+        fit_img, fit_t, fit_s = render(1, per_pair)
+        self.type_probe = LinearProbe(seed=seed).fit(enc.encode(fit_img), fit_t)
+        self.stain_probe = LinearProbe(seed=seed).fit(stain_features(fit_img), fit_s)
+        trained = set(zip(r_idx[TYPE].astype(str), r_idx[SITE].astype(str)))
+        gt_img, gt_t, gt_s = render(2, max(per_pair // 2, 4))
+        self.ceiling = self.score(gt_img, gt_t, gt_s, np.array([p in trained for p in zip(gt_t, gt_s)]))
+
+    def score(self, img: np.ndarray, want_t: np.ndarray, want_s: np.ndarray, seen: np.ndarray) -> dict:
+        pt = self.type_probe.predict(self.enc.encode(img))
+        ps = self.stain_probe.predict(stain_features(img))
         has_site = want_s != UNKNOWN
         out = {}
         for part, mask in (("seen", seen), ("unseen", ~seen)):
@@ -191,16 +198,21 @@ def calibrated_probes(
                 "joint_accuracy": _rate((pt == want_t) & (ps == want_s), site_mask),
             }
         leak = ~seen & has_site
-        out["unseen"]["leakage"] = _rate(pt == np.array([owner.get(s, "") for s in want_s]), leak)
+        out["unseen"]["leakage"] = _rate(pt == np.array([self.owner.get(s, "") for s in want_s]), leak)
         return out
 
-    gt_img, gt_t, gt_s = render(2, max(per_pair // 2, 4))
+
+def calibrated_probes(
+    enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | Path, r_idx: pd.DataFrame, seed: int, per_pair: int = 24
+) -> dict:
+    """The calibrated probes (CalibratedProbes) fit for one synthetic pool and scored on it."""
+    probes = CalibratedProbes(enc, real, r_idx, seed, s_img.shape[1], s_idx[SITE].astype(str), per_pair)
     st, ss = s_idx[TYPE].astype(str).to_numpy(), s_idx[SITE].astype(str).to_numpy()
     return {
         "probes": "trained on ground-truth renderings of every (type, site) pair",
         "per_pair": per_pair,
-        "synthetic": score(s_img, st, ss, _seen(s_idx, r_idx)),
-        "ceiling": score(gt_img, gt_t, gt_s, np.array([p in trained for p in zip(gt_t, gt_s)])),
+        "synthetic": probes.score(s_img, st, ss, _seen(s_idx, r_idx)),
+        "ceiling": probes.ceiling,
     }
 
 

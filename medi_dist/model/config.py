@@ -18,6 +18,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         layers_per_block=2,
         norm_num_groups=32,
     ),
+    # One GPU at 64 px: the reference's depth (2 ResNet blocks per level, attention in the mid block)
+    # at a fifth of its width, so a few device minutes train it through many epochs.
+    "mid": dict(
+        sample_size=64,
+        block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2,
+        norm_num_groups=32,
+    ),
     # Trains usefully on a couple of CPU cores at 32-64 px: the cost is in the full-resolution level,
     # so it is kept narrow (16) while the coarse levels get the width; 11.7 GFLOP per training step at
     # batch 16 x 32 px (forward + backward). A 128-wide embedding leaves room for per-column widths.
