@@ -61,7 +61,7 @@ def world(args) -> Path:
     return ds
 
 
-def draw(model, spec, rows, args, owners=None) -> np.ndarray:
+def draw(model, spec, rows, args, owners=None, scale=1.0) -> np.ndarray:
     """Tiles for rows; with `owners`, the owner-site composition of generate/writer.py."""
     imgs = []
     for i in range(0, len(rows), 64):
@@ -74,7 +74,7 @@ def draw(model, spec, rows, args, owners=None) -> np.ndarray:
                 (
                     encode_conditions(spec, at_owner),
                     encode_conditions(spec, [{TYPE: r[TYPE]} for r in at_owner]),
-                    args.composition_scale,
+                    scale,
                 )
             ]
         imgs.append(
@@ -104,11 +104,11 @@ class Scorer:
         lines = args.scanner_lines
         self.gt = self.enc.encode(render_tiles(self.pairs, [[9, i] for i in range(len(self.pairs))], args.size, lines))
 
-    def __call__(self, model, spec, args, owners=None) -> dict:
+    def __call__(self, model, spec, args, owners=None, scale=1.0) -> dict:
         rows = [{TYPE: t, SITE: s} for t, s in self.pairs]
         nulled = [{TYPE: t} for t in self.types for _ in range(args.per_pair * 2)]  # the site-nulled branch
         model.eval()
-        imgs, imgs_nulled = draw(model, spec, rows, args, owners), draw(model, spec, nulled, args)
+        imgs, imgs_nulled = draw(model, spec, rows, args, owners, scale), draw(model, spec, nulled, args)
         model.train()
         want_t, want_s = np.array([t for t, _ in self.pairs]), np.array([s for _, s in self.pairs])
         seen = np.array([p in self.trained for p in self.pairs])
@@ -158,7 +158,13 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="dpmsolver++")
     p.add_argument("--sampler-steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--composition-scale", type=float, default=1.0, help="also score owner-site composition (0: skip)")
+    p.add_argument(
+        "--composition-scale",
+        type=float,
+        nargs="*",
+        default=[1.0],
+        help="also score owner-site composition at these direction weights (none: skip)",
+    )
     p.add_argument("--out", default="benchmarks/results/generator_curve.json")
     p.add_argument("--grid", help="also write a PNG of generated tiles (rows: unseen pairs) at the end")
     p.add_argument("--save", help="also write the final model directory here (for generate / fidelity / downstream)")
@@ -229,8 +235,9 @@ def main(argv=None) -> int:
                 "loss": float(loss.detach()),
                 **scorer(shadow, spec, args),
             }
-            if args.composition_scale > 0:
-                row["owner_site"] = scorer(shadow, spec, args, owners)
+            for scale in args.composition_scale:
+                key = "owner_site" if scale == 1 else f"owner_site_x{scale:g}"
+                row[key] = scorer(shadow, spec, args, owners, scale)
             row["eval_s"] = time.perf_counter() - te
             curve.append(row)
             print(json.dumps(row, default=lambda v: round(v, 3)), flush=True)
