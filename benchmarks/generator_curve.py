@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--prediction-type", default="v_prediction")
     p.add_argument("--site-dropout", type=float, default=0.3)
     p.add_argument("--type-dropout", type=float, default=0.05)
+    p.add_argument("--late-site", type=int, default=0, help="condition the site only in the last N up blocks (0: all)")
     p.add_argument("--per-pair", type=int, default=8)
     p.add_argument("--sampler", default="dpmsolver++")
     p.add_argument("--sampler-steps", type=int, default=20)
@@ -185,6 +186,8 @@ def main(argv=None) -> int:
         sample_size=args.size,
         prediction_type=args.prediction_type,
         cond_dropout={TYPE: args.type_dropout, SITE: args.site_dropout},
+        late_columns=(SITE,) if args.late_site else (),
+        late_up_blocks=max(args.late_site, 1),
     )
     model = ConditionedUNet(mcfg, spec).to(dev)
     ema = EMA(model, 0.999)

@@ -36,6 +36,9 @@ class ModelSection:
     # v-prediction learns usable samples within a few hundred CPU steps where epsilon gives noise
     # (measured on procedural data; the reference used epsilon); set epsilon to match it exactly
     prediction_type: str = "v_prediction"
+    # columns that condition only the finest up blocks (colour and texture), e.g. [tissue_source_site]
+    late_columns: list[str] = field(default_factory=list)
+    late_up_blocks: int = 1
 
 
 @dataclass

@@ -52,6 +52,8 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
         default_cond_dropout=m.cond_dropout,
         cond_dropout=dict(m.column_dropout),
         prediction_type=m.prediction_type,
+        late_columns=tuple(m.late_columns),
+        late_up_blocks=m.late_up_blocks,
     )
     if m.resolution:
         overrides["sample_size"] = m.resolution
