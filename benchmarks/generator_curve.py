@@ -31,10 +31,8 @@ import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from PIL import Image
 
-from medi_dist.data import sources
-from medi_dist.data.ingest import ingest
-from medi_dist.data.procedural import ProceduralConfig, render_tiles
-from medi_dist.data.split import SplitConfig
+from medi_dist import cli
+from medi_dist.data.procedural import render_tiles
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity import frechet_distance
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
@@ -45,19 +43,12 @@ TYPE, SITE = "cancer_type", "tissue_source_site"
 
 
 def world(args) -> Path:
+    """The procedural dataset, ingested as a user would (`medi-dist ingest --source procedural`)."""
     ds = Path(args.dataset)
     if not (ds / "dataset.json").exists():
-        scan = sources.procedural(
-            ProceduralConfig(
-                n_types=args.types,
-                n_sites=args.sites,
-                n_tiles=args.tiles,
-                size=args.size,
-                seed=args.seed,
-                scanner_lines=args.scanner_lines,
-            )
-        )
-        ingest(scan, ds, SplitConfig(holdout_fraction=0.3, seed=args.seed), overwrite=True)
+        argv = ["ingest", "--source", "procedural", "--out", str(ds), "--holdout-fraction", "0.3"]
+        argv += [f"--{k}={getattr(args, k)}" for k in ("types", "sites", "tiles", "size", "seed")]
+        cli.main(argv + ["--scanner-lines"] * args.scanner_lines)
     return ds
 
 
