@@ -13,7 +13,6 @@ without it, plain PNG "slides", tiled with OpenSlide at 0.5 mpp. Prints min / me
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import statistics
@@ -36,8 +35,15 @@ def tile_files(root: Path, n: int, size: int) -> Path:
     for rec in generate(ProceduralConfig(n_types=4, n_sites=12, n_tiles=n, size=size, seed=0)):
         p = root / "tiles" / f"{rec.key}.jpg"
         p.write_bytes(rec.image_bytes)
-        rows.append({"path": f"tiles/{p.name}", "slide_id": rec.meta["slide_id"], "key": rec.key,
-                     "cancer_type": rec.meta["cancer_type"], "tissue_source_site": rec.meta["tissue_source_site"]})
+        rows.append(
+            {
+                "path": f"tiles/{p.name}",
+                "slide_id": rec.meta["slide_id"],
+                "key": rec.key,
+                "cancer_type": rec.meta["cancer_type"],
+                "tissue_source_site": rec.meta["tissue_source_site"],
+            }
+        )
     pd.DataFrame(rows).to_csv(root / "tiles.csv", index=False)
     return root / "tiles.csv"
 
@@ -55,9 +61,13 @@ def slide_table(root: Path, n: int) -> tuple[Path, str]:
             arr = np.full((2048, 2048, 3), 245, np.uint8)
             for y in range(0, 2048, 256):
                 for x in range(0, 1024, 256):
-                    arr[y:y + 256, x:x + 256] = render_tile("GLAND", "A1", np.random.default_rng(i * 99 + y + x), 256)
+                    arr[y : y + 256, x : x + 256] = render_tile(
+                        "GLAND", "A1", np.random.default_rng(i * 99 + y + x), 256
+                    )
             Image.fromarray(arr).save(p)
-        rows.append({"path": p.name, "slide_id": f"s{i}", "cancer_type": "AB"[i % 2], "tissue_source_site": f"S{i % 4}"})
+        rows.append(
+            {"path": p.name, "slide_id": f"s{i}", "cancer_type": "AB"[i % 2], "tissue_source_site": f"S{i % 4}"}
+        )
     pd.DataFrame(rows).to_csv(root / "slides.csv", index=False)
     return root / "slides.csv", kind
 
@@ -70,11 +80,15 @@ def run(kind: str, table: Path, out: Path, workers: int) -> tuple[float, int]:
     from medi_dist.data.wsi import WSIConfig
 
     skips = SkipLog()
-    scan = (sources.manifest(table, skips) if kind == "tiles"
-            else sources.wsi_scan(table, WSIConfig(tile_px=256, mpp=0.5, assume_mpp=0.5), skips))
+    scan = (
+        sources.manifest(table, skips)
+        if kind == "tiles"
+        else sources.wsi_scan(table, WSIConfig(tile_px=256, mpp=0.5, assume_mpp=0.5), skips)
+    )
     t0 = time.perf_counter()
-    m = ingest(scan, out, SplitConfig(holdout_fraction=0.25, seed=0), skips, shard_mb=16, overwrite=True,
-               workers=workers)
+    m = ingest(
+        scan, out, SplitConfig(holdout_fraction=0.25, seed=0), skips, shard_mb=16, overwrite=True, workers=workers
+    )
     return time.perf_counter() - t0, m["tiles"]
 
 
@@ -94,8 +108,10 @@ def main() -> None:
     try:
         manifest = tile_files(root / "src", args.tiles, args.size)
         slides, slide_kind = slide_table(root / "src", args.slides)
-        print(f"load average before: {os.getloadavg()}; {args.cpus} Ray CPUs; {args.tiles} tiles of {args.size} px; "
-              f"{args.slides} slides ({slide_kind})")
+        print(
+            f"load average before: {os.getloadavg()}; {args.cpus} Ray CPUs; {args.tiles} tiles of {args.size} px; "
+            f"{args.slides} slides ({slide_kind})"
+        )
         res = {}
         for kind, table, n_in in (("tiles", manifest, args.tiles), ("wsi", slides, args.slides)):
             for w in map(int, args.workers.split(",")):
@@ -108,8 +124,10 @@ def main() -> None:
                 res[(kind, w)] = statistics.median(rate)
                 unit = "slides/s" if kind == "wsi" else "tiles/s"
                 extra = f" ({tiles} tiles, {tiles / statistics.median(times):.0f} tiles/s)" if kind == "wsi" else ""
-                print(f"{kind:5s} workers={w}: {unit} min {min(rate):.2f} median {statistics.median(rate):.2f} "
-                      f"max {max(rate):.2f}{extra}; load {os.getloadavg()[0]:.1f}")
+                print(
+                    f"{kind:5s} workers={w}: {unit} min {min(rate):.2f} median {statistics.median(rate):.2f} "
+                    f"max {max(rate):.2f}{extra}; load {os.getloadavg()[0]:.1f}"
+                )
             if (kind, 1) in res and (kind, 2) in res:
                 print(f"{kind}: 2 workers / 1 worker = {res[(kind, 2)] / res[(kind, 1)]:.2f}x")
     finally:

@@ -36,7 +36,7 @@ def is_remote(location: str | Path) -> bool:
 
 def local_path(location: str | Path) -> Path:
     s = str(location)
-    return Path(s[len("file://"):]) if s.startswith("file://") else Path(s)
+    return Path(s[len("file://") :]) if s.startswith("file://") else Path(s)
 
 
 def _endpoint(default: str | None = "the default endpoint") -> str | None:
@@ -47,12 +47,26 @@ def explain(e: Exception, uri: str) -> StorageError:
     """A pyarrow/cloud error as one line that says what to do."""
     msg = str(e)
     if "NETWORK_CONNECTION" in msg or "Could not connect" in msg or "Couldn't resolve host" in msg:
-        what = (f"cannot reach the object store at {_endpoint()}; check AWS_ENDPOINT_URL (or the network, "
-                "or that the storage server runs), then re-run")
-    elif any(k in msg for k in ("ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY", "AccessDenied",
-                                "InvalidAccessKeyId", "Forbidden", "403")):
-        what = ("access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the node's role) and that "
-                "they may read and write this bucket")
+        what = (
+            f"cannot reach the object store at {_endpoint()}; check AWS_ENDPOINT_URL (or the network, "
+            "or that the storage server runs), then re-run"
+        )
+    elif any(
+        k in msg
+        for k in (
+            "ACCESS_DENIED",
+            "SIGNATURE_DOES_NOT_MATCH",
+            "INVALID_ACCESS_KEY",
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "Forbidden",
+            "403",
+        )
+    ):
+        what = (
+            "access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the node's role) and that "
+            "they may read and write this bucket"
+        )
     elif "NO_SUCH_BUCKET" in msg or "NoSuchBucket" in msg:
         what = "the bucket does not exist; create it or fix the URI"
     else:
@@ -74,8 +88,12 @@ class Folder:
                 if isinstance(self.fs, pafs.S3FileSystem) and "?" not in self.uri:
                     # the same bucket region and endpoint, with more patience for busy servers
                     self.fs = pafs.S3FileSystem(
-                        region=self.fs.region, endpoint_override=_endpoint(None), connect_timeout=10,
-                        request_timeout=60, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=4))
+                        region=self.fs.region,
+                        endpoint_override=_endpoint(None),
+                        connect_timeout=10,
+                        request_timeout=60,
+                        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=4),
+                    )
             except Exception as e:  # unknown scheme, bad URI
                 raise explain(e, self.uri) from None
         else:
@@ -105,8 +123,9 @@ class Folder:
         bucket = self.root.split("/", 1)[0]
         info = self._call("", self.fs.get_file_info, bucket)
         if info.type == self._pafs.FileType.NotFound:
-            raise StorageError(f"{self.uri}: bucket {bucket!r} does not exist at {_endpoint()}; create it or fix "
-                               "the URI")
+            raise StorageError(
+                f"{self.uri}: bucket {bucket!r} does not exist at {_endpoint()}; create it or fix the URI"
+            )
 
     def size(self, rel: str) -> int | None:
         """Bytes of a file, None when missing."""
@@ -124,6 +143,7 @@ class Folder:
         def read():
             with self.fs.open_input_stream(self.path(rel)) as f:
                 return f.read()
+
         return self._call(rel, read)
 
     def open_input(self, rel: str):
@@ -145,6 +165,7 @@ class Folder:
         def write():
             with self.fs.open_output_stream(self.path(rel)) as f:
                 f.write(data)
+
         self._call(rel, write)
 
     def delete(self, rel: str) -> None:
@@ -158,23 +179,35 @@ class Folder:
         sel = self._pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
         infos = self._call("", self.fs.get_file_info, sel)
         n = len(self.root.rstrip("/")) + 1
-        return {i.path[n:]: (i.size, i.mtime_ns) for i in sorted(infos, key=lambda i: i.path)
-                if i.type == self._pafs.FileType.File}
+        return {
+            i.path[n:]: (i.size, i.mtime_ns)
+            for i in sorted(infos, key=lambda i: i.path)
+            if i.type == self._pafs.FileType.File
+        }
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MEDI_DIST_CACHE") or Path.home() / ".cache" / "medi-dist")
 
 
-def upload_folder(local: Path, uri: str, last: tuple[str, ...] = (COMPLETE_MARKER,), skip_present: bool = False) -> None:
+def upload_folder(
+    local: Path, uri: str, last: tuple[str, ...] = (COMPLETE_MARKER,), skip_present: bool = False
+) -> None:
     """Copy a local folder to `uri`, the names in `last` after everything else (in that order), so a
     reader never sees a marker whose files are not all there. Files are uploaded whole (object
     stores have no partial objects); temp files (`.name.tmp-*`) are not copied. `skip_present`:
     files other than `last` already there with the same size were uploaded by workers (shards)."""
     dest = Folder(uri)
     dest.check_bucket()
-    names = sorted(str(p.relative_to(local)) for p in local.rglob("*")
-                   if p.is_file() and not p.name.startswith("."))
+    names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
     there = dest.files() if skip_present else {}
     for rel in [n for n in names if n not in last] + [n for n in last if n in names]:
         if rel not in last and rel in there and there[rel][0] == (local / rel).stat().st_size:
@@ -186,16 +219,16 @@ def local_copy(uri: str | Path, shards: list[dict] | None = None) -> Path:
     """A local folder with the contents of `uri` (itself when local). A remote folder is downloaded
     once per content into the cache; `shards` (dataset.json's list: path, bytes, sha256) are checked
     as they arrive, and a missing or altered one stops the copy, naming it."""
-    from .data.shards import file_sha256
-
     if not is_remote(uri):
         return local_path(uri)
     src = Folder(uri)
     src.check_bucket()
     names = src.files()
     if not names:
-        raise StorageError(f"{src.uri} is empty or does not exist; check the URI (or create it with `medi-dist "
-                           "ingest` / `generate` / `train`)")
+        raise StorageError(
+            f"{src.uri} is empty or does not exist; check the URI (or create it with `medi-dist "
+            "ingest` / `generate` / `train`)"
+        )
     # A dataset is named by its manifest (written last); any other folder by its listing.
     marker = src.read_bytes(COMPLETE_MARKER) if COMPLETE_MARKER in names else repr(sorted(names.items())).encode()
     key = hashlib.sha256(src.uri.encode() + b"\0" + marker).hexdigest()[:20]
@@ -208,8 +241,10 @@ def local_copy(uri: str | Path, shards: list[dict] | None = None) -> Path:
         expected = {s["path"]: s for s in shards or []}
         for rel in expected:
             if rel not in names:
-                raise StorageError(f"shard {src.uri_of(rel)} is missing from the bucket; copy it again or re-run "
-                                   f"the command that wrote {src.uri}")
+                raise StorageError(
+                    f"shard {src.uri_of(rel)} is missing from the bucket; copy it again or re-run "
+                    f"the command that wrote {src.uri}"
+                )
         for rel in names:
             if rel.rsplit("/", 1)[-1].startswith("."):
                 continue
@@ -219,8 +254,10 @@ def local_copy(uri: str | Path, shards: list[dict] | None = None) -> Path:
                 shutil.copyfileobj(f, g, 1 << 20)
             s = expected.get(rel)
             if s and (p.stat().st_size != s["bytes"] or file_sha256(p) != s["sha256"]):
-                raise StorageError(f"shard {src.uri_of(rel)} fails its size/sha256 check (truncated or altered "
-                                   f"copy); copy it again or re-run the command that wrote {src.uri}")
+                raise StorageError(
+                    f"shard {src.uri_of(rel)} fails its size/sha256 check (truncated or altered "
+                    f"copy); copy it again or re-run the command that wrote {src.uri}"
+                )
         (tmp / ".complete").write_text(src.uri)
         try:
             os.replace(tmp, dest)

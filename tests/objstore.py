@@ -6,7 +6,6 @@ sets (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION).""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -29,9 +28,14 @@ class ObjectStore:
     proc: subprocess.Popen
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION,
-                "AWS_EC2_METADATA_DISABLED": "true"}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": REGION,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
 
     def uri(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *parts])
@@ -64,19 +68,25 @@ def start(log_dir: Path, bucket: str = BUCKET) -> ObjectStore:
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto_server did not start; see {log_dir / 'moto_server.log'}")
+                raise RuntimeError(f"moto_server did not start; see {log_dir / 'moto_server.log'}") from None
             time.sleep(0.2)
     import boto3
 
     anon = dict(endpoint_url=endpoint, region_name=REGION, aws_access_key_id="setup", aws_secret_access_key="setup")
     iam = boto3.client("iam", **anon)
     iam.create_user(UserName="medi")
-    iam.put_user_policy(UserName="medi", PolicyName="all", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    iam.put_user_policy(
+        UserName="medi",
+        PolicyName="all",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        ),
+    )
     key = iam.create_access_key(UserName="medi")["AccessKey"]
     boto3.client("s3", **anon).create_bucket(Bucket=bucket)
     # From here on every request must be signed by a known key.
-    req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
-                                 headers={"Content-Type": "text/plain"})
+    req = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
+    )
     urllib.request.urlopen(req, timeout=10)
     return ObjectStore(endpoint, bucket, key["AccessKeyId"], key["SecretAccessKey"], proc)

@@ -140,9 +140,12 @@ def test_kuberay_gpu_group_and_token_auth():
         auth = spec.get("authOptions", {})
         assert auth.get("mode") == "token" and auth.get("secretName"), name
         gpu_groups = [
-            g for g in spec["workerGroupSpecs"]
-            if any(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) >= 1
-                   for c in _containers(g["template"]))
+            g
+            for g in spec["workerGroupSpecs"]
+            if any(
+                int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) >= 1
+                for c in _containers(g["template"])
+            )
         ]
         assert gpu_groups, f"{name}: no worker group with nvidia.com/gpu limits"
         for g in gpu_groups:
@@ -200,7 +203,7 @@ def test_local_multinode_script():
 def test_train_cluster_config_loads_and_names_one_bucket_layout():
     """jobs/train_cluster.yaml is a valid TrainConfig whose dataset, checkpoints and model all live
     under the object-storage prefix cluster/README.md documents."""
-    from medi_dist.config import load_config
+    from medi_dist.config_loader import load_config
     from medi_dist.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, str(CLUSTER.parent / "jobs/train_cluster.yaml"), [])

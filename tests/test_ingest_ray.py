@@ -14,8 +14,8 @@ from medi_dist.data.ingest import Stopped, ingest
 from medi_dist.data.procedural import ProceduralConfig
 from medi_dist.data.records import SkipLog
 from medi_dist.data.split import SplitConfig
-from medi_dist.storage import Folder
 from medi_dist.data.wsi import WSIConfig
+from medi_dist.storage import Folder
 
 SPLIT = SplitConfig(holdout_fraction=0.25, val_fraction=0.0, seed=5)
 PROC = ProceduralConfig(n_types=3, n_sites=6, n_tiles=1100, size=16, seed=2)  # 3 units of <= 512 tiles
@@ -50,7 +50,9 @@ def test_wsi_slides_as_ray_tasks(ray_cluster, tmp_path):
     rows = []
     for i in range(4):
         _plain_slide(tmp_path / f"s{i}.png", i)
-        rows.append({"path": f"s{i}.png", "slide_id": f"s{i}", "cancer_type": "AB"[i % 2], "tissue_source_site": f"S{i}"})
+        rows.append(
+            {"path": f"s{i}.png", "slide_id": f"s{i}", "cancer_type": "AB"[i % 2], "tissue_source_site": f"S{i}"}
+        )
     pd.DataFrame(rows).to_csv(tmp_path / "slides.csv", index=False)
     cfg = WSIConfig(tile_px=64, mpp=0.5, assume_mpp=0.5)
     for w in (0, 2):
@@ -66,8 +68,13 @@ def test_ingest_stopped_halfway_resumes_with_the_same_result(tmp_path):
     cfg = ProceduralConfig(n_types=3, n_sites=6, n_tiles=2000, size=16, seed=2)  # 4 units
     out = tmp_path / "killed" / "ds"
     with pytest.raises(Stopped, match="stopped after 2 units of 4; run again to finish"):
-        ingest(sources.procedural(cfg), out, SplitConfig(holdout_fraction=0.25, val_fraction=0.0, seed=5),
-               shard_mb=0.05, stop_after_units=2)
+        ingest(
+            sources.procedural(cfg),
+            out,
+            SplitConfig(holdout_fraction=0.25, val_fraction=0.0, seed=5),
+            shard_mb=0.05,
+            stop_after_units=2,
+        )
     finished = sorted(p.name for p in out.parent.glob(".ds.ingest-*/unit-*.json"))
     assert len(finished) == 2 and not out.exists()  # nothing looks like a dataset
     calls = []
@@ -75,7 +82,11 @@ def test_ingest_stopped_halfway_resumes_with_the_same_result(tmp_path):
     scan.units = [lambda s, u=u, i=i: calls.append(i) or u(s) for i, u in enumerate(scan.units)]
     ingest(scan, out, SplitConfig(holdout_fraction=0.25, val_fraction=0.0, seed=5), shard_mb=0.05)
     assert len(calls) == 4 - len(finished)  # finished units were not redone
-    ingest(sources.procedural(cfg), tmp_path / "whole", SplitConfig(holdout_fraction=0.25, val_fraction=0.0, seed=5),
-           shard_mb=0.05)
+    ingest(
+        sources.procedural(cfg),
+        tmp_path / "whole",
+        SplitConfig(holdout_fraction=0.25, val_fraction=0.0, seed=5),
+        shard_mb=0.05,
+    )
     assert _files(out) == _files(tmp_path / "whole")
     assert sorted(p.name for p in out.parent.iterdir()) == ["ds"]

@@ -3,9 +3,6 @@ with credentials and endpoint from the environment, as a user sets them."""
 
 from __future__ import annotations
 
-import io
-
-import pandas as pd
 import pytest
 
 from medi_dist import cli
@@ -102,19 +99,22 @@ def test_shard_deleted_from_the_bucket_is_named(object_store, tmp_path, capsys):
 def test_generate_from_and_into_the_bucket_then_evaluate_from_it(ray_cluster, object_store, s3_dataset, tmp_path):
     """A model on S3, a pool written to S3 (stopped after 2 shards, resumed), the same tiles as a local
     run; fidelity reads the real dataset and the pool from the bucket and writes its report there."""
-    from test_generate import PLAN, SAMPLING, _model_dir
-
     from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
     from medi_dist.generate.job import GenerateConfig, generate
     from medi_dist.storage import upload_folder
+    from test_generate import PLAN, SAMPLING, _model_dir
 
     local, uri = s3_dataset
     model = _model_dir(tmp_path / "rand", local)
     model_uri = object_store.uri("models", "rand")
     upload_folder(model, model_uri, last=("checksums.json",))
     pool = object_store.uri("pools", "rand")
-    gen = lambda out, **kw: GenerateConfig(model=model_uri, out=out, plan=PLAN, sampling=SAMPLING,  # noqa: E731
-                                           tiles_per_shard=4, dataset=uri, **kw)
+
+    def gen(out, **kw):
+        return GenerateConfig(
+            model=model_uri, out=out, plan=PLAN, sampling=SAMPLING, tiles_per_shard=4, dataset=uri, **kw
+        )
+
     first = generate(gen(pool, max_shards=1))
     assert not first.complete and first.shards >= 3 and not Folder(pool).exists(MANIFEST)
     assert len([f for f in Folder(pool).files() if f.endswith(".tar")]) == 1
@@ -125,8 +125,17 @@ def test_generate_from_and_into_the_bucket_then_evaluate_from_it(ray_cluster, ob
     assert len(a) == first.tiles and sorted(a.index) == sorted(b.index)
     assert (a["sha256"] == b.loc[a.index, "sha256"]).all()  # the same tiles as a local run
     assert load_manifest(pool)["generation"]["model"] == model_uri
-    res = evaluate_fidelity(FidelityConfig(real=uri, synthetic=pool, real_splits=["train"], conditional=False,
-                                           resolution=16, min_per_group=1, log_mlflow=False))
+    res = evaluate_fidelity(
+        FidelityConfig(
+            real=uri,
+            synthetic=pool,
+            real_splits=["train"],
+            conditional=False,
+            resolution=16,
+            min_per_group=1,
+            log_mlflow=False,
+        )
+    )
     assert res["fd"]["n_synth"] == first.tiles
     report = Folder(pool).read_bytes("fidelity.json")
     assert f'"n_synth": {first.tiles}'.encode() in report

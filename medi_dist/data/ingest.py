@@ -26,17 +26,29 @@ import random
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
 from ..metadata import ConditioningSpec, SchemaError, clean_category
 from ..storage import Folder, is_remote, local_path, temp_dir
 from .records import SkipLog, TileRecord, log
-from .shards import (INDEX, MANIFEST, SHARD_DIR, SPLIT, VOCAB, ShardWriter, atomic_write_parquet, atomic_write_text,
-                     check_record, duplicate_key_error, sha256)
+from .shards import (
+    INDEX,
+    MANIFEST,
+    SHARD_DIR,
+    SPLIT,
+    VOCAB,
+    ShardWriter,
+    atomic_write_parquet,
+    atomic_write_text,
+    check_record,
+    duplicate_key_error,
+    sha256,
+)
 from .sources import Scan
 from .split import SplitConfig, site_split, split_report
 
@@ -80,14 +92,29 @@ def check_unit(unit, i: int, work_uri: str) -> None:
     work = Folder(work_uri)
     spool, record = _unit_names(i)
     work.write_bytes(spool, b"".join(buf))
-    work.write_bytes(record, json.dumps({
-        "tiles": [asdict(k) for k in kept], "skips": list(zip(skips.entries, skips.counts, skips.kinds)),
-        "unparsed": [[c, v, n] for (c, v), n in skips.unparsed.items()]},
-        default=lambda o: o.item() if hasattr(o, "item") else str(o)).encode())  # numpy scalars in metadata
+    work.write_bytes(
+        record,
+        json.dumps(
+            {
+                "tiles": [asdict(k) for k in kept],
+                "skips": list(zip(skips.entries, skips.counts, skips.kinds)),
+                "unparsed": [[c, v, n] for (c, v), n in skips.unparsed.items()],
+            },
+            default=lambda o: o.item() if hasattr(o, "item") else str(o),
+        ).encode(),
+    )  # numpy scalars in metadata
 
 
-def write_unit(i: int, work_uri: str, tiles: list[dict], split_of: dict[str, str], dest_uri: str,
-               target_bytes: int, seed: int, source: str) -> tuple[list[dict], list[dict]]:
+def write_unit(
+    i: int,
+    work_uri: str,
+    tiles: list[dict],
+    split_of: dict[str, str],
+    dest_uri: str,
+    target_bytes: int,
+    seed: int,
+    source: str,
+) -> tuple[list[dict], list[dict]]:
     """Shard one unit's checked tiles by split, in an order shuffled with the unit's own seed;
     returns (index rows, shard entries)."""
     data = Folder(work_uri).read_bytes(_unit_names(i)[0])
@@ -104,10 +131,12 @@ def write_unit(i: int, work_uri: str, tiles: list[dict], split_of: dict[str, str
             site = clean_category(meta.get("tissue_source_site"))
             split = split_of.get(site)
             if split is None:
-                raise SchemaError(f"{t['origin']}: site {site!r} has no split assignment (internal error: split built "
-                                  "from other data)")
+                raise SchemaError(
+                    f"{t['origin']}: site {site!r} has no split assignment (internal error: split built "
+                    "from other data)"
+                )
             w = writers.setdefault(split, ShardWriter(Path(local), split, target_bytes, name=f"shard-{i:06d}"))
-            image = data[t["offset"]:t["offset"] + t["length"]]
+            image = data[t["offset"] : t["offset"] + t["length"]]
             w.add(TileRecord(t["key"], image, t["image_format"], meta, t["origin"]), sha256(image))
         for w in writers.values():
             w.flush()
@@ -148,8 +177,16 @@ def _run(fn, calls: list[tuple], workers: int) -> list:
 
 def _job_id(scan: Scan, split: SplitConfig, target_bytes: int, n_units: int) -> str:
     """Names the work folder: the same command on the same inputs finds it again to resume."""
-    ident = [scan.name, scan.total_inputs, sorted(map(list, scan.groups.items())), scan.categorical, scan.continuous,
-             asdict(split), target_bytes, n_units]
+    ident = [
+        scan.name,
+        scan.total_inputs,
+        sorted(map(list, scan.groups.items())),
+        scan.categorical,
+        scan.continuous,
+        asdict(split),
+        target_bytes,
+        n_units,
+    ]
     return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()[:12]
 
 
@@ -158,14 +195,16 @@ def check_skipped(scan: Scan, skips: SkipLog, kept: int, max_fraction: float) ->
     total = max(scan.total_inputs, 1)
     frac = min(skips.skipped_inputs / total, 1.0)
     if not kept:  # nothing to ingest whatever the threshold: don't suggest raising it
-        raise SchemaError(f"{scan.name}: every input was skipped; nothing was written. Most common: "
-                          f"{skips.top_reasons(3)}")
+        raise SchemaError(
+            f"{scan.name}: every input was skipped; nothing was written. Most common: {skips.top_reasons(3)}"
+        )
     if frac > max_fraction + 1e-9:  # the suggested value below must pass despite float rounding
         raise SchemaError(
             f"{scan.name}: {frac:.0%} of the inputs were skipped ({skips.skipped_inputs} of {scan.total_inputs}), "
             f"more than --max-skipped-fraction {max_fraction:g}; nothing was written. Most common: "
             f"{skips.top_reasons(3)}. Fix those, or pass --max-skipped-fraction {math.ceil(frac * 100) / 100:g} "
-            "to ingest the rest")
+            "to ingest the rest"
+        )
 
 
 def case_variants(index: pd.DataFrame, columns: Iterable[str]) -> dict[str, list[list[str]]]:
@@ -221,14 +260,24 @@ def _merge_units(work: Folder, n_units: int, skips: SkipLog) -> tuple[list[list[
             if t["key"] in seen:
                 raise duplicate_key_error(t["key"], t["origin"], seen[t["key"]])
             seen[t["key"]] = t["origin"]
-            groups[(clean_category(t["meta"].get("cancer_type")), clean_category(t["meta"].get("tissue_source_site")))] += 1
+            groups[
+                (clean_category(t["meta"].get("cancer_type")), clean_category(t["meta"].get("tissue_source_site")))
+            ] += 1
         per_unit.append(rec["tiles"])
     return per_unit, groups, len(seen)
 
 
-def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | None = None,
-           shard_mb: float = 64, overwrite: bool = False, max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
-           workers: int = 0, stop_after_units: int | None = None) -> dict:
+def ingest(
+    scan: Scan,
+    out: str | Path,
+    split: SplitConfig,
+    skips: SkipLog | None = None,
+    shard_mb: float = 64,
+    overwrite: bool = False,
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
+    workers: int = 0,
+    stop_after_units: int | None = None,
+) -> dict:
     """Write the dataset to `out` (a local folder or an object-storage URI). `workers`: 0 runs every
     unit in this process, N > 0 runs them as Ray tasks, N at a time, across the cluster (same bytes)."""
     skips = skips if skips is not None else SkipLog()
@@ -251,8 +300,12 @@ def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | Non
         done = set(work.files())
         todo = [(u, i, work_uri) for i, u in enumerate(units) if _unit_names(i)[1] not in done]
         if done and todo:
-            log.warning("%s: resuming an interrupted ingest: %d of %d units already done", scan.name,
-                        len(units) - len(todo), len(units))
+            log.warning(
+                "%s: resuming an interrupted ingest: %d of %d units already done",
+                scan.name,
+                len(units) - len(todo),
+                len(units),
+            )
         _run(check_unit, todo[:stop_after_units], workers)
         if stop_after_units is not None and len(todo) > stop_after_units:
             raise Stopped(f"stopped after {stop_after_units} units of {len(units)}; run again to finish")
@@ -267,8 +320,15 @@ def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | Non
             tmp = local_path(out).resolve().with_name(f".{out_name}.tmp-{uuid.uuid4().hex[:8]}")
             tmp.mkdir(parents=True)
             dest_uri = str(tmp)
-        parts = _run(write_unit, [(i, work_uri, tiles, assign, dest_uri, target, split.seed, scan.name)
-                                  for i, tiles in enumerate(per_unit) if tiles], workers)
+        parts = _run(
+            write_unit,
+            [
+                (i, work_uri, tiles, assign, dest_uri, target, split.seed, scan.name)
+                for i, tiles in enumerate(per_unit)
+                if tiles
+            ],
+            workers,
+        )
         index = pd.DataFrame([r for rows, _ in parts for r in rows])
         shards = [s for _, sh in parts for s in sh]
         manifest = _finish(scan, out, tmp, index, shards, assign, split, skips)
@@ -282,8 +342,11 @@ def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | Non
             out = local_path(out) if not is_remote(out) else out
             kept = f"the existing {out} is untouched" if Folder(out).exists(MANIFEST) else f"{out} was not created"
             at = f" (at {e.filename})" if e.filename else ""
-            raise OSError(e.errno, f"{os.strerror(e.errno)} while writing dataset {out}{at}; nothing was kept "
-                          f"({kept}). Free space or choose another --out, then re-run") from e
+            raise OSError(
+                e.errno,
+                f"{os.strerror(e.errno)} while writing dataset {out}{at}; nothing was kept "
+                f"({kept}). Free space or choose another --out, then re-run",
+            ) from e
         raise
     _remove(work)
     if skips.entries:
@@ -300,8 +363,16 @@ def _remove(folder: Folder) -> None:
         shutil.rmtree(folder.root, ignore_errors=True)
 
 
-def _finish(scan: Scan, out: str | Path, tmp: Path | None, index: pd.DataFrame, shards: list[dict],
-            assign: dict, split: SplitConfig, skips: SkipLog) -> dict:
+def _finish(
+    scan: Scan,
+    out: str | Path,
+    tmp: Path | None,
+    index: pd.DataFrame,
+    shards: list[dict],
+    assign: dict,
+    split: SplitConfig,
+    skips: SkipLog,
+) -> dict:
     """Vocabularies, split report, index and manifest (last); a local dataset then takes its name."""
     stage = tmp if tmp is not None else temp_dir("medi-dist-ingest-")
     continuous = [c for c in scan.continuous if c in index.columns and index[c].notna().any()]

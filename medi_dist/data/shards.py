@@ -19,15 +19,16 @@ import json
 import os
 import tarfile
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 from PIL import Image
 
-from ..metadata import ConditioningSpec, SchemaError, check_key, clean_category
-from ..storage import Folder, is_remote, local_copy, local_path
+from ..metadata import ConditioningSpec, SchemaError, check_key
+from ..storage import Folder, file_sha256, is_remote, local_copy, local_path
 from .records import SkipLog, TileRecord
 
 SHARD_DIR = "shards"
@@ -40,14 +41,6 @@ IMAGE_FORMATS = ("jpg", "png")
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_image(data: bytes) -> tuple[int, int]:
@@ -118,13 +111,22 @@ class ShardWriter:
         for rec, checksum in sorted(self._buf, key=lambda x: x[0].key):
             # the tile's sha256 also rides in its json, so the stream can check each tile it decodes
             meta = {**rec.meta, "key": rec.key, "split": self.split, "sha256": checksum}
-            members += [(f"{rec.key}.{rec.image_format}", rec.image_bytes),
-                        (f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())]
+            members += [
+                (f"{rec.key}.{rec.image_format}", rec.image_bytes),
+                (f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode()),
+            ]
             rows.append({**meta, "shard": rel, "image_format": rec.image_format, "sha256": checksum})
         write_tar_atomic(path, members)
         self.rows += rows
-        self.shards.append({"path": rel, "split": self.split, "tiles": len(self._buf),
-                            "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+        self.shards.append(
+            {
+                "path": rel,
+                "split": self.split,
+                "tiles": len(self._buf),
+                "bytes": path.stat().st_size,
+                "sha256": file_sha256(path),
+            }
+        )
         self._buf, self._buf_bytes = [], 0
 
 
@@ -173,8 +175,10 @@ def not_a_dataset(dataset_dir: str | Path, missing: str = MANIFEST) -> FileNotFo
     folder = Folder(dataset_dir)
     root = folder.uri if folder.remote else local_path(dataset_dir)
     if folder.exists("generation.json"):
-        return FileNotFoundError(f"{root} is an unfinished `medi-dist generate` output (no {missing}); run the "
-                                 "same generate command again to finish it")
+        return FileNotFoundError(
+            f"{root} is an unfinished `medi-dist generate` output (no {missing}); run the "
+            "same generate command again to finish it"
+        )
     if folder.remote:
         what = "is empty or does not exist" if folder.is_empty() else f"is not a medi-dist dataset (no {missing})"
     elif not root.exists():
@@ -183,8 +187,10 @@ def not_a_dataset(dataset_dir: str | Path, missing: str = MANIFEST) -> FileNotFo
         what = "is empty"
     else:
         what = f"is not a medi-dist dataset (no {missing})"
-    return FileNotFoundError(f"{root} {what}; create it with `medi-dist ingest` (real tiles) or "
-                             "`medi-dist generate --out` (a synthetic pool)")
+    return FileNotFoundError(
+        f"{root} {what}; create it with `medi-dist ingest` (real tiles) or "
+        "`medi-dist generate --out` (a synthetic pool)"
+    )
 
 
 def load_manifest(dataset_dir: str | Path) -> dict:
@@ -228,11 +234,14 @@ def check_shard_members(path: Path, tiles: int | None = None) -> int:
         with tarfile.open(path, "r:") as tar:
             for m in tar:
                 if not m.isfile():
-                    raise SchemaError(f"shard {path}: member {m.name!r} is not a regular file; refusing the shard; "
-                                      f"{fix}")
+                    raise SchemaError(
+                        f"shard {path}: member {m.name!r} is not a regular file; refusing the shard; {fix}"
+                    )
                 if "/" in m.name or "\\" in m.name or ".." in m.name:
-                    raise SchemaError(f"shard {path}: member {m.name!r} is a path (folder, '..' or absolute), not a "
-                                      f"plain <key>.<ext> name; refusing the shard; {fix}")
+                    raise SchemaError(
+                        f"shard {path}: member {m.name!r} is a path (folder, '..' or absolute), not a "
+                        f"plain <key>.<ext> name; refusing the shard; {fix}"
+                    )
                 key, _, ext = m.name.partition(".")
                 if key != last:
                     if key in keys:
@@ -249,8 +258,10 @@ def check_shard_members(path: Path, tiles: int | None = None) -> int:
         raise SchemaError(f"shard {path} is not a readable tar ({e}); {fix}") from None
     for key, exts in keys.items():
         if len(exts) != 2 or "json" not in exts or not exts & set(IMAGE_FORMATS):
-            raise SchemaError(f"shard {path}: key {key!r} has members {sorted(exts)}, expected one image "
-                              f"({'/'.join(IMAGE_FORMATS)}) and one json; {fix}")
+            raise SchemaError(
+                f"shard {path}: key {key!r} has members {sorted(exts)}, expected one image "
+                f"({'/'.join(IMAGE_FORMATS)}) and one json; {fix}"
+            )
     if not keys:
         raise SchemaError(f"shard {path} holds no tiles; {fix}")
     if tiles is not None and len(keys) != tiles:
@@ -304,10 +315,13 @@ def _verify_remote(folder: Folder, manifest: dict, splits: Iterable[str] | None)
         size = folder.size(s["path"])
         uri = folder.uri_of(s["path"])
         if size is None:
-            raise SchemaError(f"shard {uri} is missing from the bucket; copy it again or re-run `medi-dist ingest "
-                              f"--out {folder.uri}`")
+            raise SchemaError(
+                f"shard {uri} is missing from the bucket; copy it again or re-run `medi-dist ingest --out {folder.uri}`"
+            )
         if size != s["bytes"]:
-            raise SchemaError(f"shard {uri} is {size} bytes but was written as {s['bytes']} (truncated or altered "
-                              f"copy); copy it again or re-run `medi-dist ingest --out {folder.uri}`")
+            raise SchemaError(
+                f"shard {uri} is {size} bytes but was written as {s['bytes']} (truncated or altered "
+                f"copy); copy it again or re-run `medi-dist ingest --out {folder.uri}`"
+            )
         paths.append(folder.path(s["path"]))
     return paths
