@@ -90,3 +90,43 @@ def test_ingest_stopped_halfway_resumes_with_the_same_result(tmp_path):
     )
     assert _files(out) == _files(tmp_path / "whole")
     assert sorted(p.name for p in out.parent.iterdir()) == ["ds"]
+
+
+def test_ingest_killed_halfway_resumes_with_the_same_index(tmp_path):
+    """A real kill: `medi-dist ingest` in a subprocess gets SIGKILL once some, not all, units are
+    finished; the same ingest run again redoes only the others and writes the same index (and
+    bytes) as an uninterrupted ingest. Nothing named like the dataset exists after the kill."""
+    import subprocess
+    import sys
+    import time
+
+    n_tiles, out = 4096, tmp_path / "killed" / "ds"  # 8 units of 512 tiles
+    out.parent.mkdir()
+    cmd = [sys.executable, "-m", "medi_dist", "ingest", "--source", "procedural", "--tiles", str(n_tiles)]
+    cmd += ["--size", "16", "--shard-mb", "0.05", "--out", str(out)]
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600  # imports alone can take minutes on a loaded machine
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if list(out.parent.glob(".ds.ingest-*/unit-*.json")):
+                break
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    finished = sorted(p.name for p in out.parent.glob(".ds.ingest-*/unit-*.json"))
+    assert 1 <= len(finished) < 8, (finished, proc.stderr.read().decode()[-2000:])  # killed halfway
+    assert not out.exists() and not list(tmp_path.rglob("dataset.json"))
+    cfg = ProceduralConfig(n_types=4, n_sites=12, n_tiles=n_tiles, size=16, seed=0)  # the CLI's defaults
+    split = SplitConfig(holdout_fraction=0.3, val_fraction=0.0, seed=0)
+    calls = []
+    scan = sources.procedural(cfg)
+    scan.units = [lambda s, u=u, i=i: calls.append(i) or u(s) for i, u in enumerate(scan.units)]
+    ingest(scan, out, split, shard_mb=0.05)
+    assert len(calls) == 8 - len(finished)  # the finished units were not redone
+    ingest(sources.procedural(cfg), tmp_path / "whole", split, shard_mb=0.05)
+    a, b = pd.read_parquet(out / "index.parquet"), pd.read_parquet(tmp_path / "whole" / "index.parquet")
+    assert len(a) == n_tiles and a.equals(b)
+    assert _files(out) == _files(tmp_path / "whole")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ds"]  # the work folder is gone
