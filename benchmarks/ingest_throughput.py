@@ -2,6 +2,7 @@
 workers (`medi-dist ingest --workers N`) on the same CPUs, and in one process (workers 0).
 
     python benchmarks/ingest_throughput.py [--tiles 3000] [--size 256] [--slides 8] [--repeats 3] [--cpus 2]
+        [--workers 0,1,2] [--json benchmarks/results/ingest_throughput_DATE.json]
 
 Tile source: `--tiles` procedural H&E-like JPEG tiles written once as loose files with a manifest
 (what a TCGA-UT export looks like), then ingested: read, decoded and checked, sha256, sharded. WSI:
@@ -13,6 +14,7 @@ without it, plain PNG "slides", tiled with OpenSlide at 0.5 mpp. Prints min / me
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -100,6 +102,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--workers", default="0,1,2")
+    ap.add_argument("--json", default=None, help="also write every run's time here")
     args = ap.parse_args()
     import ray
 
@@ -112,7 +115,22 @@ def main() -> None:
             f"load average before: {os.getloadavg()}; {args.cpus} Ray CPUs; {args.tiles} tiles of {args.size} px; "
             f"{args.slides} slides ({slide_kind})"
         )
-        res = {}
+        res, record = (
+            {},
+            {
+                "benchmark": "ingest_throughput",
+                "command": "python benchmarks/ingest_throughput.py "
+                + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "json"),
+                "cpus": os.cpu_count(),
+                "ray_cpus": args.cpus,
+                "tiles": args.tiles,
+                "tile_px": args.size,
+                "slides": args.slides,
+                "slide_kind": slide_kind,
+                "load_before": os.getloadavg(),
+                "runs": [],
+            },
+        )
         for kind, table, n_in in (("tiles", manifest, args.tiles), ("wsi", slides, args.slides)):
             for w in map(int, args.workers.split(",")):
                 run(kind, table, root / "out", w)  # warm-up: page cache, Ray worker start
@@ -121,6 +139,17 @@ def main() -> None:
                     dt, tiles = run(kind, table, root / "out", w)
                     times.append(dt)
                 rate = [(n_in if kind == "wsi" else tiles) / t for t in times]
+                record["runs"].append(
+                    {
+                        "source": kind,
+                        "workers": w,
+                        "seconds": times,
+                        "tiles_written": tiles,
+                        "rate_unit": "slides/s" if kind == "wsi" else "tiles/s",
+                        "rate_min_median_max": [min(rate), statistics.median(rate), max(rate)],
+                        "load_after": os.getloadavg(),
+                    }
+                )
                 res[(kind, w)] = statistics.median(rate)
                 unit = "slides/s" if kind == "wsi" else "tiles/s"
                 extra = f" ({tiles} tiles, {tiles / statistics.median(times):.0f} tiles/s)" if kind == "wsi" else ""
@@ -130,6 +159,10 @@ def main() -> None:
                 )
             if (kind, 1) in res and (kind, 2) in res:
                 print(f"{kind}: 2 workers / 1 worker = {res[(kind, 2)] / res[(kind, 1)]:.2f}x")
+                record[f"{kind}_speedup_2_over_1"] = res[(kind, 2)] / res[(kind, 1)]
+        record["load_after"] = os.getloadavg()
+        if args.json:
+            Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     finally:
         shutil.rmtree(root, ignore_errors=True)
         ray.shutdown()
