@@ -387,12 +387,17 @@ def render_tiles(pairs: list[tuple[str, str]], seeds: list, size: int, scanner_l
     return out
 
 
-def generate(cfg: ProceduralConfig) -> Iterator[TileRecord]:
-    """Tiles in plan order. Each tile's RNG derives from (seed, type, site, index), so any subset
-    rendered in any process gives the same bytes."""
+def generate(cfg: ProceduralConfig, part: tuple[int, int] = (0, 1)) -> Iterator[TileRecord]:
+    """Tiles in plan order; `part=(j, n)`: only every n-th tile from the j-th (a unit of a distributed
+    ingest). Each tile's RNG derives from (seed, type, site, index), so any subset rendered in any
+    process gives the same bytes."""
+    pos = -1
     for (t, site), count in plan_counts(cfg).items():
         ct, cs = _crc(t), _crc(site)
         for i in range(count):
+            pos += 1
+            if pos % part[1] != part[0]:
+                continue
             slide = i // cfg.tiles_per_slide
             jpeg = render_jpeg(t, site, np.random.default_rng([cfg.seed, ct, cs, 0, i]), cfg.size, cfg.scanner_lines)
             meta = {"slide_id": f"proc-{t}-{site}-{slide:04d}", "cancer_type": t, "tissue_source_site": site}

@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..data.shards import INDEX, load_manifest, verify_shards
+from ..data.shards import INDEX, load_manifest, local_dataset, verify_shards
 from ..metadata import UNKNOWN
+from ..storage import Folder, is_remote
 from .classifiers import LinearProbe
 from .encoders import get_encoder
 from .fidelity import conditional_accuracy, fidelity_report, frechet_distance
@@ -66,7 +67,7 @@ class FidelityConfig:
 def read_tiles(root: str | Path, splits: list[str] | None, resolution: int | None, limit: int | None = None):
     """(uint8 tiles (N, R, R, 3), index rows) for the tiles of `splits` (None: all), shard by shard;
     `limit`: only the first tiles of the index (e.g. one, to learn the tile size)."""
-    root = Path(root)
+    root = local_dataset(root)  # object storage: a verified local copy
     load_manifest(root)
     index = pd.read_parquet(root / INDEX)
     if splits is not None:
@@ -305,15 +306,21 @@ def evaluate_fidelity(cfg: FidelityConfig) -> dict:
             else None
         ),
     }
-    out = Path(cfg.out) if cfg.out else Path(cfg.synthetic) / "fidelity.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    out = cfg.out or f"{str(cfg.synthetic).rstrip('/')}/fidelity.json"
+    if is_remote(out):
+        Folder(out.rsplit("/", 1)[0]).write_bytes(
+            out.rsplit("/", 1)[1], json.dumps(result, indent=2, default=str).encode()
+        )
+    else:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
     if cfg.log_mlflow:
         result["mlflow_run_id"] = _log_mlflow(cfg, result, out)
     return result
 
 
-def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path) -> str:
+def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path | str) -> str:
     from ..tracking import RunLogger, find_or_create_run, tracking_uri
 
     uri = tracking_uri(cfg.tracking_uri)
@@ -337,6 +344,6 @@ def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path) -> str:
     if len(result["fd"]["groups"]) <= 500:  # per-subgroup curves; larger studies keep them in the JSON
         metrics.update({f"fd_group/{g}": v["fd"] for g, v in result["fd"]["groups"].items()})
     logger.metrics(_finite(metrics))
-    logger.artifact_bytes(out.read_bytes(), "fidelity.json", "fidelity")
+    logger.artifact_bytes(json.dumps(result, indent=2, default=str).encode(), "fidelity.json", "fidelity")
     logger.finish()
     return run_id
