@@ -135,10 +135,12 @@ def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | Non
         index, shards = write_shards(_unspool(shuffled(iter(kept), shuffle_buffer, split.seed), spool), tmp, assign,
                                      int(shard_mb * (1 << 20)), scan.name)
         spool.unlink()
-        continuous = [c for c in scan.continuous if c in index.columns and index[c].notna().any()]
+        train = index[index["split"] == "train"]  # continuous statistics from the training sites only
+        continuous = [c for c in scan.continuous if c in index.columns and train[c].notna().any()]
         for c in sorted(set(scan.continuous) - set(continuous)):
-            log.warning("%s: continuous column %r has no value in any tile; not used as a condition", scan.name, c)
-        spec = ConditioningSpec.build(index.to_dict("records"), scan.categorical, continuous)
+            log.warning("%s: continuous column %r has no value in any training tile; not used as a condition",
+                        scan.name, c)
+        spec = ConditioningSpec.build(index.to_dict("records"), scan.categorical, continuous, train.to_dict("records"))
         spec.save(tmp / VOCAB)
         atomic_write_parquet(index, tmp / INDEX)
         # Report what was actually written (skips can empty a group).

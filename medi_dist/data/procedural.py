@@ -24,7 +24,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from medi_dist.data.records import TileRecord
-from medi_dist.metadata import check_key
+from medi_dist.metadata import MIN_TILE_PX, check_key
 
 # (number of sites, top-1 site share) for each of the 32 TCGA projects. Computed from
 # ../shared/data/tcga_site_statistics.csv (8,726 diagnostic slides); the mean top-1 share is 0.30.
@@ -56,6 +56,11 @@ class ProceduralConfig:
     # Each site's scanner also leaves a faint periodic line pattern (its own period, angle, strength):
     # a site shortcut that is not colour, so stain augmentation and normalisation cannot remove it.
     scanner_lines: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size < MIN_TILE_PX:
+            raise ValueError(f"--size {self.size}: procedural tiles must be at least {MIN_TILE_PX} px (the smallest "
+                             "model's resolution; smaller tiles hold no tissue structure)")
 
 
 def cancer_types(n: int) -> list[str]:
