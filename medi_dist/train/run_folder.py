@@ -81,6 +81,9 @@ class RunFolder:
         return sorted(i.base_name for i in self.fs.get_file_info(sel)
                       if i.type == self._pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
 
+    def remove_file(self, name: str) -> None:
+        self.fs.delete_file(self._file(name))
+
     def remove_dir(self, name: str) -> None:
         self.fs.delete_dir(self._file(name))
 
