@@ -189,3 +189,5 @@ def train_worker(cfg: dict) -> None:
         else:  # shard exhausted: next epoch
             epoch, batches_in_epoch = epoch + 1, 0
     checkpoint(final=step >= cfg["steps"])
+    if logger:
+        logger.flush()  # metrics queued during a tracking outage: delivered (or spilled) before the worker ends
