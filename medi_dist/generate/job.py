@@ -124,7 +124,8 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
         owners.setdefault(site, t)
     # Tasks carry spans of plan rows, not per-tile records; tiles are expanded where they are made.
     extra = {"owners": owners} if meta.get("composition") else {}
-    tasks = [{"shard": i, "path": shard_path(i), "generation": pid, "meta": meta, "plan_seed": cfg.plan.seed, **extra,
+    tasks = [{"shard": i, "first": i * cfg.tiles_per_shard, "path": shard_path(i), "generation": pid, "meta": meta,
+              "plan_seed": cfg.plan.seed, **extra,
               "spans": spans, "rows": {str(r): {"conditions": rows[r].conditions, "seen": rows[r].seen} for r, _, _ in spans}}
              for i, spans in enumerate(shard_spans([r.count for r in rows], cfg.tiles_per_shard))]
     header = {"format": "medi-dist-generation/1", "generation": pid,
