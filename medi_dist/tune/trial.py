@@ -136,6 +136,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                      "n_real": runs[-1].n_real, "n_synthetic": runs[-1].n_synthetic,
                      "effective_ratio": res.effective_ratio}, step=step)
         _log_artifacts(log, res, ctx, first=step == 0)
+        log.flush()  # before tune.report: Tune may stop the trial there (calls queued in an outage would be lost)
         _write_audit(audit, trial_id, start, runs, computed)
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / RUNS_FILE).write_text(runs_to_json(runs))
