@@ -27,8 +27,13 @@ def ensure_dataset(root: Path, tiles: int, size: int) -> Path:
 
     ds = root / f"proc{size}_{tiles}"
     if not (ds / "dataset.json").exists():
-        ingest(sources.procedural(ProceduralConfig(n_tiles=tiles, size=size, seed=0)), ds,
-               SplitConfig(holdout_fraction=0.3), shard_mb=16, overwrite=True)
+        ingest(
+            sources.procedural(ProceduralConfig(n_tiles=tiles, size=size, seed=0)),
+            ds,
+            SplitConfig(holdout_fraction=0.3),
+            shard_mb=16,
+            overwrite=True,
+        )
     files = root / f"files{size}_{tiles}"
     if not files.exists():
         files.mkdir()
@@ -67,8 +72,13 @@ class JpegFiles:
 def time_dataloader(files, resolution, workers, batch) -> float:
     from torch.utils.data import DataLoader
 
-    dl = DataLoader(JpegFiles(files, resolution), batch_size=batch, num_workers=workers, shuffle=True,
-                    persistent_workers=workers > 0)
+    dl = DataLoader(
+        JpegFiles(files, resolution),
+        batch_size=batch,
+        num_workers=workers,
+        shuffle=True,
+        persistent_workers=workers > 0,
+    )
     for _ in dl:  # warm-up pass (worker start, page cache)
         pass
     t, n = time.perf_counter(), 0
@@ -109,8 +119,10 @@ def main() -> None:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     rs = time_stream(ds, args.resolution, args.cpus, args.batch)
     print(f"{len(files)} train tiles, {args.size}px JPEG -> {args.resolution}px float, {args.cpus} CPUs")
-    print(f"| reader | tiles/s |\n|---|---|\n| PIL decode, 1 core | {per_core:.0f} |"
-          f"\n| PyTorch DataLoader ({args.cpus} workers) | {dl:.0f} |\n| medi-dist Ray Data stream | {rs:.0f} |")
+    print(
+        f"| reader | tiles/s |\n|---|---|\n| PIL decode, 1 core | {per_core:.0f} |"
+        f"\n| PyTorch DataLoader ({args.cpus} workers) | {dl:.0f} |\n| medi-dist Ray Data stream | {rs:.0f} |"
+    )
     print(f"ratio stream / DataLoader: {rs / dl:.2f}")
 
 

@@ -30,8 +30,13 @@ def _ingest(work: Path, tiles: int, size: int) -> dict:
 
     out = work / f"ds-{tiles}"
     if not (out / "dataset.json").exists():
-        ingest(sources.procedural(ProceduralConfig(n_types=4, n_sites=12, n_tiles=tiles, size=size, seed=0)), out,
-               SplitConfig(0.3, 0.0, 0), shard_mb=8, overwrite=True)
+        ingest(
+            sources.procedural(ProceduralConfig(n_types=4, n_sites=12, n_tiles=tiles, size=size, seed=0)),
+            out,
+            SplitConfig(0.3, 0.0, 0),
+            shard_mb=8,
+            overwrite=True,
+        )
     return {"dataset": str(out)}
 
 
@@ -81,9 +86,15 @@ def _plan(work: Path, tiles: int, size: int) -> dict:
         save_model_dir(model, net, EMA(net), extra_info={"name": "soak", "dataset": str(ds)})
     torch.set_num_threads(1)
     pairs = 4 * 12 * 0.7  # about the trained (type, site) pairs of the unseen-pairs plan
-    tasks, rows, header, _ = build_tasks(GenerateConfig(
-        model=str(model), out=str(work / "unused"), dataset=str(ds),
-        plan=GenerationPlan(mode="unseen-pairs", count=max(1, int(tiles / pairs))), tiles_per_shard=256))
+    tasks, rows, header, _ = build_tasks(
+        GenerateConfig(
+            model=str(model),
+            out=str(work / "unused"),
+            dataset=str(ds),
+            plan=GenerationPlan(mode="unseen-pairs", count=max(1, int(tiles / pairs))),
+            tiles_per_shard=256,
+        )
+    )
     return {"planned_tiles": header["tiles"], "shards": len(tasks)}
 
 
@@ -93,8 +104,12 @@ PHASES = {"ingest": _ingest, "stream": _stream, "plan": _plan}
 def child(phase: str, work: Path, tiles: int, size: int) -> None:
     t0 = time.perf_counter()
     res = PHASES[phase](work, tiles, size)
-    res.update(phase=phase, tiles=tiles, seconds=round(time.perf_counter() - t0, 1),
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    res.update(
+        phase=phase,
+        tiles=tiles,
+        seconds=round(time.perf_counter() - t0, 1),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    )
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -113,19 +128,24 @@ def main() -> None:
     results = []
     for tiles in a.tiles:
         for phase in a.phases:
-            r = subprocess.run([sys.executable, __file__, "--work", str(work), "--size", str(a.size),
-                                "--child", phase, str(tiles)], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+            r = subprocess.run(
+                [sys.executable, __file__, "--work", str(work), "--size", str(a.size), "--child", phase, str(tiles)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
             line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{phase} with {tiles} tiles failed:\n{r.stderr[-3000:]}")
-            results.append(json.loads(line[len("RESULT "):]))
+            results.append(json.loads(line[len("RESULT ") :]))
             print(json.dumps(results[-1]), flush=True)
     (work / "soak.json").write_text(json.dumps(results, indent=2))
     print("\n| phase | tiles | peak RSS (MiB) | Ray processes (sum) peak RSS (MiB) | seconds |\n|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['phase']} | {r['tiles']:,} | {r['peak_rss_mb']} | {r.get('ray_processes_peak_rss_mb', '')} | "
-              f"{r['seconds']} |")
+        print(
+            f"| {r['phase']} | {r['tiles']:,} | {r['peak_rss_mb']} | {r.get('ray_processes_peak_rss_mb', '')} | "
+            f"{r['seconds']} |"
+        )
 
 
 if __name__ == "__main__":

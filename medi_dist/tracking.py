@@ -29,7 +29,7 @@ def tracking_uri(uri: str | None = None) -> str:
     may run in another directory)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # workers run in other folders
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"  # workers run in other folders
     if uri:
         return uri
     return f"sqlite:///{Path('mlflow.db').resolve()}"
@@ -38,7 +38,7 @@ def tracking_uri(uri: str | None = None) -> str:
 def artifact_root(uri: str) -> str | None:
     """With a local sqlite store, keep artifacts beside it (absolute, so every process agrees)."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
     return None  # a server decides
 
 
@@ -55,9 +55,14 @@ def experiment_id(c, name: str = DEFAULT_EXPERIMENT) -> str:
     return c.create_experiment(name, artifact_location=artifact_root(c.tracking_uri))
 
 
-def find_or_create_run(uri: str, run_name: str, experiment: str = DEFAULT_EXPERIMENT,
-                       tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-                       key: str | None = None) -> str:
+def find_or_create_run(
+    uri: str,
+    run_name: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    key: str | None = None,
+) -> str:
     """The run tagged with `key` (default: the run name), so a resumed job keeps its run, or a new one."""
     c = client(uri)
     exp = experiment_id(c, experiment)
@@ -86,7 +91,8 @@ def transient(e: BaseException) -> bool:
     if isinstance(e, MlflowException):
         return e.error_code in TRANSIENT_CODES
     return isinstance(e, (OSError, ConnectionError, TimeoutError)) or type(e).__module__.startswith(
-        ("requests", "urllib3", "sqlalchemy"))
+        ("requests", "urllib3", "sqlalchemy")
+    )
 
 
 class _Call:
@@ -153,8 +159,13 @@ class RunLogger:
             except Exception as e:  # noqa: BLE001 - a logging failure must not end the job
                 if transient(e):
                     self.retries += 1
-                    log.warning("MLflow at %s unreachable (%s); %d call(s) queued, retrying in %.0f s",
-                                self.uri, str(e).splitlines()[0][:200], len(self._queue), delay)
+                    log.warning(
+                        "MLflow at %s unreachable (%s); %d call(s) queued, retrying in %.0f s",
+                        self.uri,
+                        str(e).splitlines()[0][:200],
+                        len(self._queue),
+                        delay,
+                    )
                     time.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX_S)
                     continue
@@ -174,7 +185,7 @@ class RunLogger:
             existing = c.get_run(self.run_id).data.params
             new = [Param(k, v) for k, v in p["params"].items() if k not in existing]
             for i in range(0, len(new), 100):
-                c.log_batch(self.run_id, params=new[i:i + 100])
+                c.log_batch(self.run_id, params=new[i : i + 100])
         elif kind == "metrics":
             c.log_batch(self.run_id, metrics=[Metric(k, v, p["ts"], p["step"]) for k, v in p["metrics"].items()])
         elif kind == "tags":
@@ -205,9 +216,16 @@ class RunLogger:
             for call in left:
                 if call.kind != "artifact":  # artifacts are counted, not copied
                     f.write(json.dumps({"run_id": self.run_id, "kind": call.kind, **call.payload}, default=str) + "\n")
-        log.warning("MLflow at %s still unreachable after %.0f s: %d call(s) of run %s not delivered "
-                    "(%d artifacts dropped); written to %s", self.uri, FINAL_WAIT_S if timeout is None else timeout,
-                    len(left), self.run_id, sum(c.kind == "artifact" for c in left), spill)
+        log.warning(
+            "MLflow at %s still unreachable after %.0f s: %d call(s) of run %s not delivered "
+            "(%d artifacts dropped); written to %s",
+            self.uri,
+            FINAL_WAIT_S if timeout is None else timeout,
+            len(left),
+            self.run_id,
+            sum(c.kind == "artifact" for c in left),
+            spill,
+        )
         return spill
 
     # -- what callers log ---------------------------------------------------------------------------
@@ -217,8 +235,9 @@ class RunLogger:
 
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         # stamped now: buffered points keep the time they were measured
-        self._send("metrics", metrics={k: float(v) for k, v in metrics.items()}, ts=int(time.time() * 1000),
-                   step=step or 0)
+        self._send(
+            "metrics", metrics={k: float(v) for k, v in metrics.items()}, ts=int(time.time() * 1000), step=step or 0
+        )
 
     def tags(self, tags: dict[str, str]) -> None:
         self._send("tags", tags={k: str(v) for k, v in tags.items()})

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from medi_dist.tune import SearchSpace, StudyConfig, run_study
+from medi_dist.tune.config import SearchSpace, StudyConfig
+from medi_dist.tune.study import run_study
 from synthetic_pools import ingest_procedural, make_pool
 
 
@@ -31,10 +32,26 @@ def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "mlflow"
     log = open(tmp_path / "server.log", "a")
     proc = subprocess.Popen(
-        [str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", "--serve-artifacts", "--artifacts-destination",
-         str(tmp_path / "server-artifacts")],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # own group: we stop all of it
+        [
+            str(exe),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # own group: we stop all of it
     deadline = time.time() + 400  # a restart on a loaded 2-core machine can take minutes
     while True:
         if proc.poll() is not None:
@@ -76,9 +93,19 @@ def test_study_logs_to_mlflow_server(ray_cluster, mlflow_server, tmp_path, monke
     real = ingest_procedural(tmp_path / "real", n_types=3, n_sites=12, n_tiles=300, val=0.2)
     pool = make_pool(real, tmp_path / "pool", per_pair=4)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    cfg = StudyConfig(name="server-study", real=str(real), space=SearchSpace(ratio=[0.5, 1.0], pools=[str(pool)]),
-                      num_samples=2, seeds=[0, 1], k_sites=4, cpus_per_trial=1, max_concurrent_trials=2,
-                      storage_path=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), experiment="server-exp")
+    cfg = StudyConfig(
+        name="server-study",
+        real=str(real),
+        space=SearchSpace(ratio=[0.5, 1.0], pools=[str(pool)]),
+        num_samples=2,
+        seeds=[0, 1],
+        k_sites=4,
+        cpus_per_trial=1,
+        max_concurrent_trials=2,
+        storage_path=str(tmp_path / "runs"),
+        cache_dir=str(tmp_path / "cache"),
+        experiment="server-exp",
+    )
     res = run_study(cfg)
     assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
 
@@ -104,12 +131,15 @@ def test_study_logs_to_mlflow_server(ray_cluster, mlflow_server, tmp_path, monke
     listed = requests.get(f"{api}/artifacts/list", params={"run_id": best}, timeout=10).json()
     files = {f["path"] for f in listed.get("files", [])}
     assert {"subgroups_val.csv", "site_accuracy_val.png", "confusion_val.png", "pool_samples.png"} <= files
-    parent_files = {f["path"] for f in requests.get(f"{api}/artifacts/list", params={"run_id": res.parent_run_id},
-                                                    timeout=10).json()["files"]}
+    parent_files = {
+        f["path"]
+        for f in requests.get(f"{api}/artifacts/list", params={"run_id": res.parent_run_id}, timeout=10).json()["files"]
+    }
     assert {"trials.csv", "test_table.txt", "subgroups_test.csv", "site_accuracy_test.png"} <= parent_files
     # download through the artifact proxy; the bytes live under the server's --artifacts-destination
-    csv = requests.get(f"{url}/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{best}/artifacts/subgroups_val.csv",
-                       timeout=10)
+    csv = requests.get(
+        f"{url}/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{best}/artifacts/subgroups_val.csv", timeout=10
+    )
     assert csv.status_code == 200 and csv.text.startswith("cancer_type,tissue_source_site,n,accuracy")
     assert (art / exp_id / best / "artifacts" / "subgroups_val.csv").is_file()
 
@@ -124,7 +154,7 @@ def test_tracking_outage_neither_ends_nor_loses_a_run(ray_cluster, proc_dataset,
     WAIT_S, later calls queue at once) and delivers its queue when the server is back; a training
     whose server dies after its first loss point ends at the requested step with every loss point."""
     from medi_dist import tracking
-    from medi_dist.config import load_config
+    from medi_dist.config_loader import load_config
     from medi_dist.train.config import TrainConfig
     from medi_dist.train.trainer import train
 
@@ -149,10 +179,22 @@ def test_tracking_outage_neither_ends_nor_loses_a_run(ray_cluster, proc_dataset,
             assert sorted(p["step"] for p in _history(api, run_id, "x")) == [0, 1, 2, 3, 4, 5]
 
         # 2. a real training, server killed after its first loss point and restarted
-        cfg = load_config(TrainConfig, None, [
-            f"data.dataset={proc_dataset}", "model.preset=tiny", "model.resolution=16", "optim.batch_size=16",
-            "steps=60", "run.name=outage", f"run.storage_path={tmp_path / 'runs'}", f"run.tracking_uri={url}",
-            "run.log_every=2", "run.checkpoint_every=30"])
+        cfg = load_config(
+            TrainConfig,
+            None,
+            [
+                f"data.dataset={proc_dataset}",
+                "model.preset=tiny",
+                "model.resolution=16",
+                "optim.batch_size=16",
+                "steps=60",
+                "run.name=outage",
+                f"run.storage_path={tmp_path / 'runs'}",
+                f"run.tracking_uri={url}",
+                "run.log_every=2",
+                "run.checkpoint_every=30",
+            ],
+        )
         done: dict = {}
         t = threading.Thread(target=lambda: done.update(res=train(cfg)), daemon=True)
         t.start()
@@ -160,8 +202,13 @@ def test_tracking_outage_neither_ends_nor_loses_a_run(ray_cluster, proc_dataset,
         while time.time() < deadline and t.is_alive():
             exp = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "medi-dist"}, timeout=10)
             ids = [exp.json()["experiment"]["experiment_id"]] if exp.status_code == 200 else []
-            found = requests.post(f"{api}/runs/search", json={"experiment_ids": ids, "max_results": 5},
-                                  timeout=10).json().get("runs", []) if ids else []
+            found = (
+                requests.post(f"{api}/runs/search", json={"experiment_ids": ids, "max_results": 5}, timeout=10)
+                .json()
+                .get("runs", [])
+                if ids
+                else []
+            )
             run_id = next((r["info"]["run_id"] for r in found if r["info"]["run_name"] == "outage"), None)
             if run_id and _history(api, run_id, "loss"):
                 break

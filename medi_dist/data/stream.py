@@ -112,8 +112,10 @@ class DecodeBatch:
             try:
                 m = json.loads(meta)
                 if "sha256" in m and hashlib.sha256(data).hexdigest() != m["sha256"]:
-                    raise ValueError("tile bytes fail the sha256 recorded at ingest (altered or corrupted shard); "
-                                     "check it with `medi-dist data stats --verify`")
+                    raise ValueError(
+                        "tile bytes fail the sha256 recorded at ingest (altered or corrupted shard); "
+                        "check it with `medi-dist data stats --verify`"
+                    )
                 images.append(decode_tile(data, self.cfg.resolution))
                 rows.append(m)
                 keys.append(key)
@@ -127,7 +129,8 @@ class DecodeBatch:
                 f"first: {bad[:1] or 'see logs'}. Check the shards with `medi-dist data stats --verify`."
             )
         out = {"key": np.array(keys, dtype=object)}
-        out["image"] = np.stack(images) if images else np.zeros((0, 3, self.cfg.resolution, self.cfg.resolution), np.float32)
+        res = self.cfg.resolution
+        out["image"] = np.stack(images) if images else np.zeros((0, 3, res, res), np.float32)
         enc = [self.spec.encode_row(r) for r in rows]
         for v in self.spec.categorical:
             out[CONDITION_PREFIX + v.name] = np.array([e[CONDITION_PREFIX + v.name] for e in enc], dtype=np.int64)
@@ -142,8 +145,8 @@ class DecodeBatch:
 
 @dataclass
 class TileStream:
-    dataset: "ray.data.Dataset"
-    ledger: "ray.actor.ActorHandle"
+    dataset: ray.data.Dataset
+    ledger: ray.actor.ActorHandle
     spec: ConditioningSpec
     tiles: int  # tiles in the selected splits (before balancing)
     deterministic: bool = True
@@ -151,7 +154,7 @@ class TileStream:
     def skipped(self) -> dict:
         return ray.get(self.ledger.summary.remote())
 
-    def ingest_options(self) -> "ray.data.ExecutionOptions":
+    def ingest_options(self) -> ray.data.ExecutionOptions:
         """Ray Train's ingest options with this stream's order setting (Train otherwise takes
         preserve_order from the driver's global DataContext, not from the dataset)."""
         from ray.train import DataConfig
@@ -161,8 +164,9 @@ class TileStream:
         return opts
 
 
-def tile_stream(dataset_dir: str | Path, splits=("train",), cfg: StreamConfig | None = None,
-                spec: ConditioningSpec | None = None) -> TileStream:
+def tile_stream(
+    dataset_dir: str | Path, splits=("train",), cfg: StreamConfig | None = None, spec: ConditioningSpec | None = None
+) -> TileStream:
     """A Ray Dataset over the dataset's shards of `splits`.
 
     `spec` is the model's conditioning spec when it already exists (generation, fine-tuning);
@@ -185,14 +189,19 @@ def tile_stream(dataset_dir: str | Path, splits=("train",), cfg: StreamConfig | 
     balance_cols = ["cancer_type"] + (["tissue_source_site"] if cfg.balance == "type_site" else [])
     ledger = BadTileLedger.remote()
     ds = ray.data.read_webdataset(
-        [str(p) for p in paths], decoder=None, filerename=unify_image_member,
-        suffixes=[IMAGE_COLUMN, "json"], num_cpus=cfg.num_cpus,
+        [str(p) for p in paths],
+        decoder=None,
+        filerename=unify_image_member,
+        suffixes=[IMAGE_COLUMN, "json"],
+        num_cpus=cfg.num_cpus,
         shuffle=FileShuffleConfig(seed=cfg.seed) if cfg.deterministic else "files",
     )
     # A plain function (not an actor pool) lets Ray Data fuse reading and decoding into one task.
     ds = ds.map_batches(
         DecodeBatch(spec, cfg, weights, ledger, balance_cols),
-        batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.num_cpus,
+        batch_size=cfg.batch_rows,
+        batch_format="numpy",
+        num_cpus=cfg.num_cpus,
     )
     ds.context.execution_options.preserve_order = cfg.deterministic  # this dataset's own context copy
     return TileStream(ds, ledger, spec, int(len(index)), cfg.deterministic)

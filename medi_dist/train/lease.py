@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .run_folder import RunFolder
 
@@ -64,8 +64,13 @@ class RunLease:
 
     def __init__(self, folder: RunFolder, ttl_s: float = TTL_S, settle_s: float = SETTLE_S):
         self.folder, self.ttl_s, self.settle_s = folder, ttl_s, settle_s
-        self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                       "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ttl_s": ttl_s}
+        self.record = {
+            "owner": uuid.uuid4().hex,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": datetime.now(UTC).isoformat(timespec="seconds"),
+            "ttl_s": ttl_s,
+        }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False  # another driver took the lease while we held it (we stalled past the ttl)
@@ -75,7 +80,8 @@ class RunLease:
         return RunLeaseHeld(
             f"run {self.folder.display} is held by another driver (host {rec.get('host')}, pid {rec.get('pid')}, "
             f"since {rec.get('since')}, heartbeat {age:.0f} s ago); wait for it to end, stop it, or use another "
-            f"run.name (a lease not renewed for {float(rec.get('ttl_s', TTL_S)):.0f} s expires)")
+            f"run.name (a lease not renewed for {float(rec.get('ttl_s', TTL_S)):.0f} s expires)"
+        )
 
     def _write(self) -> None:
         self.folder.write_json(LEASE_FILE, {**self.record, "heartbeat": _now()})
@@ -83,14 +89,19 @@ class RunLease:
     def _mine(self, rec: dict | None) -> bool:
         return rec is not None and rec.get("owner") == self.record["owner"]
 
-    def acquire(self) -> "RunLease":
+    def acquire(self) -> RunLease:
         rec = self.folder.read_json(LEASE_FILE)
         if rec is not None and not self._mine(rec):
             why = _stale(rec, _now())
             if why is None:
                 raise self._refuse(rec)
-            log.warning("taking over the lease of run %s from host %s pid %s (%s)", self.folder.display,
-                        rec.get("host"), rec.get("pid"), why)
+            log.warning(
+                "taking over the lease of run %s from host %s pid %s (%s)",
+                self.folder.display,
+                rec.get("host"),
+                rec.get("pid"),
+                why,
+            )
         self._write()
         time.sleep(self.settle_s)
         rec = self.folder.read_json(LEASE_FILE)
@@ -106,8 +117,13 @@ class RunLease:
                 rec = self.folder.read_json(LEASE_FILE)
                 if rec is not None and not self._mine(rec):
                     self.lost = True
-                    log.error("run %s: the lease was taken by host %s pid %s (this driver stalled past %.0f s)",
-                              self.folder.display, rec.get("host"), rec.get("pid"), self.ttl_s)
+                    log.error(
+                        "run %s: the lease was taken by host %s pid %s (this driver stalled past %.0f s)",
+                        self.folder.display,
+                        rec.get("host"),
+                        rec.get("pid"),
+                        self.ttl_s,
+                    )
                     return
                 self._write()
             except OSError as e:  # storage briefly unreachable: the next beat retries before the ttl runs out
@@ -121,10 +137,11 @@ class RunLease:
             if self._mine(self.folder.read_json(LEASE_FILE)):
                 self.folder.remove_file(LEASE_FILE)
         except OSError as e:  # it expires on its own
-            log.warning("run %s: could not remove the lease (%s); it expires in %.0f s", self.folder.display, e,
-                        self.ttl_s)
+            log.warning(
+                "run %s: could not remove the lease (%s); it expires in %.0f s", self.folder.display, e, self.ttl_s
+            )
 
-    def __enter__(self) -> "RunLease":
+    def __enter__(self) -> RunLease:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
