@@ -29,14 +29,14 @@ def _ingest(work: Path, tiles: int, size: int) -> dict:
     from medi_dist.data.split import SplitConfig
 
     out = work / f"ds-{tiles}"
-    if not (out / "dataset.json").exists():
-        ingest(
-            sources.procedural(ProceduralConfig(n_types=4, n_sites=12, n_tiles=tiles, size=size, seed=0)),
-            out,
-            SplitConfig(0.3, 0.0, 0),
-            shard_mb=8,
-            overwrite=True,
-        )
+    # always ingested (overwritten): this phase's peak RSS is the ingest's; stream and plan reuse it
+    ingest(
+        sources.procedural(ProceduralConfig(n_types=4, n_sites=12, n_tiles=tiles, size=size, seed=0)),
+        out,
+        SplitConfig(0.3, 0.0, 0),
+        shard_mb=8,
+        overwrite=True,
+    )
     return {"dataset": str(out)}
 
 
