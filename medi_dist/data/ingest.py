@@ -157,7 +157,11 @@ def ingest(
             log.warning(
                 "%s: continuous column %r has no value in any training tile; not used as a condition", scan.name, c
             )
-        spec = ConditioningSpec.build(index.to_dict("records"), scan.categorical, continuous, train.to_dict("records"))
+        # only the condition columns as records: all of them cost ~3 KiB per tile (soak, benchmarks/RESULTS.md)
+        cols = [c for c in dict.fromkeys([*scan.categorical, *continuous]) if c in index.columns]
+        spec = ConditioningSpec.build(
+            index[cols].to_dict("records"), scan.categorical, continuous, train[cols].to_dict("records")
+        )
         spec.save(tmp / VOCAB)
         atomic_write_parquet(index, tmp / INDEX)
         # Report what was actually written (skips can empty a group).
