@@ -375,10 +375,15 @@ def _finish(
 ) -> dict:
     """Vocabularies, split report, index and manifest (last); a local dataset then takes its name."""
     stage = tmp if tmp is not None else temp_dir("medi-dist-ingest-")
-    continuous = [c for c in scan.continuous if c in index.columns and index[c].notna().any()]
+    train = index[index["split"] == "train"]  # continuous statistics from the training sites only
+    continuous = [c for c in scan.continuous if c in index.columns and train[c].notna().any()]
     for c in sorted(set(scan.continuous) - set(continuous)):
-        log.warning("%s: continuous column %r has no value in any tile; not used as a condition", scan.name, c)
-    spec = ConditioningSpec.build(index.to_dict("records"), scan.categorical, continuous)
+        log.warning("%s: continuous column %r has no value in any training tile; not used as a condition", scan.name, c)
+    # only the condition columns as records: all of them cost ~3 KiB per tile (soak, benchmarks/RESULTS.md)
+    cols = [c for c in dict.fromkeys([*scan.categorical, *continuous]) if c in index.columns]
+    spec = ConditioningSpec.build(
+        index[cols].to_dict("records"), scan.categorical, continuous, train[cols].to_dict("records")
+    )
     spec.save(stage / VOCAB)
     atomic_write_parquet(index, stage / INDEX)
     # Report what was actually written (skips can empty a group).

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from ..metadata import check_key
+from ..metadata import MIN_TILE_PX, check_key
 from .records import TileRecord
 
 # (number of sites, top-1 site share) for each of the 32 TCGA projects. Computed from
@@ -84,6 +84,13 @@ class ProceduralConfig:
     # Each site's scanner also leaves a faint periodic line pattern (its own period, angle, strength):
     # a site shortcut that is not colour, so stain augmentation and normalisation cannot remove it.
     scanner_lines: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size < MIN_TILE_PX:
+            raise ValueError(
+                f"--size {self.size}: procedural tiles must be at least {MIN_TILE_PX} px (the smallest "
+                "model's resolution; smaller tiles hold no tissue structure)"
+            )
 
 
 def cancer_types(n: int) -> list[str]:

@@ -64,6 +64,17 @@ class BadTileLedger:
         return {"seen": self.seen, "skipped": len(self.bad), "bad": list(self.bad)}
 
 
+def _ledger_on_this_node():
+    """The ledger lives on the driver's node. Placed anywhere (num_cpus=0), it could land on a worker
+    node; losing that node would kill it, and every decode task after that would fail on it, also
+    those of the restarted Train workers, until the training ran out of `max_failures`
+    (tests/test_node_loss.py). The driver's node going away ends the job anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return BadTileLedger.options(scheduling_strategy=here).remote()
+
+
 def unify_image_member(name: str) -> str:
     """`key.jpg` / `key.png` -> `key.img`, so jpg and png shards share one column."""
     stem, _, ext = name.rpartition(".")
@@ -188,7 +199,7 @@ def tile_stream(
     index = index[index["split"].isin(list(splits))]
     weights = balance_weights(index, cfg.balance)
     balance_cols = ["cancer_type"] + (["tissue_source_site"] if cfg.balance == "type_site" else [])
-    ledger = BadTileLedger.remote()
+    ledger = _ledger_on_this_node()
     ds = ray.data.read_webdataset(
         [str(p) for p in paths],
         filesystem=Folder(root).fs if is_remote(root) else None,

@@ -29,7 +29,7 @@ import pandas as pd
 from PIL import Image
 
 from ..data.shards import INDEX, load_manifest, local_dataset, verify_shards
-from ..metadata import UNKNOWN
+from ..metadata import MIN_TILE_PX, UNKNOWN
 from ..storage import Folder, is_remote
 from .classifiers import LinearProbe
 from .encoders import get_encoder
@@ -62,6 +62,13 @@ class FidelityConfig:
     experiment: str = "medi-dist"
     run_name: str | None = None  # default: fidelity-<synthetic dir name>
     log_mlflow: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resolution is not None and self.resolution < MIN_TILE_PX:
+            raise ValueError(
+                f"--resolution must be at least {MIN_TILE_PX} px (leave it out to compare at the "
+                f"synthetic tiles' size), got {self.resolution}"
+            )
 
 
 def read_tiles(root: str | Path, splits: list[str] | None, resolution: int | None, limit: int | None = None):

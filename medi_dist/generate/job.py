@@ -152,6 +152,7 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
     tasks = [
         {
             "shard": i,
+            "first": i * cfg.tiles_per_shard,
             "path": shard_path(i),
             "generation": pid,
             "meta": meta,
@@ -198,8 +199,7 @@ def _prepare_out(out: Path, header: dict, overwrite: bool, name: str | None = No
                     f"now {header['generation']}); choose another --out or pass --overwrite"
                 )
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(f"shards/{SPLIT}/.*.tmp-*"):
-        tmp.unlink()
+    _remove_partial(out)
     atomic_write_text(gen, json.dumps(header, indent=2, default=str))
 
 
@@ -255,7 +255,14 @@ def _run_ray(cfg: GenerateConfig, tasks: list[dict]) -> list[dict]:
     return ds.take_all()
 
 
+def _remove_partial(out: Path) -> None:
+    """Temporary shard files of a worker that died mid-write (killed, or its node lost)."""
+    for tmp in out.glob(f"shards/{SPLIT}/.*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
 def _finalize(out: Path, tasks: list[dict], header: dict, spec: ConditioningSpec) -> None:
+    _remove_partial(out)  # every shard is complete: what is left of a lost worker's attempt goes
     rows, shards = [], []
     for t in tasks:
         p = out / t["path"]

@@ -3,7 +3,8 @@
 A plan is resolved against the model directory before any work starts: every value must be in the
 model's vocabularies (UnknownValueError lists the valid ones), and every type and site must have had
 training tiles, because a vocabulary entry with no training tiles has an untrained embedding (the
-dataset's vocabularies also hold held-out sites). Each resolved row is flagged `seen` when its
+dataset's vocabularies also hold held-out sites), and a continuous value (age) must lie in the range
+the model was trained on (refused otherwise, naming the range). Each resolved row is flagged `seen` when its
 (type, site) pair occurred in training, so fidelity can be reported separately for unseen pairs.
 
 A model conditioned on cancer type only (a class-only baseline) takes explicit rows without sites;
@@ -181,6 +182,13 @@ def check_conditions(spec: ConditioningSpec, cond: dict, where: str) -> dict:
                 x = clean_continuous(v)
             except (SchemaError, ValueError):
                 raise PlanError(f"{where}: {k} must be a number (or missing), got {v!r}") from None
+            c = next(c for c in spec.continuous if c.name == k)
+            if c.min is not None and not math.isnan(x) and not c.min <= x <= c.max:
+                # refused, not clamped: a clamped tile would be recorded with an age it was not made for
+                raise PlanError(
+                    f"{where}: {k} {x:g} is outside the range the model was trained on "
+                    f"({c.min:g} to {c.max:g}); choose a value in it"
+                )
             out[k] = None if math.isnan(x) else x
     return out
 

@@ -22,6 +22,7 @@ from ..ray_setup import check_job_paths, check_resource, ensure_ray
 from ..storage import is_remote, upload_folder
 from ..tracking import RunLogger, find_or_create_run, tracking_uri
 from .config import TrainConfig
+from .lease import RunLease
 from .loop import WorkerConfig, train_worker
 from .run_folder import (
     RUN_FILE,
@@ -162,6 +163,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     storage = absolute(cfg.run.storage_path)
     folder = RunFolder(storage, cfg.run.name)
+    with RunLease(folder):  # one driver per run: the record, the cleanup and the checkpoints are ours
+        return _train_leased(cfg, storage, folder)
+
+
+def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainResult:
     record = folder.read_json(RUN_FILE)
     if record is not None:  # a re-run: same training, and nothing to do once finished
         check_same_training(folder, cfg.run.name, record, cfg)
