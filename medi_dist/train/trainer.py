@@ -163,19 +163,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     storage = absolute(cfg.run.storage_path)
     folder = RunFolder(storage, cfg.run.name)
-    with RunLease(folder):  # one driver per run: the record, the cleanup and the checkpoints are ours
-        return _train_leased(cfg, storage, folder)
-
-
-def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainResult:
     record = folder.read_json(RUN_FILE)
     if record is not None:  # a re-run: same training, and nothing to do once finished
         check_same_training(folder, cfg.run.name, record, cfg)
         done = already_finished(record, cfg.steps)
         if done:
             return done
+    _preflight(cfg)  # a wrong path or resources the cluster lacks: refused before the run folder exists
+    with RunLease(folder):  # one driver per run: the record, the cleanup and the checkpoints are ours
+        return _train_leased(cfg, storage, folder)
+
+
+def _preflight(cfg: TrainConfig) -> None:
     verify_shards(cfg.data.dataset, cfg.data.splits)  # a wrong path fails before Ray starts
-    mcfg = model_config(cfg)
     if ensure_ray():  # a fixed local cluster: check CPUs and GPUs (an autoscaler would add nodes)
         workers = cfg.run.num_workers
         check_resource(
@@ -191,6 +191,11 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
                 f"training with run.use_gpu=true and {workers} worker(s)",
                 "set run.use_gpu=false (and run.mixed_precision=no) to train on CPU, or submit to a GPU cluster",
             )
+
+
+def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainResult:
+    record = folder.read_json(RUN_FILE)  # again, now that the run is ours
+    mcfg = model_config(cfg)
     stream = tile_stream(
         cfg.data.dataset,
         cfg.data.splits,
