@@ -78,6 +78,45 @@ def _check_world(cfg: DemoConfig, root: Path) -> None:
     path.write_text(json.dumps(want, indent=2))
 
 
+# What the demo writes under --out; an existing --out holding anything else is not a demo output.
+OUTPUTS = {
+    "demo.json",
+    "data",
+    "runs",
+    "synthetic-medi",
+    "synthetic-site-nulled",
+    "synthetic-class-only",
+    "reference-oracle",
+    "reference-noise",
+    "cache",
+    "real_vs_generated.png",
+    "results.json",
+    "results.txt",
+}
+
+
+def check_out(root: Path) -> None:
+    """Continue only a demo's own output: the demo writes data/, runs/, ... under --out, and pointed at
+    a dataset (or any other folder) it would mix its files into it."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise NotADirectoryError(f"--out {root} is a file; choose a folder for the demo's output")
+    if (root / "dataset.json").exists() or (root / "index.parquet").exists():
+        raise FileExistsError(
+            f"--out {root} is a dataset directory, not a demo output (the demo ingests its own "
+            "dataset into <out>/data); choose a new folder"
+        )
+    # .data.tmp-* / .data.old-*: an interrupted ingest of <out>/data
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in OUTPUTS and not p.name.startswith(".data."))
+    if foreign:
+        raise FileExistsError(
+            f"--out {root} holds files that are not the demo's ({', '.join(foreign[:5])}"
+            f"{' ...' if len(foreign) > 5 else ''}); choose a new folder, or an earlier demo's "
+            "output to continue it"
+        )
+
+
 def _ingest(cfg: DemoConfig, root: Path) -> Path:
     from .data import sources
     from .data.ingest import ingest
@@ -225,26 +264,27 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     t0 = time.time()
     uri = tracking_uri(cfg.tracking_uri)
+    root = Path(cfg.out).resolve()
+    check_out(root)  # refusals first: a wrong --out or another world is one line, no FAILED parent run
+    root.mkdir(parents=True, exist_ok=True)
+    _check_world(cfg, root)
     ensure_ray()  # first: a cluster that cannot be joined is reported before any work, not under the progress bar
     with job(uri, f"demo-{int(t0)}", "demo") as logger:  # the parent run: every run below is its child
-        return _run_demo(cfg, t0, uri, logger)
+        return _run_demo(cfg, t0, uri, logger, root)
 
 
-def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger) -> dict:
+def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger, root: Path) -> dict:
     from .evaluate.downstream import DownstreamConfig, compare
     from .evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
     from .generate.plan import GenerationPlan
     from .tracking import log_datasets, ui_link
     from .tracking import stage as child_run
 
-    root = Path(cfg.out).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     stages = tqdm(total=6, desc="demo", unit="stage", bar_format="{desc}: {n}/{total} stages |{bar}| {elapsed}")
 
     def stage(text: str) -> None:
         stages.set_description(f"demo: {text}")
 
-    _check_world(cfg, root)
     stage("ingest procedural dataset")
     ds = _ingest(cfg, root)
     index = pd.read_parquet(ds / "index.parquet")
@@ -281,7 +321,7 @@ def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger) -> dict:
             synthetic=str(pools["medi"]),
             tracking_uri=uri,
             run_name="demo-fidelity-medi",
-            run_key=f"{root}/demo-fidelity-medi",  # another demo folder in the same store: its own run
+            run_key=f"{root}/demo-fidelity-medi/{logger.run_id}",  # each demo its own run (from its work's start)
         )
     )
     stages.update()

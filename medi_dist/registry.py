@@ -20,8 +20,10 @@ DEFAULT_CACHE = "medi-dist-cache/models"
 
 
 def log_model_dir(log: RunLogger, model_dir: str | Path, registered_name: str | None = None) -> str | None:
-    """Log `model_dir` as an MLflow pyfunc under the run; register it as `registered_name` (returns
-    the new version) when given."""
+    """Log `model_dir` (a local folder) as an MLflow pyfunc under the run; register it as
+    `registered_name` (returns the new version) when given. Upload and registration go through the
+    run's retrying sender: a server that is briefly down delays them (up to tracking.FINAL_WAIT_S,
+    then TrackingUnavailable); a registration retried after a lost answer does not add a version."""
     import mlflow.pyfunc
 
     from . import pyfunc_model
@@ -41,25 +43,34 @@ def log_model_dir(log: RunLogger, model_dir: str | Path, registered_name: str | 
             signature=pyfunc_model.signature(spec),
             metadata={"medi_dist_model_id": info["model_id"], "weights": info["weights"]},
         )
-        log.c.log_artifacts(log.run_id, str(local), MODEL_ARTIFACT)
+        # waits for the upload: the folder goes with this block
+        log.call("the MLflow model upload", lambda c: c.log_artifacts(log.run_id, str(local), MODEL_ARTIFACT))
     log.tags({"medi_dist.model_id": info["model_id"]})
     if not registered_name:
         return None
+    version = log.call(
+        f"registering the model as {registered_name!r}",
+        lambda c: _register(c, registered_name, log.run_id, info["model_id"]),
+    )
+    log.tags({"medi_dist.registered_model": f"{registered_name}/{version}"})
+    return version
+
+
+def _register(c, name: str, run_id: str, model_id: str) -> str:
+    """The version of registered model `name` made from this run's model: found (a retry after the
+    server made it but its answer was lost) or created."""
     from mlflow.exceptions import MlflowException
 
     try:
-        log.c.create_registered_model(registered_name)
+        c.create_registered_model(name)
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    mv = log.c.create_model_version(
-        registered_name,
-        f"runs:/{log.run_id}/{MODEL_ARTIFACT}",
-        run_id=log.run_id,
-        tags={"medi_dist.model_id": info["model_id"]},
-    )
-    log.tags({"medi_dist.registered_model": f"{registered_name}/{mv.version}"})
-    return mv.version
+    source = f"runs:/{run_id}/{MODEL_ARTIFACT}"
+    for mv in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if mv.tags.get("medi_dist.model_id") == model_id:
+            return mv.version
+    return c.create_model_version(name, source, run_id=run_id, tags={"medi_dist.model_id": model_id}).version
 
 
 def _requirements() -> list[str]:

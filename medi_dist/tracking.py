@@ -11,15 +11,23 @@ child; `MEDI_DIST_PARENT_RUN=NAME` (or `--parent-run NAME`) does the same across
 
 from __future__ import annotations
 
+import atexit
 import io
+import json
+import logging
 import os
 import tempfile
+import threading
+import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("medi_dist.tracking")
 
 DEFAULT_EXPERIMENT = "medi-dist"
 RUN_NAME_TAG = "medi_dist.run_name"
@@ -199,18 +207,46 @@ def stage(
 @contextmanager
 def system_metrics_logged(log: RunLogger, on: bool = True) -> Iterator[None]:
     """MLflow's system metrics (CPU, memory, disk, network, GPU when there is one) of this machine,
-    every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10), while the block runs."""
+    every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10) while the block runs, and once
+    at its end. MLflow's collectors and names (system/..., its System metrics tab), sent through the
+    run's retrying sender: MLflow's own monitor stops for good at the first request an outage fails."""
     if not on:
         yield
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(log.run_id, resume_logging=True, tracking_uri=log.uri)
-    monitor.start()
+    monitor = SystemMetricsMonitor(log.run_id, resume_logging=True, tracking_uri=log.uri)  # never started
+    stop = threading.Event()
+
+    def sample(step: int) -> None:
+        monitor.collect_metrics()
+        values = monitor.aggregate_metrics()
+        for m in monitor.monitors:
+            m.clear_metrics()
+        try:
+            log.metrics({f"system/{k}": v for k, v in values.items()}, step)
+        except Exception as e:  # noqa: BLE001 - refused by the server: the job goes on
+            logging.getLogger(__name__).warning("system metrics of run %s not logged: %s", log.run_id, e)
+
+    def loop() -> None:
+        step = getattr(monitor, "_logging_step", 0)  # after the points of an earlier (resumed) attempt
+        monitor.collect_metrics()  # CPU use is measured from one sample to the next
+        for m in monitor.monitors:
+            m.clear_metrics()
+        last = time.time()
+        while not stop.wait(monitor.sampling_interval):
+            sample(step)
+            step, last = step + 1, time.time()
+        if time.time() - last >= 1.0:  # the block's last stretch (a short block: its only point)
+            sample(step)
+
+    thread = threading.Thread(target=loop, name="mlflow-system-metrics", daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        monitor.finish()
+        stop.set()
+        thread.join()
 
 
 def dataset_digest(manifest: dict) -> str:
@@ -250,17 +286,68 @@ def log_datasets(log: RunLogger, datasets: dict[str, str | list[str]]) -> None:
                     [InputTag("mlflow.data.context", context), InputTag("medi_dist.tiles", str(m["tiles"]))],
                 )
             )
-    log.c.log_inputs(log.run_id, datasets=inputs)
+    log.inputs(inputs)
+
+
+# Outages: how long a caller waits for a call before leaving it queued, the longest pause between
+# retries, and how long finish()/flush() wait for the server to come back before spilling to a file.
+WAIT_S = 10.0
+BACKOFF_MAX_S = 30.0
+FINAL_WAIT_S = 300.0
+# MLflow error codes of a server that is down, restarting or overloaded (retried; others are the caller's)
+TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+
+
+def transient(e: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        return e.error_code in TRANSIENT_CODES
+    return isinstance(e, (OSError, ConnectionError, TimeoutError)) or type(e).__module__.startswith(
+        ("requests", "urllib3", "sqlalchemy")
+    )
+
+
+class _Call:
+    """One queued MLflow call; `done` is set once it was delivered or refused."""
+
+    def __init__(self, kind: str, payload: dict):
+        self.kind, self.payload, self.error = kind, payload, None
+        self.done = threading.Event()
+        self.result: Any = None  # what the call returned (RunLogger.call)
+        self.cancelled = False  # its caller stopped waiting (RunLogger.call): dropped, not sent
+
+    @property
+    def what(self) -> str:
+        return self.payload.get("what", self.kind)
+
+
+class TrackingUnavailable(RuntimeError):
+    """MLflow stayed unreachable for as long as a caller of RunLogger.call would wait."""
 
 
 class RunLogger:
-    """Thin wrapper over one MLflow run; safe to pickle into Ray workers (client made lazily)."""
+    """One MLflow run; safe to pickle into Ray workers (client and sender made lazily).
+
+    A tracking outage never ends a training, generation or study: every call goes through one sender
+    thread, in order, retried with backoff while the server is unreachable. A caller waits up to
+    WAIT_S for its call (so while the server is up, logging is synchronous and a refused call raises
+    as before); past that it goes on and the call stays queued, and later calls queue behind it
+    without waiting, until the server is back. finish()/flush() wait up to FINAL_WAIT_S for the queue
+    to drain, then write what is left to a JSON-lines file and say where."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id, self._c = uri, run_id, None
+        self._queue: deque[_Call] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.retries = 0  # failed attempts that were retried (outages seen)
 
     def __getstate__(self):
-        return {"uri": self.uri, "run_id": self.run_id, "_c": None}
+        return {"uri": self.uri, "run_id": self.run_id}
+
+    def __setstate__(self, state):
+        self.__init__(state["uri"], state["run_id"])
 
     @property
     def c(self):
@@ -268,32 +355,152 @@ class RunLogger:
             self._c = client(self.uri)
         return self._c
 
-    def params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+    # -- the sender ---------------------------------------------------------------------------------
 
-        existing = self.c.get_run(self.run_id).data.params
-        new = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if k not in existing]
-        for i in range(0, len(new), 100):
-            self.c.log_batch(self.run_id, params=new[i : i + 100])
+    def _send(self, kind: str, **payload) -> None:
+        call = _Call(kind, payload)
+        backlog = self._enqueue(call)
+        if not backlog and call.done.wait(WAIT_S) and call.error is not None:
+            raise call.error  # refused by a reachable server (a bad value): the caller's mistake, as before
+
+    def _enqueue(self, call: _Call) -> bool:
+        """Queue `call` for the sender; True when calls were waiting before it (an outage)."""
+        with self._cv:
+            backlog = bool(self._queue)
+            self._queue.append(call)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
+                self._thread.start()
+                atexit.register(self.flush)  # a process that ends without finish() still delivers
+            self._cv.notify()
+        return backlog
+
+    def call(self, what: str, fn: Callable[[Any], Any], timeout: float | None = None) -> Any:
+        """`fn(client)` through the sender, after every call queued before it and retried like them
+        while the server is unreachable (for calls that must finish before the caller goes on, e.g.
+        uploading a folder that is removed afterwards): its result, or the error of a server that
+        refused it. Past `timeout` (FINAL_WAIT_S) the call is dropped and TrackingUnavailable raised."""
+        call = _Call("call", {"what": what, "fn": fn})
+        self._enqueue(call)
+        wait = FINAL_WAIT_S if timeout is None else timeout
+        if not call.done.wait(wait):
+            call.cancelled = True
+            if not call.done.is_set():
+                raise TrackingUnavailable(f"MLflow at {self.uri} unreachable for {wait:.0f} s: {what} not done")
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _run(self) -> None:
+        delay = 1.0
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                call = self._queue[0]
+            if call.cancelled:  # its caller gave up on it: nothing to deliver
+                with self._cv:
+                    self._queue.popleft()
+                    self._cv.notify_all()
+                call.done.set()
+                continue
+            try:
+                call.result = self._do(call.kind, **call.payload)
+            except Exception as e:  # noqa: BLE001 - a logging failure must not end the job
+                if transient(e):
+                    self.retries += 1
+                    log.warning(
+                        "MLflow at %s unreachable (%s); %d call(s) queued, retrying in %.0f s",
+                        self.uri,
+                        str(e).splitlines()[0][:200],
+                        len(self._queue),
+                        delay,
+                    )
+                    time.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX_S)
+                    continue
+                call.error = e
+                log.warning("MLflow refused %s for run %s: %s", call.what, self.run_id, e)
+            delay = 1.0
+            with self._cv:
+                self._queue.popleft()
+                self._cv.notify_all()
+            call.done.set()
+
+    def _do(self, kind: str, **p) -> Any:
+        from mlflow.entities import Metric, Param
+
+        c = self.c
+        if kind == "params":
+            existing = c.get_run(self.run_id).data.params
+            new = [Param(k, v) for k, v in p["params"].items() if k not in existing]
+            for i in range(0, len(new), 100):
+                c.log_batch(self.run_id, params=new[i : i + 100])
+        elif kind == "metrics":
+            c.log_batch(self.run_id, metrics=[Metric(k, v, p["ts"], p["step"]) for k, v in p["metrics"].items()])
+        elif kind == "tags":
+            for k, v in p["tags"].items():
+                c.set_tag(self.run_id, k, v)
+        elif kind == "artifact":
+            with tempfile.TemporaryDirectory() as d:
+                f = Path(d) / p["name"]
+                f.write_bytes(p["data"])
+                c.log_artifact(self.run_id, str(f), p["folder"])
+        elif kind == "status":
+            c.update_run(self.run_id, status=p["status"])
+        elif kind == "inputs":
+            c.log_inputs(self.run_id, datasets=p["datasets"])
+        elif kind == "call":
+            return p["fn"](c)
+        elif kind == "terminated":
+            c.set_terminated(self.run_id, p["status"])
+            parent = c.get_run(self.run_id).data.tags.get(PARENT_TAG)
+            if parent and c.get_run(parent).data.tags.get(KIND_TAG) == "job":  # a named job ends with its last stage
+                c.set_terminated(parent, p["status"])
+
+    def flush(self, timeout: float | None = None) -> Path | None:
+        """Wait for every queued call (up to FINAL_WAIT_S); what is left goes to a JSON-lines file,
+        whose path is returned (None: all delivered)."""
+        deadline = time.time() + (FINAL_WAIT_S if timeout is None else timeout)
+        with self._cv:
+            while self._queue and time.time() < deadline:
+                self._cv.wait(min(1.0, max(deadline - time.time(), 0.01)))
+            left = list(self._queue)
+        if not left:
+            return None
+        spill = Path(tempfile.gettempdir()) / f"medi-dist-mlflow-{self.run_id}-{os.getpid()}.jsonl"
+        with open(spill, "a") as f:
+            for call in left:
+                if call.kind not in ("artifact", "call"):  # artifacts and uploads are counted, not copied
+                    f.write(json.dumps({"run_id": self.run_id, "kind": call.kind, **call.payload}, default=str) + "\n")
+        log.warning(
+            "MLflow at %s still unreachable after %.0f s: %d call(s) of run %s not delivered "
+            "(%d artifacts dropped); written to %s",
+            self.uri,
+            FINAL_WAIT_S if timeout is None else timeout,
+            len(left),
+            self.run_id,
+            sum(c.kind in ("artifact", "call") for c in left),
+            spill,
+        )
+        return spill
+
+    # -- what callers log ---------------------------------------------------------------------------
+
+    def params(self, params: dict[str, Any]) -> None:
+        self._send("params", params={k: str(v)[:6000] for k, v in flatten(params).items()})
 
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
-        self.c.log_batch(self.run_id, metrics=batch)
+        # stamped now: buffered points keep the time they were measured
+        self._send(
+            "metrics", metrics={k: float(v) for k, v in metrics.items()}, ts=int(time.time() * 1000), step=step or 0
+        )
 
     def tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.c.set_tag(self.run_id, k, str(v))
+        self._send("tags", tags={k: str(v) for k, v in tags.items()})
 
     def artifact_bytes(self, data: bytes, name: str, folder: str | None = None) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / name
-            p.write_bytes(data)
-            self.c.log_artifact(self.run_id, str(p), folder)
+        self._send("artifact", data=data, name=name, folder=folder)
 
     def figure(self, fig, name: str, folder: str | None = None) -> None:
         buf = io.BytesIO()
@@ -301,13 +508,15 @@ class RunLogger:
         self.artifact_bytes(buf.getvalue(), name, folder)
 
     def status(self, status: str) -> None:
-        self.c.update_run(self.run_id, status=status)
+        self._send("status", status=status)
+
+    def inputs(self, datasets: list) -> None:
+        """Dataset inputs (mlflow.entities.DatasetInput), as log_datasets builds them."""
+        self._send("inputs", datasets=datasets)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.c.set_terminated(self.run_id, status)
-        parent = self.c.get_run(self.run_id).data.tags.get(PARENT_TAG)
-        if parent and self.c.get_run(parent).data.tags.get(KIND_TAG) == "job":  # a named job ends with its last stage
-            self.c.set_terminated(parent, status)
+        self._send("terminated", status=status)  # a named job's parent run ends with it (see _do)
+        self.flush()
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

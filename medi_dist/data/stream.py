@@ -23,7 +23,8 @@ from PIL import Image
 from ray.data.datasource import FileShuffleConfig
 
 from ..metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec
-from .shards import INDEX, VOCAB, load_manifest, verify_shards
+from ..storage import Folder, is_remote, local_path
+from .shards import load_manifest, read_index, read_vocab, verify_shards
 
 log = logging.getLogger("medi_dist.data")
 IMAGE_COLUMN = "img"
@@ -61,6 +62,17 @@ class BadTileLedger:
 
     def summary(self) -> dict:
         return {"seen": self.seen, "skipped": len(self.bad), "bad": list(self.bad)}
+
+
+def _ledger_on_this_node():
+    """The ledger lives on the driver's node. Placed anywhere (num_cpus=0), it could land on a worker
+    node; losing that node would kill it, and every decode task after that would fail on it, also
+    those of the restarted Train workers, until the training ran out of `max_failures`
+    (tests/test_node_loss.py). The driver's node going away ends the job anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return BadTileLedger.options(scheduling_strategy=here).remote()
 
 
 def unify_image_member(name: str) -> str:
@@ -173,23 +185,24 @@ def tile_stream(
     it must cover every value in the data, or we stop with the mismatching values named.
     """
     cfg = cfg or StreamConfig()
-    root = Path(dataset_dir)
+    root = dataset_dir if is_remote(dataset_dir) else local_path(dataset_dir)  # object storage: read in place
     load_manifest(root)
     paths = verify_shards(root, splits)
     if not paths:
         raise ValueError(f"{root} has no shards for split(s) {list(splits)}")
-    data_spec = ConditioningSpec.load(root / VOCAB)
+    data_spec = read_vocab(root)
     if spec is None:
         spec = data_spec
     else:
         spec.check_compatible(data_spec, what=f"dataset {root}")
-    index = pd.read_parquet(root / INDEX)
+    index = read_index(root)
     index = index[index["split"].isin(list(splits))]
     weights = balance_weights(index, cfg.balance)
     balance_cols = ["cancer_type"] + (["tissue_source_site"] if cfg.balance == "type_site" else [])
-    ledger = BadTileLedger.remote()
+    ledger = _ledger_on_this_node()
     ds = ray.data.read_webdataset(
         [str(p) for p in paths],
+        filesystem=Folder(root).fs if is_remote(root) else None,
         decoder=None,
         filerename=unify_image_member,
         suffixes=[IMAGE_COLUMN, "json"],

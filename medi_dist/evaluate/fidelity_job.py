@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..data.shards import INDEX, load_manifest, verify_shards
-from ..metadata import UNKNOWN
+from ..data.shards import INDEX, load_manifest, local_dataset, verify_shards
+from ..metadata import MIN_TILE_PX, UNKNOWN
+from ..storage import Folder, is_remote
 from .classifiers import LinearProbe
 from .encoders import get_encoder
 from .fidelity import conditional_accuracy, fidelity_report, frechet_distance
@@ -63,11 +64,21 @@ class FidelityConfig:
     run_key: str | None = None  # the run to log into again (default: the run name); the demo keys it by its folder
     log_mlflow: bool = True
 
+    def __post_init__(self) -> None:
+        if self.resolution is not None and self.resolution < MIN_TILE_PX:
+            raise ValueError(
+                f"--resolution must be at least {MIN_TILE_PX} px (leave it out to compare at the "
+                f"synthetic tiles' size), got {self.resolution}"
+            )
+
+
+GENERATION_KEYS = ("model_id", "sampler", "steps", "guidance", "weights", "generation")  # of generation.json
+
 
 def read_tiles(root: str | Path, splits: list[str] | None, resolution: int | None, limit: int | None = None):
     """(uint8 tiles (N, R, R, 3), index rows) for the tiles of `splits` (None: all), shard by shard;
     `limit`: only the first tiles of the index (e.g. one, to learn the tile size)."""
-    root = Path(root)
+    root = local_dataset(root)  # object storage: a verified local copy
     load_manifest(root)
     index = pd.read_parquet(root / INDEX)
     if splits is not None:
@@ -148,39 +159,46 @@ def _seen(synth: pd.DataFrame, real: pd.DataFrame) -> np.ndarray:
     return np.array([p in pairs for p in zip(synth[TYPE], synth[SITE])])
 
 
-def calibrated_probes(
-    enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | Path, r_idx: pd.DataFrame, seed: int, per_pair: int = 24
-) -> dict:
+class CalibratedProbes:
     """Procedural data only: type and stain probes trained on ground-truth renderings of *every*
     (type, site) pair, so neither can read one through the other (on real tiles each site belongs to
-    one type). Each is reported next to its ceiling, its accuracy on fresh renderings. Leakage: the
-    share of unseen-pair tiles whose predicted type is the one that owns the requested site."""
-    from ..data.procedural import render_tiles
+    one type). `ceiling` is their accuracy on fresh renderings. Leakage: the share of unseen-pair
+    tiles whose predicted type is the one that owns the requested site. Fit once, score many pools
+    (a learning curve scores one per checkpoint)."""
 
-    types = sorted(r_idx[TYPE].astype(str).unique())
-    sites = sorted(set(r_idx[SITE].astype(str)) | set(s_idx[SITE].astype(str)) - {UNKNOWN})
-    owner = r_idx.groupby(SITE)[TYPE].agg(lambda v: v.astype(str).value_counts().index[0]).to_dict()
-    native, res = tile_size(real), s_img.shape[1]
+    def __init__(self, enc, real: str | Path, r_idx: pd.DataFrame, seed: int, resolution: int, sites=(), per_pair=24):
+        from ..data.procedural import render_tiles
 
-    def render(tag: int, n: int):
-        pairs = [(t, s) for t in types for s in sites for _ in range(n)]
-        img = render_tiles(
-            pairs,
-            [[seed, tag, zlib.crc32(f"{t}/{s}".encode()), i] for i, (t, s) in enumerate(pairs)],
-            native,
-            scanner_lines(real),
-        )
-        if native != res:  # as real tiles reach the model: stored at full size, resized by the stream
-            img = np.stack([np.asarray(Image.fromarray(x).resize((res, res), Image.BILINEAR)) for x in img])
-        return img, np.array([t for t, _ in pairs]), np.array([s for _, s in pairs])
+        self.enc, self.per_pair = enc, per_pair
+        types = sorted(r_idx[TYPE].astype(str).unique())
+        sites = sorted(set(r_idx[SITE].astype(str)) | set(sites) - {UNKNOWN})
+        self.owner = r_idx.groupby(SITE)[TYPE].agg(lambda v: v.astype(str).value_counts().index[0]).to_dict()
+        native, lines = tile_size(real), scanner_lines(real)
 
-    fit_img, fit_t, fit_s = render(1, per_pair)
-    type_probe = LinearProbe(seed=seed).fit(enc.encode(fit_img), fit_t)
-    stain_probe = LinearProbe(seed=seed).fit(stain_features(fit_img), fit_s)
-    trained = set(zip(r_idx[TYPE].astype(str), r_idx[SITE].astype(str)))
+        def render(tag: int, n: int):
+            pairs = [(t, s) for t in types for s in sites for _ in range(n)]
+            img = render_tiles(
+                pairs,
+                [[seed, tag, zlib.crc32(f"{t}/{s}".encode()), i] for i, (t, s) in enumerate(pairs)],
+                native,
+                lines,
+            )
+            if native != resolution:  # as real tiles reach the model: stored at full size, resized by the stream
+                img = np.stack(
+                    [np.asarray(Image.fromarray(x).resize((resolution, resolution), Image.BILINEAR)) for x in img]
+                )
+            return img, np.array([t for t, _ in pairs]), np.array([s for _, s in pairs])
 
-    def score(img, want_t, want_s, seen):
-        pt, ps = type_probe.predict(enc.encode(img)), stain_probe.predict(stain_features(img))
+        fit_img, fit_t, fit_s = render(1, per_pair)
+        self.type_probe = LinearProbe(seed=seed).fit(enc.encode(fit_img), fit_t)
+        self.stain_probe = LinearProbe(seed=seed).fit(stain_features(fit_img), fit_s)
+        trained = set(zip(r_idx[TYPE].astype(str), r_idx[SITE].astype(str)))
+        gt_img, gt_t, gt_s = render(2, max(per_pair // 2, 4))
+        self.ceiling = self.score(gt_img, gt_t, gt_s, np.array([p in trained for p in zip(gt_t, gt_s)]))
+
+    def score(self, img: np.ndarray, want_t: np.ndarray, want_s: np.ndarray, seen: np.ndarray) -> dict:
+        pt = self.type_probe.predict(self.enc.encode(img))
+        ps = self.stain_probe.predict(stain_features(img))
         has_site = want_s != UNKNOWN
         out = {}
         for part, mask in (("seen", seen), ("unseen", ~seen)):
@@ -192,16 +210,21 @@ def calibrated_probes(
                 "joint_accuracy": _rate((pt == want_t) & (ps == want_s), site_mask),
             }
         leak = ~seen & has_site
-        out["unseen"]["leakage"] = _rate(pt == np.array([owner.get(s, "") for s in want_s]), leak)
+        out["unseen"]["leakage"] = _rate(pt == np.array([self.owner.get(s, "") for s in want_s]), leak)
         return out
 
-    gt_img, gt_t, gt_s = render(2, max(per_pair // 2, 4))
+
+def calibrated_probes(
+    enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | Path, r_idx: pd.DataFrame, seed: int, per_pair: int = 24
+) -> dict:
+    """The calibrated probes (CalibratedProbes) fit for one synthetic pool and scored on it."""
+    probes = CalibratedProbes(enc, real, r_idx, seed, s_img.shape[1], s_idx[SITE].astype(str), per_pair)
     st, ss = s_idx[TYPE].astype(str).to_numpy(), s_idx[SITE].astype(str).to_numpy()
     return {
         "probes": "trained on ground-truth renderings of every (type, site) pair",
         "per_pair": per_pair,
-        "synthetic": score(s_img, st, ss, _seen(s_idx, r_idx)),
-        "ceiling": score(gt_img, gt_t, gt_s, np.array([p in trained for p in zip(gt_t, gt_s)])),
+        "synthetic": probes.score(s_img, st, ss, _seen(s_idx, r_idx)),
+        "ceiling": probes.ceiling,
     }
 
 
@@ -229,6 +252,19 @@ def evaluate_fidelity(cfg: FidelityConfig) -> dict:
             + " (generated by a model of another dataset?); compare it with the dataset its model was "
             "trained on"
         )
+    if not cfg.log_mlflow:
+        return _evaluate(cfg, enc)
+    from ..tracking import ended_as
+
+    with ended_as(_open_run(cfg)) as logger:  # FAILED (KILLED on Ctrl-C) if the evaluation does not finish
+        result = _evaluate(cfg, enc)
+        _log_results(logger, result)
+    result["mlflow_run_id"] = logger.run_id
+    return result
+
+
+def _evaluate(cfg: FidelityConfig, enc) -> dict:
+    """The evaluation itself: read both datasets, encode, score; writes the results JSON."""
     s_img, s_idx = read_tiles(cfg.synthetic, None, cfg.resolution)
     res = int(s_img.shape[1])
     r_img, r_idx = read_tiles(cfg.real, cfg.real_splits, res)
@@ -270,7 +306,7 @@ def evaluate_fidelity(cfg: FidelityConfig) -> dict:
         "encoder": getattr(enc, "name", cfg.encoder),
         "resolution": res,
         "real_splits": cfg.real_splits,
-        "generation": {k: gen.get(k) for k in ("model_id", "sampler", "steps", "guidance", "weights", "generation")},
+        "generation": {k: gen.get(k) for k in GENERATION_KEYS},
         "fd": {
             "overall": fd["overall"],
             "mean_group_fd": fd["mean_group_fd"],
@@ -294,27 +330,40 @@ def evaluate_fidelity(cfg: FidelityConfig) -> dict:
             else None
         ),
     }
-    out = Path(cfg.out) if cfg.out else Path(cfg.synthetic) / "fidelity.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    if cfg.log_mlflow:
-        result["mlflow_run_id"] = _log_mlflow(cfg, result, out)
+    out = cfg.out or f"{str(cfg.synthetic).rstrip('/')}/fidelity.json"
+    if is_remote(out):
+        Folder(out.rsplit("/", 1)[0]).write_bytes(
+            out.rsplit("/", 1)[1], json.dumps(result, indent=2, default=str).encode()
+        )
+    else:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
     return result
 
 
-def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path) -> str:
+def _open_run(cfg: FidelityConfig):
+    """The evaluation's MLflow run, opened (or, for a re-evaluation into the same run, set running
+    again) before the work, with its inputs: its duration is the evaluation's."""
     from ..tracking import RunLogger, find_or_create_run, log_datasets, tracking_uri
 
     uri = tracking_uri(cfg.tracking_uri)
     name = cfg.run_name or f"fidelity-{Path(cfg.synthetic).resolve().name}"
     run_id = find_or_create_run(uri, name, cfg.experiment, tags={"medi_dist.kind": "fidelity"}, key=cfg.run_key)
     logger = RunLogger(uri, run_id)
+    logger.status("RUNNING")
+    gen = load_manifest(cfg.synthetic).get("generation", {})
     logger.params(
         {
             **{k: v for k, v in asdict(cfg).items() if k not in ("tracking_uri", "log_mlflow")},
-            **{f"generation.{k}": v for k, v in result["generation"].items()},
+            **{f"generation.{k}": gen.get(k) for k in GENERATION_KEYS},
         }
     )
+    log_datasets(logger, {"real": cfg.real, "synthetic": cfg.synthetic})
+    return logger
+
+
+def _log_results(logger, result: dict) -> None:
     metrics = {"fd_overall": result["fd"]["overall"], "fd_mean_group": result["fd"]["mean_group_fd"]}
     for part, d in result["conditional_accuracy"].items():
         metrics.update({f"{part}_{k}": v for k, v in _finite(d).items()})
@@ -326,7 +375,4 @@ def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path) -> str:
     if len(result["fd"]["groups"]) <= 500:  # per-subgroup curves; larger studies keep them in the JSON
         metrics.update({f"fd_group/{g}": v["fd"] for g, v in result["fd"]["groups"].items()})
     logger.metrics(_finite(metrics))
-    log_datasets(logger, {"real": cfg.real, "synthetic": cfg.synthetic})
-    logger.artifact_bytes(out.read_bytes(), "fidelity.json", "fidelity")
-    logger.finish()
-    return run_id
+    logger.artifact_bytes(json.dumps(result, indent=2, default=str).encode(), "fidelity.json", "fidelity")

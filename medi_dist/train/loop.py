@@ -328,3 +328,5 @@ def train_worker(config: dict) -> None:
         else:  # shard exhausted: next epoch
             pos.epoch, pos.batches_in_epoch = pos.epoch + 1, 0
     checkpoint(parts, pos, cfg, window, logger, final=pos.step >= steps)
+    if logger:
+        logger.flush()  # metrics queued during a tracking outage: delivered (or spilled) before the worker ends
