@@ -61,7 +61,7 @@ class FidelityConfig:
     tracking_uri: str | None = None
     experiment: str = "medi-dist"
     run_name: str | None = None  # default: fidelity-<synthetic dir name>
-    run_key: str | None = None  # the run to log into again (default: the run name); the demo keys it by its folder
+    run_key: str | None = None  # the run to log into again (default: the run name); the demo: one per demo run
     log_mlflow: bool = True
 
     def __post_init__(self) -> None:
