@@ -224,16 +224,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDI_DIST_CACHE") or Path.home() / ".cache" / "medi-dist")
 
 
+def upload_names(local: Path, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The files `upload_folder` copies: all but dot-names (temp files) and the top-level
+    entries in `leave_out`."""
+    return sorted(
+        rel
+        for p in local.rglob("*")
+        if p.is_file()
+        and not p.name.startswith(".")
+        and (rel := str(p.relative_to(local))).split("/", 1)[0] not in leave_out
+    )
+
+
 def upload_folder(
-    local: Path, uri: str, last: tuple[str, ...] = (COMPLETE_MARKER,), skip_present: bool = False
+    local: Path,
+    uri: str,
+    last: tuple[str, ...] = (COMPLETE_MARKER,),
+    skip_present: bool = False,
+    leave_out: tuple[str, ...] = (),
 ) -> None:
     """Copy a local folder to `uri`, the names in `last` after everything else (in that order), so a
     reader never sees a marker whose files are not all there. Files are uploaded whole (object
-    stores have no partial objects); temp files (`.name.tmp-*`) are not copied. `skip_present`:
-    files other than `last` already there with the same size were uploaded by workers (shards)."""
+    stores have no partial objects); temp files (`.name.tmp-*`) and the top-level entries in
+    `leave_out` are not copied. `skip_present`: files other than `last` already there with the
+    same size were uploaded by workers (shards)."""
     dest = Folder(uri)
     dest.check_bucket()
-    names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
+    names = upload_names(local, leave_out)
     there = dest.files() if skip_present else {}
     for rel in [n for n in names if n not in last] + [n for n in last if n in names]:
         if rel not in last and rel in there and there[rel][0] == (local / rel).stat().st_size:
