@@ -358,7 +358,8 @@ def _remove(folder: Folder) -> None:
     if folder.remote:
         if not folder.is_empty():
             folder.delete_all()
-            folder.fs.delete_dir(folder.root)
+        if folder.fs.get_file_info(folder.root).type != folder._pafs.FileType.NotFound:
+            folder.fs.delete_dir(folder.root)  # a directory marker (S3); on GCS the prefix is gone with its objects
     else:
         shutil.rmtree(folder.root, ignore_errors=True)
 
