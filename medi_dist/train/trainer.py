@@ -14,7 +14,7 @@ from pathlib import Path
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ..data.shards import read_index, verify_shards
+from ..data.shards import group_counts, verify_shards
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
 from ..paths import absolute
@@ -223,9 +223,7 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
         folder.write_json(RUN_FILE, record)
     note_steps_raised(folder, cfg.run.name, record, cfg.steps, logger)
     remove_unregistered(folder)
-    index = read_index(cfg.data.dataset)
-    train_rows = index[index["split"].isin(cfg.data.splits)]
-    pairs = sorted(set(zip(train_rows["cancer_type"], train_rows["tissue_source_site"])))
+    pairs = sorted(group_counts(cfg.data.dataset, cfg.data.splits)[0])  # not the whole index (soak)
     worker = WorkerConfig(cfg, mcfg, spec, pairs, uri, run_id)
     trainer = TorchTrainer(
         train_worker,
