@@ -30,8 +30,9 @@ from ..metadata import clean_category, clean_continuous
 CHUNK_ROWS = 8192
 
 
-def chunks(loaders: Iterable[Callable[[], list[dict]]], rows: int = CHUNK_ROWS) -> Iterator[list[dict]]:
+def chunks(loaders: Iterable[Callable[[], list[dict]]], rows: int | None = None) -> Iterator[list[dict]]:
     """The rows of each loader (a unit's index rows), in order, cut into lists of `rows` rows."""
+    rows = rows or CHUNK_ROWS
     buf: list[dict] = []
     for load in loaders:
         buf += load()
