@@ -352,14 +352,14 @@ def test_training_started_while_the_server_is_down(ray_cluster, proc_dataset, tm
     try:
         t.join(timeout=900)
         res = done["res"]
-        assert res.metrics["step"] == 40 and res.model_dir is not None and res.run_id
-        assert [r["info"]["run_id"] for r in _runs_named(api, "medi-dist", "down-at-start")] == [res.run_id]
-        steps = sorted({p["step"] for p in _history(api, res.run_id, "loss")})
+        assert res.metrics["step"] == 40 and res.model_dir is not None and res.mlflow_run_id
+        assert [r["info"]["run_id"] for r in _runs_named(api, "medi-dist", "down-at-start")] == [res.mlflow_run_id]
+        steps = sorted({p["step"] for p in _history(api, res.mlflow_run_id, "loss")})
         assert steps == list(range(2, 41, 2)), steps
-        run = requests.get(f"{api}/runs/get", params={"run_id": res.run_id}, timeout=10).json()["run"]
+        run = requests.get(f"{api}/runs/get", params={"run_id": res.mlflow_run_id}, timeout=10).json()["run"]
         assert run["info"]["status"] == "FINISHED"
         assert {"steps", "seed"} <= {p["key"] for p in run["data"]["params"]}
         assert not list((run_dir / "mlflow-spill").glob("*.jsonl"))  # delivered, then removed
-        assert (run_dir / "medi-dist-run.json").read_text().count(res.run_id) == 1
+        assert (run_dir / "medi-dist-run.json").read_text().count(res.mlflow_run_id) == 1
     finally:
         stop_server(server)

@@ -42,7 +42,7 @@ log = logging.getLogger("medi_dist.train")
 class TrainResult:
     model_dir: Path | None  # None when the run stopped early (stop_after); re-run to resume
     metrics: dict
-    mlflow_run_id: str
+    mlflow_run_id: str | None  # None: the server stayed down, calls left in <run folder>/mlflow-spill
     skipped_tiles: int
     finished_before: bool = False  # the run had already reached `steps`: nothing was trained
 
