@@ -268,7 +268,7 @@ class RunLogger:
             for call in left
             if call.kind != "artifact"  # artifacts are counted, not copied
         )
-        name = f"medi-dist-mlflow-{self.run_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        name = f"medi-dist-mlflow-{self.run_id or 'no-run'}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         spill = write_spill(self.spill_dir, name, lines)
         why = (
             "unreachable when the run was to be created"
