@@ -223,7 +223,8 @@ class RunLogger:
                 log.warning("MLflow refused %s for run %s: %s", call.kind, self.run_id, e)
             delay = 1.0
             with self._cv:
-                self._queue.popleft()
+                if self._queue and self._queue[0] is call:  # not already spilled by flush()
+                    self._queue.popleft()
                 self._cv.notify_all()
             call.done.set()
 
@@ -251,16 +252,18 @@ class RunLogger:
         elif kind == "terminated":
             c.set_terminated(self.run_id, p["status"])
 
-    def flush(self, timeout: float | None = None) -> Path | None:
-        """Wait for every queued call (up to FINAL_WAIT_S); what is left goes to a JSON-lines file,
-        whose path is returned (None: all delivered)."""
+    def flush(self, timeout: float | None = None) -> str | None:
+        """Wait for every queued call (up to FINAL_WAIT_S); what is left leaves the queue for a
+        JSON-lines file, whose path is returned (None: all delivered). A call in flight at that moment
+        may still arrive as well (then it is there twice after upload_spills)."""
         deadline = time.time() + (FINAL_WAIT_S if timeout is None else timeout)
         with self._cv:
             while self._queue and self.run_id is not None and time.time() < deadline:
                 self._cv.wait(min(1.0, max(deadline - time.time(), 0.01)))
             left = list(self._queue)
-            if self.run_id is None:
-                self._queue.clear()
+            self._queue.clear()  # spilled below, uploaded later: not also sent (nor waited for at exit)
+        for call in left:
+            call.done.set()
         if not left:
             return None
         lines = "".join(
