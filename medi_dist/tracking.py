@@ -14,6 +14,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,21 @@ def find_or_create_run(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     key: str | None = None,
+    wait_s: float | None = None,
 ) -> str:
-    """The run tagged with `key` (default: the run name), so a resumed job keeps its run, or a new one."""
+    """The run tagged with `key` (default: the run name), so a resumed job keeps its run, or a new one.
+    A server that is down or restarting is retried with backoff for up to `wait_s` (default
+    run_wait_s()); then TrackingUnavailable. Found by its tag on every try, so a create whose answer
+    was lost is not made twice."""
+    return retrying(
+        lambda: _find_or_create_run(uri, run_name, experiment, tags, parent_run_id, key),
+        f"creating MLflow run {run_name!r}",
+        uri,
+        wait_s,
+    )
+
+
+def _find_or_create_run(uri, run_name, experiment, tags, parent_run_id, key) -> str:
     c = client(uri)
     exp = experiment_id(c, experiment)
     key = key or run_name
@@ -83,6 +97,35 @@ BACKOFF_MAX_S = 30.0
 FINAL_WAIT_S = 300.0
 # MLflow error codes of a server that is down, restarting or overloaded (retried; others are the caller's)
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stayed unreachable for the whole wait."""
+
+
+def run_wait_s() -> float:
+    """How long run creation waits for an unreachable server ($MEDI_DIST_MLFLOW_WAIT_S, default FINAL_WAIT_S)."""
+    return float(os.environ.get("MEDI_DIST_MLFLOW_WAIT_S", FINAL_WAIT_S))
+
+
+def retrying(fn, what: str, uri: str, wait_s: float | None = None):
+    """fn(), retried with backoff (1 s doubling to BACKOFF_MAX_S) while its errors are transient, for
+    up to `wait_s` (default run_wait_s()); then TrackingUnavailable. Other errors raise at once."""
+    deadline = time.time() + (run_wait_s() if wait_s is None else wait_s)
+    delay = 1.0
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not transient(e):
+                raise
+            left = deadline - time.time()
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if left <= 0:
+                raise TrackingUnavailable(f"{what}: MLflow at {uri} unreachable ({first})") from e
+            log.warning("%s: MLflow at %s unreachable (%s); retrying in %.0f s", what, uri, first, min(delay, left))
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, BACKOFF_MAX_S)
 
 
 def transient(e: BaseException) -> bool:
@@ -111,20 +154,23 @@ class RunLogger:
     WAIT_S for its call (so while the server is up, logging is synchronous and a refused call raises
     as before); past that it goes on and the call stays queued, and later calls queue behind it
     without waiting, until the server is back. finish()/flush() wait up to FINAL_WAIT_S for the queue
-    to drain, then write what is left to a JSON-lines file and say where."""
+    to drain, then write what is left to a JSON-lines file and say where: in `spill_dir` (a training
+    passes its run folder; upload_spills delivers it later), else the temp folder.
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id, self._c = uri, run_id, None
+    `run_id` None: the run could not be created (server down); every call goes to the spill file."""
+
+    def __init__(self, uri: str, run_id: str | None, spill_dir: str | None = None):
+        self.uri, self.run_id, self.spill_dir, self._c = uri, run_id, spill_dir, None
         self._queue: deque[_Call] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self.retries = 0  # failed attempts that were retried (outages seen)
 
     def __getstate__(self):
-        return {"uri": self.uri, "run_id": self.run_id}
+        return {"uri": self.uri, "run_id": self.run_id, "spill_dir": self.spill_dir}
 
     def __setstate__(self, state):
-        self.__init__(state["uri"], state["run_id"])
+        self.__init__(state["uri"], state["run_id"], state.get("spill_dir"))
 
     @property
     def c(self):
@@ -139,6 +185,10 @@ class RunLogger:
         with self._cv:
             backlog = bool(self._queue)
             self._queue.append(call)
+            if self.run_id is None:  # no run to send to: kept for the spill file
+                if len(self._queue) == 1:
+                    atexit.register(self.flush)
+                return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
                 self._thread.start()
@@ -173,7 +223,8 @@ class RunLogger:
                 log.warning("MLflow refused %s for run %s: %s", call.kind, self.run_id, e)
             delay = 1.0
             with self._cv:
-                self._queue.popleft()
+                if self._queue and self._queue[0] is call:  # not already spilled by flush()
+                    self._queue.popleft()
                 self._cv.notify_all()
             call.done.set()
 
@@ -201,26 +252,37 @@ class RunLogger:
         elif kind == "terminated":
             c.set_terminated(self.run_id, p["status"])
 
-    def flush(self, timeout: float | None = None) -> Path | None:
-        """Wait for every queued call (up to FINAL_WAIT_S); what is left goes to a JSON-lines file,
-        whose path is returned (None: all delivered)."""
+    def flush(self, timeout: float | None = None) -> str | None:
+        """Wait for every queued call (up to FINAL_WAIT_S); what is left leaves the queue for a
+        JSON-lines file, whose path is returned (None: all delivered). A call in flight at that moment
+        may still arrive as well (then it is there twice after upload_spills)."""
         deadline = time.time() + (FINAL_WAIT_S if timeout is None else timeout)
         with self._cv:
-            while self._queue and time.time() < deadline:
+            while self._queue and self.run_id is not None and time.time() < deadline:
                 self._cv.wait(min(1.0, max(deadline - time.time(), 0.01)))
             left = list(self._queue)
+            self._queue.clear()  # spilled below, uploaded later: not also sent (nor waited for at exit)
+        for call in left:
+            call.done.set()
         if not left:
             return None
-        spill = Path(tempfile.gettempdir()) / f"medi-dist-mlflow-{self.run_id}-{os.getpid()}.jsonl"
-        with open(spill, "a") as f:
-            for call in left:
-                if call.kind != "artifact":  # artifacts are counted, not copied
-                    f.write(json.dumps({"run_id": self.run_id, "kind": call.kind, **call.payload}, default=str) + "\n")
+        lines = "".join(
+            json.dumps({"run_id": self.run_id, "kind": call.kind, **call.payload}, default=str) + "\n"
+            for call in left
+            if call.kind != "artifact"  # artifacts are counted, not copied
+        )
+        name = f"medi-dist-mlflow-{self.run_id or 'no-run'}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        spill = write_spill(self.spill_dir, name, lines)
+        why = (
+            "unreachable when the run was to be created"
+            if self.run_id is None
+            else f"still unreachable after {FINAL_WAIT_S if timeout is None else timeout:.0f} s"
+        )
         log.warning(
-            "MLflow at %s still unreachable after %.0f s: %d call(s) of run %s not delivered "
-            "(%d artifacts dropped); written to %s",
+            "MLflow at %s %s: %d call(s) of run %s not delivered (%d artifacts dropped); written to %s "
+            "(upload_spills delivers them)",
             self.uri,
-            FINAL_WAIT_S if timeout is None else timeout,
+            why,
             len(left),
             self.run_id,
             sum(c.kind == "artifact" for c in left),
@@ -256,6 +318,49 @@ class RunLogger:
     def finish(self, status: str = "FINISHED") -> None:
         self._send("terminated", status=status)
         self.flush()
+
+
+# -- calls that could not be delivered: a JSON-lines file each, uploaded when the server is back --------
+
+
+def _fs(folder: str):
+    """(pyarrow filesystem, path) of a local folder or an object-storage URI."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+
+
+def write_spill(folder: str | None, name: str, text: str) -> str:
+    """Write `text` as `folder`/`name` (default: the temp folder); returns where."""
+    folder = folder or tempfile.gettempdir()
+    fs, root = _fs(folder)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{name}") as f:
+        f.write(text.encode())
+    return f"{folder.rstrip('/')}/{name}"
+
+
+def upload_spills(uri: str, run_id: str, folder: str, wait_s: float | None = None) -> int:
+    """Deliver the calls spilled into `folder` (RunLogger.flush) to run `run_id`, oldest file first,
+    each call retried while the server is unreachable (up to `wait_s` per call); a file is removed once
+    all its calls are in. Returns the calls delivered; TrackingUnavailable leaves the rest in place."""
+    import pyarrow.fs as pafs
+
+    fs, root = _fs(folder)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    files = sorted((i for i in infos if i.base_name.endswith(".jsonl")), key=lambda i: (i.mtime_ns or 0, i.path))
+    sender, n = RunLogger(uri, run_id), 0
+    for info in files:
+        with fs.open_input_stream(info.path) as f:
+            calls = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        for call in calls:
+            call.pop("run_id", None)
+            kind = call.pop("kind")
+            retrying(lambda kind=kind, call=call: sender._do(kind, **call), f"uploading spilled {kind}", uri, wait_s)
+            n += 1
+        fs.delete_file(info.path)
+        log.info("MLflow: %d spilled call(s) from %s delivered to run %s", len(calls), info.path, run_id)
+    return n
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

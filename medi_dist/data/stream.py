@@ -13,18 +13,18 @@ import hashlib
 import io
 import logging
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import ray
 from PIL import Image
 from ray.data.datasource import FileShuffleConfig
 
 from ..metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec
 from ..storage import Folder, is_remote, local_path
-from .shards import load_manifest, read_index, read_vocab, verify_shards
+from .shards import group_counts, load_manifest, read_vocab, verify_shards
 
 log = logging.getLogger("medi_dist.data")
 IMAGE_COLUMN = "img"
@@ -92,16 +92,17 @@ def decode_tile(data: bytes, resolution: int) -> np.ndarray:
     return arr.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
 
 
-def balance_weights(index: pd.DataFrame, mode: str) -> dict[str, float] | None:
-    """Per-group repetition weights so each group's expected share is equal (mean weight 1)."""
+def balance_weights(groups: Counter, mode: str, tiles: int) -> dict[str, float] | None:
+    """Per-group repetition weights so each group's expected share is equal (mean weight 1), from the
+    tiles per (cancer_type, tissue_source_site) and the tiles in all (shards.group_counts)."""
     if mode == "none":
         return None
-    cols = {"type": ["cancer_type"], "type_site": ["cancer_type", "tissue_source_site"]}.get(mode)
-    if cols is None:
+    if mode not in ("type", "type_site"):
         raise ValueError(f"balance must be none, type or type_site, not {mode!r}")
-    counts = index.groupby(cols).size()
-    w = len(index) / (len(counts) * counts)
-    return {"|".join(map(str, k if isinstance(k, tuple) else (k,))): float(v) for k, v in w.items()}
+    counts: Counter = Counter()
+    for (t, s), n in groups.items():
+        counts[(t, s) if mode == "type_site" else (t,)] += n
+    return {"|".join(map(str, k)): float(tiles / (len(counts) * n)) for k, n in sorted(counts.items())}
 
 
 def _repeats(keys: np.ndarray, weights: np.ndarray, seed: int) -> np.ndarray:
@@ -195,9 +196,8 @@ def tile_stream(
         spec = data_spec
     else:
         spec.check_compatible(data_spec, what=f"dataset {root}")
-    index = read_index(root)
-    index = index[index["split"].isin(list(splits))]
-    weights = balance_weights(index, cfg.balance)
+    counts, tiles = group_counts(root, splits)  # not the whole index: flat in the number of tiles (soak)
+    weights = balance_weights(counts, cfg.balance, tiles)
     balance_cols = ["cancer_type"] + (["tissue_source_site"] if cfg.balance == "type_site" else [])
     ledger = _ledger_on_this_node()
     ds = ray.data.read_webdataset(
@@ -217,4 +217,4 @@ def tile_stream(
         num_cpus=cfg.num_cpus,
     )
     ds.context.execution_options.preserve_order = cfg.deterministic  # this dataset's own context copy
-    return TileStream(ds, ledger, spec, int(len(index)), cfg.deterministic)
+    return TileStream(ds, ledger, spec, tiles, cfg.deterministic)

@@ -81,7 +81,8 @@ class WorkerConfig:
     spec: ConditioningSpec  # the conditions this model learns, with their vocabularies
     pairs: list[tuple[str, str]]  # (type, site) pairs of the training splits: the sample grids' cells
     tracking_uri: str
-    mlflow_run_id: str
+    mlflow_run_id: str | None  # None: the server was down when the run was to be created
+    spill_dir: str | None = None  # where calls MLflow did not take are written (the run folder's)
 
 
 @dataclass
@@ -279,7 +280,7 @@ def train_worker(config: dict) -> None:
     pos = resume(parts, rank)
     resumed, pos = pos is not None, pos or Position()
     prepare(parts, cfg)
-    logger = RunLogger(cfg.tracking_uri, cfg.mlflow_run_id) if rank == 0 else None
+    logger = RunLogger(cfg.tracking_uri, cfg.mlflow_run_id, cfg.spill_dir) if rank == 0 else None
     if logger and resumed:
         logger.metrics({"resumed_from_step": pos.step}, pos.step)  # every restart is visible in MLflow
     columns = unwrap(parts.model).condition_columns
