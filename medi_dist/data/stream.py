@@ -1,7 +1,7 @@
 """Ray Data stream: dataset shards -> decoded float tiles at model resolution + condition indices.
 
-Reading keeps raw bytes (per-row decoding in the reader is slow); decoding, resizing, condition
-encoding and balancing happen in `map_batches`. A tile that fails to decode, or whose bytes fail the
+Read tasks read slices of our tar shards and do everything in place: checksum, decode, resize,
+condition encoding, balancing (`TileShards`). A tile that fails to decode, or whose bytes fail the
 sha256 written into its json at ingest, is skipped and recorded with its key and shard in a small
 ledger actor; the stream aborts only when the skipped fraction passes `max_bad_fraction`, so one
 corrupt file never stops an hours-long job.
@@ -9,8 +9,10 @@ corrupt file never stops an hours-long job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import json
 import logging
 import zlib
 from dataclasses import dataclass
@@ -20,13 +22,13 @@ import numpy as np
 import pandas as pd
 import ray
 from PIL import Image
-from ray.data.datasource import FileShuffleConfig
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
-from ..metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec
-from .shards import INDEX, VOCAB, load_manifest, verify_shards
+from ..metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec, SchemaError
+from .shards import INDEX, MANIFEST, VOCAB, load_manifest, verify_shards
 
 log = logging.getLogger("medi_dist.data")
-IMAGE_COLUMN = "img"
 
 
 @dataclass
@@ -63,21 +65,19 @@ class BadTileLedger:
         return {"seen": self.seen, "skipped": len(self.bad), "bad": list(self.bad)}
 
 
-def unify_image_member(name: str) -> str:
-    """`key.jpg` / `key.png` -> `key.img`, so jpg and png shards share one column."""
-    stem, _, ext = name.rpartition(".")
-    return f"{stem}.{IMAGE_COLUMN}" if ext in ("jpg", "png") else name
-
-
-def decode_tile(data: bytes, resolution: int) -> np.ndarray:
-    """Encoded tile -> float32 CHW in [-1, 1] at `resolution`."""
+def decode_tile(data: bytes, resolution: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Encoded tile -> float32 CHW in [-1, 1] at `resolution` (written into `out` when given)."""
     with Image.open(io.BytesIO(data)) as im:
         if im.mode != "RGB":
             raise ValueError(f"mode {im.mode}, expected RGB")
         if im.size != (resolution, resolution):
             im = im.resize((resolution, resolution), Image.BILINEAR)
         arr = np.asarray(im, dtype=np.uint8)
-    return arr.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    if out is None:
+        out = np.empty((3, resolution, resolution), np.float32)
+    np.divide(arr.transpose(2, 0, 1), 127.5, out=out, dtype=np.float32)
+    out -= 1.0
+    return out
 
 
 def balance_weights(index: pd.DataFrame, mode: str) -> dict[str, float] | None:
@@ -98,46 +98,139 @@ def _repeats(keys: np.ndarray, weights: np.ndarray, seed: int) -> np.ndarray:
     return (np.floor(weights) + (u < weights - np.floor(weights))).astype(np.int64)
 
 
-class DecodeBatch:
-    """map_batches callable: bytes + json -> image tensor and condition columns."""
+def tar_members(data: bytes, path: str) -> list[tuple[str, int, int]]:
+    """(name, offset, size) of each file in an uncompressed tar held in memory. Our writers use plain
+    ustar headers; anything else (long-name or pax headers) goes through `tarfile` (slower)."""
+    out, pos, end = [], 0, len(data) - 512
+    while pos <= end:
+        hdr = data[pos:pos + 512]
+        if hdr[:1] == b"\0":  # end-of-archive block
+            break
+        if hdr[156:157] not in (b"0", b"\0") or hdr[257:262] != b"ustar":
+            return _tarfile_members(data, path)
+        name = hdr[:100].rstrip(b"\0").decode()
+        prefix = hdr[345:500].rstrip(b"\0").decode()
+        size = int(hdr[124:136].strip(b"\0 ") or b"0", 8)
+        out.append((f"{prefix}/{name}" if prefix else name, pos + 512, size))
+        pos += 512 + (size + 511) // 512 * 512
+    return out
 
-    def __init__(self, spec: ConditioningSpec, cfg: StreamConfig, weights: dict | None, ledger, balance_cols):
-        self.spec, self.cfg, self.weights, self.ledger, self.balance_cols = spec, cfg, weights, ledger, balance_cols
 
-    def __call__(self, batch: dict) -> dict:
-        import json
+def _tarfile_members(data: bytes, path: str) -> list[tuple[str, int, int]]:
+    import tarfile
 
-        images, rows, keys, bad = [], [], [], []
-        for key, url, data, meta in zip(batch["__key__"], batch["__url__"], batch[IMAGE_COLUMN], batch["json"]):
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    except tarfile.TarError as e:
+        raise SchemaError(f"shard {path} is not a readable tar ({e}); re-run `medi-dist ingest`") from None
+
+
+def shard_tiles(data: bytes, path: str) -> list[dict[str, tuple[int, int]]]:
+    """Per tile, in shard order: {"key": name, "img"/"json": (offset, size)}. Members of one key
+    must be adjacent (as our writers put them); otherwise we stop naming the shard."""
+    tiles, seen = [], set()
+    for name, off, size in tar_members(data, path):
+        key, _, ext = name.partition(".")
+        if not tiles or tiles[-1]["key"] != key:
+            if key in seen:
+                raise SchemaError(f"shard {path}: the members of key {key!r} are not adjacent; re-run `medi-dist "
+                                  f"ingest` (writers must put each key's members next to each other)")
+            seen.add(key)
+            tiles.append({"key": key})
+        tiles[-1]["img" if ext in ("jpg", "png") else ext] = (off, size)
+    return tiles
+
+
+@dataclass
+class SliceDecoder:
+    """What a read task runs on one slice of a shard: read the file, check, decode, encode, balance.
+    Kept apart from the shard list so each task pickles only this."""
+
+    spec: ConditioningSpec
+    cfg: StreamConfig
+    weights: dict | None
+    balance_cols: list[str]
+    ledger: "ray.actor.ActorHandle"
+
+    def __call__(self, path: str, n_tiles: int, chunk: np.ndarray):
+        with open(path, "rb") as f:
+            data = f.read()
+        tiles = shard_tiles(data, path)
+        if len(tiles) != n_tiles:
+            raise SchemaError(f"shard {path} holds {len(tiles)} tiles but {MANIFEST} lists {n_tiles}; "
+                              f"copy it again or re-run `medi-dist ingest`")
+        res = self.cfg.resolution
+        images = np.empty((len(chunk), 3, res, res), np.float32)
+        rows, keys, bad = [], [], []
+        for i in chunk:
+            t = tiles[i]
             try:
-                m = json.loads(meta)
-                if "sha256" in m and hashlib.sha256(data).hexdigest() != m["sha256"]:
+                if "img" not in t or "json" not in t:
+                    raise ValueError(f"has members {sorted(k for k in t if k != 'key')}, expected an image and a json")
+                img = data[t["img"][0]:t["img"][0] + t["img"][1]]
+                m = json.loads(data[t["json"][0]:t["json"][0] + t["json"][1]])
+                if "sha256" in m and hashlib.sha256(img).hexdigest() != m["sha256"]:
                     raise ValueError("tile bytes fail the sha256 recorded at ingest (altered or corrupted shard); "
                                      "check it with `medi-dist data stats --verify`")
-                images.append(decode_tile(data, self.cfg.resolution))
+                decode_tile(img, res, out=images[len(rows)])
                 rows.append(m)
-                keys.append(key)
+                keys.append(t["key"])
             except Exception as e:  # corrupt bytes, bad json: skip and count
-                log.warning("skipping tile %s in %s: %s", key, url, e)
-                bad.append({"key": str(key), "shard": str(url), "error": f"{type(e).__name__}: {e}"})
-        seen, nbad = ray.get(self.ledger.report.remote(len(batch["__key__"]), bad))
+                log.warning("skipping tile %s in %s: %s", t["key"], path, e)
+                bad.append({"key": t["key"], "shard": path, "error": f"{type(e).__name__}: {e}"})
+        seen, nbad = ray.get(self.ledger.report.remote(len(chunk), bad))
         if seen >= self.cfg.min_rows_for_abort and nbad / seen > self.cfg.max_bad_fraction:
             raise TooManyBadTiles(
                 f"{nbad} of {seen} tiles failed to decode (> max_bad_fraction={self.cfg.max_bad_fraction}); "
                 f"first: {bad[:1] or 'see logs'}. Check the shards with `medi-dist data stats --verify`."
             )
-        out = {"key": np.array(keys, dtype=object)}
-        out["image"] = np.stack(images) if images else np.zeros((0, 3, self.cfg.resolution, self.cfg.resolution), np.float32)
+        if not rows:  # an empty block would carry no column types
+            return
+        out = {"key": np.array(keys, dtype=object), "image": images[:len(rows)]}
         enc = [self.spec.encode_row(r) for r in rows]
         for v in self.spec.categorical:
             out[CONDITION_PREFIX + v.name] = np.array([e[CONDITION_PREFIX + v.name] for e in enc], dtype=np.int64)
         for c in self.spec.continuous:
             out[CONTINUOUS_PREFIX + c.name] = np.array([e[CONTINUOUS_PREFIX + c.name] for e in enc], dtype=np.float32)
-        if self.weights is not None and rows:
+        if self.weights is not None:
             w = np.array([self.weights.get("|".join(str(r[c]) for c in self.balance_cols), 1.0) for r in rows])
-            rep = _repeats(out["key"], w, self.cfg.seed)
-            out = {k: np.repeat(v, rep, axis=0) for k, v in out.items()}
-        return out
+            take = np.repeat(np.arange(len(rows)), _repeats(out["key"], w, self.cfg.seed))
+            out = {k: v[take] for k, v in out.items()}
+        yield BlockAccessor.batch_to_block(out)
+
+
+class TileShards(Datasource):
+    """Our tar shards, read and decoded inside Ray Data's read tasks.
+
+    Each read task decodes a slice of one shard (`batch_rows` tiles) into a single block. Before,
+    read_webdataset + map_batches made one Arrow row per tar member and moved the raw bytes through
+    the object store to a second stage before decoding (benchmarks/RESULTS.md has the profile).
+    Order: every shard's tiles and the list of slices are shuffled with (seed, execution index), so
+    each epoch has its own order and every run the same epochs; preserve_order keeps that order.
+    """
+
+    def __init__(self, shards: list[tuple[str, int]], decoder: SliceDecoder):
+        super().__init__()
+        self.shards, self.decoder = shards, decoder
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(n for _, n in self.shards) * 3 * self.decoder.cfg.resolution ** 2 * 4
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        cfg = self.decoder.cfg
+        epoch = getattr(data_context, "_execution_idx", 0)  # Ray counts executions per dataset
+        rng = np.random.default_rng([cfg.seed, epoch] if cfg.deterministic else None)
+        parts = []
+        for path, n in self.shards:
+            parts += [(path, n, chunk) for chunk in np.array_split(rng.permutation(n), -(-n // cfg.batch_rows))]
+        tile_bytes = 3 * cfg.resolution ** 2 * 4
+        return [ReadTask(functools.partial(self.decoder, path, n, chunk),
+                         BlockMetadata(num_rows=None, size_bytes=len(chunk) * tile_bytes, exec_stats=None,
+                                       input_files=[path]),
+                         per_task_row_limit=per_task_row_limit)
+                for path, n, chunk in (parts[i] for i in rng.permutation(len(parts)))]
 
 
 @dataclass
@@ -170,7 +263,7 @@ def tile_stream(dataset_dir: str | Path, splits=("train",), cfg: StreamConfig | 
     """
     cfg = cfg or StreamConfig()
     root = Path(dataset_dir)
-    load_manifest(root)
+    manifest = load_manifest(root)
     paths = verify_shards(root, splits)
     if not paths:
         raise ValueError(f"{root} has no shards for split(s) {list(splits)}")
@@ -184,15 +277,9 @@ def tile_stream(dataset_dir: str | Path, splits=("train",), cfg: StreamConfig | 
     weights = balance_weights(index, cfg.balance)
     balance_cols = ["cancer_type"] + (["tissue_source_site"] if cfg.balance == "type_site" else [])
     ledger = BadTileLedger.remote()
-    ds = ray.data.read_webdataset(
-        [str(p) for p in paths], decoder=None, filerename=unify_image_member,
-        suffixes=[IMAGE_COLUMN, "json"], num_cpus=cfg.num_cpus,
-        shuffle=FileShuffleConfig(seed=cfg.seed) if cfg.deterministic else "files",
-    )
-    # A plain function (not an actor pool) lets Ray Data fuse reading and decoding into one task.
-    ds = ds.map_batches(
-        DecodeBatch(spec, cfg, weights, ledger, balance_cols),
-        batch_size=cfg.batch_rows, batch_format="numpy", num_cpus=cfg.num_cpus,
-    )
+    tiles = {s["path"]: s["tiles"] for s in manifest["shards"]}
+    shards = [(str(p), tiles[p.relative_to(root).as_posix()]) for p in paths]
+    decoder = SliceDecoder(spec, cfg, weights, balance_cols, ledger)
+    ds = ray.data.read_datasource(TileShards(shards, decoder), num_cpus=cfg.num_cpus)
     ds.context.execution_options.preserve_order = cfg.deterministic  # this dataset's own context copy
     return TileStream(ds, ledger, spec, int(len(index)), cfg.deterministic)
