@@ -31,8 +31,13 @@ def ensure_dataset(root: Path, tiles: int, size: int) -> Path:
 
     ds = root / f"proc{size}_{tiles}"
     if not (ds / "dataset.json").exists():
-        ingest(sources.procedural(ProceduralConfig(n_tiles=tiles, size=size, seed=0)), ds,
-               SplitConfig(holdout_fraction=0.3), shard_mb=16, overwrite=True)
+        ingest(
+            sources.procedural(ProceduralConfig(n_tiles=tiles, size=size, seed=0)),
+            ds,
+            SplitConfig(holdout_fraction=0.3),
+            shard_mb=16,
+            overwrite=True,
+        )
     files = root / f"files{size}_{tiles}"
     if not files.exists():
         files.mkdir()
@@ -72,8 +77,13 @@ def dataloader_passes(files, resolution, workers, batch):
     """A function timing one full pass (the loader and its workers stay up between passes)."""
     from torch.utils.data import DataLoader
 
-    dl = DataLoader(JpegFiles(files, resolution), batch_size=batch, num_workers=workers, shuffle=True,
-                    persistent_workers=workers > 0)
+    dl = DataLoader(
+        JpegFiles(files, resolution),
+        batch_size=batch,
+        num_workers=workers,
+        shuffle=True,
+        persistent_workers=workers > 0,
+    )
     for _ in dl:  # warm-up pass (worker start, page cache)
         pass
 
@@ -82,6 +92,7 @@ def dataloader_passes(files, resolution, workers, batch):
         for x in dl:
             n += x.shape[0]
         return n / (time.perf_counter() - t)
+
     return one_pass
 
 
@@ -97,6 +108,7 @@ def stream_passes(ds, resolution, batch):
         for b in s.dataset.iter_batches(batch_size=batch, batch_format="numpy"):
             n += len(b["key"])
         return n / (time.perf_counter() - t)
+
     return one_pass
 
 
@@ -130,16 +142,25 @@ def main() -> None:
         dl.append(dl_pass())
         rs.append(rs_pass())
         load.append(os.getloadavg()[0])
-        print(f"repeat {i + 1}: PIL {pil[-1]:,.0f}, DataLoader {dl[-1]:,.0f}, stream {rs[-1]:,.0f} tiles/s, "
-              f"ratio {rs[-1] / dl[-1]:.2f}, load {load[-1]:.1f}", flush=True)
+        print(
+            f"repeat {i + 1}: PIL {pil[-1]:,.0f}, DataLoader {dl[-1]:,.0f}, stream {rs[-1]:,.0f} tiles/s, "
+            f"ratio {rs[-1] / dl[-1]:.2f}, load {load[-1]:.1f}",
+            flush=True,
+        )
     ratios = [r / d for r, d in zip(rs, dl)]
-    print(f"\n{len(files)} train tiles, {args.size}px JPEG -> {args.resolution}px float, {args.cpus} CPUs, "
-          f"batch {args.batch}, {args.repeats} repeats; 1-min load average {min(load):.1f}-{max(load):.1f} "
-          f"on {os.cpu_count()} cores")
-    print(f"| reader | tiles/s min / median / max |\n|---|---|\n| PIL decode, 1 core | {spread(pil)} |"
-          f"\n| PyTorch DataLoader ({args.cpus} workers) | {spread(dl)} |\n| medi-dist Ray Data stream | {spread(rs)} |")
-    print(f"ratio stream / DataLoader per repeat: {', '.join(f'{r:.2f}' for r in ratios)} "
-          f"(median {statistics.median(ratios):.2f}); stream per core: {statistics.median(rs) / args.cpus:,.0f} tiles/s")
+    print(
+        f"\n{len(files)} train tiles, {args.size}px JPEG -> {args.resolution}px float, {args.cpus} CPUs, "
+        f"batch {args.batch}, {args.repeats} repeats; 1-min load average {min(load):.1f}-{max(load):.1f} "
+        f"on {os.cpu_count()} cores"
+    )
+    print(
+        f"| reader | tiles/s min / median / max |\n|---|---|\n| PIL decode, 1 core | {spread(pil)} |"
+        f"\n| PyTorch DataLoader ({args.cpus} workers) | {spread(dl)} |\n| medi-dist Ray Data stream | {spread(rs)} |"
+    )
+    print(
+        f"ratio stream / DataLoader per repeat: {', '.join(f'{r:.2f}' for r in ratios)} "
+        f"(median {statistics.median(ratios):.2f}); stream per core: {statistics.median(rs) / args.cpus:,.0f} tiles/s"
+    )
 
 
 if __name__ == "__main__":

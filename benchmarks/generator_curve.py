@@ -40,8 +40,9 @@ TYPE, SITE = "cancer_type", "tissue_source_site"
 def world(args) -> Path:
     ds = Path(args.dataset)
     if not (ds / "dataset.json").exists():
-        scan = sources.procedural(ProceduralConfig(n_types=args.types, n_sites=args.sites, n_tiles=args.tiles,
-                                                   size=args.size, seed=args.seed))
+        scan = sources.procedural(
+            ProceduralConfig(n_types=args.types, n_sites=args.sites, n_tiles=args.tiles, size=args.size, seed=args.seed)
+        )
         ingest(scan, ds, SplitConfig(holdout_fraction=0.3, seed=args.seed), overwrite=True)
     return ds
 
@@ -50,15 +51,28 @@ def draw(model, spec, rows, args, owners=None) -> np.ndarray:
     """Tiles for rows; with `owners`, the owner-site composition of generate/writer.py."""
     imgs = []
     for i in range(0, len(rows), 64):
-        chunk = rows[i:i + 64]
+        chunk = rows[i : i + 64]
         cond, directions = encode_conditions(spec, chunk), []
         if owners:
             at_owner = [{TYPE: owners[r[SITE]], SITE: r[SITE]} for r in chunk]
             cond = encode_conditions(spec, [{TYPE: r[TYPE]} for r in chunk])
-            directions = [(encode_conditions(spec, at_owner), encode_conditions(spec, [{TYPE: r[TYPE]} for r in at_owner]),
-                           args.composition_scale)]
-        imgs.append(sample(model, cond, seeds=list(range(i, i + len(chunk))), sampler=args.sampler,
-                           steps=args.sampler_steps, directions=directions))
+            directions = [
+                (
+                    encode_conditions(spec, at_owner),
+                    encode_conditions(spec, [{TYPE: r[TYPE]} for r in at_owner]),
+                    args.composition_scale,
+                )
+            ]
+        imgs.append(
+            sample(
+                model,
+                cond,
+                seeds=list(range(i, i + len(chunk))),
+                sampler=args.sampler,
+                steps=args.sampler_steps,
+                directions=directions,
+            )
+        )
     return np.concatenate(imgs)
 
 
@@ -90,11 +104,18 @@ def evaluate(model, spec, index, ds, enc, args, owners=None) -> dict:
                     vals.append(frechet_distance(gen[m], gt[m]))
         fd["seen" if seen else "unseen"] = float(np.mean(vals)) if vals else float("nan")
     s, top = cal["synthetic"], cal["ceiling"]
-    return {"seen_type": s["seen"]["type_accuracy"], "seen_stain": s["seen"]["stain_accuracy"],
-            "unseen_type": s["unseen"]["type_accuracy"], "unseen_stain": s["unseen"]["stain_accuracy"],
-            "leakage": s["unseen"]["leakage"], "site_nulled_type": nulled["synthetic"]["seen"]["type_accuracy"],
-            "fd_vs_ground_truth_seen": fd["seen"], "fd_vs_ground_truth_unseen": fd["unseen"],
-            "ceiling_type": top["unseen"]["type_accuracy"], "ceiling_stain": top["unseen"]["stain_accuracy"]}
+    return {
+        "seen_type": s["seen"]["type_accuracy"],
+        "seen_stain": s["seen"]["stain_accuracy"],
+        "unseen_type": s["unseen"]["type_accuracy"],
+        "unseen_stain": s["unseen"]["stain_accuracy"],
+        "leakage": s["unseen"]["leakage"],
+        "site_nulled_type": nulled["synthetic"]["seen"]["type_accuracy"],
+        "fd_vs_ground_truth_seen": fd["seen"],
+        "fd_vs_ground_truth_unseen": fd["unseen"],
+        "ceiling_type": top["unseen"]["type_accuracy"],
+        "ceiling_stain": top["unseen"]["stain_accuracy"],
+    }
 
 
 def main(argv=None) -> int:
@@ -129,8 +150,12 @@ def main(argv=None) -> int:
     w = torch.tensor(1.0 / index.groupby(TYPE)["key"].transform("count").to_numpy())  # type-balanced, as the trainer
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    mcfg = ModelConfig.from_preset("small", sample_size=args.size, prediction_type=args.prediction_type,
-                                   cond_dropout={TYPE: args.type_dropout, SITE: args.site_dropout})
+    mcfg = ModelConfig.from_preset(
+        "small",
+        sample_size=args.size,
+        prediction_type=args.prediction_type,
+        cond_dropout={TYPE: args.type_dropout, SITE: args.site_dropout},
+    )
     model = ConditionedUNet(mcfg, spec)
     ema = EMA(model, 0.999)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.95, 0.999), weight_decay=1e-6)
@@ -153,17 +178,30 @@ def main(argv=None) -> int:
             shadow = ConditionedUNet(mcfg, spec)
             shadow.load_state_dict(model.state_dict())
             ema.copy_to(shadow)
-            row = {"step": step, "train_minutes": train_s / 60, "loss": float(loss.detach()),
-                   **evaluate(shadow, spec, index, ds, enc, args)}
+            row = {
+                "step": step,
+                "train_minutes": train_s / 60,
+                "loss": float(loss.detach()),
+                **evaluate(shadow, spec, index, ds, enc, args),
+            }
             if args.composition_scale > 0:
                 row["owner_site"] = evaluate(shadow, spec, index, ds, enc, args, owners)
             curve.append(row)
             print(json.dumps(row, default=lambda v: round(v, 3)), flush=True)
     if args.save:
-        save_model_dir(args.save, model, ema, extra_info={"name": "curve", "dataset": str(ds.resolve()), "steps": args.steps})
-    result = {"benchmark": "generator_curve", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-              "cpus": torch.get_num_threads(), "load_at_end": list(np.round(np.array(__import__("os").getloadavg()), 2)),
-              "settings": vars(args), "wall_minutes": (time.perf_counter() - t0) / 60, "curve": curve}
+        save_model_dir(
+            args.save, model, ema, extra_info={"name": "curve", "dataset": str(ds.resolve()), "steps": args.steps}
+        )
+    result = {
+        "benchmark": "generator_curve",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": torch.get_num_threads(),
+        "load_at_end": list(np.round(np.array(__import__("os").getloadavg()), 2)),
+        "settings": vars(args),
+        "wall_minutes": (time.perf_counter() - t0) / 60,
+        "curve": curve,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

@@ -44,29 +44,71 @@ def main(argv=None) -> int:
     root = Path(args.root) / ("stain-only" if args.stain_only else "lines")
     ds = root / "data"
     if not (ds / "dataset.json").exists():
-        ingest(sources.procedural(ProceduralConfig(n_types=args.types, n_sites=args.sites, n_tiles=args.tiles, size=32,
-                                                   seed=args.seed, scanner_lines=not args.stain_only)),
-               ds, SplitConfig(holdout_fraction=0.3, seed=args.seed), overwrite=True)
+        ingest(
+            sources.procedural(
+                ProceduralConfig(
+                    n_types=args.types,
+                    n_sites=args.sites,
+                    n_tiles=args.tiles,
+                    size=32,
+                    seed=args.seed,
+                    scanner_lines=not args.stain_only,
+                )
+            ),
+            ds,
+            SplitConfig(holdout_fraction=0.3, seed=args.seed),
+            overwrite=True,
+        )
     plan = GenerationPlan(mode="unseen-pairs", count=args.per_pair, seed=args.seed)
-    pools = {k: str(generate(GenerateConfig(model=None, reference=k, dataset=str(ds), out=str(root / k), plan=plan)).out)
-             for k in ("oracle", "noise")}
+    pools = {
+        k: str(generate(GenerateConfig(model=None, reference=k, dataset=str(ds), out=str(root / k), plan=plan)).out)
+        for k in ("oracle", "noise")
+    }
     t0 = time.perf_counter()
-    base = DownstreamConfig(real=str(ds), classifier="cnn", seeds=list(range(args.seeds)), image_size=32,
-                            allocation="uniform", cache_dir=str(root / "cache"), jitter=args.jitter)
-    arms = {"real only": {"ratio": 0.0}, "+ noise control": {"synthetic": [pools["noise"]], "ratio": 1.0},
-            "+ ground truth": {"synthetic": [pools["oracle"]], "ratio": 1.0},
-            "HED jitter": {"augment": "hed-jitter"}, "Macenko": {"normalize": "macenko"}}
+    base = DownstreamConfig(
+        real=str(ds),
+        classifier="cnn",
+        seeds=list(range(args.seeds)),
+        image_size=32,
+        allocation="uniform",
+        cache_dir=str(root / "cache"),
+        jitter=args.jitter,
+    )
+    arms = {
+        "real only": {"ratio": 0.0},
+        "+ noise control": {"synthetic": [pools["noise"]], "ratio": 1.0},
+        "+ ground truth": {"synthetic": [pools["oracle"]], "ratio": 1.0},
+        "HED jitter": {"augment": "hed-jitter"},
+        "Macenko": {"normalize": "macenko"},
+    }
     comp = compare(base, arms)
     print(comp.table())
-    contrasts = {f"{a} vs {b}": comp.deltas(b)[a] for a, b in (("+ ground truth", "real only"),
-                 ("+ ground truth", "+ noise control"), ("+ ground truth", "HED jitter"),
-                 ("+ noise control", "real only"), ("HED jitter", "real only"), ("Macenko", "real only"))}
+    contrasts = {
+        f"{a} vs {b}": comp.deltas(b)[a]
+        for a, b in (
+            ("+ ground truth", "real only"),
+            ("+ ground truth", "+ noise control"),
+            ("+ ground truth", "HED jitter"),
+            ("+ noise control", "real only"),
+            ("HED jitter", "real only"),
+            ("Macenko", "real only"),
+        )
+    }
     for name, d in contrasts.items():
-        print(f"{name}: " + ", ".join(f"{m} {d[m][0]:+.3f} ± {d[m][1]:.3f}" for m in ("balanced_accuracy", "worst_site_accuracy")))
-    result = {"benchmark": "protocol_arms", "date": time.strftime("%Y-%m-%d"), "settings": vars(args),
-              "classifier_minutes": (time.perf_counter() - t0) / 60, "load_at_end": os.getloadavg(),
-              "arms": {k: {"mean_sem": r.mean_sem, "per_seed": r.per_seed} for k, r in comp.results.items()},
-              "contrasts": contrasts, "metrics": list(METRIC_NAMES)}
+        print(
+            f"{name}: "
+            + ", ".join(f"{m} {d[m][0]:+.3f} ± {d[m][1]:.3f}" for m in ("balanced_accuracy", "worst_site_accuracy"))
+        )
+    result = {
+        "benchmark": "protocol_arms",
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": vars(args),
+        "classifier_minutes": (time.perf_counter() - t0) / 60,
+        "load_at_end": os.getloadavg(),
+        "arms": {k: {"mean_sem": r.mean_sem, "per_seed": r.per_seed} for k, r in comp.results.items()},
+        "contrasts": contrasts,
+        "metrics": list(METRIC_NAMES),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

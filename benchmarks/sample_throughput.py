@@ -32,14 +32,20 @@ def ensure_dataset(work: Path, args) -> Path:
 
     ds = work / f"proc{args.size}_{args.sites}s_{args.tiles}"
     if not (ds / "dataset.json").exists():
-        ingest(sources.procedural(ProceduralConfig(n_types=4, n_sites=args.sites, n_tiles=args.tiles, size=args.size,
-                                                   seed=1)), ds, SplitConfig(holdout_fraction=0.25, seed=1),
-               shard_mb=1, overwrite=True)
+        ingest(
+            sources.procedural(
+                ProceduralConfig(n_types=4, n_sites=args.sites, n_tiles=args.tiles, size=args.size, seed=1)
+            ),
+            ds,
+            SplitConfig(holdout_fraction=0.25, seed=1),
+            shard_mb=1,
+            overwrite=True,
+        )
     return ds
 
 
 def ensure_model(work: Path, ds: Path, args) -> Path:
-    from medi_dist.config import load_config
+    from medi_dist.config_loader import load_config
     from medi_dist.train.config import TrainConfig
     from medi_dist.train.trainer import train
 
@@ -48,13 +54,30 @@ def ensure_model(work: Path, ds: Path, args) -> Path:
     if (out / "config.json").exists():
         return out
     t0 = time.perf_counter()
-    cfg = load_config(TrainConfig, None, [
-        f"data.dataset={ds}", f"model.preset={args.preset}", f"model.resolution={args.resolution}",
-        "model.prediction_type=v_prediction", "optim.batch_size=32", "optim.lr=0.002", f"steps={args.train_steps}",
-        f"run.name={name}", f"run.storage_path={work / 'runs'}", f"run.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-        f"run.checkpoint_every={args.train_steps}", f"run.cpus_per_worker={args.cpus}", "run.log_every=100"])
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            f"data.dataset={ds}",
+            f"model.preset={args.preset}",
+            f"model.resolution={args.resolution}",
+            "model.prediction_type=v_prediction",
+            "optim.batch_size=32",
+            "optim.lr=0.002",
+            f"steps={args.train_steps}",
+            f"run.name={name}",
+            f"run.storage_path={work / 'runs'}",
+            f"run.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+            f"run.checkpoint_every={args.train_steps}",
+            f"run.cpus_per_worker={args.cpus}",
+            "run.log_every=100",
+        ],
+    )
     res = train(cfg)
-    print(f"trained {name}: {args.train_steps} steps in {time.perf_counter() - t0:.0f} s, loss {res.metrics.get('loss'):.4f}")
+    print(
+        f"trained {name}: {args.train_steps} steps in {time.perf_counter() - t0:.0f} s, "
+        f"loss {res.metrics.get('loss'):.4f}"
+    )
     return res.model_dir
 
 
@@ -112,8 +135,12 @@ def main() -> None:
 
     work = Path(args.work).resolve()  # absolute: Ray workers run in other directories (sqlite URI)
     work.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=max(2, int(args.workers * args.cpus) + 1), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(args.cpus)))}})
+    ray.init(
+        num_cpus=max(2, int(args.workers * args.cpus) + 1),
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(args.cpus)))}},
+    )
     ds = ensure_dataset(work, args)
     model = Path(args.model) if args.model else ensure_model(work, ds, args)
     info = read_model_info(model)
@@ -123,44 +150,103 @@ def main() -> None:
     rows = []
     for spec in args.configs.split(","):
         sampler, steps = spec.split(":")
-        out = work / "synthetic" / (f"{info['model_id']}-{sampler}-{steps}-g{args.guidance}-n{args.count}"
-                                    f"-{args.precision}{'-compiled' if args.compile else ''}")
+        out = (
+            work
+            / "synthetic"
+            / (
+                f"{info['model_id']}-{sampler}-{steps}-g{args.guidance}-n{args.count}"
+                f"-{args.precision}{'-compiled' if args.compile else ''}"
+            )
+        )
         stats_file = out.with_suffix(".stats.json")
         if args.fresh or not stats_file.exists():
-            r = generate(GenerateConfig(
-                model=str(model), out=str(out), plan=GenerationPlan(mode="unseen-pairs", count=args.count, seed=0),
-                sampling=SamplingSettings(sampler=sampler, steps=int(steps), guidance=args.guidance,
-                                          batch_size=args.batch_size, precision=args.precision,
-                                          compile=args.compile),
-                workers=args.workers, cpus_per_worker=args.cpus, gpus_per_worker=args.gpus_per_worker,
-                tiles_per_shard=args.batch_size, overwrite=True))
+            r = generate(
+                GenerateConfig(
+                    model=str(model),
+                    out=str(out),
+                    plan=GenerationPlan(mode="unseen-pairs", count=args.count, seed=0),
+                    sampling=SamplingSettings(
+                        sampler=sampler,
+                        steps=int(steps),
+                        guidance=args.guidance,
+                        batch_size=args.batch_size,
+                        precision=args.precision,
+                        compile=args.compile,
+                    ),
+                    workers=args.workers,
+                    cpus_per_worker=args.cpus,
+                    gpus_per_worker=args.gpus_per_worker,
+                    tiles_per_shard=args.batch_size,
+                    overwrite=True,
+                )
+            )
             stats_file.write_text(json.dumps({**r.stats, "tiles": r.tiles}))
         stats = json.loads(stats_file.read_text())  # cached: a re-run only re-evaluates
-        fid = evaluate_fidelity(FidelityConfig(real=str(ds), synthetic=str(out), encoder=args.encoder,
-                                               min_per_group=args.min_per_group, log_mlflow=False))
+        fid = evaluate_fidelity(
+            FidelityConfig(
+                real=str(ds),
+                synthetic=str(out),
+                encoder=args.encoder,
+                min_per_group=args.min_per_group,
+                log_mlflow=False,
+            )
+        )
         ca = fid["conditional_accuracy"]
-        rows.append([sampler, steps, int(steps) * (2 if args.guidance != 1 else 1), stats["tiles_per_s_per_worker"],
-                     stats["evaluations_per_s_per_worker"], fid["fd"]["overall"], fid["fd"]["mean_group_fd"],
-                     ca["seen"]["type_accuracy"], ca["seen"]["site_accuracy"], ca["unseen"]["type_accuracy"],
-                     ca["unseen"]["site_accuracy"], ca["unseen"]["type_accuracy_morphology"],
-                     ca["unseen"]["site_accuracy_stain"]])
+        rows.append(
+            [
+                sampler,
+                steps,
+                int(steps) * (2 if args.guidance != 1 else 1),
+                stats["tiles_per_s_per_worker"],
+                stats["evaluations_per_s_per_worker"],
+                fid["fd"]["overall"],
+                fid["fd"]["mean_group_fd"],
+                ca["seen"]["type_accuracy"],
+                ca["seen"]["site_accuracy"],
+                ca["unseen"]["type_accuracy"],
+                ca["unseen"]["site_accuracy"],
+                ca["unseen"]["type_accuracy_morphology"],
+                ca["unseen"]["site_accuracy_stain"],
+            ]
+        )
         print(json.dumps(rows[-1]), flush=True)
     floor = fd_floor(ds, res, args.encoder, args.count)
     chance = fid["chance"]
-    print(f"\nmodel {info['model_id']} ({info['model']['preset']}, {res} px, {info['info'].get('steps')} training steps, "
-          f"{info['model']['prediction_type']}); plan: unseen-pairs x {args.count} tiles = {stats['tiles']} tiles "
-          f"({ca['seen']['n']} at seen pairs); {args.workers} worker(s) x {args.cpus} CPU, batch {args.batch_size}; "
-          f"encoder {fid['encoder']}; chance: type {chance['type_accuracy']:.2f}, site {chance['site_accuracy']:.2f}\n")
-    head = ["sampler", "steps", "NFE/tile", "tiles/s/worker", "evals/s/worker", "FD all", "FD seen groups",
-            "type acc seen", "site acc seen", "type acc unseen", "site acc unseen", "type acc unseen (grayscale probe)",
-            "site acc unseen (stain probe)"]
+    print(
+        f"\nmodel {info['model_id']} ({info['model']['preset']}, {res} px, {info['info'].get('steps')} training "
+        "steps, "
+        f"{info['model']['prediction_type']}); plan: unseen-pairs x {args.count} tiles = {stats['tiles']} tiles "
+        f"({ca['seen']['n']} at seen pairs); {args.workers} worker(s) x {args.cpus} CPU, batch {args.batch_size}; "
+        f"encoder {fid['encoder']}; chance: type {chance['type_accuracy']:.2f}, site {chance['site_accuracy']:.2f}\n"
+    )
+    head = [
+        "sampler",
+        "steps",
+        "NFE/tile",
+        "tiles/s/worker",
+        "evals/s/worker",
+        "FD all",
+        "FD seen groups",
+        "type acc seen",
+        "site acc seen",
+        "type acc unseen",
+        "site acc unseen",
+        "type acc unseen (grayscale probe)",
+        "site acc unseen (stain probe)",
+    ]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r_ in rows:
-        print(f"| {r_[0]} | {r_[1]} | {r_[2]} | {r_[3]:.1f} | {r_[4]:.0f} | {r_[5]:.3f} | {r_[6]:.3f} | "
-              + " | ".join(f"{x:.2f}" for x in r_[7:]) + " |")
+        print(
+            f"| {r_[0]} | {r_[1]} | {r_[2]} | {r_[3]:.1f} | {r_[4]:.0f} | {r_[5]:.3f} | {r_[6]:.3f} | "
+            + " | ".join(f"{x:.2f}" for x in r_[7:])
+            + " |"
+        )
     ref = fid["real_reference"]
-    print(f"| real vs real (other slides) | | | | | {floor[0]:.3f} | {floor[1]:.3f} | {ref['type_accuracy']:.2f} | "
-          f"{ref['site_accuracy']:.2f} | | | {ref['type_accuracy_morphology']:.2f} | {ref['site_accuracy_stain']:.2f} |")
+    print(
+        f"| real vs real (other slides) | | | | | {floor[0]:.3f} | {floor[1]:.3f} | {ref['type_accuracy']:.2f} | "
+        f"{ref['site_accuracy']:.2f} | | | {ref['type_accuracy_morphology']:.2f} | "
+        f"{ref['site_accuracy_stain']:.2f} |"
+    )
 
 
 if __name__ == "__main__":

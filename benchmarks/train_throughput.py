@@ -40,14 +40,20 @@ def plain_loop(files, spec_rows, args) -> float:
         def __getitem__(self, i):
             return super().__getitem__(i), spec_rows[i]
 
-    spec, rows = spec_rows.spec, None
+    spec = spec_rows.spec
     dev = "cuda" if args.gpu else "cpu"
     torch.backends.cudnn.benchmark = True  # as in medi-dist's loop
     torch.set_num_threads(1 if not args.gpu else torch.get_num_threads())
     model = ConditionedUNet(ModelConfig.from_preset(args.preset, sample_size=args.resolution), spec).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dl = DataLoader(WithCond(files, args.resolution), batch_size=args.batch, shuffle=True, drop_last=True,
-                    num_workers=1 if not args.gpu else 8, persistent_workers=True)
+    dl = DataLoader(
+        WithCond(files, args.resolution),
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=1 if not args.gpu else 8,
+        persistent_workers=True,
+    )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     step, t0 = 0, None
     while step < args.steps:
@@ -77,25 +83,46 @@ class CondRows(list):
 
 
 def medi_dist_run(ds, workers, args, tmp, batch) -> tuple[float, float]:
-    from medi_dist.config import load_config
+    from medi_dist.config_loader import load_config
     from medi_dist.tracking import client
     from medi_dist.train.config import TrainConfig
     from medi_dist.train.trainer import train
 
-    cfg = load_config(TrainConfig, None, [
-        f"data.dataset={ds}", "data.balance=none", f"model.preset={args.preset}", f"model.resolution={args.resolution}",
-        f"optim.batch_size={batch}", f"steps={args.steps + 1}", f"run.stop_after={args.steps}",
-        f"run.name=bench{workers}_{batch}", f"run.compile={args.fast}", f"run.channels_last={args.fast}",
-        f"optim.fused={args.fast}",
-        f"run.storage_path={tmp}/runs", f"run.tracking_uri=sqlite:///{tmp}/mlflow.db", f"run.num_workers={workers}",
-        f"run.use_gpu={args.gpu}", f"run.mixed_precision={args.mixed_precision}", "run.log_every=10",
-        f"run.checkpoint_every={args.steps}", f"run.cpus_per_worker={0.75 if not args.gpu else 4}",
-        "run.threads_per_worker=1", "data.cpus_per_decode=0.5"])
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            f"data.dataset={ds}",
+            "data.balance=none",
+            f"model.preset={args.preset}",
+            f"model.resolution={args.resolution}",
+            f"optim.batch_size={batch}",
+            f"steps={args.steps + 1}",
+            f"run.stop_after={args.steps}",
+            f"run.name=bench{workers}_{batch}",
+            f"run.compile={args.fast}",
+            f"run.channels_last={args.fast}",
+            f"optim.fused={args.fast}",
+            f"run.storage_path={tmp}/runs",
+            f"run.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            f"run.num_workers={workers}",
+            f"run.use_gpu={args.gpu}",
+            f"run.mixed_precision={args.mixed_precision}",
+            "run.log_every=10",
+            f"run.checkpoint_every={args.steps}",
+            f"run.cpus_per_worker={0.75 if not args.gpu else 4}",
+            "run.threads_per_worker=1",
+            "data.cpus_per_decode=0.5",
+        ],
+    )
     res = train(cfg)
     hist = client(cfg.run.tracking_uri).get_metric_history(res.mlflow_run_id, "img_per_s")
     late = [m.value for m in hist if m.step > args.warmup]
-    wait = [m.value for m in client(cfg.run.tracking_uri).get_metric_history(res.mlflow_run_id, "data_wait_fraction")
-            if m.step > args.warmup]
+    wait = [
+        m.value
+        for m in client(cfg.run.tracking_uri).get_metric_history(res.mlflow_run_id, "data_wait_fraction")
+        if m.step > args.warmup
+    ]
     return float(np.median(late)), float(np.median(wait))
 
 
@@ -111,20 +138,25 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--mixed-precision", default="no")
     ap.add_argument("--fast", action="store_true", help="medi-dist with channels_last + torch.compile + fused AdamW")
-    ap.add_argument("--workers", type=int, nargs="*",
-                    help="medi-dist worker counts (default: 1 2 on CPU, 1 on GPU; none given: plain loop only)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        help="medi-dist worker counts (default: 1 2 on CPU, 1 on GPU; none given: plain loop only)",
+    )
     ap.add_argument("--medi-batches", type=int, nargs="+", help="medi-dist batch sizes per worker (default: --batch)")
     ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument("--work", default="benchmarks/.work")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import ray
     import sys
+
+    import ray
 
     sys.path.insert(0, str(Path(__file__).parent))
     import pandas as pd
-
     from data_throughput import ensure_dataset
+
     from medi_dist.metadata import ConditioningSpec
 
     root = Path(args.work)
@@ -150,8 +182,10 @@ def main() -> None:
                 results[w, b] = medi_dist_run(ds, w, args, tmp, b)
                 print(f"medi-dist {w} worker(s), batch {b}: {results[w, b][0]:.1f} img/s", flush=True)
     opts = f"{args.mixed_precision} precision" + (", channels_last + compile + fused AdamW" if args.fast else "")
-    print(f"preset {args.preset}, {args.resolution}px from {args.size}-px JPEG, {args.steps} steps "
-          f"({args.warmup} warm-up), {'GPU' if args.gpu else '2 CPU cores'}; medi-dist: {opts}")
+    print(
+        f"preset {args.preset}, {args.resolution}px from {args.size}-px JPEG, {args.steps} steps "
+        f"({args.warmup} warm-up), {'GPU' if args.gpu else '2 CPU cores'}; medi-dist: {opts}"
+    )
     print("| variant | batch/worker | img/s | data wait |\n|---|---|---|---|")
     if plain is not None:
         print(f"| plain loop (DataLoader over JPEG files, 1 process) | {args.batch} | {plain:.1f} | |")

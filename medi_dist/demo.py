@@ -58,7 +58,8 @@ class DemoConfig:
 
 
 QUICK_DEMO = dict(out="demo-quick", tiles=800, train_steps=60, per_pair=8, sampler_steps=8, seeds=[0, 1])
-WORLD = ("types", "sites", "tiles", "size", "holdout_fraction", "scanner_lines", "seed")  # what the ingested dataset depends on
+# what the ingested dataset depends on
+WORLD = ("types", "sites", "tiles", "size", "holdout_fraction", "scanner_lines", "seed")
 
 
 def _check_world(cfg: DemoConfig, root: Path) -> None:
@@ -69,8 +70,10 @@ def _check_world(cfg: DemoConfig, root: Path) -> None:
         had = {k: v for k, v in json.loads(path.read_text()).items() if k in WORLD}
         changed = [f"{k} {had[k]} -> {want[k]}" for k in WORLD if k in had and had[k] != want[k]]
         if changed:
-            raise ValueError(f"{root} holds a demo of another world ({', '.join(changed)}); "
-                             "choose another --out, or delete the folder")
+            raise ValueError(
+                f"{root} holds a demo of another world ({', '.join(changed)}); "
+                "choose another --out, or delete the folder"
+            )
     path.write_text(json.dumps(want, indent=2))
 
 
@@ -82,24 +85,48 @@ def _ingest(cfg: DemoConfig, root: Path) -> Path:
 
     ds = root / "data"
     if not (ds / "dataset.json").exists():
-        scan = sources.procedural(ProceduralConfig(n_types=cfg.types, n_sites=cfg.sites, n_tiles=cfg.tiles,
-                                                   size=cfg.size, seed=cfg.seed, scanner_lines=cfg.scanner_lines))
+        scan = sources.procedural(
+            ProceduralConfig(
+                n_types=cfg.types,
+                n_sites=cfg.sites,
+                n_tiles=cfg.tiles,
+                size=cfg.size,
+                seed=cfg.seed,
+                scanner_lines=cfg.scanner_lines,
+            )
+        )
         ingest(scan, ds, SplitConfig(holdout_fraction=cfg.holdout_fraction, seed=cfg.seed), overwrite=True)
     return ds
 
 
 def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[str], uri: str) -> Path:
-    from .config import load_config
+    from .config_loader import load_config
     from .train.config import TrainConfig
     from .train.trainer import output_dir, train
 
-    tcfg = load_config(TrainConfig, None, [
-        f"data.dataset={ds}", "data.balance=type", "model.preset=small", f"model.resolution={cfg.size}",
-        f"model.conditions={json.dumps(conditions)}", f"optim.batch_size={cfg.batch_size}", "optim.lr=0.0005",
-        "model.column_dropout=" + json.dumps({"cancer_type": cfg.type_dropout, "tissue_source_site": cfg.site_dropout}),
-        f"steps={cfg.train_steps}", f"seed={cfg.seed}", f"run.name={name}", f"run.storage_path={root / 'runs'}",
-        f"run.tracking_uri={uri}", f"run.checkpoint_every={max(cfg.train_steps // 4, 1)}", "run.log_every=20",
-        f"run.threads_per_worker={cfg.threads}"])
+    tcfg = load_config(
+        TrainConfig,
+        None,
+        [
+            f"data.dataset={ds}",
+            "data.balance=type",
+            "model.preset=small",
+            f"model.resolution={cfg.size}",
+            f"model.conditions={json.dumps(conditions)}",
+            f"optim.batch_size={cfg.batch_size}",
+            "optim.lr=0.0005",
+            "model.column_dropout="
+            + json.dumps({"cancer_type": cfg.type_dropout, "tissue_source_site": cfg.site_dropout}),
+            f"steps={cfg.train_steps}",
+            f"seed={cfg.seed}",
+            f"run.name={name}",
+            f"run.storage_path={root / 'runs'}",
+            f"run.tracking_uri={uri}",
+            f"run.checkpoint_every={max(cfg.train_steps // 4, 1)}",
+            "run.log_every=20",
+            f"run.threads_per_worker={cfg.threads}",
+        ],
+    )
     out = output_dir(tcfg)
     if not (out / "config.json").exists():
         res = train(tcfg)
@@ -108,21 +135,31 @@ def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[st
     return out
 
 
-def _generate(cfg: DemoConfig, model: Path | None, out: Path, plan, reference: str | None = None,
-              dataset: Path | None = None) -> Path:
+def _generate(
+    cfg: DemoConfig, model: Path | None, out: Path, plan, reference: str | None = None, dataset: Path | None = None
+) -> Path:
     from .generate.job import GenerateConfig, generate
     from .generate.writer import SamplingSettings
 
-    res = generate(GenerateConfig(model=str(model) if model else None, out=str(out), plan=plan, tiles_per_shard=128,
-                                  reference=reference, dataset=str(dataset) if dataset else None,
-                                  sampling=SamplingSettings(sampler=cfg.sampler, steps=cfg.sampler_steps,
-                                                            guidance=cfg.guidance, batch_size=64)))
+    res = generate(
+        GenerateConfig(
+            model=str(model) if model else None,
+            out=str(out),
+            plan=plan,
+            tiles_per_shard=128,
+            reference=reference,
+            dataset=str(dataset) if dataset else None,
+            sampling=SamplingSettings(
+                sampler=cfg.sampler, steps=cfg.sampler_steps, guidance=cfg.guidance, batch_size=64
+            ),
+        )
+    )
     return res.out
 
 
 def _picture(ds: Path, pool: Path, path: Path) -> None:
     """Real (left) and MeDi-generated (right) tile per (type, site); blank where none exists."""
-    from .evaluate.tiles import load_tiles
+    from .evaluate.tile_reader import load_tiles
     from .visual import tile_grid
 
     cells: dict[tuple[str, str], list] = {}
@@ -133,8 +170,12 @@ def _picture(ds: Path, pool: Path, path: Path) -> None:
     blank = np.full_like(real_imgs[0], 235)
     for t in types:
         for s in sites:
-            r = np.flatnonzero((real_meta["cancer_type"] == t).to_numpy() & (real_meta["tissue_source_site"] == s).to_numpy())
-            g = np.flatnonzero((syn_meta["cancer_type"] == t).to_numpy() & (syn_meta["tissue_source_site"] == s).to_numpy())
+            r = np.flatnonzero(
+                (real_meta["cancer_type"] == t).to_numpy() & (real_meta["tissue_source_site"] == s).to_numpy()
+            )
+            g = np.flatnonzero(
+                (syn_meta["cancer_type"] == t).to_numpy() & (syn_meta["tissue_source_site"] == s).to_numpy()
+            )
             if len(r) or len(g):
                 cells[(t, s)] = [real_imgs[r[0]] if len(r) else blank, syn_imgs[g[0]] if len(g) else blank]
     tile_grid(cells, types, sites, tile_px=48, per_cell=2).save(path)
@@ -154,9 +195,15 @@ CONTRASTS = [
 def _arms(cfg: DemoConfig, pools: dict[str, Path]) -> dict[str, dict]:
     syn = lambda name: {"synthetic": [str(pools[name])], "ratio": cfg.ratio}  # noqa: E731
     jitter = {"augment": "hed-jitter", "augment_ratio": cfg.ratio}
-    arms = {REAL: {"ratio": 0.0}, "+ noise control": syn("noise"), "+ ground truth": syn("oracle"),
-            "HED jitter": jitter, "Macenko normalisation": {"normalize": "macenko"},
-            "+ site-nulled": syn("site-nulled"), "+ MeDi": syn("medi")}
+    arms = {
+        REAL: {"ratio": 0.0},
+        "+ noise control": syn("noise"),
+        "+ ground truth": syn("oracle"),
+        "HED jitter": jitter,
+        "Macenko normalisation": {"normalize": "macenko"},
+        "+ site-nulled": syn("site-nulled"),
+        "+ MeDi": syn("medi"),
+    }
     if "class-only" in pools:
         arms["+ class-only model"] = syn("class-only")
     return arms
@@ -173,6 +220,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     root = Path(cfg.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.tracking_uri)
+    ensure_ray()  # first: a cluster that cannot be joined is reported before any work, not under the progress bar
     stages = tqdm(total=6, desc="demo", unit="stage", bar_format="{desc}: {n}/{total} stages |{bar}| {elapsed}")
 
     def stage(text: str) -> None:
@@ -183,7 +231,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     ds = _ingest(cfg, root)
     index = pd.read_parquet(ds / "index.parquet")
     stages.update()
-    ensure_ray()
     stage("train MeDi model (type + site)")
     medi = _train(cfg, ds, root, "demo-medi", ["cancer_type", "tissue_source_site"], uri)
     class_only = _train(cfg, ds, root, "demo-class-only", ["cancer_type"], uri) if cfg.separate_class_only else None
@@ -195,21 +242,35 @@ def run_demo(cfg: DemoConfig) -> dict:
     per_type = cfg.per_pair * train_rows["tissue_source_site"].nunique()  # same budget per type as MeDi
     pairs = GenerationPlan(mode="unseen-pairs", count=cfg.per_pair, seed=cfg.seed)
     by_type = [{"cancer_type": t, "count": per_type} for t in types]
-    pools = {"medi": _generate(cfg, medi, root / "synthetic-medi", pairs),
-             "site-nulled": _generate(cfg, medi, root / "synthetic-site-nulled",
-                                      GenerationPlan(mode="explicit", rows=by_type, null_site=True, seed=cfg.seed)),
-             "oracle": _generate(cfg, None, root / "reference-oracle", pairs, "oracle", ds),
-             "noise": _generate(cfg, None, root / "reference-noise", pairs, "noise", ds)}
+    pools = {
+        "medi": _generate(cfg, medi, root / "synthetic-medi", pairs),
+        "site-nulled": _generate(
+            cfg,
+            medi,
+            root / "synthetic-site-nulled",
+            GenerationPlan(mode="explicit", rows=by_type, null_site=True, seed=cfg.seed),
+        ),
+        "oracle": _generate(cfg, None, root / "reference-oracle", pairs, "oracle", ds),
+        "noise": _generate(cfg, None, root / "reference-noise", pairs, "noise", ds),
+    }
     if class_only is not None:
-        pools["class-only"] = _generate(cfg, class_only, root / "synthetic-class-only",
-                                        GenerationPlan(mode="explicit", rows=by_type, seed=cfg.seed))
-    fidelity = evaluate_fidelity(FidelityConfig(real=str(ds), synthetic=str(pools["medi"]), tracking_uri=uri,
-                                                run_name="demo-fidelity-medi"))
+        pools["class-only"] = _generate(
+            cfg, class_only, root / "synthetic-class-only", GenerationPlan(mode="explicit", rows=by_type, seed=cfg.seed)
+        )
+    fidelity = evaluate_fidelity(
+        FidelityConfig(real=str(ds), synthetic=str(pools["medi"]), tracking_uri=uri, run_name="demo-fidelity-medi")
+    )
     stages.update()
 
     stage(f"evaluate classifiers on held-out sites ({len(cfg.seeds)} seeds)")
-    base = DownstreamConfig(real=str(ds), classifier=cfg.classifier, seeds=list(cfg.seeds), image_size=cfg.size,
-                            allocation="uniform", cache_dir=str(root / "cache"))
+    base = DownstreamConfig(
+        real=str(ds),
+        classifier=cfg.classifier,
+        seeds=list(cfg.seeds),
+        image_size=cfg.size,
+        allocation="uniform",
+        cache_dir=str(root / "cache"),
+    )
     comp = compare(base, _arms(cfg, pools))
     stages.update()
 
@@ -231,9 +292,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     logger.finish()
     stages.update()
     stages.close()
-    summary = {"table": table, "contrasts": contrasts, "picture": str(picture), "minutes": minutes,
-               "mlflow_run_id": run_id, "tracking_uri": uri, "fidelity": fidelity.get("calibrated"),
-               "held_out_sites": sorted(index.loc[index["split"] == "holdout", "tissue_source_site"].unique())}
+    summary = {
+        "table": table,
+        "contrasts": contrasts,
+        "picture": str(picture),
+        "minutes": minutes,
+        "mlflow_run_id": run_id,
+        "tracking_uri": uri,
+        "fidelity": fidelity.get("calibrated"),
+        "held_out_sites": sorted(index.loc[index["split"] == "holdout", "tissue_source_site"].unique()),
+    }
     (root / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     (root / "results.txt").write_text(table + "\n")
     return summary
@@ -242,25 +310,39 @@ def run_demo(cfg: DemoConfig) -> dict:
 def format_summary(s: dict) -> str:
     from .evaluate.downstream import verdict
 
-    lines = ["", "Classifiers trained on real training-site tiles (+ synthetic or a stain baseline), tested on "
-             f"held-out sites {', '.join(s['held_out_sites'])}; mean ± SEM over seeds:", "", s["table"], "",
-             "Paired differences over seeds (an effect is called past 2 SEM):"]
+    lines = [
+        "",
+        "Classifiers trained on real training-site tiles (+ synthetic or a stain baseline), tested on "
+        f"held-out sites {', '.join(s['held_out_sites'])}; mean ± SEM over seeds:",
+        "",
+        s["table"],
+        "",
+        "Paired differences over seeds (an effect is called past 2 SEM):",
+    ]
     questions = {f"{a} vs {b}": q for a, b, q in CONTRASTS}
     for name, d in s["contrasts"].items():
         ba, ws = d["balanced_accuracy"], d["worst_site_accuracy"]
-        lines.append(f"  {name}: balanced {ba[0]:+.3f} ± {ba[1]:.3f}, worst-site {ws[0]:+.3f} ± {ws[1]:.3f} "
-                     f"-> {verdict(*ba)}  ({questions[name]})")
+        lines.append(
+            f"  {name}: balanced {ba[0]:+.3f} ± {ba[1]:.3f}, worst-site {ws[0]:+.3f} ± {ws[1]:.3f} "
+            f"-> {verdict(*ba)}  ({questions[name]})"
+        )
     cal = s.get("fidelity")
     if cal:
         got, top = cal["synthetic"], cal["ceiling"]
-        lines += ["", "MeDi tiles, probes calibrated on ground truth (ceiling in brackets): "
-                  f"seen pairs type {got['seen']['type_accuracy']:.2f} ({top['seen']['type_accuracy']:.2f}), stain "
-                  f"{got['seen']['stain_accuracy']:.2f} ({top['seen']['stain_accuracy']:.2f}); unseen pairs type "
-                  f"{got['unseen']['type_accuracy']:.2f} ({top['unseen']['type_accuracy']:.2f}), stain "
-                  f"{got['unseen']['stain_accuracy']:.2f} ({top['unseen']['stain_accuracy']:.2f}), leakage "
-                  f"{got['unseen']['leakage']:.2f} (owner type drawn instead of the requested one)"]
-    lines += ["", f"real vs generated tiles per (type, site): {s['picture']}",
-              f"wall time: {s['minutes']:.1f} min",
-              f"MLflow: .venv/bin/mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1 "
-              "then open http://127.0.0.1:5000 (experiment medi-dist)"]
+        lines += [
+            "",
+            "MeDi tiles, probes calibrated on ground truth (ceiling in brackets): "
+            f"seen pairs type {got['seen']['type_accuracy']:.2f} ({top['seen']['type_accuracy']:.2f}), stain "
+            f"{got['seen']['stain_accuracy']:.2f} ({top['seen']['stain_accuracy']:.2f}); unseen pairs type "
+            f"{got['unseen']['type_accuracy']:.2f} ({top['unseen']['type_accuracy']:.2f}), stain "
+            f"{got['unseen']['stain_accuracy']:.2f} ({top['unseen']['stain_accuracy']:.2f}), leakage "
+            f"{got['unseen']['leakage']:.2f} (owner type drawn instead of the requested one)",
+        ]
+    lines += [
+        "",
+        f"real vs generated tiles per (type, site): {s['picture']}",
+        f"wall time: {s['minutes']:.1f} min",
+        f"MLflow: .venv/bin/mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1 "
+        "then open http://127.0.0.1:5000 (experiment medi-dist)",
+    ]
     return "\n".join(lines)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 UNKNOWN = "Unknown"
 # Spellings of "missing" met in real tables (GDC writes '--), matched case-insensitively.
@@ -23,9 +24,6 @@ NUMBER_MISSING_TOKENS = MISSING_TOKENS | {"na", "n/a", "not available"}
 # GDC de-identifies ages above 89 as '>89' (or '90+'); we read them as 90, the lowest age they stand for.
 _TOP_CODED_AGE = re.compile(r"^(>\s*89|90\s*\+)$")
 
-# Columns every tile carries. `key` is unique and dot-free (WebDataset cuts keys at the first dot).
-REQUIRED_COLUMNS = ("key", "slide_id", "cancer_type", "tissue_source_site")
-BOOK_COLUMNS = ("split", "synthetic", "source")
 CONDITION_PREFIX = "cond_"  # stream column holding a categorical condition index
 CONTINUOUS_PREFIX = "cont_"  # stream column holding a normalised continuous condition
 
@@ -89,7 +87,7 @@ class Vocab:
         self._index = {v: i for i, v in enumerate(self.values)}
 
     @classmethod
-    def build(cls, name: str, values: Iterable[Any]) -> "Vocab":
+    def build(cls, name: str, values: Iterable[Any]) -> Vocab:
         return cls(name, sorted({clean_category(v) for v in values}))
 
     def __len__(self) -> int:
@@ -104,9 +102,7 @@ class Vocab:
             return self._index[v]
         except KeyError:
             shown = ", ".join(self.values[:50]) + (" ..." if len(self.values) > 50 else "")
-            raise UnknownValueError(
-                f"unknown {self.name} {v!r}; valid values ({len(self.values)}): {shown}"
-            ) from None
+            raise UnknownValueError(f"unknown {self.name} {v!r}; valid values ({len(self.values)}): {shown}") from None
 
     def decode(self, index: int) -> str:
         return self.values[index]
@@ -121,7 +117,7 @@ class ContinuousSpec:
     std: float
 
     @classmethod
-    def build(cls, name: str, values: Iterable[Any]) -> "ContinuousSpec":
+    def build(cls, name: str, values: Iterable[Any]) -> ContinuousSpec:
         xs = [x for x in (clean_continuous(v) for v in values) if not math.isnan(x)]
         if not xs:
             raise SchemaError(f"continuous column {name!r} has no numeric values")
@@ -156,7 +152,7 @@ class ConditioningSpec:
                 return v
         raise UnknownValueError(f"no categorical condition {name!r}; have {self.categorical_names}")
 
-    def subset(self, categorical: list[str], continuous: list[str] = ()) -> "ConditioningSpec":
+    def subset(self, categorical: list[str], continuous: list[str] = ()) -> ConditioningSpec:
         """The same vocabularies restricted to some columns (e.g. a class-only baseline)."""
         cont = {c.name: c for c in self.continuous}
         missing = [c for c in continuous if c not in cont]
@@ -173,7 +169,7 @@ class ConditioningSpec:
             out[CONTINUOUS_PREFIX + c.name] = c.encode(row.get(c.name))
         return out
 
-    def check_compatible(self, other: "ConditioningSpec", what: str = "data") -> None:
+    def check_compatible(self, other: ConditioningSpec, what: str = "data") -> None:
         """Raise if `other` (e.g. a dataset's spec) would map values to different indices."""
         for v in self.categorical:
             try:
@@ -193,7 +189,7 @@ class ConditioningSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "ConditioningSpec":
+    def from_dict(cls, d: Mapping) -> ConditioningSpec:
         return cls(
             [Vocab(name, list(values)) for name, values in d["categorical"].items()],
             [ContinuousSpec(**c) for c in d.get("continuous", [])],
@@ -203,11 +199,13 @@ class ConditioningSpec:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def load(cls, path: str | Path) -> "ConditioningSpec":
+    def load(cls, path: str | Path) -> ConditioningSpec:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def build(cls, rows: list[Mapping[str, Any]], categorical: list[str], continuous: list[str] = ()) -> "ConditioningSpec":
+    def build(
+        cls, rows: list[Mapping[str, Any]], categorical: list[str], continuous: list[str] = ()
+    ) -> ConditioningSpec:
         return cls(
             [Vocab.build(name, (r.get(name) for r in rows)) for name in categorical],
             [ContinuousSpec.build(name, (r.get(name) for r in rows)) for name in continuous],

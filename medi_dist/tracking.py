@@ -21,7 +21,7 @@ def tracking_uri(uri: str | None = None) -> str:
     may run in another directory)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # workers run in other folders
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"  # workers run in other folders
     if uri:
         return uri
     return f"sqlite:///{Path('mlflow.db').resolve()}"
@@ -30,7 +30,7 @@ def tracking_uri(uri: str | None = None) -> str:
 def artifact_root(uri: str) -> str | None:
     """With a local sqlite store, keep artifacts beside it (absolute, so every process agrees)."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
     return None  # a server decides
 
 
@@ -47,9 +47,14 @@ def experiment_id(c, name: str = DEFAULT_EXPERIMENT) -> str:
     return c.create_experiment(name, artifact_location=artifact_root(c.tracking_uri))
 
 
-def find_or_create_run(uri: str, run_name: str, experiment: str = DEFAULT_EXPERIMENT,
-                       tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-                       key: str | None = None) -> str:
+def find_or_create_run(
+    uri: str,
+    run_name: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    key: str | None = None,
+) -> str:
     """The run tagged with `key` (default: the run name), so a resumed job keeps its run, or a new one."""
     c = client(uri)
     exp = experiment_id(c, experiment)
@@ -84,7 +89,7 @@ class RunLogger:
         existing = self.c.get_run(self.run_id).data.params
         new = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if k not in existing]
         for i in range(0, len(new), 100):
-            self.c.log_batch(self.run_id, params=new[i:i + 100])
+            self.c.log_batch(self.run_id, params=new[i : i + 100])
 
     def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import time

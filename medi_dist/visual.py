@@ -8,8 +8,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def tile_grid(tiles: dict[tuple[str, str], list[np.ndarray]], rows: list[str], cols: list[str],
-              tile_px: int = 64, per_cell: int = 1) -> Image.Image:
+def tile_grid(
+    tiles: dict[tuple[str, str], list[np.ndarray]],
+    rows: list[str],
+    cols: list[str],
+    tile_px: int = 64,
+    per_cell: int = 1,
+) -> Image.Image:
     """A grid with one row per cancer type and one column per site; empty cells stay grey."""
     label_w, label_h = 90, 16
     cell = tile_px * per_cell
@@ -32,8 +37,9 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def model_sample_grid(model, spec, pairs: list[tuple[str, str]], steps: int = 25, seed: int = 0,
-                      max_types: int = 8, max_sites: int = 12) -> Image.Image:
+def model_sample_grid(
+    model, spec, pairs: list[tuple[str, str]], steps: int = 25, seed: int = 0, max_types: int = 8, max_sites: int = 12
+) -> Image.Image:
     """One generated tile per (type, site) pair, laid out as types x sites."""
     from .model import encode_conditions, sample
 

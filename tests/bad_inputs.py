@@ -30,7 +30,6 @@ SITES = [f"S{i}" for i in range(6)]
 N_GOOD = 24
 
 
-
 def tile_bytes(seed: int, size: int | tuple[int, int] = 32, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
     w, h = (size, size) if isinstance(size, int) else size
     arr = render_tile("GLAND", "A1", np.random.default_rng(seed), max(w, h))[:h, :w]
@@ -48,8 +47,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_raw(width: int, height: int, depth: int, color: int, raw: bytes) -> bytes:
     """A PNG by hand: PIL writes neither 16-bit RGB nor a header that lies about its size."""
     ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(raw))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def png16_rgb(arr: np.ndarray) -> bytes:
@@ -67,9 +70,19 @@ def write_manifest(root: Path, extra=(), rows_meta: dict[int, dict] | None = Non
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
         i = len(rows)
-        rows.append({"path": f"img/{name}", "cancer_type": "AB"[i % 2], "tissue_source_site": SITES[i % 6],
-                     "slide_id": f"slide{i // 4}", "age": 40 + i, "key": "", **all_meta,
-                     **(rows_meta or {}).get(i, {}), **meta})
+        rows.append(
+            {
+                "path": f"img/{name}",
+                "cancer_type": "AB"[i % 2],
+                "tissue_source_site": SITES[i % 6],
+                "slide_id": f"slide{i // 4}",
+                "age": 40 + i,
+                "key": "",
+                **all_meta,
+                **(rows_meta or {}).get(i, {}),
+                **meta,
+            }
+        )
 
     for i in range(N_GOOD):
         add(f"t{i}.jpg", tile_bytes(i))
@@ -109,9 +122,14 @@ def rewrite_shard(ds: Path, change) -> Path:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "medi_dist.cli", *args], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "medi_dist.cli", *args],
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"},
+    )
 
 
 def one_error_line(proc: subprocess.Popen, *needles: str) -> str:
@@ -135,5 +153,3 @@ def good_ds(tmp_path, good_csv) -> Path:
     out = tmp_path / "ds"
     ingest_csv(good_csv, out, shard_mb=0.02)
     return out
-
-

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TEST_DATA = Path(__file__).resolve().parent / "data"  # small public fixtures, shipped with the tests
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -17,8 +17,9 @@ def ray_cluster():
     import ray
 
     # 4 logical CPUs on 2 cores: Train workers and Ray Data tasks each get an explicit slice.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}
+    )
     yield ray
     ray.shutdown()
 
@@ -38,9 +39,9 @@ def proc_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    assert SHARED_DATA.exists(), f"reference data not found at {SHARED_DATA}"
-    return SHARED_DATA
+def tcga_metadata() -> Path:
+    """The GDC slide metadata sample (tests/data/README.md)."""
+    return TEST_DATA / "tcga_slide_metadata_sample.csv"
 
 
 @pytest.fixture(scope="module")

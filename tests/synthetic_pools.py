@@ -13,22 +13,36 @@ from pathlib import Path
 import pandas as pd
 
 
-def ingest_procedural(out: Path, *, n_types=3, n_sites=9, n_tiles=360, size=32, seed=1,
-                      holdout=0.25, val=0.0, counts=None) -> Path:
+def ingest_procedural(
+    out: Path, *, n_types=3, n_sites=9, n_tiles=360, size=32, seed=1, holdout=0.25, val=0.0, counts=None
+) -> Path:
     from medi_dist.data import sources
     from medi_dist.data.ingest import ingest
     from medi_dist.data.procedural import ProceduralConfig
     from medi_dist.data.split import SplitConfig
 
-    cfg = ProceduralConfig(n_types=n_types, n_sites=n_sites, n_tiles=n_tiles, size=size, seed=seed,
-                           counts=counts, extra_metadata=False)
-    ingest(sources.procedural(cfg), out, SplitConfig(holdout_fraction=holdout, val_fraction=val, seed=seed),
-           shard_mb=0.05)
+    cfg = ProceduralConfig(
+        n_types=n_types, n_sites=n_sites, n_tiles=n_tiles, size=size, seed=seed, counts=counts, extra_metadata=False
+    )
+    ingest(
+        sources.procedural(cfg), out, SplitConfig(holdout_fraction=holdout, val_fraction=val, seed=seed), shard_mb=0.05
+    )
     return out
 
 
-def make_pool(real: Path, out: Path, *, per_pair=4, sites_split="train", only_unseen=False, seed=7,
-              model="medi-test", steps=25, guidance=1.0, sampler="ddim") -> Path:
+def make_pool(
+    real: Path,
+    out: Path,
+    *,
+    per_pair=4,
+    sites_split="train",
+    only_unseen=False,
+    seed=7,
+    model="medi-test",
+    steps=25,
+    guidance=1.0,
+    sampler="ddim",
+) -> Path:
     """Pool at every (type, site) pair over the real dataset's `sites_split` sites (or only the pairs
     absent from the real data), marked synthetic like generated tiles."""
     idx = pd.read_parquet(real / "index.parquet")
@@ -51,9 +65,15 @@ def make_pool(real: Path, out: Path, *, per_pair=4, sites_split="train", only_un
     (out / "dataset.json").write_text(json.dumps(manifest))
     pool = pd.read_parquet(out / "index.parquet")
     pool["shard"] = pool["shard"].replace(moved)
-    pool = pool.assign(split="train", synthetic=True, source=model, sampler=sampler, steps=steps,
-                       guidance=guidance, seen=[(t, s) in seen for t, s in zip(pool["cancer_type"],
-                                                                                 pool["tissue_source_site"])])
+    pool = pool.assign(
+        split="train",
+        synthetic=True,
+        source=model,
+        sampler=sampler,
+        steps=steps,
+        guidance=guidance,
+        seen=[(t, s) in seen for t, s in zip(pool["cancer_type"], pool["tissue_source_site"])],
+    )
     pool.to_parquet(out / "index.parquet", index=False)
     return out
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from PIL import Image
+
 from bad_inputs import (  # noqa: F401 (pytest fixtures, used by name)
     N_GOOD,
     REPO,
@@ -31,9 +33,7 @@ from bad_inputs import (  # noqa: F401 (pytest fixtures, used by name)
     snapshot,
     tile_bytes,
 )
-from PIL import Image
-
-from medi_dist.config import ConfigError, load_config
+from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.data import sources
 from medi_dist.data.ingest import ingest
 from medi_dist.data.procedural import ProceduralConfig
@@ -45,6 +45,7 @@ from medi_dist.metadata import ConditioningSpec, SchemaError, UnknownValueError,
 from medi_dist.train.config import TrainConfig
 
 # ---- shards --------------------------------------------------------------------------------------
+
 
 def test_members_out_of_order_are_refused_naming_the_shard(ray_cluster, good_ds):
     def images_then_jsons(members):
@@ -110,7 +111,7 @@ def test_altered_tile_bytes_are_never_loaded(ray_cluster, good_ds):
         for name, data in members:
             if name.endswith(".jpg") and not state:
                 i = data.index(b"\xff\xdb") + 5 + 10  # DQT marker, length, table id, then the table
-                data = data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:]
+                data = data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
                 state["key"] = name.split(".")[0]
                 Image.open(io.BytesIO(data)).load()  # still a valid JPEG
             out.append((name, data))
@@ -150,6 +151,7 @@ def test_interrupted_ingest_leaves_nothing_that_looks_complete(tmp_path, good_cs
 
 # ---- conditions ----------------------------------------------------------------------------------
 
+
 def test_unknown_site_at_generation_lists_the_models_sites(tmp_path):
     import torch
 
@@ -171,15 +173,17 @@ def test_unknown_site_at_generation_lists_the_models_sites(tmp_path):
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(UnknownValueError, match=r"unknown tissue_source_site 'S9'; valid values \(6\): S0, S1, .*, S5"):
-        encode_conditions(model_spec, [{"cancer_type": "A", "tissue_source_site": "S0"},
-                                       {"cancer_type": "B", "tissue_source_site": "S9"}])
+        encode_conditions(
+            model_spec,
+            [{"cancer_type": "A", "tissue_source_site": "S0"}, {"cancer_type": "B", "tissue_source_site": "S9"}],
+        )
     # a site of the model's vocabulary (whitespace trimmed) maps to the model's index, not a rebuilt one
     cond = encode_conditions(model_spec, [{"cancer_type": "B", "tissue_source_site": " S4 "}])
     assert cond["cond_tissue_source_site"].tolist() == [4] and cond["cond_cancer_type"].tolist() == [1]
 
 
-
 # ---- config --------------------------------------------------------------------------------------
+
 
 def test_bad_configs_give_one_clear_line(tmp_path):
     malformed = tmp_path / "malformed.yaml"
@@ -192,10 +196,14 @@ def test_bad_configs_give_one_clear_line(tmp_path):
         load_config(TrainConfig, malformed)
     with pytest.raises(ValueError, match=rf"{re.escape(str(negative))}: steps must be positive, got -1"):
         load_config(TrainConfig, negative)
-    for over, msg in ((["steps=-1"], "steps must be positive"), (["run.num_workers=0"], "num_workers"),
-                      (["steps=[1]"], r"override 'steps=\[1\]': expected int, got \[1\]"),
-                      (["run=3"], "override 'run=3': expected a mapping"), (["stepz=3"], r"unknown field\(s\) \['stepz'\]"),
-                      (["steps=[1,"], "override 'steps=\\[1,': the value is not valid YAML")):
+    for over, msg in (
+        (["steps=-1"], "steps must be positive"),
+        (["run.num_workers=0"], "num_workers"),
+        (["steps=[1]"], r"override 'steps=\[1\]': expected int, got \[1\]"),
+        (["run=3"], "override 'run=3': expected a mapping"),
+        (["stepz=3"], r"unknown field\(s\) \['stepz'\]"),
+        (["steps=[1,"], "override 'steps=\\[1,': the value is not valid YAML"),
+    ):
         with pytest.raises(ConfigError, match=msg):
             load_config(TrainConfig, None, over)
     one_error_line(procs[0], "medi-dist train: error: config file", str(malformed), "line 4")
@@ -204,6 +212,7 @@ def test_bad_configs_give_one_clear_line(tmp_path):
 
 
 # ---- a full disk ---------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def small_disk(tmp_path):
@@ -241,8 +250,14 @@ def _fill(out: Path, tiles: int, shard_mb: float, fsize_limit: int | None = None
     """Ingest `tiles` procedural tiles into `out`; in a subprocess with a file-size limit when given."""
     if fsize_limit is None:
         try:
-            ingest(sources.procedural(ProceduralConfig(n_types=2, n_sites=6, n_tiles=tiles, size=32, seed=1)), out,
-                   SplitConfig(0.3), shard_mb=shard_mb, shuffle_buffer=16, overwrite=True)
+            ingest(
+                sources.procedural(ProceduralConfig(n_types=2, n_sites=6, n_tiles=tiles, size=32, seed=1)),
+                out,
+                SplitConfig(0.3),
+                shard_mb=shard_mb,
+                shuffle_buffer=16,
+                overwrite=True,
+            )
         except OSError as e:
             return {"errno": e.errno, "message": str(e)}
         return {}
@@ -251,8 +266,14 @@ def _fill(out: Path, tiles: int, shard_mb: float, fsize_limit: int | None = None
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))  # Python ignores SIGXFSZ
 
-    r = subprocess.run([sys.executable, "-c", FILL_DISK, str(out), str(tiles), str(shard_mb)], capture_output=True,
-                       text=True, preexec_fn=limit, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", FILL_DISK, str(out), str(tiles), str(shard_mb)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
     return json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
 
 

@@ -17,6 +17,8 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
+
 from bad_inputs import (
     N_GOOD,
     good_csv,  # noqa: F401 (pytest fixtures, used by name)
@@ -29,8 +31,6 @@ from bad_inputs import (
     tile_bytes,
     write_manifest,
 )
-from PIL import Image
-
 from medi_dist.data import sources
 from medi_dist.data.records import SkipLog, TileRecord
 from medi_dist.data.shards import VOCAB, check_record, verify_shards
@@ -43,10 +43,22 @@ from medi_dist.metadata import ConditioningSpec, ContinuousSpec, SchemaError, Vo
 BAD_TILES = {
     # case: (file name, bytes, what the skip reason must say)
     "corrupt": ("bad.jpg", lambda: b"\xff\xd8\xff\xe0" + bytes(range(256)) * 2, r"cannot decode image"),
-    "truncated": ("bad.jpg", lambda: tile_bytes(99)[: len(tile_bytes(99)) // 2], r"cannot decode image .*(?i:truncated)"),
-    "grayscale": ("bad.jpg", lambda: tile_bytes(99, mode="L"), r"image mode L \(need 8-bit RGB H&E\); convert it to RGB"),
+    "truncated": (
+        "bad.jpg",
+        lambda: tile_bytes(99)[: len(tile_bytes(99)) // 2],
+        r"cannot decode image .*(?i:truncated)",
+    ),
+    "grayscale": (
+        "bad.jpg",
+        lambda: tile_bytes(99, mode="L"),
+        r"image mode L \(need 8-bit RGB H&E\); convert it to RGB",
+    ),
     "rgba": ("bad.png", lambda: tile_bytes(99, mode="RGBA", fmt="PNG"), r"image mode RGBA .*convert it to RGB"),
-    "16-bit grayscale": ("bad.png", lambda: tile_bytes(99, mode="I;16", fmt="PNG"), r"image mode I;16 .*convert it to RGB"),
+    "16-bit grayscale": (
+        "bad.png",
+        lambda: tile_bytes(99, mode="I;16", fmt="PNG"),
+        r"image mode I;16 .*convert it to RGB",
+    ),
     "non-square": ("bad.jpg", lambda: tile_bytes(99, size=(48, 32)), r"tile is 48x32, not square; crop it"),
     "decompression bomb": ("bad.png", lambda: png_raw(20000, 20000, 8, 2, b"\x00" * 64), r"DecompressionBombError"),
 }
@@ -85,20 +97,41 @@ def mixed(tmp_path_factory):
     """Good tiles plus other square sizes (48 px JPEG, 64 px PNG), ages missing in every spelling (any
     case), GDC's de-identified ages and a word where a number should be."""
     root = tmp_path_factory.mktemp("mixed")
-    missing = {0: "NaN", 1: "", 2: "'--", 3: "not reported", 4: "nan", 5: "None", 6: "NA", 7: "N/A",
-               8: "Not reported", 9: "NOT REPORTED", 10: "unknown", 11: " na "}
+    missing = {
+        0: "NaN",
+        1: "",
+        2: "'--",
+        3: "not reported",
+        4: "nan",
+        5: "None",
+        6: "NA",
+        7: "N/A",
+        8: "Not reported",
+        9: "NOT REPORTED",
+        10: "unknown",
+        11: " na ",
+    }
     top_coded = {12: ">89", 13: "90+"}
-    extra = [{"name": "big48.jpg", "data": tile_bytes(100, size=48), "key": "big48"},
-             {"name": "big64.png", "data": tile_bytes(101, size=64, fmt="PNG"), "key": "big64"},
-             {"name": "word.jpg", "data": tile_bytes(102), "key": "word", "age": "forty"},
-             {"name": "word2.jpg", "data": tile_bytes(103), "key": "word2", "age": "forty"}]
+    extra = [
+        {"name": "big48.jpg", "data": tile_bytes(100, size=48), "key": "big48"},
+        {"name": "big64.png", "data": tile_bytes(101, size=64, fmt="PNG"), "key": "big64"},
+        {"name": "word.jpg", "data": tile_bytes(102), "key": "word", "age": "forty"},
+        {"name": "word2.jpg", "data": tile_bytes(103), "key": "word2", "age": "forty"},
+    ]
     rows_meta = {i: {"age": v, "key": f"noage{i}"} for i, v in missing.items()}
     rows_meta |= {i: {"age": v, "key": f"old{i}"} for i, v in top_coded.items()}
     csv = write_manifest(root, extra, rows_meta=rows_meta)
     skips, index, manifest = ingest_csv(csv, root / "ds")
-    return {"root": root, "csv": csv, "ds": root / "ds", "skips": skips, "index": index.set_index("key"),
-            "manifest": manifest, "missing": [f"noage{i}" for i in missing] + ["word", "word2"],
-            "top_coded": [f"old{i}" for i in top_coded]}
+    return {
+        "root": root,
+        "csv": csv,
+        "ds": root / "ds",
+        "skips": skips,
+        "index": index.set_index("key"),
+        "manifest": manifest,
+        "missing": [f"noage{i}" for i in missing] + ["word", "word2"],
+        "top_coded": [f"old{i}" for i in top_coded],
+    }
 
 
 def test_other_square_sizes_are_kept_and_resized_in_the_stream(ray_cluster, mixed):
@@ -107,9 +140,12 @@ def test_other_square_sizes_are_kept_and_resized_in_the_stream(ray_cluster, mixe
     so every index shifts): the stream must use the model's indices, and the model's age statistics."""
     data_spec = ConditioningSpec.load(mixed["ds"] / VOCAB)
     model_spec = ConditioningSpec(
-        [Vocab("cancer_type", ["0-only-in-model", *data_spec.vocab("cancer_type").values]),
-         Vocab("tissue_source_site", ["00", *data_spec.vocab("tissue_source_site").values])],
-        [ContinuousSpec("age", 50.0, 10.0)])
+        [
+            Vocab("cancer_type", ["0-only-in-model", *data_spec.vocab("cancer_type").values]),
+            Vocab("tissue_source_site", ["00", *data_spec.vocab("tissue_source_site").values]),
+        ],
+        [ContinuousSpec("age", 50.0, 10.0)],
+    )
     s = tile_stream(mixed["ds"], ("train", "holdout"), StreamConfig(resolution=16), spec=model_spec)
     got = {}
     for b in s.dataset.iter_batches(batch_size=64, batch_format="numpy"):
@@ -131,6 +167,7 @@ def test_other_square_sizes_are_kept_and_resized_in_the_stream(ray_cluster, mixe
 
 
 # ---- metadata ------------------------------------------------------------------------------------
+
 
 def test_missing_age_in_any_spelling_is_null_and_a_word_is_listed_not_a_skip(mixed):
     """NA, N/A, 'Not reported' (any case) are missing; '>89' and '90+' are 90; a word is read as
@@ -160,21 +197,37 @@ def test_missing_column_names_file_and_fix_and_cli_says_one_line(tmp_path, good_
         sources.manifest(good_csv, SkipLog(), categorical=["race"])
     with pytest.raises(SchemaError, match=r"missing required column\(s\) \['image'\].*Use --image-column"):
         sources.manifest(good_csv, SkipLog(), image_column="image")
-    proc = run_cli("ingest", "--source", "manifest", "--manifest", str(good_csv), "--out", str(tmp_path / "ds"),
-                "--categorical", "race", cwd=tmp_path)
+    proc = run_cli(
+        "ingest",
+        "--source",
+        "manifest",
+        "--manifest",
+        str(good_csv),
+        "--out",
+        str(tmp_path / "ds"),
+        "--categorical",
+        "race",
+        cwd=tmp_path,
+    )
     one_error_line(proc, "medi-dist ingest: error:", str(good_csv), "['race']")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
 # ---- keys ----------------------------------------------------------------------------------------
 
+
 def test_duplicate_keys_are_refused_and_the_existing_dataset_is_kept(tmp_path, good_csv):
     out = tmp_path / "ds"
     ingest_csv(good_csv, out)
     before = snapshot(out)
     # 'slide.7' is sanitised to 'slide_7', colliding with the next row's key
-    csv = write_manifest(tmp_path / "new", [{"name": "x.jpg", "data": tile_bytes(50), "key": "slide.7"},
-                                       {"name": "y.jpg", "data": tile_bytes(51), "key": "slide_7"}])
+    csv = write_manifest(
+        tmp_path / "new",
+        [
+            {"name": "x.jpg", "data": tile_bytes(50), "key": "slide.7"},
+            {"name": "y.jpg", "data": tile_bytes(51), "key": "slide_7"},
+        ],
+    )
     rows = rf"{re.escape(str(csv))} row 2[67] \(img/[xy]\.jpg\)"
     with pytest.raises(SchemaError, match=rf"duplicate tile key 'slide_7' from {rows} and {rows}.*distinct keys"):
         ingest_csv(csv, out, overwrite=True)
@@ -206,13 +259,20 @@ def test_model_condition_column_missing_from_data(mixed):
 def test_category_whitespace_is_stripped_and_case_variants_are_listed(tmp_path):
     """'LUAD ' is 'LUAD' in every categorical column; 'MALE' / 'male' stay two values but ingest lists
     them once per column (summary via data stats, and dataset.json)."""
-    rows_meta = {i: {"cancer_type": f" {'AB'[i % 2]} ", "tissue_source_site": f"{['S0', 'S1', 'S2', 'S3', 'S4', 'S5'][i % 6]}\t",
-                     "sex": ["male", "MALE ", "female"][i % 3], "race": ["White", "WHITE", "white", " asian"][i % 4]}
-                 for i in range(N_GOOD)}
+    rows_meta = {
+        i: {
+            "cancer_type": f" {'AB'[i % 2]} ",
+            "tissue_source_site": f"{['S0', 'S1', 'S2', 'S3', 'S4', 'S5'][i % 6]}\t",
+            "sex": ["male", "MALE ", "female"][i % 3],
+            "race": ["White", "WHITE", "white", " asian"][i % 4],
+        }
+        for i in range(N_GOOD)
+    }
     csv = write_manifest(tmp_path, rows_meta=rows_meta)
     _, index, manifest = ingest_csv(csv, tmp_path / "ds")
     assert set(index["cancer_type"]) == {"A", "B"} and set(index["tissue_source_site"]) == {f"S{i}" for i in range(6)}
-    assert set(index["sex"]) == {"male", "MALE", "female"} and set(index["race"]) == {"White", "WHITE", "white", "asian"}
+    assert set(index["sex"]) == {"male", "MALE", "female"}
+    assert set(index["race"]) == {"White", "WHITE", "white", "asian"}
     assert manifest["case_variants"] == {"race": [["WHITE", "White", "white"]], "sex": [["MALE", "male"]]}
     text = format_stats(dataset_stats(tmp_path / "ds"))
     assert text.count("differ only by case") == 2

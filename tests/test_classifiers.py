@@ -6,7 +6,6 @@ import torch
 
 from medi_dist.evaluate.classifiers import LinearProbe, SmallCNN
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -140,9 +140,12 @@ def test_kuberay_gpu_group_and_token_auth():
         auth = spec.get("authOptions", {})
         assert auth.get("mode") == "token" and auth.get("secretName"), name
         gpu_groups = [
-            g for g in spec["workerGroupSpecs"]
-            if any(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) >= 1
-                   for c in _containers(g["template"]))
+            g
+            for g in spec["workerGroupSpecs"]
+            if any(
+                int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) >= 1
+                for c in _containers(g["template"])
+            )
         ]
         assert gpu_groups, f"{name}: no worker group with nvidia.com/gpu limits"
         for g in gpu_groups:

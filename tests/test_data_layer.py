@@ -100,8 +100,8 @@ def test_split_not_file_order():
     assert holdout != [f"S{i:02d}" for i in range(14, 20)] and holdout != [f"S{i:02d}" for i in range(6)]
 
 
-def _tcga_tree(root: Path, shared_data: Path, n_slides=6, tiles=3):
-    meta = pd.read_csv(shared_data / "tcga_slide_metadata_sample.csv", dtype=str, keep_default_na=False)
+def _tcga_tree(root: Path, tcga_metadata: Path, n_slides=6, tiles=3):
+    meta = pd.read_csv(tcga_metadata, dtype=str, keep_default_na=False)
     meta = pd.concat([meta[meta["project_id"] == p].head(n_slides // 2) for p in ("TCGA-LUAD", "TCGA-LUSC")])
     for i, r in enumerate(meta.itertuples()):
         d = root / r.project_id.split("-")[1] / r.slide_submitter_id
@@ -111,17 +111,20 @@ def _tcga_tree(root: Path, shared_data: Path, n_slides=6, tiles=3):
     return meta
 
 
-def test_tcga_ut_source(tmp_path, shared_data):
-    meta = _tcga_tree(tmp_path / "tiles", shared_data)
+def test_tcga_ut_source(tmp_path, tcga_metadata):
+    meta = _tcga_tree(tmp_path / "tiles", tcga_metadata)
     orphan = tmp_path / "tiles" / "LUAD" / "TCGA-XX-0000-01Z-00-DX1"  # a slide with no metadata row
     orphan.mkdir()
     (orphan / "tile_0.jpg").write_bytes(_jpeg(99))
-    first = tmp_path / "tiles" / "LUAD" / meta.iloc[0].slide_submitter_id if meta.iloc[0].project_id == "TCGA-LUAD" \
+    first = (
+        tmp_path / "tiles" / "LUAD" / meta.iloc[0].slide_submitter_id
+        if meta.iloc[0].project_id == "TCGA-LUAD"
         else next((tmp_path / "tiles" / "LUAD").iterdir())
+    )
     (first / "tile_bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")  # corrupt JPEG
     (first / "tile_gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # unreadable file
     skips = SkipLog()
-    scan = sources.tcga_ut(tmp_path / "tiles", shared_data / "tcga_slide_metadata_sample.csv", skips)
+    scan = sources.tcga_ut(tmp_path / "tiles", tcga_metadata, skips)
     ingest(scan, tmp_path / "ds", SplitConfig(0.3, seed=0), skips)
     index = pd.read_parquet(tmp_path / "ds" / INDEX)
     assert len(index) == len(meta) * 3
@@ -142,14 +145,14 @@ def test_tcga_ut_source(tmp_path, shared_data):
         spec.vocab("tissue_source_site").encode("ZZ")
 
 
-def test_tcga_missing_column_and_empty_folder(tmp_path, shared_data):
+def test_tcga_missing_column_and_empty_folder(tmp_path, tcga_metadata):
     bad = tmp_path / "meta.csv"
-    pd.read_csv(shared_data / "tcga_slide_metadata_sample.csv").drop(columns=["tissue_source_site"]).to_csv(bad)
+    pd.read_csv(tcga_metadata).drop(columns=["tissue_source_site"]).to_csv(bad)
     (tmp_path / "tiles").mkdir()
     with pytest.raises(SchemaError, match=r"meta\.csv.*tissue_source_site"):
         sources.tcga_ut(tmp_path / "tiles", bad, SkipLog())
     with pytest.raises(SchemaError, match="no ingestible tiles"):
-        sources.tcga_ut(tmp_path / "tiles", shared_data / "tcga_slide_metadata_sample.csv", SkipLog())
+        sources.tcga_ut(tmp_path / "tiles", tcga_metadata, SkipLog())
 
 
 def test_manifest_source_csv_and_parquet(tmp_path):
@@ -158,8 +161,16 @@ def test_manifest_source_csv_and_parquet(tmp_path):
         p = tmp_path / "img" / f"t{i}.png"
         p.parent.mkdir(exist_ok=True)
         Image.fromarray(render_tile("SHEET" if i % 2 else "GLAND", f"S{i % 6}", np.random.default_rng(i), 32)).save(p)
-        rows.append({"path": f"img/t{i}.png", "cancer_type": "A" if i % 2 else "B", "tissue_source_site": f"S{i % 6}",
-                     "slide_id": f"slide{i // 4}", "sex": ["male", "female", ""][i % 3], "age": None if i == 0 else 40 + i})
+        rows.append(
+            {
+                "path": f"img/t{i}.png",
+                "cancer_type": "A" if i % 2 else "B",
+                "tissue_source_site": f"S{i % 6}",
+                "slide_id": f"slide{i // 4}",
+                "sex": ["male", "female", ""][i % 3],
+                "age": None if i == 0 else 40 + i,
+            }
+        )
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
     pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet")
     for name in ("m.csv", "m.parquet"):
@@ -191,16 +202,15 @@ def test_truncated_shard_is_refused_by_name(tmp_path):
         verify_shards(tmp_path / "d")
 
 
-def test_tcga_ut_accepts_tiff_tiles_like_the_manifest_source(tmp_path, shared_data):
+def test_tcga_ut_accepts_tiff_tiles_like_the_manifest_source(tmp_path, tcga_metadata):
     """.tif/.tiff tiles are read (re-encoded as PNG), not silently left out."""
-    meta = _tcga_tree(tmp_path / "tiles", shared_data, n_slides=4, tiles=2)
+    meta = _tcga_tree(tmp_path / "tiles", tcga_metadata, n_slides=4, tiles=2)
     slide = tmp_path / "tiles" / meta.iloc[0].project_id.split("-")[1] / meta.iloc[0].slide_submitter_id
     arr = render_tile("GLAND", "A1", np.random.default_rng(7), 32)
     Image.fromarray(arr).save(slide / "tile_t.tif")
     Image.fromarray(arr).save(slide / "tile_u.TIFF")
     skips = SkipLog()
-    ingest(sources.tcga_ut(tmp_path / "tiles", shared_data / "tcga_slide_metadata_sample.csv", skips),
-           tmp_path / "ds", SplitConfig(0.3, seed=0), skips)
+    ingest(sources.tcga_ut(tmp_path / "tiles", tcga_metadata, skips), tmp_path / "ds", SplitConfig(0.3, seed=0), skips)
     index = pd.read_parquet(tmp_path / "ds" / INDEX).set_index("key")
     assert len(skips) == 0 and len(index) == len(meta) * 2 + 2
     for stem in ("tile_t", "tile_u"):

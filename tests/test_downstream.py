@@ -4,24 +4,30 @@ CNN paths, the feature cache, the CLI, and clear errors before any work for bad 
 from __future__ import annotations
 
 import argparse
-import re
 import json
+import re
 from collections import Counter
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from medi_dist.evaluate import allocation as al
 from medi_dist.evaluate.downstream import (
-    DownstreamConfig, DownstreamError, augmented, compare, load_inputs, normalized, run_downstream, run_seed, validate,
+    DownstreamConfig,
+    DownstreamError,
+    augmented,
+    compare,
+    load_inputs,
+    normalized,
+    run_downstream,
+    run_seed,
+    validate,
     verdict,
 )
-from medi_dist.evaluate.tiles import AUDIT, FeatureCache, Part, load_tiles, pool_index, read_index
+from medi_dist.evaluate.tile_reader import AUDIT, FeatureCache, Part, load_tiles, pool_index, read_index
 from synthetic_pools import empty_pool, ingest_procedural, make_pool
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -67,8 +73,11 @@ def test_real_subsample_depends_only_on_seed_and_policies_count_right(data):
     pool = inputs.pool.meta
     keys_by_seed = {}
     for seed in (0, 1):
-        runs = {(r, a): run_seed(cfg.__class__(**{**cfg.__dict__, "ratio": r, "allocation": a}), inputs, seed)
-                for r in (0.0, 0.5, 2.0) for a in al.ALLOCATIONS}
+        runs = {
+            (r, a): run_seed(cfg.__class__(**{**cfg.__dict__, "ratio": r, "allocation": a}), inputs, seed)
+            for r in (0.0, 0.5, 2.0)
+            for a in al.ALLOCATIONS
+        }
         real_keys = {tuple(run.real_keys) for run in runs.values()}
         assert len(real_keys) == 1, "the real subsample must not depend on ratio or policy"
         keys = real_keys.pop()
@@ -83,8 +92,11 @@ def test_real_subsample_depends_only_on_seed_and_policies_count_right(data):
             assert run.n_synthetic == sum(run.allocation.values()) == len(run.synthetic_keys)
             if a == "unseen-pairs":  # only pairs absent from this seed's real tiles
                 assert all(real_pairs[g] == 0 for g in run.allocation)
-                cap = sum(n for (t, s), n in Counter(zip(pool["cancer_type"], pool["tissue_source_site"])).items()
-                          if real_pairs[(t, s)] == 0)
+                cap = sum(
+                    n
+                    for (t, s), n in Counter(zip(pool["cancer_type"], pool["tissue_source_site"])).items()
+                    if real_pairs[(t, s)] == 0
+                )
                 assert run.n_synthetic == min(want, cap)
             else:
                 assert run.n_synthetic == min(want, len(pool))
@@ -102,8 +114,12 @@ def test_downstream_linear_compare_and_holdout_only(data):
     cmp = compare(cfg, {"real only": {"ratio": 0.0}, "pool r=1": {"ratio": 1.0, "allocation": "uniform"}})
     holdout = set(json.loads((data["real"] / "split.json").read_text())["sites"]["holdout"])
     for res in cmp.results.values():
-        assert len(res.per_seed) == 2 and set(res.mean_sem) >= {"balanced_accuracy", "site_balanced_accuracy",
-                                                                  "worst_site_accuracy", "mcc"}
+        assert len(res.per_seed) == 2 and set(res.mean_sem) >= {
+            "balanced_accuracy",
+            "site_balanced_accuracy",
+            "worst_site_accuracy",
+            "mcc",
+        }
         assert set(res.predictions["tissue_source_site"]) == holdout
         sub = res.subgroups()
         assert list(sub.columns) == ["cancer_type", "tissue_source_site", "n", "accuracy", "accuracy_sem"]
@@ -143,8 +159,7 @@ def test_load_tiles_subset_across_shards(data):
 
 
 def test_downstream_cnn_path(data):
-    res = run_downstream(cfg_for(data, classifier="cnn", ratio=0.5, seeds=[0], epochs=1, width=8,
-                                 max_per_class=30))
+    res = run_downstream(cfg_for(data, classifier="cnn", ratio=0.5, seeds=[0], epochs=1, width=8, max_per_class=30))
     assert res.per_seed[0]["n_synthetic"] == round(0.5 * res.per_seed[0]["n_real"])
     assert 0 <= res.mean_sem["balanced_accuracy"][0] <= 1
 
@@ -154,14 +169,35 @@ def test_cli_downstream(data, capsys, tmp_path):
 
     parser = argparse.ArgumentParser()
     add_downstream_parser(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["downstream", "--real", str(data["real"]), "--synthetic", str(data["pool"]),
-                              "--ratio", "1", "--seeds", "0", "1", "--k-sites", "4", "--cache-dir", data["cache"],
-                              "--out", str(tmp_path / "out")])
+    args = parser.parse_args(
+        [
+            "downstream",
+            "--real",
+            str(data["real"]),
+            "--synthetic",
+            str(data["pool"]),
+            "--ratio",
+            "1",
+            "--seeds",
+            "0",
+            "1",
+            "--k-sites",
+            "4",
+            "--cache-dir",
+            data["cache"],
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     args.func(args)
     out = capsys.readouterr().out
     assert "real only" in out and "r=1 inverse-frequency" in out and "paired difference" in out
     assert re.search(r"-> (helps|hurts|makes no clear difference) \(balanced accuracy\)", out)
-    assert [verdict(0.11, 0.05), verdict(-0.11, 0.05), verdict(0.09, 0.05)] == ["helps", "hurts", "makes no clear difference"]
+    assert [verdict(0.11, 0.05), verdict(-0.11, 0.05), verdict(0.09, 0.05)] == [
+        "helps",
+        "hurts",
+        "makes no clear difference",
+    ]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(saved) == {"real only", "r=1 inverse-frequency"}
 
@@ -190,7 +226,9 @@ def test_pools_of_test_sites_or_another_dataset_are_refused(data, tmp_path):
 
     AUDIT.reset()
     leak = make_pool(data["real"], tmp_path / "leak", per_pair=1, sites_split="holdout")
-    with pytest.raises(DownstreamError, match=r"leak.* keeps out of its 'train' split: .*\(holdout\).*leak the test sites"):
+    with pytest.raises(
+        DownstreamError, match=r"leak.* keeps out of its 'train' split: .*\(holdout\).*leak the test sites"
+    ):
         run_downstream(DownstreamConfig(str(data["real"]), synthetic=[str(leak)], ratio=1.0, cache_dir=data["cache"]))
     other = make_pool(data["real"], tmp_path / "other", per_pair=1)
     idx = pd.read_parquet(other / "index.parquet")
@@ -238,24 +276,53 @@ def test_stain_baselines_do_what_they_say(data):
 def test_baseline_arms_in_the_protocol_and_the_cli(data, capsys):
     from medi_dist.cli import main
 
-    base = DownstreamConfig(str(data["real"]), cache_dir=data["cache"], classifier="cnn", seeds=[0], epochs=1,
-                            width=8, max_per_class=30)
-    comp = compare(base, {"real only": {}, "hed": {"augment": "hed-jitter", "augment_ratio": 0.5},
-                          "restain": {"augment": "restain"}, "macenko": {"normalize": "macenko"},
-                          "balanced": {"balance": "type-site"}})
+    base = DownstreamConfig(
+        str(data["real"]), cache_dir=data["cache"], classifier="cnn", seeds=[0], epochs=1, width=8, max_per_class=30
+    )
+    comp = compare(
+        base,
+        {
+            "real only": {},
+            "hed": {"augment": "hed-jitter", "augment_ratio": 0.5},
+            "restain": {"augment": "restain"},
+            "macenko": {"normalize": "macenko"},
+            "balanced": {"balance": "type-site"},
+        },
+    )
     assert all(0 <= r.mean_sem["balanced_accuracy"][0] <= 1 for r in comp.results.values())
     inputs = load_inputs(base)
     real = Part(inputs.train.X[:40], inputs.train.meta.iloc[:40])
     for augment, ratio in (("hed-jitter", 0.5), ("restain", 2.0)):
         copies = augmented(replace(base, augment=augment, augment_ratio=ratio), real, seed=0)
-        assert len(copies.X) == len(copies.meta) == round(40 * ratio) and not np.array_equal(copies.X, real.X[:len(copies.X)])
+        assert len(copies.X) == len(copies.meta) == round(40 * ratio)
+        assert not np.array_equal(copies.X, real.X[: len(copies.X)])
     normed = normalized(inputs, "macenko")
     assert normed is normalized(inputs, "macenko") and not np.array_equal(normed.test.X, inputs.test.X)  # cached
     with pytest.raises(DownstreamError, match="use --classifier cnn"):
         validate(cfg_for(data, classifier="linear", augment="hed-jitter"))
     with pytest.raises(DownstreamError, match="augment must be one of"):
         validate(cfg_for(data, classifier="cnn", augment="jpeg"))
-    assert main(["evaluate", "downstream", "--real", str(data["real"]), "--classifier", "cnn", "--epochs", "1",
-                 "--seeds", "0", "--max-per-class", "20", "--baselines", "hed-jitter", "macenko"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "downstream",
+                "--real",
+                str(data["real"]),
+                "--classifier",
+                "cnn",
+                "--epochs",
+                "1",
+                "--seeds",
+                "0",
+                "--max-per-class",
+                "20",
+                "--baselines",
+                "hed-jitter",
+                "macenko",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "paired difference hed-jitter - real only" in out and "paired difference macenko - real only" in out

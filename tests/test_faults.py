@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from medi_dist.config import load_config
+from medi_dist.config_loader import load_config
 from medi_dist.tracking import client
 from medi_dist.train.config import TrainConfig
 from medi_dist.train.trainer import train
@@ -27,9 +27,18 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 def _args(dataset, tmp_path, name, steps):
-    return [f"data.dataset={dataset}", "model.preset=tiny", "model.resolution=16", "optim.batch_size=16",
-            f"steps={steps}", f"run.name={name}", f"run.storage_path={tmp_path / 'runs'}",
-            f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "run.log_every=5", "run.checkpoint_every=10"]
+    return [
+        f"data.dataset={dataset}",
+        "model.preset=tiny",
+        "model.resolution=16",
+        "optim.batch_size=16",
+        f"steps={steps}",
+        f"run.name={name}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "run.log_every=5",
+        "run.checkpoint_every=10",
+    ]
 
 
 def _registered_checkpoints(run_dir: Path) -> int:
@@ -49,8 +58,11 @@ def _history(uri, run_id, key):
 
 
 def test_killed_train_worker_resumes_from_checkpoint(ray_cluster, proc_dataset, tmp_path):
-    cfg = load_config(TrainConfig, None, _args(proc_dataset, tmp_path, "kill-worker", 40) +
-                      ["run.num_workers=2", "run.max_failures=2"])
+    cfg = load_config(
+        TrainConfig,
+        None,
+        _args(proc_dataset, tmp_path, "kill-worker", 40) + ["run.num_workers=2", "run.max_failures=2"],
+    )
     killed = []
 
     def killer():
@@ -85,8 +97,9 @@ def test_killed_train_worker_resumes_from_checkpoint(ray_cluster, proc_dataset, 
 def test_killed_driver_resubmitted_resumes(proc_dataset, tmp_path):
     cmd = [sys.executable, "-m", "medi_dist", "train", *_args(proc_dataset, tmp_path, "kill-driver", 60)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not _registered_checkpoints(tmp_path / "runs" / "kill-driver"):
         assert first.poll() is None, "training ended before it could be killed"

@@ -25,7 +25,7 @@ def he_tiles(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     out = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
         f = rng.uniform(3, 8, 2)
-        nuclei = (np.sin(2 * np.pi * (f[0] * xx + rng.random())) * np.sin(2 * np.pi * (f[1] * yy + rng.random())) > 0.5)
+        nuclei = np.sin(2 * np.pi * (f[0] * xx + rng.random())) * np.sin(2 * np.pi * (f[1] * yy + rng.random())) > 0.5
         img = np.array([235, 170, 210]) + rng.normal(0, 12, (size, size, 3))
         img = img - nuclei[..., None] * np.array([120, 130, 40])
         out[i] = np.clip(img, 0, 255)
@@ -238,7 +238,11 @@ def test_timm_encoder_loads_local_weights_and_refuses_other_architectures(tmp_pa
     with pytest.raises(ValueError, match="unknown timm architecture"):
         E.get_encoder(f"timm:no_such_vit:{tmp_path / 'vit.pth'}")
     # UNI's preset is its published ViT-L/16 (303 M parameters); a file for another model is refused in one line.
-    with pytest.raises(ValueError, match=r"vit.pth does not hold UNI \(MahmoodLab ViT-L/16\) weights: .* missing .* unexpected .* of another shape"):
+    with pytest.raises(
+        ValueError,
+        match=r"vit.pth does not hold UNI \(MahmoodLab ViT-L/16\) weights: "
+        r".* missing .* unexpected .* of another shape",
+    ):
         E.get_encoder(f"uni:{tmp_path / 'vit.pth'}")
     arch, kwargs, _ = E.TIMM_PRESETS["uni"]
     with torch.device("meta"):

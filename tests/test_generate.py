@@ -19,14 +19,15 @@ from PIL import Image
 
 from medi_dist.data.shards import verify_shards
 from medi_dist.data.stream import StreamConfig, tile_stream
-from medi_dist.metadata import ConditioningSpec, UnknownValueError
-from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
-from medi_dist.generate.command import add_fidelity_parser, add_generate_parser
+from medi_dist.evaluate.command import add_fidelity_parser
+from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity, read_tiles
+from medi_dist.generate.command import add_generate_parser
 from medi_dist.generate.job import GenerateConfig, build_tasks, generate
 from medi_dist.generate.plan import GenerationPlan, PlanError, resolve, training_data
-from medi_dist.generate.tiles import task_tiles, tile_seed
+from medi_dist.generate.tile_list import task_tiles, tile_seed
 from medi_dist.generate.writer import SamplingSettings
-from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity, read_tiles
+from medi_dist.metadata import ConditioningSpec, UnknownValueError
+from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
 
@@ -79,7 +80,9 @@ def test_unseen_pairs_and_balance_plans(rand_model, train_pairs):
     # balance: each seen pair topped up to the target; unseen pairs only when asked
     target = max(train_pairs.values()) + 5
     bal = resolve(GenerationPlan(mode="balance", target=target), spec, train)
-    assert {(r.conditions[TYPE], r.conditions[SITE]): r.count for r in bal} == {p: target - n for p, n in train_pairs.items()}
+    assert {(r.conditions[TYPE], r.conditions[SITE]): r.count for r in bal} == {
+        p: target - n for p, n in train_pairs.items()
+    }
     bal_u = resolve(GenerationPlan(mode="balance", target=target, include_unseen=True, types=types[:2]), spec, train)
     assert len(bal_u) == 2 * len(sites) and all(r.count == target for r in bal_u if not r.seen)
 
@@ -90,14 +93,21 @@ def test_site_nulled_plans(rand_model, proc_dataset, tmp_path):
     rows = resolve(GenerationPlan(rows=[{TYPE: t, "count": 2} for t in train.types], null_site=True), spec, train)
     assert [r.conditions for r in rows] == [{TYPE: t} for t in train.types] and all(r.seen for r in rows)
     with pytest.raises(PlanError, match="drop tissue_source_site"):
-        resolve(GenerationPlan(rows=[{TYPE: train.types[0], SITE: train.sites[0], "count": 1}], null_site=True), spec, train)
+        resolve(
+            GenerationPlan(rows=[{TYPE: train.types[0], SITE: train.sites[0], "count": 1}], null_site=True), spec, train
+        )
     with pytest.raises(PlanError, match="null_site is for explicit rows"):
         resolve(GenerationPlan(mode="unseen-pairs", null_site=True), spec, train)
     no_drop = ConditionedUNet(ModelConfig.from_preset("tiny", default_cond_dropout=0.0), spec)
     save_model_dir(tmp_path / "nd", no_drop, EMA(no_drop), extra_info={"name": "nd", "dataset": str(proc_dataset)})
     with pytest.raises(PlanError, match="trained with site dropout"):
-        build_tasks(GenerateConfig(model=str(tmp_path / "nd"), out=str(tmp_path / "o"), plan=GenerationPlan(
-            rows=[{TYPE: train.types[0], "count": 1}], null_site=True)))
+        build_tasks(
+            GenerateConfig(
+                model=str(tmp_path / "nd"),
+                out=str(tmp_path / "o"),
+                plan=GenerationPlan(rows=[{TYPE: train.types[0], "count": 1}], null_site=True),
+            )
+        )
 
 
 def test_plan_validation_errors(rand_model, proc_dataset, train_pairs, tmp_path):
@@ -106,11 +116,15 @@ def test_plan_validation_errors(rand_model, proc_dataset, train_pairs, tmp_path)
     row = lambda **kw: GenerationPlan(rows=[{TYPE: t, SITE: s, "count": 2, **kw}])  # noqa: E731
     with pytest.raises(UnknownValueError, match=r"row 1: unknown cancer_type 'NOPE'; this model was trained on \(4\)"):
         resolve(row(cancer_type="NOPE"), spec, train)
-    with pytest.raises(UnknownValueError, match="unknown tissue_source_site 'ZZ9'; this model was trained on \\(4\\): "
-                       + ", ".join(train.sites) + "$"):
+    with pytest.raises(
+        UnknownValueError,
+        match="unknown tissue_source_site 'ZZ9'; this model was trained on \\(4\\): " + ", ".join(train.sites) + "$",
+    ):
         resolve(GenerationPlan(mode="unseen-pairs", sites=[s, "ZZ9"]), spec, train)
     held = sorted(set(spec.vocab(SITE).values) - set(train.sites))[0]  # in the vocabulary, never trained
-    with pytest.raises(UnknownValueError, match=f"{held}.*no training tiles.*trained values \\(4\\): " + ", ".join(train.sites)):
+    with pytest.raises(
+        UnknownValueError, match=f"{held}.*no training tiles.*trained values \\(4\\): " + ", ".join(train.sites)
+    ):
         resolve(row(tissue_source_site=held), spec, train)
     with pytest.raises(PlanError, match="count -1 is negative"):
         resolve(row(count=-1), spec, train)
@@ -128,18 +142,30 @@ def test_plan_validation_errors(rand_model, proc_dataset, train_pairs, tmp_path)
     sex_model = _model_dir(tmp_path / "sex", proc_dataset, (TYPE, SITE, "sex"), ("age",))
     with pytest.raises(PlanError, match="conditioned on sex"):
         resolve(GenerationPlan(mode="unseen-pairs"), _spec(sex_model), train)
-    rows = resolve(GenerationPlan(mode="unseen-pairs", count=1, types=[t], sites=[s],
-                                  extra={"sex": ["female", "male"], "age": 60}), _spec(sex_model), train)
+    rows = resolve(
+        GenerationPlan(
+            mode="unseen-pairs", count=1, types=[t], sites=[s], extra={"sex": ["female", "male"], "age": 60}
+        ),
+        _spec(sex_model),
+        train,
+    )
     assert [r.conditions["sex"] for r in rows] == ["female", "male"] and rows[0].conditions["age"] == 60.0
-    bal = resolve(GenerationPlan(mode="balance", target=train_pairs[(t, s)] + 5, types=[t], sites=[s],
-                                 extra={"sex": ["female", "male"]}), _spec(sex_model), train)
+    bal = resolve(
+        GenerationPlan(
+            mode="balance", target=train_pairs[(t, s)] + 5, types=[t], sites=[s], extra={"sex": ["female", "male"]}
+        ),
+        _spec(sex_model),
+        train,
+    )
     assert [r.count for r in bal] == [3, 2]  # the top-up of the (type, site) subgroup is shared, not doubled
     # The job validates before doing anything: no output directory appears.
     out = tmp_path / "never"
     with pytest.raises(UnknownValueError):
         generate(GenerateConfig(model=str(rand_model), out=str(out), plan=row(cancer_type="NOPE")))
     with pytest.raises(PlanError, match="unknown sampler"):
-        generate(GenerateConfig(model=str(rand_model), out=str(out), plan=row(), sampling=SamplingSettings(sampler="euler")))
+        generate(
+            GenerateConfig(model=str(rand_model), out=str(out), plan=row(), sampling=SamplingSettings(sampler="euler"))
+        )
     assert not out.exists()
 
 
@@ -148,18 +174,38 @@ def test_yaml_plan_dry_run_on_the_command_line(rand_model, train_pairs, tmp_path
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"mode: explicit\nseed: 3\nrows:\n  - {{cancer_type: {t}, tissue_source_site: {s}, count: 5}}\n")
     out = tmp_path / "out"
-    args = _cli().parse_args(["generate", "--model", str(rand_model), "--plan", str(plan), "--out", str(out), "--dry-run"])
+    args = _cli().parse_args(
+        ["generate", "--model", str(rand_model), "--plan", str(plan), "--out", str(out), "--dry-run"]
+    )
     args.func(args)
     printed = capsys.readouterr().out
     assert f"cancer_type={t}, tissue_source_site={s}: 5 (seen, {n} training tiles)" in printed
     assert "1 shards" in printed and not out.exists()
     # Digit site codes stay text (YAML alone reads 05 as 5); counts and seeds are still numbers.
-    plan.write_text("seed: 3\ninclude_unseen: true\nsites: [05, 44]\nrows:\n  - {tissue_source_site: 05, age: 60, count: 5}\n")
+    plan.write_text(
+        "seed: 3\ninclude_unseen: true\nsites: [05, 44]\nrows:\n  - {tissue_source_site: 05, age: 60, count: 5}\n"
+    )
     read = GenerationPlan.from_yaml(plan)
     assert read.rows == [{"tissue_source_site": "05", "age": "60", "count": 5}] and read.sites == ["05", "44"]
     assert read.seed == 3 and read.include_unseen is True
-    args = _cli().parse_args(["generate", "--model", str(rand_model), "--out", str(out), "--dry-run", "--mode",
-                              "unseen-pairs", "--types", t, "--count", "2", "--extra", "sex=female"])
+    args = _cli().parse_args(
+        [
+            "generate",
+            "--model",
+            str(rand_model),
+            "--out",
+            str(out),
+            "--dry-run",
+            "--mode",
+            "unseen-pairs",
+            "--types",
+            t,
+            "--count",
+            "2",
+            "--extra",
+            "sex=female",
+        ]
+    )
     with pytest.raises(UnknownValueError, match=r"\['sex'\] are not condition columns"):
         args.func(args)  # this model is conditioned on type and site only
     bare = tmp_path / "bare"  # a model directory that does not record its training data
@@ -175,13 +221,20 @@ def test_class_only_model_takes_type_rows_and_records_unknown_site(ray_cluster, 
     spec, train = _spec(model), training_data(model)
     t = sorted(train.types)[0]
     rows = resolve(GenerationPlan(rows=[{TYPE: t, "count": 3}]), spec, train)
-    assert rows[0].conditions == {TYPE: t} and rows[0].real_count == sum(n for (a, _), n in train_pairs.items() if a == t)
+    assert rows[0].conditions == {TYPE: t}
+    assert rows[0].real_count == sum(n for (a, _), n in train_pairs.items() if a == t)
     with pytest.raises(PlanError, match="unseen-pairs plans need a model conditioned on tissue_source_site"):
         resolve(GenerationPlan(mode="unseen-pairs"), spec, train)
     with pytest.raises(UnknownValueError, match="not condition columns"):
         resolve(GenerationPlan(rows=[{TYPE: t, SITE: train.sites[0], "count": 1}]), spec, train)
-    res = generate(GenerateConfig(model=str(model), out=str(tmp_path / "out"), plan=GenerationPlan(
-        rows=[{TYPE: t, "count": 3}]), sampling=SamplingSettings(sampler="ddim", steps=2)))
+    res = generate(
+        GenerateConfig(
+            model=str(model),
+            out=str(tmp_path / "out"),
+            plan=GenerationPlan(rows=[{TYPE: t, "count": 3}]),
+            sampling=SamplingSettings(sampler="ddim", steps=2),
+        )
+    )
     index = pd.read_parquet(res.out / "index.parquet")
     assert list(index[SITE]) == ["Unknown"] * 3 and list(index[TYPE]) == [t] * 3
     rows = tile_stream(res.out, cfg=StreamConfig(resolution=16)).dataset.take_all()  # vocab.json: type only
@@ -223,8 +276,12 @@ def two_runs(ray_cluster, rand_model, tmp_path_factory):
     out = tmp / "w2"
     first = generate(_gen(rand_model, out, workers=2, max_shards=2))  # "interrupted" after 2 of 5 shards
     shards = sorted((out / "shards" / "train").glob("shard-*.tar"))
-    state = {"first": first, "shards": [p.name for p in shards], "no_manifest": not (out / "dataset.json").exists(),
-             "kept_mtime": shards[0].stat().st_mtime_ns}
+    state = {
+        "first": first,
+        "shards": [p.name for p in shards],
+        "no_manifest": not (out / "dataset.json").exists(),
+        "kept_mtime": shards[0].stat().st_mtime_ns,
+    }
     data = shards[1].read_bytes()
     shards[1].write_bytes(data[: len(data) // 2])  # a torn copy of a finished shard
     (out / "shards" / "train" / ".shard-000004.tar.tmp-deadbeef").write_bytes(b"partial")  # a killed writer's temp
@@ -286,8 +343,15 @@ def test_interrupted_run_resumes_without_duplicate_or_missing_tiles(two_runs, ra
     third = generate(_gen(rand_model, out, workers=2))  # nothing left to do: no Ray work at all
     assert third.complete and third.generated == [] and third.skipped == 5
     with pytest.raises(FileExistsError, match="another plan"):
-        generate(GenerateConfig(model=str(rand_model), out=str(out), plan=GenerationPlan(mode="unseen-pairs", count=2),
-                                sampling=SAMPLING, tiles_per_shard=10))
+        generate(
+            GenerateConfig(
+                model=str(rand_model),
+                out=str(out),
+                plan=GenerationPlan(mode="unseen-pairs", count=2),
+                sampling=SAMPLING,
+                tiles_per_shard=10,
+            )
+        )
 
 
 # ---------------------------------------------------------------- fidelity, dataset level
@@ -328,9 +392,16 @@ def test_dataset_fd_is_zero_for_itself_and_grows_with_stain_shift(proc_dataset, 
     fd = {}
     for strength in (0.0, 0.3, 0.8):
         syn = proc_dataset if strength == 0 else _shifted_copy(proc_dataset, tmp_path / f"shift{strength}", strength)
-        res = evaluate_fidelity(FidelityConfig(real=str(proc_dataset), synthetic=str(syn), real_splits=["train", "holdout"],
-                                               out=str(tmp_path / f"fid{strength}.json"), conditional=False,
-                                               log_mlflow=False))
+        res = evaluate_fidelity(
+            FidelityConfig(
+                real=str(proc_dataset),
+                synthetic=str(syn),
+                real_splits=["train", "holdout"],
+                out=str(tmp_path / f"fid{strength}.json"),
+                conditional=False,
+                log_mlflow=False,
+            )
+        )
         fd[strength] = (res["fd"]["overall"], res["fd"]["mean_group_fd"])
         assert len(res["fd"]["groups"]) >= 6  # per-subgroup distances, not just the overall one
     assert fd[0.0][0] == pytest.approx(0, abs=1e-6) and fd[0.0][1] == pytest.approx(0, abs=1e-6)
@@ -368,8 +439,9 @@ def trained_model(proc_dataset, tmp_path_factory):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(model)
-    out = save_model_dir(tmp / "model", model, ema, extra_info={"name": "v16", "dataset": str(proc_dataset),
-                                                                  "steps": TRAIN_STEPS})
+    out = save_model_dir(
+        tmp / "model", model, ema, extra_info={"name": "v16", "dataset": str(proc_dataset), "steps": TRAIN_STEPS}
+    )
     assert out.startswith("v16-")
     return tmp / "model", tmp
 
@@ -388,11 +460,46 @@ def test_conditional_accuracy_above_chance_after_short_training(ray_cluster, tra
     model, tmp = trained_model
     out, fid, uri = tmp / "syn", tmp / "fidelity.json", f"sqlite:///{tmp / 'mlflow.db'}"
     cli = _cli()
-    args = cli.parse_args(["generate", "--model", str(model), "--out", str(out), "--mode", "unseen-pairs", "--count", "8",
-                           "--sampler", "ddim", "--steps", "20", "--tiles-per-shard", "64", "--batch-size", "64"])
+    args = cli.parse_args(
+        [
+            "generate",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--mode",
+            "unseen-pairs",
+            "--count",
+            "8",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "20",
+            "--tiles-per-shard",
+            "64",
+            "--batch-size",
+            "64",
+        ]
+    )
     args.func(args)
-    args = cli.parse_args(["evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(out), "--out", str(fid),
-                           "--tracking-uri", uri, "--run-name", "fid-test", "--min-per-group", "8"])
+    args = cli.parse_args(
+        [
+            "evaluate",
+            "fidelity",
+            "--real",
+            str(proc_dataset),
+            "--synthetic",
+            str(out),
+            "--out",
+            str(fid),
+            "--tracking-uri",
+            uri,
+            "--run-name",
+            "fid-test",
+            "--min-per-group",
+            "8",
+        ]
+    )
     args.func(args)
     printed = capsys.readouterr().out
     res = json.loads(fid.read_text())
@@ -401,12 +508,15 @@ def test_conditional_accuracy_above_chance_after_short_training(ray_cluster, tra
     assert ca["seen"]["n"] == 4 * 8 and ca["unseen"]["n"] == 12 * 8
     assert set(chance.values()) == {0.25}  # probes learn the 4 trained types / 4 trained sites
     assert len(res["fd"]["groups"]) == 4 and all(v["fd"] > 0 for v in res["fd"]["groups"].values())  # seen pairs
-    for part, type_key, site_key in (("seen", "type_accuracy", "site_accuracy"),
-                                     ("unseen", "type_accuracy_morphology", "site_accuracy_stain")):
+    for part, type_key, site_key in (
+        ("seen", "type_accuracy", "site_accuracy"),
+        ("unseen", "type_accuracy_morphology", "site_accuracy_stain"),
+    ):
         assert ca[part][type_key] > chance["type_accuracy"] + 0.1, (part, ca[part])
         assert ca[part][site_key] > chance["site_accuracy"] + 0.1, (part, ca[part])
-    run = client(uri).search_runs([client(uri).get_experiment_by_name("medi-dist").experiment_id],
-                                  "tags.`medi_dist.run_name` = 'fid-test'")[0]
+    run = client(uri).search_runs(
+        [client(uri).get_experiment_by_name("medi-dist").experiment_id], "tags.`medi_dist.run_name` = 'fid-test'"
+    )[0]
     assert run.data.metrics["unseen_type_accuracy"] == pytest.approx(ca["unseen"]["type_accuracy"])
     assert "fd_overall" in run.data.metrics and run.data.params["encoder"] == "random-conv"
     assert [a.path for a in client(uri).list_artifacts(run.info.run_id, "fidelity")] == ["fidelity/fidelity.json"]

@@ -9,8 +9,8 @@ import re
 
 import pandas as pd
 import pytest
-from bad_inputs import N_GOOD, good_csv, ingest_csv, one_error_line, run_cli, snapshot, tile_bytes, write_manifest  # noqa: F401
 
+from bad_inputs import N_GOOD, good_csv, ingest_csv, one_error_line, run_cli, snapshot, tile_bytes, write_manifest  # noqa: F401
 from medi_dist import cli
 from medi_dist.data.shards import INDEX, MANIFEST
 from medi_dist.metadata import SchemaError
@@ -24,6 +24,7 @@ def _main(capsys, *args: str) -> tuple[int, str, str]:
 
 # ---- which source ----------------------------------------------------------------------------------
 
+
 def test_source_follows_the_input_flag(tmp_path, capsys, good_csv):
     """--manifest without --source reads the manifest (it used to ingest the built-in dataset)."""
     rc, out, err = _main(capsys, "ingest", "--manifest", str(good_csv), "--out", str(tmp_path / "ds"))
@@ -32,12 +33,17 @@ def test_source_follows_the_input_flag(tmp_path, capsys, good_csv):
     assert manifest["source"] == f"manifest:{good_csv}" and manifest["tiles"] == N_GOOD
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--source", "procedural", "--manifest", "m.csv"], ["--source procedural does not read --manifest",
-                                                         "an input of --source manifest"]),
-    (["--source", "manifest", "--manifest", "m.csv", "--slides", "s.csv"], ["does not read --slides"]),
-    (["--manifest", "m.csv", "--root", "r", "--metadata", "g.csv"], ["inputs of different sources"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (
+            ["--source", "procedural", "--manifest", "m.csv"],
+            ["--source procedural does not read --manifest", "an input of --source manifest"],
+        ),
+        (["--source", "manifest", "--manifest", "m.csv", "--slides", "s.csv"], ["does not read --slides"]),
+        (["--manifest", "m.csv", "--root", "r", "--metadata", "g.csv"], ["inputs of different sources"]),
+    ],
+)
 def test_conflicting_source_flags_are_one_line_errors(tmp_path, capsys, args, needles):
     rc, out, err = _main(capsys, "ingest", *args, "--out", str(tmp_path / "ds"))
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
@@ -46,6 +52,7 @@ def test_conflicting_source_flags_are_one_line_errors(tmp_path, capsys, args, ne
 
 
 # ---- too much skipped --------------------------------------------------------------------------------
+
 
 def _mostly_missing(root, n_missing: int = 19, n_bad: int = 2):
     """A manifest whose first n_missing files are gone and n_bad more are not images."""
@@ -58,11 +65,16 @@ def _mostly_missing(root, n_missing: int = 19, n_bad: int = 2):
 def test_ingest_stops_when_too_much_is_skipped_and_writes_nothing(tmp_path):
     csv = _mostly_missing(tmp_path)
     proc = run_cli("ingest", "--manifest", str(csv), "--out", str(tmp_path / "ds"), cwd=tmp_path)
-    line = one_error_line(proc, "medi-dist ingest: error:", "81% of the inputs were skipped (21 of 26)",
-                          "--max-skipped-fraction 0.2", "nothing was written",
-                          f"file not found (19, e.g. {csv} row 2 (img/t0.jpg))",
-                          f"cannot decode image; re-export or remove it (2, e.g. {csv} row 26 (img/bad0.jpg))",
-                          "pass --max-skipped-fraction 0.81 to ingest the rest")
+    line = one_error_line(
+        proc,
+        "medi-dist ingest: error:",
+        "81% of the inputs were skipped (21 of 26)",
+        "--max-skipped-fraction 0.2",
+        "nothing was written",
+        f"file not found (19, e.g. {csv} row 2 (img/t0.jpg))",
+        f"cannot decode image; re-export or remove it (2, e.g. {csv} row 26 (img/bad0.jpg))",
+        "pass --max-skipped-fraction 0.81 to ingest the rest",
+    )
     assert line.index("file not found") < line.index("cannot decode")  # most common first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img", "m.csv"]  # no output, no temporary folder
 
@@ -89,6 +101,7 @@ def test_a_few_bad_tiles_still_ingest(tmp_path, capsys):
 
 # ---- paths relative to the manifest ----------------------------------------------------------------
 
+
 def test_paths_relative_to_the_working_directory_are_named_as_such(tmp_path):
     """The manifest sits in meta/ but its paths were written relative to the working directory: every
     tile is skipped, and the error says why instead of a bare 'file not found'."""
@@ -97,8 +110,11 @@ def test_paths_relative_to_the_working_directory_are_named_as_such(tmp_path):
     moved = tmp_path / "meta" / "m.csv"
     csv.rename(moved)
     proc = run_cli("ingest", "--manifest", "meta/m.csv", "--out", "ds", cwd=tmp_path)
-    one_error_line(proc, "every input was skipped; nothing was written",
-                   "path relative to the current directory, not to the table's folder (24, e.g. meta/m.csv row 2 (img/t0.jpg))")
+    one_error_line(
+        proc,
+        "every input was skipped; nothing was written",
+        "path relative to the current directory, not to the table's folder (24, e.g. meta/m.csv row 2 (img/t0.jpg))",
+    )
     assert not (tmp_path / "ds").exists()
     help_text = run_cli("ingest", "--help", cwd=tmp_path).communicate(timeout=120)[0]
     assert "A relative path is read from the manifest's" in help_text
@@ -115,12 +131,15 @@ def test_reason_names_both_folders(tmp_path, monkeypatch):
     skips = SkipLog()
     assert list(sources.manifest("meta/m.csv", skips).records()) == []
     origin, why = skips.entries[0]
-    assert why == ("not found relative to the table's folder (meta/img/t0.jpg), but img/t0.jpg exists relative to "
-                   "the current directory; paths in m.csv are read relative to its folder: make them relative to "
-                   "meta or absolute")
+    assert why == (
+        "not found relative to the table's folder (meta/img/t0.jpg), but img/t0.jpg exists relative to "
+        "the current directory; paths in m.csv are read relative to its folder: make them relative to "
+        "meta or absolute"
+    )
 
 
 # ---- duplicate keys ----------------------------------------------------------------------------------
+
 
 def test_duplicate_key_message_says_to_add_slide_id(tmp_path, capsys):
     """Per-slide folders each holding 0_0.png and no slide_id column: the keys collide; the error says
@@ -143,6 +162,7 @@ def test_duplicate_key_message_says_to_add_slide_id(tmp_path, capsys):
 
 
 # ---- what it prints ------------------------------------------------------------------------------------
+
 
 def test_each_skipped_file_is_printed_once_and_verify_says_ok(tmp_path):
     csv = _mostly_missing(tmp_path, n_missing=1, n_bad=1)

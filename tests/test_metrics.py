@@ -35,9 +35,7 @@ def test_single_class_site_scores_that_class_recall():
     yp = np.array(["A", "B"])
     assert M.site_averaged_balanced_accuracy(yt, yp, ["s3", "s3"]) == pytest.approx(0.5)
     # added to the example: (5/6 + 1/3 + 1/2) / 3 = 5/9
-    got = M.site_averaged_balanced_accuracy(
-        np.r_[Y_TRUE, yt], np.r_[Y_PRED, yp], np.r_[SITES, ["s3", "s3"]]
-    )
+    got = M.site_averaged_balanced_accuracy(np.r_[Y_TRUE, yt], np.r_[Y_PRED, yp], np.r_[SITES, ["s3", "s3"]])
     assert got == pytest.approx(5 / 9)
 
 
@@ -65,8 +63,11 @@ def test_subgroup_table_and_names():
 
 
 def test_mean_sem_and_table():
-    runs = [{"balanced_accuracy": 0.6, "mcc": 0.2}, {"balanced_accuracy": 0.8, "mcc": 0.2},
-            {"balanced_accuracy": 0.7, "mcc": 0.2}]
+    runs = [
+        {"balanced_accuracy": 0.6, "mcc": 0.2},
+        {"balanced_accuracy": 0.8, "mcc": 0.2},
+        {"balanced_accuracy": 0.7, "mcc": 0.2},
+    ]
     ms = M.mean_sem(runs)
     # std(ddof=1) of (0.6, 0.8, 0.7) is 0.1, so SEM = 0.1 / sqrt(3)
     assert ms["balanced_accuracy"] == pytest.approx((0.7, 0.1 / math.sqrt(3)))

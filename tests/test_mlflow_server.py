@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from medi_dist.tune import SearchSpace, StudyConfig, run_study
+from medi_dist.tune.config import SearchSpace, StudyConfig
+from medi_dist.tune.study import run_study
 from synthetic_pools import ingest_procedural, make_pool
 
 
@@ -31,9 +32,26 @@ def mlflow_server(tmp_path):
     exe = Path(sys.executable).parent / "mlflow"
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", "--serve-artifacts", "--artifacts-destination", str(art)],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # own group: we stop all of it
+        [
+            str(exe),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(art),
+        ],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # own group: we stop all of it
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -61,9 +79,19 @@ def test_study_logs_to_mlflow_server(ray_cluster, mlflow_server, tmp_path, monke
     real = ingest_procedural(tmp_path / "real", n_types=3, n_sites=12, n_tiles=300, val=0.2)
     pool = make_pool(real, tmp_path / "pool", per_pair=4)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    cfg = StudyConfig(name="server-study", real=str(real), space=SearchSpace(ratio=[0.5, 1.0], pools=[str(pool)]),
-                      num_samples=2, seeds=[0, 1], k_sites=4, cpus_per_trial=1, max_concurrent_trials=2,
-                      storage_path=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), experiment="server-exp")
+    cfg = StudyConfig(
+        name="server-study",
+        real=str(real),
+        space=SearchSpace(ratio=[0.5, 1.0], pools=[str(pool)]),
+        num_samples=2,
+        seeds=[0, 1],
+        k_sites=4,
+        cpus_per_trial=1,
+        max_concurrent_trials=2,
+        storage_path=str(tmp_path / "runs"),
+        cache_dir=str(tmp_path / "cache"),
+        experiment="server-exp",
+    )
     res = run_study(cfg)
     assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
 
@@ -89,11 +117,14 @@ def test_study_logs_to_mlflow_server(ray_cluster, mlflow_server, tmp_path, monke
     listed = requests.get(f"{api}/artifacts/list", params={"run_id": best}, timeout=10).json()
     files = {f["path"] for f in listed.get("files", [])}
     assert {"subgroups_val.csv", "site_accuracy_val.png", "confusion_val.png", "pool_samples.png"} <= files
-    parent_files = {f["path"] for f in requests.get(f"{api}/artifacts/list", params={"run_id": res.parent_run_id},
-                                                    timeout=10).json()["files"]}
+    parent_files = {
+        f["path"]
+        for f in requests.get(f"{api}/artifacts/list", params={"run_id": res.parent_run_id}, timeout=10).json()["files"]
+    }
     assert {"trials.csv", "test_table.txt", "subgroups_test.csv", "site_accuracy_test.png"} <= parent_files
     # download through the artifact proxy; the bytes live under the server's --artifacts-destination
-    csv = requests.get(f"{url}/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{best}/artifacts/subgroups_val.csv",
-                       timeout=10)
+    csv = requests.get(
+        f"{url}/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{best}/artifacts/subgroups_val.csv", timeout=10
+    )
     assert csv.status_code == 200 and csv.text.startswith("cancer_type,tissue_source_site,n,accuracy")
     assert (art / exp_id / best / "artifacts" / "subgroups_val.csv").is_file()

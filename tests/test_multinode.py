@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -43,12 +42,24 @@ def _free_port() -> int:
 def two_nodes():
     temp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's socket paths have a length limit
     dash = _free_port()
-    env = {**os.environ, "RAY": RAY, "GCS_PORT": str(_free_port()), "DASHBOARD_PORT": str(dash),
-           "HEAD_AGENT_PORT": str(_free_port()), "CPUS_PER_NODE": "3", "TEMP_DIR": temp,
-           "NODE2_PORT_BASE": str(_free_block(4))}
+    env = {
+        **os.environ,
+        "RAY": RAY,
+        "GCS_PORT": str(_free_port()),
+        "DASHBOARD_PORT": str(dash),
+        "HEAD_AGENT_PORT": str(_free_port()),
+        "CPUS_PER_NODE": "3",
+        "TEMP_DIR": temp,
+        "NODE2_PORT_BASE": str(_free_block(4)),
+    }
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(["bash", str(REPO / "cluster/local_multinode.sh"), "start"], env=env, check=True,
-                   capture_output=True, timeout=180)
+    subprocess.run(
+        ["bash", str(REPO / "cluster/local_multinode.sh"), "start"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     yield f"http://127.0.0.1:{dash}", temp
     # Stop only this cluster's processes and their children (`ray stop` would also end the test
     # session's own Ray instance).
@@ -91,18 +102,39 @@ def test_job_without_token_is_refused(two_nodes):
     address, _ = two_nodes
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}
     env.pop("RAY_ADDRESS", None)
-    r = subprocess.run([RAY, "job", "submit", "--address", address, "--", "echo", "hi"], env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--", "echo", "hi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0
 
 
 def test_two_worker_training_spans_both_nodes(two_nodes, proc_dataset, tmp_path):
     address, _ = two_nodes
-    r = _submit(address, [
-        "python", "-m", "medi_dist", "train", "--config", str(REPO / "jobs/train_small.yaml"),
-        f"data.dataset={proc_dataset}", "steps=10", "model.preset=tiny", "model.resolution=16",
-        "optim.batch_size=16", "run.num_workers=2", "run.cpus_per_worker=2",  # 3 CPUs per node: one worker each
-        f"run.storage_path={tmp_path}/runs", f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "run.name=two-nodes"])
+    r = _submit(
+        address,
+        [
+            "python",
+            "-m",
+            "medi_dist",
+            "train",
+            "--config",
+            str(REPO / "jobs/train_small.yaml"),
+            f"data.dataset={proc_dataset}",
+            "steps=10",
+            "model.preset=tiny",
+            "model.resolution=16",
+            "optim.batch_size=16",
+            "run.num_workers=2",
+            "run.cpus_per_worker=2",  # 3 CPUs per node: one worker each
+            f"run.storage_path={tmp_path}/runs",
+            f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            "run.name=two-nodes",
+        ],
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "succeeded" in out, out[-4000:]
     assert "worker nodes: 2" in out and "ranks in sync: True" in out

@@ -115,8 +115,9 @@ def test_records_schema():
     assert len(recs) == sum(plan.values())
     got = {}
     for r in recs:
-        got[(r.meta["cancer_type"], r.meta["tissue_source_site"])] = got.get(
-            (r.meta["cancer_type"], r.meta["tissue_source_site"]), 0) + 1
+        got[(r.meta["cancer_type"], r.meta["tissue_source_site"])] = (
+            got.get((r.meta["cancer_type"], r.meta["tissue_source_site"]), 0) + 1
+        )
     assert got == plan
     keys = [r.key for r in recs]
     assert len(set(keys)) == len(keys)
@@ -149,13 +150,20 @@ def test_types_differ_in_morphology_across_sites():
     """Type is learnable from stain-invariant morphology (hematoxylin/eosin amounts recovered by
     deconvolution): a nearest-centroid classifier trained on some sites works on held-out sites."""
     types, sites = cancer_types(6), site_codes(12)
-    feats = {(t, s): [_features(render_tile(t, s, np.random.default_rng([i, k, j]), 64), s) for i in range(4)]
-             for k, t in enumerate(types) for j, s in enumerate(sites)}
+    feats = {
+        (t, s): [_features(render_tile(t, s, np.random.default_rng([i, k, j]), 64), s) for i in range(4)]
+        for k, t in enumerate(types)
+        for j, s in enumerate(sites)
+    }
     train, test = sites[:6], sites[6:]
     cent = np.array([np.mean([feats[(t, s)] for s in train], axis=(0, 1)) for t in types])
     scale = np.std([f for s in train for t in types for f in feats[(t, s)]], axis=0)
-    hits = [np.argmin((((np.array(f) - cent) / scale) ** 2).sum(1)) == k
-            for k, t in enumerate(types) for s in test for f in feats[(t, s)]]
+    hits = [
+        np.argmin((((np.array(f) - cent) / scale) ** 2).sum(1)) == k
+        for k, t in enumerate(types)
+        for s in test
+        for f in feats[(t, s)]
+    ]
     assert np.mean(hits) > 0.85, np.mean(hits)
     # nuclear fraction orders the archetypes the same way at every site
     hfrac = {key: np.mean([f[0] for f in v]) for key, v in feats.items()}
@@ -166,9 +174,13 @@ def test_types_differ_in_morphology_across_sites():
 
 def test_site_changes_colour_not_morphology():
     sites = site_codes(8)
-    means = {s: np.mean([render_tile("SHEET", s, np.random.default_rng(i), 64).reshape(-1, 3).mean(0)
-                         for i in range(6)], axis=0) for s in sites}
-    dists = [np.abs(means[a] - means[b]).max() for i, a in enumerate(sites) for b in sites[i + 1:]]
+    means = {
+        s: np.mean(
+            [render_tile("SHEET", s, np.random.default_rng(i), 64).reshape(-1, 3).mean(0) for i in range(6)], axis=0
+        )
+        for s in sites
+    }
+    dists = [np.abs(means[a] - means[b]).max() for i, a in enumerate(sites) for b in sites[i + 1 :]]
     assert min(dists) > 3 and np.median(dists) > 10  # a visible per-site colour shift
     assert len({site_stain(s).quality for s in sites}) > 1 and len({site_stain(s).blur for s in sites}) > 1
     # same tile RNG at two sites: the same tissue, so the deconvolved hematoxylin maps agree
@@ -188,12 +200,14 @@ def test_scanner_lines_are_a_site_signature_without_colour():
         return -np.log((render_tile("SHEET", site, np.random.default_rng(seed), 32, lines) + 1.0) / 256)
 
     diffs = {s: [od(s, k, True) - od(s, k, False) for k in (1, 2)] for s in ("A1", "B1")}
-    for s, (d1, d2) in diffs.items():
+    for d1, d2 in diffs.values():
         assert np.corrcoef(d1.ravel(), d2.ravel())[0, 1] > 0.8  # one pattern for the site, whatever the tile
         assert d1.mean() > 0.02  # added optical density, the same in every channel (no hue):
         assert np.ptp(d1.mean(axis=(0, 1))) < 0.2 * d1.mean()
     assert np.corrcoef(diffs["A1"][0].ravel(), diffs["B1"][0].ravel())[0, 1] < 0.5
     assert site_stain("A1").lines != site_stain("B1").lines
     # off by default: the existing world's tiles are unchanged
-    assert np.array_equal(render_tile("SHEET", "A1", np.random.default_rng(1), 32),
-                          render_tile("SHEET", "A1", np.random.default_rng(1), 32, False))
+    assert np.array_equal(
+        render_tile("SHEET", "A1", np.random.default_rng(1), 32),
+        render_tile("SHEET", "A1", np.random.default_rng(1), 32, False),
+    )

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from medi_dist.cli import main
-from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity, read_tiles
+from medi_dist.evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
 from medi_dist.generate.job import GenerateConfig, generate
 from medi_dist.generate.plan import GenerationPlan, PlanError
 
@@ -27,14 +27,25 @@ def pools(proc_dataset, tmp_path_factory):
     plan = GenerationPlan(mode="unseen-pairs", count=6, seed=3)
     out = {}
     for kind in ("oracle", "noise"):
-        out[kind] = generate(GenerateConfig(model=None, reference=kind, dataset=str(proc_dataset),
-                                            out=str(root / kind), plan=plan, tiles_per_shard=50)).out
+        out[kind] = generate(
+            GenerateConfig(
+                model=None,
+                reference=kind,
+                dataset=str(proc_dataset),
+                out=str(root / kind),
+                plan=plan,
+                tiles_per_shard=50,
+            )
+        ).out
     return out
 
 
 def _fidelity(real, pool, tmp_path):
-    return evaluate_fidelity(FidelityConfig(real=str(real), synthetic=str(pool), out=str(tmp_path / "f.json"),
-                                            log_mlflow=False, min_per_group=4))
+    return evaluate_fidelity(
+        FidelityConfig(
+            real=str(real), synthetic=str(pool), out=str(tmp_path / "f.json"), log_mlflow=False, min_per_group=4
+        )
+    )
 
 
 def test_reference_pools_follow_the_plan_and_are_marked(pools, proc_dataset):
@@ -49,8 +60,16 @@ def test_reference_pools_follow_the_plan_and_are_marked(pools, proc_dataset):
 
 
 def test_same_plan_gives_the_same_tiles(pools, proc_dataset, tmp_path):
-    again = generate(GenerateConfig(model=None, reference="oracle", dataset=str(proc_dataset), out=str(tmp_path / "o"),
-                                    plan=GenerationPlan(mode="unseen-pairs", count=6, seed=3), tiles_per_shard=50)).out
+    again = generate(
+        GenerateConfig(
+            model=None,
+            reference="oracle",
+            dataset=str(proc_dataset),
+            out=str(tmp_path / "o"),
+            plan=GenerationPlan(mode="unseen-pairs", count=6, seed=3),
+            tiles_per_shard=50,
+        )
+    ).out
     a, b = (pd.read_parquet(p / "index.parquet").set_index("key")["sha256"] for p in (pools["oracle"], again))
     assert a.sort_index().equals(b.sort_index())
 
@@ -98,8 +117,16 @@ def test_leakage_catches_owner_morphology(pools, proc_dataset, tmp_path, monkeyp
 
     out = tmp_path / "owner"
     monkeypatch.setattr(reference, "ReferenceGenerator", OwnerMorphology)  # job.generate looks it up per call
-    generate(GenerateConfig(model=None, reference="oracle", dataset=str(proc_dataset), out=str(out),
-                            plan=GenerationPlan(mode="unseen-pairs", count=6, seed=4), tiles_per_shard=50))
+    generate(
+        GenerateConfig(
+            model=None,
+            reference="oracle",
+            dataset=str(proc_dataset),
+            out=str(out),
+            plan=GenerationPlan(mode="unseen-pairs", count=6, seed=4),
+            tiles_per_shard=50,
+        )
+    )
     assert (out / INDEX).exists()
     res = _fidelity(proc_dataset, out, tmp_path)
     cal = res["calibrated"]["synthetic"]["unseen"]
@@ -112,14 +139,30 @@ def test_oracle_refused_for_real_data_and_cli_errors(pools, proc_dataset, tmp_pa
     manifest = json.loads((fake / "dataset.json").read_text())
     (fake / "dataset.json").write_text(json.dumps({**manifest, "source": "manifest"}))
     with pytest.raises(PlanError, match="no renderer; use --reference noise"):
-        generate(GenerateConfig(model=None, reference="oracle", dataset=str(fake), out=str(tmp_path / "x"),
-                                plan=GenerationPlan(mode="unseen-pairs", count=1)))
+        generate(
+            GenerateConfig(
+                model=None,
+                reference="oracle",
+                dataset=str(fake),
+                out=str(tmp_path / "x"),
+                plan=GenerationPlan(mode="unseen-pairs", count=1),
+            )
+        )
     assert not (tmp_path / "x").exists()
     assert _fidelity(fake, pools["oracle"], tmp_path)["calibrated"] is None  # no ground truth: not calibrated
     with pytest.raises(PlanError, match="is a synthetic pool"):
-        generate(GenerateConfig(model=None, reference="noise", dataset=str(pools["oracle"]), out=str(tmp_path / "y"),
-                                plan=GenerationPlan(mode="unseen-pairs", count=1)))
-    for args, needle in ((["--reference", "oracle"], "pass --dataset DIR"),
-                         ([], "--model DIR (a trained model) or --reference")):
+        generate(
+            GenerateConfig(
+                model=None,
+                reference="noise",
+                dataset=str(pools["oracle"]),
+                out=str(tmp_path / "y"),
+                plan=GenerationPlan(mode="unseen-pairs", count=1),
+            )
+        )
+    for args, needle in (
+        (["--reference", "oracle"], "pass --dataset DIR"),
+        ([], "--model DIR (a trained model) or --reference"),
+    ):
         assert main(["generate", *args, "--out", str(tmp_path / "z"), "--mode", "unseen-pairs", "--count", "1"]) == 2
         assert needle in capsys.readouterr().err

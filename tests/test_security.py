@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medi_dist.config import ConfigError, load_config
+from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.metadata import ConditioningSpec, ContinuousSpec, Vocab
 from medi_dist.model import EMA, ConditionedUNet, ModelConfig, ModelDirError, load_model_dir, save_model_dir
 from medi_dist.model.model_dir import sha256_file
@@ -43,8 +43,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    spec = ConditioningSpec([Vocab("cancer_type", ["A", "B"]), Vocab("tissue_source_site", ["S0", "S1"])],
-                            [ContinuousSpec("age", 50.0, 10.0)])
+    spec = ConditioningSpec(
+        [Vocab("cancer_type", ["A", "B"]), Vocab("tissue_source_site", ["S0", "S1"])],
+        [ContinuousSpec("age", 50.0, 10.0)],
+    )
     torch.manual_seed(0)
     m = ConditionedUNet(ModelConfig.from_preset("tiny"), spec)
     d = tmp_path_factory.mktemp("models") / "model"
@@ -60,6 +62,7 @@ def _fix_checksums(d: Path, name: str) -> None:
 
 
 # ---- weights -------------------------------------------------------------------------------------
+
 
 def test_model_dir_holds_only_safetensors_and_loads_without_unpickling(model_dir, monkeypatch):
     suffixes = {p.suffix for p in model_dir.iterdir()}
@@ -122,6 +125,7 @@ def test_malicious_trainer_state_is_refused(tmp_path):
 
 # ---- YAML ----------------------------------------------------------------------------------------
 
+
 def test_yaml_python_tags_are_refused(tmp_path):
     marker = tmp_path / "PWNED"
     bad = tmp_path / "bad.yaml"
@@ -135,6 +139,7 @@ def test_yaml_python_tags_are_refused(tmp_path):
 
 
 # ---- the source tree -----------------------------------------------------------------------------
+
 
 def _python_files():
     for top in CODE_DIRS:
@@ -152,11 +157,22 @@ def _dotted(node: ast.AST) -> str:
 
 SAFE_YAML_LOADERS = {"yaml.SafeLoader", "yaml.BaseLoader", "yaml.CSafeLoader", "yaml.CBaseLoader"}
 UNSAFE_CALLS = {
-    "pickle.load": "unpickles", "pickle.loads": "unpickles", "pickle.Unpickler": "unpickles",
-    "cPickle.load": "unpickles", "dill.load": "unpickles", "dill.loads": "unpickles", "joblib.load": "unpickles",
-    "pd.read_pickle": "unpickles", "pandas.read_pickle": "unpickles", "torch.jit.load": "loads code",
-    "yaml.load": "use yaml.safe_load", "yaml.load_all": "use yaml.safe_load_all", "yaml.unsafe_load": "unsafe",
-    "yaml.full_load": "use yaml.safe_load", "eval": "evaluates strings", "exec": "executes strings",
+    "pickle.load": "unpickles",
+    "pickle.loads": "unpickles",
+    "pickle.Unpickler": "unpickles",
+    "cPickle.load": "unpickles",
+    "dill.load": "unpickles",
+    "dill.loads": "unpickles",
+    "joblib.load": "unpickles",
+    "pd.read_pickle": "unpickles",
+    "pandas.read_pickle": "unpickles",
+    "torch.jit.load": "loads code",
+    "yaml.load": "use yaml.safe_load",
+    "yaml.load_all": "use yaml.safe_load_all",
+    "yaml.unsafe_load": "unsafe",
+    "yaml.full_load": "use yaml.safe_load",
+    "eval": "evaluates strings",
+    "exec": "executes strings",
 }
 
 
@@ -205,8 +221,12 @@ def test_servers_bind_to_localhost_by_default():
     assert inspect.signature(ray.init).parameters["dashboard_host"].default == "127.0.0.1"
     allowed = {("cluster/mlflow/mlflow.yaml", "- --host=0.0.0.0")}
     found = []
-    files = [p for top in ("medi_dist", "benchmarks", "jobs", "cluster", ".ci") for p in (REPO / top).rglob("*")
-             if p.is_file() and p.suffix in ("", ".py", ".sh", ".yaml", ".yml", ".toml", ".cfg", ".txt")]
+    files = [
+        p
+        for top in ("medi_dist", "benchmarks", "jobs", "cluster", ".ci")
+        for p in (REPO / top).rglob("*")
+        if p.is_file() and p.suffix in ("", ".py", ".sh", ".yaml", ".yml", ".toml", ".cfg", ".txt")
+    ]
     files += [REPO / "Makefile", REPO / "pyproject.toml"]
     for f in files:
         for line in f.read_text(errors="replace").splitlines():

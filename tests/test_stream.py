@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from medi_dist.data.shards import INDEX, MANIFEST, file_sha256
-from medi_dist.data.stream import StreamConfig, TooManyBadTiles, tile_stream
+from medi_dist.data.stream import StreamConfig, tile_stream
 from medi_dist.metadata import ConditioningSpec, SchemaError
 
 
@@ -52,6 +52,7 @@ def test_balancing_by_type(ray_cluster, proc_dataset):
 
 def test_same_seed_same_order_and_each_epoch_its_own(ray_cluster, proc_dataset):
     """Issue 12: the order is a function of the seed and the epoch (pass), never of task timing."""
+
     def keys(stream):
         return [k for b in _rows(stream) for k in b["key"]]
 
@@ -60,8 +61,10 @@ def test_same_seed_same_order_and_each_epoch_its_own(ray_cluster, proc_dataset):
     a1, a2, b1 = keys(a), keys(a), keys(b)
     assert a1 == b1  # same seed, same first pass
     assert a2 != a1 and sorted(a2) == sorted(a1)  # the next pass: same rows, another order
-    assert keys(tile_stream(proc_dataset, ("train",), StreamConfig(resolution=8, balance="type", seed=6,
-                                                                   batch_rows=64))) != a1
+    assert (
+        keys(tile_stream(proc_dataset, ("train",), StreamConfig(resolution=8, balance="type", seed=6, batch_rows=64)))
+        != a1
+    )
 
 
 def _corrupt_copy(src: Path, dst: Path, n_bad: int) -> list[str]:
@@ -100,7 +103,9 @@ def test_corrupt_tile_is_skipped_and_counted(ray_cluster, proc_dataset, tmp_path
 
 def test_too_many_corrupt_tiles_abort(ray_cluster, proc_dataset, tmp_path):
     _corrupt_copy(proc_dataset, tmp_path / "d", 40)
-    s = tile_stream(tmp_path / "d", ("train",), StreamConfig(resolution=8, max_bad_fraction=0.01, min_rows_for_abort=10))
+    s = tile_stream(
+        tmp_path / "d", ("train",), StreamConfig(resolution=8, max_bad_fraction=0.01, min_rows_for_abort=10)
+    )
     with pytest.raises(Exception, match="failed to decode"):
         _rows(s)
 
@@ -132,10 +137,13 @@ def test_stream_feeds_two_train_workers(ray_cluster, proc_dataset, tmp_path):
         Path(config["out"], f"rank{ctx.get_world_rank()}.json").write_text(json.dumps(keys))
 
     s = tile_stream(proc_dataset, ("train",), StreamConfig(resolution=8))
-    trainer = TorchTrainer(loop, train_loop_config={"out": str(out)},
-                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                           datasets={"train": s.dataset},
-                           run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="feed"))
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        datasets={"train": s.dataset},
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="feed"),
+    )
     trainer.fit()
     k0 = json.loads((out / "rank0.json").read_text())
     k1 = json.loads((out / "rank1.json").read_text())

@@ -8,20 +8,29 @@ import numpy as np
 import pytest
 import torch
 
-from medi_dist.config import ConfigError, load_config
+from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.metadata import UnknownValueError
 from medi_dist.model import encode_conditions, load_model_dir
+from medi_dist.tracking import client
 from medi_dist.train.config import TrainConfig
 from medi_dist.train.trainer import train
-from medi_dist.tracking import client
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(dataset, tmp_path, name, **over):
-    base = [f"data.dataset={dataset}", "model.preset=tiny", "model.resolution=16", "optim.batch_size=16",
-            "optim.lr=0.002", f"run.name={name}", f"run.storage_path={tmp_path / 'runs'}",
-            f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "run.log_every=5", "run.cpus_per_worker=1"]
+    base = [
+        f"data.dataset={dataset}",
+        "model.preset=tiny",
+        "model.resolution=16",
+        "optim.batch_size=16",
+        "optim.lr=0.002",
+        f"run.name={name}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "run.log_every=5",
+        "run.cpus_per_worker=1",
+    ]
     return load_config(TrainConfig, None, base + [f"{k}={v}" for k, v in over.items()])
 
 
@@ -33,8 +42,9 @@ def _loss_history(cfg, run_id):
 @pytest.fixture(scope="module")
 def two_worker_run(ray_cluster, proc_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train2")
-    cfg = _cfg(proc_dataset, tmp, "two", steps=60, **{"run.num_workers": 2, "run.checkpoint_every": 30,
-                                                           "run.sample_every": 30})
+    cfg = _cfg(
+        proc_dataset, tmp, "two", steps=60, **{"run.num_workers": 2, "run.checkpoint_every": 30, "run.sample_every": 30}
+    )
     return cfg, train(cfg)
 
 
@@ -54,9 +64,12 @@ def test_model_dir_reloads_with_identical_outputs(two_worker_run):
     assert spec.categorical_names == ["cancer_type", "tissue_source_site"]
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     site = spec.vocab("tissue_source_site").values[0]
-    cond = encode_conditions(spec, [{"cancer_type": spec.vocab("cancer_type").values[0], "tissue_source_site": site}] * 4)
+    cond = encode_conditions(
+        spec, [{"cancer_type": spec.vocab("cancer_type").values[0], "tissue_source_site": site}] * 4
+    )
     with torch.no_grad():
-        torch.testing.assert_close(a(x, torch.tensor([10] * 4), cond), b(x, torch.tensor([10] * 4), cond), rtol=0, atol=0)
+        t = torch.tensor([10] * 4)
+        torch.testing.assert_close(a(x, t, cond), b(x, t, cond), rtol=0, atol=0)
     with pytest.raises(UnknownValueError, match="valid values"):
         encode_conditions(spec, [{"cancer_type": "NOPE", "tissue_source_site": site}])
 
@@ -101,8 +114,12 @@ def test_stopped_run_resumes_and_follows_uninterrupted_loss(ray_cluster, proc_da
     assert run.info.status == "FINISHED"
     # The same run name with other conditions cannot resume those checkpoints: one line, before any work.
     other = _cfg(proc_dataset, tmp_path, "cut", steps=60, **{"model.conditions": "[cancer_type]"})
-    with pytest.raises(ValueError, match=r"run.name='cut' was started with other training settings: model.conditions "
-                                         r'\["cancer_type", "tissue_source_site"\] -> \["cancer_type"\]; use a new run.name'):
+    with pytest.raises(
+        ValueError,
+        match=r"run.name='cut' was started with other training settings: model.conditions "
+        r'\["cancer_type", "tissue_source_site"\] -> \["cancer_type"\]; '
+        r"use a new run.name",
+    ):
         train(other)
 
 
@@ -112,8 +129,10 @@ def test_same_seed_trains_bit_identical_weights(ray_cluster, proc_dataset, tmp_p
     streaming_split, local shuffle, noise, init). ~440 balanced train rows / 16 per batch: the
     steps cross an epoch boundary, so the second epoch's (reseeded) order is compared too."""
     steps = 32 if workers == 1 else 18
-    runs = [train(_cfg(proc_dataset, tmp_path, f"rep{i}", steps=steps, seed=3, **{"run.num_workers": workers}))
-            for i in range(2)]
+    runs = [
+        train(_cfg(proc_dataset, tmp_path, f"rep{i}", steps=steps, seed=3, **{"run.num_workers": workers}))
+        for i in range(2)
+    ]
     a, b = (r.model_dir for r in runs)
     for f in ("model.safetensors", "ema.safetensors"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f"{f} differs between two identical runs"
@@ -131,6 +150,7 @@ def test_resources_a_local_cluster_lacks_are_refused_up_front(ray_cluster, proc_
 
 
 # --- run folder: names, settings, finished runs, interrupted saves (no Ray) -------------------------
+
 
 def _record(cfg, **extra):
     """A medi-dist-run.json as a first start of `cfg` writes it."""
@@ -150,8 +170,13 @@ def test_bad_run_names_are_refused(tmp_path, name):
 def test_resume_with_other_training_settings_is_refused(tmp_path):
     cfg = _cfg(tmp_path / "A", tmp_path, "r", steps=20)
     _record(cfg)
-    other = _cfg(tmp_path / "B", tmp_path, "r", steps=20, **{"optim.lr": 0.01, "optim.batch_size": 8,
-                                                                "run.num_workers": 2, "run.log_every": 3})
+    other = _cfg(
+        tmp_path / "B",
+        tmp_path,
+        "r",
+        steps=20,
+        **{"optim.lr": 0.01, "optim.batch_size": 8, "run.num_workers": 2, "run.log_every": 3},
+    )
     with pytest.raises(ValueError) as e:
         train(other)  # refused before the (missing) dataset is even read
     msg = str(e.value)
@@ -173,13 +198,25 @@ def test_finished_run_returns_without_training(tmp_path, capsys):
     _record(cfg, finished={"step": 200, "model_dir": str(model)}, mlflow_run_id="abc")
     res = train(_cfg(tmp_path / "gone", tmp_path, "done", steps=100, **{"run.num_workers": 2}))
     assert res.finished_before and res.model_dir == model and res.metrics["step"] == 200
-    args = [f"{k}={v}" for k, v in {"data.dataset": tmp_path / "gone", "model.preset": "tiny", "model.resolution": 16,
-                                    "optim.batch_size": 16, "optim.lr": 0.002, "run.name": "done", "steps": 200,
-                                    "run.storage_path": tmp_path / "runs", "run.log_every": 5,
-                                    "run.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}.items()]
+    args = [
+        f"{k}={v}"
+        for k, v in {
+            "data.dataset": tmp_path / "gone",
+            "model.preset": "tiny",
+            "model.resolution": 16,
+            "optim.batch_size": 16,
+            "optim.lr": 0.002,
+            "run.name": "done",
+            "steps": 200,
+            "run.storage_path": tmp_path / "runs",
+            "run.log_every": 5,
+            "run.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        }.items()
+    ]
     assert main(["train", *args]) == 0  # the dataset is gone: nothing but the record was read
-    assert capsys.readouterr().out.strip() == (f"run done already finished at step 200; model directory: {model} "
-                                               "(raise steps to train further)")
+    assert capsys.readouterr().out.strip() == (
+        f"run done already finished at step 200; model directory: {model} (raise steps to train further)"
+    )
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -193,11 +230,18 @@ def test_unregistered_checkpoint_folders_are_removed(tmp_path, caplog):
         (run / d).mkdir(parents=True)
     folder = RunFolder(str(tmp_path / "runs"), "x")
     assert remove_unregistered(folder) == []  # no snapshot: nothing is known, nothing is touched
-    (run / SNAPSHOT).write_text("{\"checkpoint_results\": [")  # cut short
+    (run / SNAPSHOT).write_text('{"checkpoint_results": [')  # cut short
     assert remove_unregistered(folder) == []
     entry = {"checkpoint_dir_name": "checkpoint_b", "metrics": {"step": 20}}
-    (run / SNAPSHOT).write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, entry],
-                                            "latest_checkpoint_result": entry, "pending_training_results": []}))
+    (run / SNAPSHOT).write_text(
+        json.dumps(
+            {
+                "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, entry],
+                "latest_checkpoint_result": entry,
+                "pending_training_results": [],
+            }
+        )
+    )
     assert remove_unregistered(folder) == ["checkpoint_c"]
     assert sorted(p.name for p in run.glob("checkpoint_*/")) == ["checkpoint_a", "checkpoint_b"]
     assert "removed 1 checkpoint folder(s) of run" in caplog.text and "never registered" in caplog.text
@@ -205,6 +249,7 @@ def test_unregistered_checkpoint_folders_are_removed(tmp_path, caplog):
 
 
 # --- relative paths inside `ray job submit --working-dir` (no Ray) ----------------------------------
+
 
 def _as_job(monkeypatch, working_dir="gcs://_ray_pkg_0123abcd.zip"):
     import json
@@ -235,16 +280,30 @@ def test_relative_paths_are_refused_in_a_job_with_working_dir(monkeypatch, tmp_p
         train(cfg)
     msg = str(e.value)
     assert "\n" not in msg and "ray job submit --working-dir" in msg
-    assert "data.dataset=data/procedural, run.storage_path=medi-dist-runs, run.tracking_uri (default ./mlflow.db)" in msg
+    assert (
+        "data.dataset=data/procedural, run.storage_path=medi-dist-runs, run.tracking_uri (default ./mlflow.db)" in msg
+    )
     assert "pass absolute paths or URIs on shared storage (e.g. /mnt/shared/" in msg
     assert main(["tune", "--config", str(REPO / "jobs/tune_small.yaml")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and ("real=data/procedural, storage_path=medi-dist-runs, cache_dir=medi-dist-cache, "
-                                     "space.pools[0]=data/pools/medi-ddim25, tracking_uri (default ./mlflow.db)") in err
-    assert main(["generate", "--model", "runs/m/model", "--out", "/mnt/x", "--mode", "unseen-pairs", "--count", "1"]) == 2
+    assert (
+        err.count("\n") == 1
+        and (
+            "real=data/procedural, storage_path=medi-dist-runs, cache_dir=medi-dist-cache, "
+            "space.pools[0]=data/pools/medi-ddim25, tracking_uri (default ./mlflow.db)"
+        )
+        in err
+    )
+    assert (
+        main(["generate", "--model", "runs/m/model", "--out", "/mnt/x", "--mode", "unseen-pairs", "--count", "1"]) == 2
+    )
     assert "--model=runs/m/model;" in capsys.readouterr().err
-    assert main(["evaluate", "fidelity", "--real", "/mnt/r", "--synthetic", "syn", "--tracking-uri",
-                 "sqlite:///mlflow.db"]) == 2
+    assert (
+        main(
+            ["evaluate", "fidelity", "--real", "/mnt/r", "--synthetic", "syn", "--tracking-uri", "sqlite:///mlflow.db"]
+        )
+        == 2
+    )
     assert "--synthetic=syn, --tracking-uri=sqlite:///mlflow.db;" in capsys.readouterr().err
     assert main(["evaluate", "downstream", "--real", "/mnt/r", "--mlflow-run", "x"]) == 2
     assert "--cache-dir=medi-dist-cache, $MLFLOW_TRACKING_URI (default ./mlflow.db);" in capsys.readouterr().err
@@ -265,8 +324,11 @@ def test_readme_cluster_commands_pass_the_job_path_check(monkeypatch):
 
     _as_job(monkeypatch)
     text = (REPO / "README.md").read_text().split("## Run on a cluster", 1)[1].split("```bash", 1)[1].split("```")[0]
-    cmds = [shlex.split(c)[shlex.split(c).index("--") + 2:] for c in re.sub(r"\\\n\s*", "", text).splitlines()
-            if c.startswith("ray job submit") and "--working-dir" in c]
+    cmds = [
+        shlex.split(c)[shlex.split(c).index("--") + 2 :]
+        for c in re.sub(r"\\\n\s*", "", text).splitlines()
+        if c.startswith("ray job submit") and "--working-dir" in c
+    ]
     assert [c[0] for c in cmds] == ["train", "generate", "tune"]
 
     class PastCheck(Exception):
@@ -312,8 +374,9 @@ def test_ctrl_c_marks_the_run_killed_and_the_rerun_drops_unregistered_checkpoint
         train(cfg)
     assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's handler does not outlive fit
     step = json.loads(snap.read_text())["latest_checkpoint_result"]["metrics"]["step"]
-    assert str(e.value) == ("interrupted; re-run the same command to resume from the last registered checkpoint "
-                            f"(step {step})")
+    assert str(e.value) == (
+        f"interrupted; re-run the same command to resume from the last registered checkpoint (step {step})"
+    )
     c = client(cfg.run.tracking_uri)
     (run,) = c.search_runs([c.get_experiment_by_name("medi-dist").experiment_id])
     assert run.info.status == "KILLED"
@@ -335,5 +398,7 @@ def test_cli_interrupted_prints_one_line_and_exits_130(monkeypatch, capsys):
 
     monkeypatch.setattr(trainer, "train", interrupted)
     assert main(["train", "steps=5"]) == 130
-    assert capsys.readouterr().err == ("medi-dist train: interrupted; re-run the same command to resume from the last "
-                                       "registered checkpoint (step 20)\n")
+    assert capsys.readouterr().err == (
+        "medi-dist train: interrupted; re-run the same command to resume from the last "
+        "registered checkpoint (step 20)\n"
+    )

@@ -14,14 +14,15 @@ import pandas as pd
 import pytest
 
 from medi_dist.evaluate.downstream import DownstreamError
-from medi_dist.tune import SearchSpace, StudyConfig, run_study
+from medi_dist.tune.config import SearchSpace, StudyConfig
+from medi_dist.tune.study import run_study
 from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
 DRIVER = """
 import json, sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
-from medi_dist.config import from_dict
-from medi_dist.tune import StudyConfig, run_study
+from medi_dist.config_loader import from_dict
+from medi_dist.tune.study import StudyConfig, run_study
 run_study(from_dict(StudyConfig, json.loads(sys.argv[2])))
 """
 
@@ -30,18 +31,28 @@ run_study(from_dict(StudyConfig, json.loads(sys.argv[2])))
 def tune_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     real = ingest_procedural(root / "real", n_types=3, n_sites=12, n_tiles=420, val=0.2)
-    pools = [make_pool(real, root / "pool-medi", per_pair=6, model="medi", steps=25),
-             make_pool(real, root / "pool-classonly", per_pair=6, model="class-only", steps=50, seed=9)]
+    pools = [
+        make_pool(real, root / "pool-medi", per_pair=6, model="medi", steps=25),
+        make_pool(real, root / "pool-classonly", per_pair=6, model="class-only", steps=50, seed=9),
+    ]
     return {"root": root, "real": real, "pools": pools}
 
 
 def study_config(tune_data, tmp_path, **kw) -> StudyConfig:
-    base = dict(name="study", real=str(tune_data["real"]),
-                space=SearchSpace(ratio=[0.0, 0.5, 1.0], pools=[str(p) for p in tune_data["pools"]]),
-                num_samples=4, seeds=[0, 1, 2], k_sites=4, max_per_class=30, cpus_per_trial=1,
-                max_concurrent_trials=2,  # 2 trials x 1 CPU: the study runs on 2 CPUs
-                storage_path=str(tmp_path / "runs"), cache_dir=str(tune_data["root"] / "cache"),
-                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    base = dict(
+        name="study",
+        real=str(tune_data["real"]),
+        space=SearchSpace(ratio=[0.0, 0.5, 1.0], pools=[str(p) for p in tune_data["pools"]]),
+        num_samples=4,
+        seeds=[0, 1, 2],
+        k_sites=4,
+        max_per_class=30,
+        cpus_per_trial=1,
+        max_concurrent_trials=2,  # 2 trials x 1 CPU: the study runs on 2 CPUs
+        storage_path=str(tmp_path / "runs"),
+        cache_dir=str(tune_data["root"] / "cache"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     base.update(kw)
     return StudyConfig(**base)
 
@@ -55,8 +66,9 @@ def test_study_resumes_after_kill_and_never_reads_test_sites(ray_cluster, tune_d
     audit_dir = Path(cfg.storage_path) / cfg.name / "audit"
     log = open(tmp_path / "driver.log", "w")
     gcs = ray_cluster.get_runtime_context().gcs_address
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, gcs, json.dumps(asdict(cfg))], cwd=tmp_path,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, gcs, json.dumps(asdict(cfg))], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT
+    )
     done_before: set[str] = set()
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not done_before:
@@ -154,15 +166,17 @@ def test_baselines_in_the_search_space(tune_data, tmp_path):
     both = replace(cfg, space=replace(cfg.space, baseline=["none", "type-site-balance"]))
     check_study(both)
     assert param_space(both)["baseline"] is not None
-    chosen = trial_config(base_config(both),
-                          {"ratio": 0.5, "allocation": "uniform", "pool": "", "C": 1.0, "baseline": "type-site-balance"})
+    chosen = trial_config(
+        base_config(both),
+        {"ratio": 0.5, "allocation": "uniform", "pool": "", "C": 1.0, "baseline": "type-site-balance"},
+    )
     assert chosen.balance == "type-site" and chosen.augment == "none"
     with pytest.raises(DownstreamError, match="use --classifier cnn"):  # pixel transforms need the CNN
         check_study(replace(cfg, space=replace(cfg.space, baseline=["hed-jitter"])))
 
 
 def test_example_config_loads():
-    from medi_dist.config import load_config
+    from medi_dist.config_loader import load_config
 
     cfg = load_config(StudyConfig, Path(__file__).parents[1] / "jobs" / "tune_small.yaml", ["num_samples=2"])
     assert cfg.num_samples == 2 and cfg.space.allocation == ["unseen-pairs", "inverse-frequency", "uniform"]
@@ -172,10 +186,23 @@ def test_checkpointed_seeds_round_trip_as_json(tune_data):
     from medi_dist.evaluate.downstream import DownstreamConfig, run_downstream
     from medi_dist.tune.trial import runs_from_json, runs_to_json
 
-    res = run_downstream(DownstreamConfig(str(tune_data["real"]), synthetic=[str(tune_data["pools"][0])], ratio=0.5,
-                                          seeds=[0, 1], k_sites=3, cache_dir=str(tune_data["root"] / "cache")))
+    res = run_downstream(
+        DownstreamConfig(
+            str(tune_data["real"]),
+            synthetic=[str(tune_data["pools"][0])],
+            ratio=0.5,
+            seeds=[0, 1],
+            k_sites=3,
+            cache_dir=str(tune_data["root"] / "cache"),
+        )
+    )
     back = runs_from_json(runs_to_json(res.runs))
     for a, b in zip(res.runs, back):
-        assert (a.seed, a.metrics, a.allocation, a.real_keys, a.synthetic_keys) == \
-               (b.seed, b.metrics, b.allocation, b.real_keys, b.synthetic_keys)
+        assert (a.seed, a.metrics, a.allocation, a.real_keys, a.synthetic_keys) == (
+            b.seed,
+            b.metrics,
+            b.allocation,
+            b.real_keys,
+            b.synthetic_keys,
+        )
         assert a.predictions.equals(b.predictions)

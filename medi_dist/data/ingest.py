@@ -17,9 +17,10 @@ import random
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pandas as pd
 
@@ -70,7 +71,8 @@ def _spool(records: Iterable[TileRecord], path: Path, skips: SkipLog) -> tuple[l
                 continue
             kept.append(_Spooled(rec.key, rec.image_format, rec.meta, rec.origin, f.tell(), len(rec.image_bytes)))
             f.write(rec.image_bytes)
-            groups[(clean_category(rec.meta.get("cancer_type")), clean_category(rec.meta.get("tissue_source_site")))] += 1
+            pair = clean_category(rec.meta.get("cancer_type")), clean_category(rec.meta.get("tissue_source_site"))
+            groups[pair] += 1
     return kept, groups
 
 
@@ -86,14 +88,16 @@ def check_skipped(scan: Scan, skips: SkipLog, kept: int, max_fraction: float) ->
     total = max(scan.total_inputs, 1)
     frac = min(skips.skipped_inputs / total, 1.0)
     if not kept:  # nothing to ingest whatever the threshold: don't suggest raising it
-        raise SchemaError(f"{scan.name}: every input was skipped; nothing was written. Most common: "
-                          f"{skips.top_reasons(3)}")
+        raise SchemaError(
+            f"{scan.name}: every input was skipped; nothing was written. Most common: {skips.top_reasons(3)}"
+        )
     if frac > max_fraction + 1e-9:  # the suggested value below must pass despite float rounding
         raise SchemaError(
             f"{scan.name}: {frac:.0%} of the inputs were skipped ({skips.skipped_inputs} of {scan.total_inputs}), "
             f"more than --max-skipped-fraction {max_fraction:g}; nothing was written. Most common: "
             f"{skips.top_reasons(3)}. Fix those, or pass --max-skipped-fraction {math.ceil(frac * 100) / 100:g} "
-            "to ingest the rest")
+            "to ingest the rest"
+        )
 
 
 def case_variants(index: pd.DataFrame, columns: Iterable[str]) -> dict[str, list[list[str]]]:
@@ -112,9 +116,16 @@ def case_variants(index: pd.DataFrame, columns: Iterable[str]) -> dict[str, list
     return out
 
 
-def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | None = None,
-           shard_mb: float = 64, shuffle_buffer: int = 4096, overwrite: bool = False,
-           max_skipped_fraction: float = MAX_SKIPPED_FRACTION) -> dict:
+def ingest(
+    scan: Scan,
+    out: str | Path,
+    split: SplitConfig,
+    skips: SkipLog | None = None,
+    shard_mb: float = 64,
+    shuffle_buffer: int = 4096,
+    overwrite: bool = False,
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
+) -> dict:
     out = Path(out)
     skips = skips if skips is not None else SkipLog()
     if not 0 <= max_skipped_fraction <= 1:
@@ -132,8 +143,13 @@ def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | Non
         kept, groups = _spool(scan.records(), spool, skips)
         check_skipped(scan, skips, len(kept), max_skipped_fraction)
         assign = site_split(groups, split)  # from the tiles that survived, not from what was listed
-        index, shards = write_shards(_unspool(shuffled(iter(kept), shuffle_buffer, split.seed), spool), tmp, assign,
-                                     int(shard_mb * (1 << 20)), scan.name)
+        index, shards = write_shards(
+            _unspool(shuffled(iter(kept), shuffle_buffer, split.seed), spool),
+            tmp,
+            assign,
+            int(shard_mb * (1 << 20)),
+            scan.name,
+        )
         spool.unlink()
         continuous = [c for c in scan.continuous if c in index.columns and index[c].notna().any()]
         for c in sorted(set(scan.continuous) - set(continuous)):
@@ -178,8 +194,11 @@ def ingest(scan: Scan, out: str | Path, split: SplitConfig, skips: SkipLog | Non
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             kept = f"the existing {out} is untouched" if out.exists() else f"{out} was not created"
             at = f" (at {e.filename})" if e.filename else ""
-            raise OSError(e.errno, f"{os.strerror(e.errno)} while writing dataset {out}{at}; nothing was kept "
-                          f"({kept}). Free space or choose another --out, then re-run") from e
+            raise OSError(
+                e.errno,
+                f"{os.strerror(e.errno)} while writing dataset {out}{at}; nothing was kept "
+                f"({kept}). Free space or choose another --out, then re-run",
+            ) from e
         raise
     if skips.entries:
         log.info(skips.summary())  # the CLI prints it once; every entry is in dataset.json

@@ -15,25 +15,53 @@ from __future__ import annotations
 import io
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from medi_dist.data.records import TileRecord
-from medi_dist.metadata import check_key
+from ..metadata import check_key
+from .records import TileRecord
 
 # (number of sites, top-1 site share) for each of the 32 TCGA projects. Computed from
 # ../shared/data/tcga_site_statistics.csv (8,726 diagnostic slides); the mean top-1 share is 0.30.
 # The table is hard-coded so that the package needs no data files at runtime.
 TCGA_SITE_SHARES = (
-    (16, .32), (25, .35), (37, .15), (33, .18), (35, .10), (32, .58), (28, .15), (17, .26),
-    (22, .18), (25, .20), (30, .14), (25, .26), (24, .15), (31, .45), (19, .32), (29, .11),
-    (22, .17), (26, .23), (15, .63), (3, .90), (26, .20), (16, .29), (16, .25), (8, .46),
-    (6, .24), (9, .20), (12, .20), (13, .24), (6, .40), (5, .78), (8, .43), (6, .21),
+    (16, 0.32),
+    (25, 0.35),
+    (37, 0.15),
+    (33, 0.18),
+    (35, 0.10),
+    (32, 0.58),
+    (28, 0.15),
+    (17, 0.26),
+    (22, 0.18),
+    (25, 0.20),
+    (30, 0.14),
+    (25, 0.26),
+    (24, 0.15),
+    (31, 0.45),
+    (19, 0.32),
+    (29, 0.11),
+    (22, 0.17),
+    (26, 0.23),
+    (15, 0.63),
+    (3, 0.90),
+    (26, 0.20),
+    (16, 0.29),
+    (16, 0.25),
+    (8, 0.46),
+    (6, 0.24),
+    (9, 0.20),
+    (12, 0.20),
+    (13, 0.24),
+    (6, 0.40),
+    (5, 0.78),
+    (8, 0.43),
+    (6, 0.21),
 )
 H_REF = np.array([0.65, 0.70, 0.29])  # Ruifrok & Johnston hematoxylin OD vector
 E_REF = np.array([0.07, 0.99, 0.11])  # ... and eosin
@@ -88,7 +116,10 @@ class SiteStain:
 def site_stain(site: str) -> SiteStain:
     """The stain of one site depends only on its code (a lab's protocol), not on the seed or type."""
     rng = np.random.default_rng([_crc(site), 1])
-    unit = lambda v: np.clip(v, 0.01, None) / np.linalg.norm(np.clip(v, 0.01, None))
+
+    def unit(v):
+        return np.clip(v, 0.01, None) / np.linalg.norm(np.clip(v, 0.01, None))
+
     h = unit(H_REF + rng.normal(0, 0.1, 3)) * rng.uniform(0.7, 1.4)
     e = unit(E_REF + rng.normal(0, 0.1, 3)) * rng.uniform(0.6, 1.45)
     stain = (h, e, rng.uniform(0, 0.08, 3), float(rng.uniform(0, 1.0)), int(rng.integers(55, 96)))
@@ -158,10 +189,11 @@ def _gland(rng, n, f):
 
 def _sheet(rng, n, f):
     """Solid carcinoma: dense sheet of large, round, pleomorphic nuclei in pink cytoplasm."""
-    cy, cx = _jgrid(rng, 8.5 * f ** 0.5, 2.0)
+    cy, cx = _jgrid(rng, 8.5 * f**0.5, 2.0)
     a = 3.0 * f * rng.lognormal(0, 0.18, cy.size)
-    h = _nuclei(n, cy, cx, a, a * rng.uniform(0.75, 1, cy.size), rng.uniform(0, np.pi, cy.size),
-                rng.uniform(0.8, 1.2, cy.size))
+    h = _nuclei(
+        n, cy, cx, a, a * rng.uniform(0.75, 1, cy.size), rng.uniform(0, np.pi, cy.size), rng.uniform(0.8, 1.2, cy.size)
+    )
     return h, np.full((n, n), 0.6, np.float32)
 
 
@@ -170,9 +202,16 @@ def _stroma(rng, n, f):
     yy, xx = _grid(n)
     fib, t = _fibres(rng, yy, xx, 5.5)
     k = int(rng.integers(8, 14))
-    h = _nuclei(n, rng.uniform(0, 64, k), rng.uniform(0, 64, k), np.full(k, 4.5 * f), np.full(k, 1.0 * f),
-                t + rng.normal(0, 0.15, k), rng.uniform(1.0, 1.3, k))
-    return h, 0.1 + 0.6 * fib ** 0.7
+    h = _nuclei(
+        n,
+        rng.uniform(0, 64, k),
+        rng.uniform(0, 64, k),
+        np.full(k, 4.5 * f),
+        np.full(k, 1.0 * f),
+        t + rng.normal(0, 0.15, k),
+        rng.uniform(1.0, 1.3, k),
+    )
+    return h, 0.1 + 0.6 * fib**0.7
 
 
 def _papil(rng, n, f):
@@ -181,8 +220,10 @@ def _papil(rng, n, f):
     yy, xx = _grid(n)
     k = int(rng.integers(1, 3))
     py, px, al, w = rng.uniform(20, 44, k), rng.uniform(20, 44, k), rng.uniform(0, np.pi, k), rng.uniform(3, 5, k)
-    dist = np.abs((yy[None] - py[:, None, None]) * np.cos(al)[:, None, None]
-                  - (xx[None] - px[:, None, None]) * np.sin(al)[:, None, None])
+    dist = np.abs(
+        (yy[None] - py[:, None, None]) * np.cos(al)[:, None, None]
+        - (xx[None] - px[:, None, None]) * np.sin(al)[:, None, None]
+    )
     rel = (dist - w[:, None, None]).min(0)
     fib, _ = _fibres(rng, yy, xx)
     e = np.where(rel < 0, 0.3 + 0.25 * fib, np.where(rel < 5.5, 0.6, 0.03))
@@ -200,10 +241,11 @@ def _papil(rng, n, f):
 
 def _small(rng, n, f):
     """Small-cell carcinoma: very dense, small, dark nuclei with scant cytoplasm."""
-    cy, cx = _jgrid(rng, 5.2 * f ** 0.5, 1.4)
+    cy, cx = _jgrid(rng, 5.2 * f**0.5, 1.4)
     a = 1.9 * f * rng.lognormal(0, 0.12, cy.size)
-    h = _nuclei(n, cy, cx, a, a * rng.uniform(0.7, 1, cy.size), rng.uniform(0, np.pi, cy.size),
-                rng.uniform(1.2, 1.5, cy.size))
+    h = _nuclei(
+        n, cy, cx, a, a * rng.uniform(0.7, 1, cy.size), rng.uniform(0, np.pi, cy.size), rng.uniform(1.2, 1.5, cy.size)
+    )
     return h, np.full((n, n), 0.22, np.float32)
 
 
@@ -215,8 +257,10 @@ def _clear(rng, n, f):
     sy = (np.arange(g)[:, None] - 1 + 0.5) * cell + rng.uniform(-3, 3, (g, g))
     sx = (np.arange(g)[None, :] - 1 + 0.5) * cell + rng.uniform(-3, 3, (g, g))
     iy, ix = (yy // cell).astype(int) + 1, (xx // cell).astype(int) + 1
-    d = np.sort(np.stack([np.hypot(yy - sy[iy + a, ix + b], xx - sx[iy + a, ix + b])
-                          for a in (-1, 0, 1) for b in (-1, 0, 1)]), axis=0)
+    d = np.sort(
+        np.stack([np.hypot(yy - sy[iy + a, ix + b], xx - sx[iy + a, ix + b]) for a in (-1, 0, 1) for b in (-1, 0, 1)]),
+        axis=0,
+    )
     e = np.where(d[1] - d[0] < 1.2, 0.6, 0.06)
     cy, cx = sy.ravel() + rng.normal(0, 1, g * g), sx.ravel() + rng.normal(0, 1, g * g)
     r = 1.7 * f * rng.lognormal(0, 0.1, cy.size)
@@ -229,8 +273,10 @@ _DRAW = {"GLAND": _gland, "SHEET": _sheet, "STROMA": _stroma, "PAPIL": _papil, "
 def _parse_type(name: str):
     m = re.fullmatch(r"([A-Z]+)([2-9]|[1-9]\d+)?", name)
     if not m or m[1] not in _DRAW:
-        raise ValueError(f"unknown procedural cancer type {name!r}: expected one of {', '.join(ARCHETYPES)}, "
-                         "optionally followed by a variant number >= 2 (e.g. GLAND2)")
+        raise ValueError(
+            f"unknown procedural cancer type {name!r}: expected one of {', '.join(ARCHETYPES)}, "
+            "optionally followed by a variant number >= 2 (e.g. GLAND2)"
+        )
     return _DRAW[m[1]], 1.25 ** (int(m[2]) - 1 if m[2] else 0)  # variants: same architecture, larger nuclei
 
 
@@ -239,8 +285,9 @@ def _noise(rng, n, sigma):
     return x / (x.std() + 1e-6)
 
 
-def render_tile(cancer_type: str, site: str, rng: np.random.Generator, size: int = 64,
-                scanner_lines: bool = False) -> np.ndarray:
+def render_tile(
+    cancer_type: str, site: str, rng: np.random.Generator, size: int = 64, scanner_lines: bool = False
+) -> np.ndarray:
     """One HxWx3 uint8 tile (before JPEG): the type draws the stain concentrations, the site stains,
     blurs them (and, with scanner_lines, adds its scanner's line pattern). Every random draw comes
     from `rng`."""
@@ -270,7 +317,7 @@ def _powerlaw_shares(rng, k: int) -> np.ndarray:
     lo, hi = 0.0, 12.0
     for _ in range(40):  # bisection: top-1 share grows with a
         a = (lo + hi) / 2
-        lo, hi = (a, hi) if 1 / np.sum(j ** -a) < top1 else (lo, a)
+        lo, hi = (a, hi) if 1 / np.sum(j**-a) < top1 else (lo, a)
     return rng.permutation(np.arange(1, k + 1) ** -lo)
 
 
@@ -325,7 +372,8 @@ def render_jpeg(cancer_type: str, site: str, rng: np.random.Generator, size: int
     """A tile as the site's scanner stores it: rendered, then JPEG-compressed at the site's quality."""
     buf = io.BytesIO()
     Image.fromarray(render_tile(cancer_type, site, rng, size, scanner_lines)).save(
-        buf, "JPEG", quality=site_stain(site).quality)
+        buf, "JPEG", quality=site_stain(site).quality
+    )
     return buf.getvalue()
 
 
@@ -358,9 +406,11 @@ if __name__ == "__main__":  # timing: python -m medi_dist.data.procedural [n_til
     import sys
     import time
 
-    n, size = (int(a) for a in (sys.argv[1:] + ["10000", "64"][len(sys.argv) - 1:])[:2])
+    n, size = (int(a) for a in (sys.argv[1:] + ["10000", "64"][len(sys.argv) - 1 :])[:2])
     t0, c0 = time.perf_counter(), time.process_time()
     nbytes = sum(len(r.image_bytes) for r in generate(ProceduralConfig(n_tiles=n, size=size)))
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    print(f"{n} tiles of {size} px in {dt:.1f} s wall ({n / dt:.0f} tiles/s), {cpu:.1f} s CPU "
-          f"({n / cpu:.0f} tiles/s per core), {nbytes / n:.0f} B/tile")
+    print(
+        f"{n} tiles of {size} px in {dt:.1f} s wall ({n / dt:.0f} tiles/s), {cpu:.1f} s CPU "
+        f"({n / cpu:.0f} tiles/s per core), {nbytes / n:.0f} B/tile"
+    )

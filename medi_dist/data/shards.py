@@ -19,9 +19,10 @@ import json
 import os
 import tarfile
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 from PIL import Image
@@ -116,13 +117,22 @@ class ShardWriter:
         for rec, checksum in sorted(self._buf, key=lambda x: x[0].key):
             # the tile's sha256 also rides in its json, so the stream can check each tile it decodes
             meta = {**rec.meta, "key": rec.key, "split": self.split, "sha256": checksum}
-            members += [(f"{rec.key}.{rec.image_format}", rec.image_bytes),
-                        (f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())]
+            members += [
+                (f"{rec.key}.{rec.image_format}", rec.image_bytes),
+                (f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode()),
+            ]
             rows.append({**meta, "shard": rel, "image_format": rec.image_format, "sha256": checksum})
         write_tar_atomic(path, members)
         self.rows += rows
-        self.shards.append({"path": rel, "split": self.split, "tiles": len(self._buf),
-                            "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+        self.shards.append(
+            {
+                "path": rel,
+                "split": self.split,
+                "tiles": len(self._buf),
+                "bytes": path.stat().st_size,
+                "sha256": file_sha256(path),
+            }
+        )
         self._buf, self._buf_bytes = [], 0
 
 
@@ -167,7 +177,9 @@ def write_shards(
         site = clean_category(meta.get("tissue_source_site"))
         split = split_of.get(site)
         if split is None:
-            raise SchemaError(f"{rec.origin}: site {site!r} has no split assignment (internal error: split built from other data)")
+            raise SchemaError(
+                f"{rec.origin}: site {site!r} has no split assignment (internal error: split built from other data)"
+            )
         w = writers.setdefault(split, ShardWriter(out_dir, split, target_bytes))
         w.add(TileRecord(rec.key, rec.image_bytes, rec.image_format, meta, rec.origin), sha256(rec.image_bytes))
     for w in writers.values():
@@ -194,16 +206,20 @@ def not_a_dataset(dataset_dir: str | Path, missing: str = MANIFEST) -> FileNotFo
     synthetic pools from generate, and an unfinished generation is finished by running it again."""
     root = Path(dataset_dir)
     if (root / "generation.json").is_file():
-        return FileNotFoundError(f"{root} is an unfinished `medi-dist generate` output (no {missing}); run the "
-                                 "same generate command again to finish it")
+        return FileNotFoundError(
+            f"{root} is an unfinished `medi-dist generate` output (no {missing}); run the "
+            "same generate command again to finish it"
+        )
     if not root.exists():
         what = "does not exist"
     elif root.is_dir() and not any(root.iterdir()):
         what = "is empty"
     else:
         what = f"is not a medi-dist dataset (no {missing})"
-    return FileNotFoundError(f"{root} {what}; create it with `medi-dist ingest` (real tiles) or "
-                             "`medi-dist generate --out` (a synthetic pool)")
+    return FileNotFoundError(
+        f"{root} {what}; create it with `medi-dist ingest` (real tiles) or "
+        "`medi-dist generate --out` (a synthetic pool)"
+    )
 
 
 def load_manifest(dataset_dir: str | Path) -> dict:
@@ -225,11 +241,14 @@ def check_shard_members(path: Path, tiles: int | None = None) -> int:
         with tarfile.open(path, "r:") as tar:
             for m in tar:
                 if not m.isfile():
-                    raise SchemaError(f"shard {path}: member {m.name!r} is not a regular file; refusing the shard; "
-                                      f"{fix}")
+                    raise SchemaError(
+                        f"shard {path}: member {m.name!r} is not a regular file; refusing the shard; {fix}"
+                    )
                 if "/" in m.name or "\\" in m.name or ".." in m.name:
-                    raise SchemaError(f"shard {path}: member {m.name!r} is a path (folder, '..' or absolute), not a "
-                                      f"plain <key>.<ext> name; refusing the shard; {fix}")
+                    raise SchemaError(
+                        f"shard {path}: member {m.name!r} is a path (folder, '..' or absolute), not a "
+                        f"plain <key>.<ext> name; refusing the shard; {fix}"
+                    )
                 key, _, ext = m.name.partition(".")
                 if key != last:
                     if key in keys:
@@ -246,8 +265,10 @@ def check_shard_members(path: Path, tiles: int | None = None) -> int:
         raise SchemaError(f"shard {path} is not a readable tar ({e}); {fix}") from None
     for key, exts in keys.items():
         if len(exts) != 2 or "json" not in exts or not exts & set(IMAGE_FORMATS):
-            raise SchemaError(f"shard {path}: key {key!r} has members {sorted(exts)}, expected one image "
-                              f"({'/'.join(IMAGE_FORMATS)}) and one json; {fix}")
+            raise SchemaError(
+                f"shard {path}: key {key!r} has members {sorted(exts)}, expected one image "
+                f"({'/'.join(IMAGE_FORMATS)}) and one json; {fix}"
+            )
     if not keys:
         raise SchemaError(f"shard {path} holds no tiles; {fix}")
     if tiles is not None and len(keys) != tiles:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pandas as pd
 from PIL import Image
@@ -97,9 +97,12 @@ def missing_file_reason(value, table: Path) -> tuple[str, str] | None:
         return None
     raw = Path(str(value))
     if not raw.is_absolute() and raw.exists():
-        return (f"not found relative to the table's folder ({p}), but {raw} exists relative to the current "
-                f"directory; paths in {table.name} are read relative to its folder: make them relative to "
-                f"{table.parent} or absolute", "path relative to the current directory, not to the table's folder")
+        return (
+            f"not found relative to the table's folder ({p}), but {raw} exists relative to the current "
+            f"directory; paths in {table.name} are read relative to its folder: make them relative to "
+            f"{table.parent} or absolute",
+            "path relative to the current directory, not to the table's folder",
+        )
     return f"file not found: {p}", "file not found"
 
 
@@ -126,8 +129,13 @@ def tcga_ut(root: str | Path, metadata: str | Path, skips: SkipLog) -> Scan:
     if not root.is_dir():
         raise FileNotFoundError(f"tile folder {root} does not exist")
     table = read_table(metadata)
-    require_columns(table, ["slide_submitter_id", "tissue_source_site"], metadata,
-                    "Export the GDC slide metadata (see ../shared/data/tcga_slide_metadata_sample.csv for the format)")
+    require_columns(
+        table,
+        ["slide_submitter_id", "tissue_source_site"],
+        metadata,
+        "Export the GDC slide metadata (the format: tests/data/tcga_slide_metadata_sample.csv in the "
+        "medi-dist repository)",
+    )
     table = table.rename(columns=TCGA_COLUMNS)
     table["slide_submitter_id"] = table["slide_submitter_id"].map(lambda v: str(v).strip())  # join key
     table = table.drop_duplicates("slide_submitter_id").set_index("slide_submitter_id")
@@ -146,16 +154,22 @@ def tcga_ut(root: str | Path, metadata: str | Path, skips: SkipLog) -> Scan:
             inputs += len(files)
             slide = slide_dir.name
             if slide not in table.index:
-                skips.skip(str(slide_dir), f"slide {slide} has no row in {metadata}; {len(files)} tiles not ingested "
-                           "(add the slide's metadata or remove the folder)", count=len(files),
-                           kind=f"slide folder without a row in {Path(metadata).name}")
+                skips.skip(
+                    str(slide_dir),
+                    f"slide {slide} has no row in {metadata}; {len(files)} tiles not ingested "
+                    "(add the slide's metadata or remove the folder)",
+                    count=len(files),
+                    kind=f"slide folder without a row in {Path(metadata).name}",
+                )
                 continue
             site = clean_category(table.at[slide, "tissue_source_site"])
             groups[(type_dir.name, site)] += len(files)
             tiles += [(f, type_dir.name, slide) for f in files]
     if not tiles:
-        raise SchemaError(f"no ingestible tiles under {root}; expected <cancer type>/<slide_submitter_id>/*.jpg "
-                          f"(or .png/.tif) with slides listed in {metadata}")
+        raise SchemaError(
+            f"no ingestible tiles under {root}; expected <cancer type>/<slide_submitter_id>/*.jpg "
+            f"(or .png/.tif) with slides listed in {metadata}"
+        )
 
     def records() -> Iterator[TileRecord]:
         for f, ctype, slide in tiles:
@@ -176,20 +190,29 @@ def tcga_ut(root: str | Path, metadata: str | Path, skips: SkipLog) -> Scan:
 
 # ---- manifest ------------------------------------------------------------------------------------
 
-def manifest(path: str | Path, skips: SkipLog, image_column: str = "path",
-             categorical: list[str] = (), continuous: list[str] = ()) -> Scan:
+
+def manifest(
+    path: str | Path,
+    skips: SkipLog,
+    image_column: str = "path",
+    categorical: list[str] = (),
+    continuous: list[str] = (),
+) -> Scan:
     path = Path(path)
     table = read_table(path)
-    require_columns(table, [image_column, "cancer_type", "tissue_source_site", *categorical, *continuous], path,
-                    f"Use --image-column to name the image-path column (now {image_column!r})")
+    require_columns(
+        table,
+        [image_column, "cancer_type", "tissue_source_site", *categorical, *continuous],
+        path,
+        f"Use --image-column to name the image-path column (now {image_column!r})",
+    )
     if table.empty:
         raise SchemaError(f"{path}: the manifest has no rows")
-    cat = ["cancer_type", "tissue_source_site"] + [c for c in ("sex", "race") if c in table.columns and c not in categorical] + list(categorical)
+    optional = [c for c in ("sex", "race") if c in table.columns and c not in categorical]
+    cat = ["cancer_type", "tissue_source_site"] + optional + list(categorical)
     cont = list(continuous) or (["age"] if "age" in table.columns else [])
     rows = table.to_dict("records")
-    groups: Counter = Counter(
-        (clean_category(r["cancer_type"]), clean_category(r["tissue_source_site"])) for r in rows
-    )
+    groups: Counter = Counter((clean_category(r["cancer_type"]), clean_category(r["tissue_source_site"])) for r in rows)
 
     def records() -> Iterator[TileRecord]:
         for i, r in enumerate(rows, start=2):  # row 1 is the header in a CSV
@@ -217,17 +240,25 @@ def manifest(path: str | Path, skips: SkipLog, image_column: str = "path",
 
 # ---- procedural ----------------------------------------------------------------------------------
 
+
 def procedural(cfg) -> Scan:
     from .procedural import generate, plan_counts
 
     counts = plan_counts(cfg)
     cat = ["cancer_type", "tissue_source_site"] + (["sex"] if cfg.extra_metadata else [])
     cont = ["age"] if cfg.extra_metadata else []
-    return Scan(Counter(counts), lambda: generate(cfg), cat, cont, "procedural",
-                renderer={"size": cfg.size, "scanner_lines": cfg.scanner_lines})
+    return Scan(
+        Counter(counts),
+        lambda: generate(cfg),
+        cat,
+        cont,
+        "procedural",
+        renderer={"size": cfg.size, "scanner_lines": cfg.scanner_lines},
+    )
 
 
 # ---- wsi -----------------------------------------------------------------------------------------
+
 
 def wsi_scan(slides_table: str | Path, cfg, skips: SkipLog) -> Scan:
     """Slides listed in a table (path, cancer_type, tissue_source_site, optional slide_id/sex/race/age)."""

@@ -88,9 +88,11 @@ def share_note(groups: Counter, requested: dict[str, float], achieved: dict[str,
     few = f"{per_type[0]}" if per_type[0] == per_type[-1] else f"{per_type[0]}-{per_type[-1]}"
     largest = max(site_total.values()) / (sum(site_total.values()) or 1)
     shares = ", ".join(f"{sp} {achieved.get(sp, 0.0):.0%} (requested {r:.0%})" for sp, r in requested.items())
-    return (f"split tile shares differ from the requested ones: {shares}; sites are assigned whole and each cancer "
-            f"type keeps a site on every side where it can, with only {few} sites per type for {len(requested)} "
-            f"sides (largest site: {largest:.0%} of the tiles); more sites per type would get closer")
+    return (
+        f"split tile shares differ from the requested ones: {shares}; sites are assigned whole and each cancer "
+        f"type keeps a site on every side where it can, with only {few} sites per type for {len(requested)} "
+        f"sides (largest site: {largest:.0%} of the tiles); more sites per type would get closer"
+    )
 
 
 def split_report(groups: Counter, assign: dict[str, str], cfg: SplitConfig) -> dict:

@@ -24,7 +24,8 @@ def dataset_stats(dataset_dir: str | Path, verify: bool = False) -> dict:
         "bytes": int(sum(s["bytes"] for s in manifest["shards"])),
         "skipped": len(manifest.get("skipped", [])),
         "verified": {"shards": len(shards), "tiles": int(sum(s.get("tiles", 0) for s in manifest["shards"]))}
-        if verify else None,
+        if verify
+        else None,
         "unparsed_values": manifest.get("unparsed_values", []),
         "case_variants": manifest.get("case_variants", {}),
         "cancer_types": int(index["cancer_type"].nunique()),
@@ -63,10 +64,13 @@ def format_notes(s: dict) -> list[str]:
     """Warnings about metadata that was kept but may not mean what the user thinks."""
     lines = []
     for u in s.get("unparsed_values", []):
-        lines.append(f"warning: {u['column']} value {u['value']!r} is not a number; read as missing in {u['count']} "
-                     "row(s)")
+        lines.append(
+            f"warning: {u['column']} value {u['value']!r} is not a number; read as missing in {u['count']} row(s)"
+        )
     for col, groups in s.get("case_variants", {}).items():
         shown = "; ".join(" / ".join(repr(v) for v in g) for g in groups)
-        lines.append(f"warning: {col} has values that differ only by case, kept as different values: {shown} "
-                     "(make the spelling consistent if they mean the same)")
+        lines.append(
+            f"warning: {col} has values that differ only by case, kept as different values: {shown} "
+            "(make the spelling consistent if they mean the same)"
+        )
     return lines

@@ -103,7 +103,7 @@ def tar_members(data: bytes, path: str) -> list[tuple[str, int, int]]:
     ustar headers; anything else (long-name or pax headers) goes through `tarfile` (slower)."""
     out, pos, end = [], 0, len(data) - 512
     while pos <= end:
-        hdr = data[pos:pos + 512]
+        hdr = data[pos : pos + 512]
         if hdr[:1] == b"\0":  # end-of-archive block
             break
         if hdr[156:157] not in (b"0", b"\0") or hdr[257:262] != b"ustar":
@@ -134,8 +134,10 @@ def shard_tiles(data: bytes, path: str) -> list[dict[str, tuple[int, int]]]:
         key, _, ext = name.partition(".")
         if not tiles or tiles[-1]["key"] != key:
             if key in seen:
-                raise SchemaError(f"shard {path}: the members of key {key!r} are not adjacent; re-run `medi-dist "
-                                  f"ingest` (writers must put each key's members next to each other)")
+                raise SchemaError(
+                    f"shard {path}: the members of key {key!r} are not adjacent; re-run `medi-dist "
+                    f"ingest` (writers must put each key's members next to each other)"
+                )
             seen.add(key)
             tiles.append({"key": key})
         tiles[-1]["img" if ext in ("jpg", "png") else ext] = (off, size)
@@ -151,15 +153,17 @@ class SliceDecoder:
     cfg: StreamConfig
     weights: dict | None
     balance_cols: list[str]
-    ledger: "ray.actor.ActorHandle"
+    ledger: ray.actor.ActorHandle
 
     def __call__(self, path: str, n_tiles: int, chunk: np.ndarray):
         with open(path, "rb") as f:
             data = f.read()
         tiles = shard_tiles(data, path)
         if len(tiles) != n_tiles:
-            raise SchemaError(f"shard {path} holds {len(tiles)} tiles but {MANIFEST} lists {n_tiles}; "
-                              f"copy it again or re-run `medi-dist ingest`")
+            raise SchemaError(
+                f"shard {path} holds {len(tiles)} tiles but {MANIFEST} lists {n_tiles}; "
+                f"copy it again or re-run `medi-dist ingest`"
+            )
         res = self.cfg.resolution
         images = np.empty((len(chunk), 3, res, res), np.float32)
         rows, keys, bad = [], [], []
@@ -168,11 +172,13 @@ class SliceDecoder:
             try:
                 if "img" not in t or "json" not in t:
                     raise ValueError(f"has members {sorted(k for k in t if k != 'key')}, expected an image and a json")
-                img = data[t["img"][0]:t["img"][0] + t["img"][1]]
-                m = json.loads(data[t["json"][0]:t["json"][0] + t["json"][1]])
+                img = data[t["img"][0] : t["img"][0] + t["img"][1]]
+                m = json.loads(data[t["json"][0] : t["json"][0] + t["json"][1]])
                 if "sha256" in m and hashlib.sha256(img).hexdigest() != m["sha256"]:
-                    raise ValueError("tile bytes fail the sha256 recorded at ingest (altered or corrupted shard); "
-                                     "check it with `medi-dist data stats --verify`")
+                    raise ValueError(
+                        "tile bytes fail the sha256 recorded at ingest (altered or corrupted shard); "
+                        "check it with `medi-dist data stats --verify`"
+                    )
                 decode_tile(img, res, out=images[len(rows)])
                 rows.append(m)
                 keys.append(t["key"])
@@ -187,7 +193,7 @@ class SliceDecoder:
             )
         if not rows:  # an empty block would carry no column types
             return
-        out = {"key": np.array(keys, dtype=object), "image": images[:len(rows)]}
+        out = {"key": np.array(keys, dtype=object), "image": images[: len(rows)]}
         enc = [self.spec.encode_row(r) for r in rows]
         for v in self.spec.categorical:
             out[CONDITION_PREFIX + v.name] = np.array([e[CONDITION_PREFIX + v.name] for e in enc], dtype=np.int64)
@@ -215,28 +221,32 @@ class TileShards(Datasource):
         self.shards, self.decoder = shards, decoder
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(n for _, n in self.shards) * 3 * self.decoder.cfg.resolution ** 2 * 4
+        return sum(n for _, n in self.shards) * 3 * self.decoder.cfg.resolution**2 * 4
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context=None) -> list[ReadTask]:
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+    ) -> list[ReadTask]:
         cfg = self.decoder.cfg
         epoch = getattr(data_context, "_execution_idx", 0)  # Ray counts executions per dataset
         rng = np.random.default_rng([cfg.seed, epoch] if cfg.deterministic else None)
         parts = []
         for path, n in self.shards:
             parts += [(path, n, chunk) for chunk in np.array_split(rng.permutation(n), -(-n // cfg.batch_rows))]
-        tile_bytes = 3 * cfg.resolution ** 2 * 4
-        return [ReadTask(functools.partial(self.decoder, path, n, chunk),
-                         BlockMetadata(num_rows=None, size_bytes=len(chunk) * tile_bytes, exec_stats=None,
-                                       input_files=[path]),
-                         per_task_row_limit=per_task_row_limit)
-                for path, n, chunk in (parts[i] for i in rng.permutation(len(parts)))]
+        tile_bytes = 3 * cfg.resolution**2 * 4
+        return [
+            ReadTask(
+                functools.partial(self.decoder, path, n, chunk),
+                BlockMetadata(num_rows=None, size_bytes=len(chunk) * tile_bytes, exec_stats=None, input_files=[path]),
+                per_task_row_limit=per_task_row_limit,
+            )
+            for path, n, chunk in (parts[i] for i in rng.permutation(len(parts)))
+        ]
 
 
 @dataclass
 class TileStream:
-    dataset: "ray.data.Dataset"
-    ledger: "ray.actor.ActorHandle"
+    dataset: ray.data.Dataset
+    ledger: ray.actor.ActorHandle
     spec: ConditioningSpec
     tiles: int  # tiles in the selected splits (before balancing)
     deterministic: bool = True
@@ -244,7 +254,7 @@ class TileStream:
     def skipped(self) -> dict:
         return ray.get(self.ledger.summary.remote())
 
-    def ingest_options(self) -> "ray.data.ExecutionOptions":
+    def ingest_options(self) -> ray.data.ExecutionOptions:
         """Ray Train's ingest options with this stream's order setting (Train otherwise takes
         preserve_order from the driver's global DataContext, not from the dataset)."""
         from ray.train import DataConfig
@@ -254,8 +264,9 @@ class TileStream:
         return opts
 
 
-def tile_stream(dataset_dir: str | Path, splits=("train",), cfg: StreamConfig | None = None,
-                spec: ConditioningSpec | None = None) -> TileStream:
+def tile_stream(
+    dataset_dir: str | Path, splits=("train",), cfg: StreamConfig | None = None, spec: ConditioningSpec | None = None
+) -> TileStream:
     """A Ray Dataset over the dataset's shards of `splits`.
 
     `spec` is the model's conditioning spec when it already exists (generation, fine-tuning);

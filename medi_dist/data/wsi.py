@@ -20,9 +20,10 @@ import io
 import logging
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -70,8 +71,7 @@ def _openslide():
         import openslide
     except ImportError as e:  # openslide-python missing, or the C library not found
         raise ImportError(
-            "WSI tiling needs OpenSlide: pip install openslide-python openslide-bin"
-            f" (import failed: {e})"
+            f"WSI tiling needs OpenSlide: pip install openslide-python openslide-bin (import failed: {e})"
         ) from e
     return openslide
 
@@ -154,7 +154,9 @@ def _encode(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def iter_wsi_tiles(slide_path: str | Path, meta: dict[str, Any], cfg: WSIConfig, skips: SkipLog) -> Iterator[TileRecord]:
+def iter_wsi_tiles(
+    slide_path: str | Path, meta: dict[str, Any], cfg: WSIConfig, skips: SkipLog
+) -> Iterator[TileRecord]:
     """Tissue tiles of one slide. Unreadable slides go to `skips`; no mpp and no assume_mpp raises."""
     openslide = _openslide()
     path = str(slide_path)
@@ -189,7 +191,9 @@ def iter_wsi_tiles(slide_path: str | Path, meta: dict[str, Any], cfg: WSIConfig,
             skips.skip(path, f"slide {W}x{H} px is smaller than one {cfg.tile_px}px tile at {cfg.mpp} mpp")
             return
         if min(span_x, span_y) < cfg.tile_px * 0.99:
-            log.warning("%s: level 0 is %.3f mpp, coarser than the target %.3f; tiles are upsampled", path, mpp_x, cfg.mpp)
+            log.warning(
+                "%s: level 0 is %.3f mpp, coarser than the target %.3f; tiles are upsampled", path, mpp_x, cfg.mpp
+            )
         level = _best_level(slide, min(span_x, span_y) / cfg.tile_px)
         ds = slide.level_downsamples[level]
         read_w, read_h = max(1, round(span_x / ds)), max(1, round(span_y / ds))
@@ -235,7 +239,9 @@ def iter_wsi_tiles(slide_path: str | Path, meta: dict[str, Any], cfg: WSIConfig,
             skips.skip(path, f"read failed, rest of slide skipped: {type(e).__name__}: {e}")
 
 
-def wsi_source(slides: Iterable[tuple[str | Path, dict[str, Any]]], cfg: WSIConfig, skips: SkipLog) -> Iterator[TileRecord]:
+def wsi_source(
+    slides: Iterable[tuple[str | Path, dict[str, Any]]], cfg: WSIConfig, skips: SkipLog
+) -> Iterator[TileRecord]:
     """Tiles of many slides, in order. A repeated slide_id (after key sanitising) is skipped so that
     keys stay unique."""
     seen: dict[str, str] = {}

@@ -50,8 +50,9 @@ def pick_sites(sites_by_type: dict[str, list[str]], k: int, seed: int) -> list[s
     return sorted(chosen)
 
 
-def real_subsample(meta: pd.DataFrame, seed: int, k_sites: int | None = None,
-                   max_per_class: int | None = None) -> np.ndarray:
+def real_subsample(
+    meta: pd.DataFrame, seed: int, k_sites: int | None = None, max_per_class: int | None = None
+) -> np.ndarray:
     """Row positions (into `meta`) of the real training tiles for this seed.
 
     Only the seed and the dataset decide the result (rows are handled in key order, so the order in
@@ -114,8 +115,9 @@ def allocate(total: int, weights: dict, capacity: dict) -> dict:
     return counts
 
 
-def synthetic_subsample(pool: pd.DataFrame, real_counts: Counter, total: int, policy: str,
-                        seed: int) -> tuple[np.ndarray, dict]:
+def synthetic_subsample(
+    pool: pd.DataFrame, real_counts: Counter, total: int, policy: str, seed: int
+) -> tuple[np.ndarray, dict]:
     """Row positions (into `pool`) of the synthetic tiles for this seed, and the count per subgroup."""
     if total <= 0 or pool.empty:
         return np.zeros(0, dtype=np.int64), {}

@@ -13,7 +13,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from .encoders import _check_tiles, preprocess
+from .encoders import check_tiles, preprocess
 
 
 class LinearProbe:
@@ -23,21 +23,31 @@ class LinearProbe:
     leave-sites-out splits do not crash a sweep.
     """
 
-    def __init__(self, C: float = 1.0, class_weight: str | None = "balanced", max_iter: int = 2000,
-                 standardize: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        C: float = 1.0,
+        class_weight: str | None = "balanced",
+        max_iter: int = 2000,
+        standardize: bool = True,
+        seed: int = 0,
+    ):
         self.C, self.class_weight, self.max_iter = C, class_weight, max_iter
         self.standardize, self.seed = standardize, seed
 
-    def fit(self, feats: np.ndarray, labels, sample_weight: np.ndarray | None = None) -> "LinearProbe":
+    def fit(self, feats: np.ndarray, labels, sample_weight: np.ndarray | None = None) -> LinearProbe:
         labels = np.asarray(labels)
         self.classes_ = np.unique(labels)
         self._const = self.classes_[0] if len(self.classes_) == 1 else None
         if self._const is None:
-            lr = LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter,
-                                    random_state=self.seed)
+            lr = LogisticRegression(
+                C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.seed
+            )
             self.model_ = make_pipeline(StandardScaler(), lr) if self.standardize else lr
-            kw = {} if sample_weight is None else {
-                ("logisticregression__sample_weight" if self.standardize else "sample_weight"): sample_weight}
+            kw = (
+                {}
+                if sample_weight is None
+                else {("logisticregression__sample_weight" if self.standardize else "sample_weight"): sample_weight}
+            )
             self.model_.fit(np.asarray(feats, dtype=np.float64), labels, **kw)
         return self
 
@@ -65,9 +75,19 @@ class SmallCNN:
     (for a fixed torch thread count) and the caller's global RNG state is left alone.
     """
 
-    def __init__(self, image_size: int = 32, width: int = 16, epochs: int = 8, batch_size: int = 64,
-                 lr: float = 3e-3, weight_decay: float = 1e-4, augment: bool = True,
-                 class_weight: str | None = "balanced", seed: int = 0, device: str = "cpu"):
+    def __init__(
+        self,
+        image_size: int = 32,
+        width: int = 16,
+        epochs: int = 8,
+        batch_size: int = 64,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        augment: bool = True,
+        class_weight: str | None = "balanced",
+        seed: int = 0,
+        device: str = "cpu",
+    ):
         self.image_size, self.width, self.epochs, self.batch_size = image_size, width, epochs, batch_size
         self.lr, self.weight_decay, self.augment, self.class_weight = lr, weight_decay, augment, class_weight
         self.seed, self.device = seed, torch.device(device)
@@ -75,16 +95,21 @@ class SmallCNN:
     def _build(self, n_classes: int) -> nn.Module:
         w = self.width
         return nn.Sequential(
-            *_block(3, w), nn.MaxPool2d(2),
-            *_block(w, 2 * w), nn.MaxPool2d(2),
-            *_block(2 * w, 4 * w), nn.MaxPool2d(2),
+            *_block(3, w),
+            nn.MaxPool2d(2),
+            *_block(w, 2 * w),
+            nn.MaxPool2d(2),
+            *_block(2 * w, 4 * w),
+            nn.MaxPool2d(2),
             *_block(4 * w, 4 * w),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, n_classes),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * w, n_classes),
         )
 
     def _tensor(self, images: np.ndarray) -> torch.Tensor:
         # Same fixed normalisation for every tile, real or synthetic.
-        return preprocess(_check_tiles(images), self.image_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        return preprocess(check_tiles(images), self.image_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
     @staticmethod
     def _dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -99,7 +124,7 @@ class SmallCNN:
                 out[sel] = torch.rot90(x[sel], r, dims=(2, 3))
         return out
 
-    def fit(self, images: np.ndarray, labels, sample_weight: np.ndarray | None = None) -> "SmallCNN":
+    def fit(self, images: np.ndarray, labels, sample_weight: np.ndarray | None = None) -> SmallCNN:
         """`sample_weight`: each epoch draws its tiles with these probabilities (with replacement)."""
         labels = np.asarray(labels)
         self.classes_, y = np.unique(labels, return_inverse=True)
@@ -121,8 +146,11 @@ class SmallCNN:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps, pct_start=0.15)
         self.model_.train()
         for _ in range(self.epochs):
-            order = (torch.randperm(len(x), generator=g) if sample_weight is None else
-                     torch.multinomial(torch.as_tensor(sample_weight, dtype=torch.float64), len(x), True, generator=g))
+            order = (
+                torch.randperm(len(x), generator=g)
+                if sample_weight is None
+                else torch.multinomial(torch.as_tensor(sample_weight, dtype=torch.float64), len(x), True, generator=g)
+            )
             for i in range(0, len(x), self.batch_size):
                 idx = order[i : i + self.batch_size]
                 if len(idx) < 2:  # BatchNorm cannot train on a batch of one
@@ -140,8 +168,10 @@ class SmallCNN:
     def predict_proba(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         x = self._tensor(images)
         self.model_.eval()
-        out = [F.softmax(self.model_(x[i : i + batch_size].to(self.device)), dim=1).cpu()
-               for i in range(0, len(x), batch_size)]
+        out = [
+            F.softmax(self.model_(x[i : i + batch_size].to(self.device)), dim=1).cpu()
+            for i in range(0, len(x), batch_size)
+        ]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes_)), np.float32)
 
     def predict(self, images: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import pandas as pd
 from .allocation import ALLOCATIONS, SITE, TYPE, real_subsample, synthetic_subsample
 from .metrics import METRIC_NAMES, all_metrics, balanced_accuracy, format_table, mean_sem
 from .stain import AUGMENTS, NORMALIZERS, hed_jitter, macenko_normalize, restain
-from .tiles import Inputs, Part, foreign_values, load_inputs, pool_index, read_index
+from .tile_reader import Inputs, Part, foreign_values, load_inputs, pool_index, read_index
 
 CLASSIFIERS = ("linear", "cnn")
 BALANCES = ("none", "type-site")
@@ -61,8 +61,13 @@ class DownstreamConfig:
 
 
 # Named baselines (arms on real tiles only, or added to a synthetic arm) -> config overrides
-BASELINES = {"none": {}, "hed-jitter": {"augment": "hed-jitter"}, "restain": {"augment": "restain"},
-             "macenko": {"normalize": "macenko"}, "type-site-balance": {"balance": "type-site"}}
+BASELINES = {
+    "none": {},
+    "hed-jitter": {"augment": "hed-jitter"},
+    "restain": {"augment": "restain"},
+    "macenko": {"normalize": "macenko"},
+    "type-site-balance": {"balance": "type-site"},
+}
 
 
 def baseline(name: str) -> dict:
@@ -85,13 +90,18 @@ def validate(cfg: DownstreamConfig, build_encoder: bool = True):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise DownstreamError(f"{name} must be >= 1 or unset, got {v}")
-    for name, value, valid in (("augment", cfg.augment, AUGMENTS), ("normalize", cfg.normalize, NORMALIZERS),
-                               ("balance", cfg.balance, BALANCES)):
+    for name, value, valid in (
+        ("augment", cfg.augment, AUGMENTS),
+        ("normalize", cfg.normalize, NORMALIZERS),
+        ("balance", cfg.balance, BALANCES),
+    ):
         if value not in valid:
             raise DownstreamError(f"{name} must be one of {valid}, got {value!r}")
     if cfg.classifier != "cnn" and (cfg.augment != "none" or cfg.normalize != "none"):
-        raise DownstreamError(f"augment={cfg.augment} / normalize={cfg.normalize} transform pixels, and the linear "
-                              "classifier sees cached encoder features: use --classifier cnn")
+        raise DownstreamError(
+            f"augment={cfg.augment} / normalize={cfg.normalize} transform pixels, and the linear "
+            "classifier sees cached encoder features: use --classifier cnn"
+        )
     if not (cfg.augment_ratio > 0 and 0 <= cfg.jitter < 1):
         raise DownstreamError(f"augment_ratio must be > 0 and jitter in [0, 1), got {cfg.augment_ratio}, {cfg.jitter}")
     if cfg.ratio > 0 and not cfg.synthetic:
@@ -102,8 +112,10 @@ def validate(cfg: DownstreamConfig, build_encoder: bool = True):
     test = read_index(cfg.real, [cfg.test_split])
     for split, rows in ((cfg.train_split, train), (cfg.test_split, test)):
         if rows.empty:
-            raise DownstreamError(f"{cfg.real} has no tiles in split {split!r}"
-                                  + (" (ingest with --val-fraction > 0)" if split == "val" else ""))
+            raise DownstreamError(
+                f"{cfg.real} has no tiles in split {split!r}"
+                + (" (ingest with --val-fraction > 0)" if split == "val" else "")
+            )
     n_sites = train[SITE].nunique()
     if cfg.k_sites is not None and cfg.k_sites > n_sites:
         raise DownstreamError(f"k_sites={cfg.k_sites} but {cfg.real} has only {n_sites} {cfg.train_split} sites")
@@ -111,8 +123,10 @@ def validate(cfg: DownstreamConfig, build_encoder: bool = True):
     for pool in cfg.synthetic:
         pidx = pool_index(pool)
         if pidx.empty:
-            raise DownstreamError(f"synthetic pool {pool} is empty: it has no synthetic 'train' tiles; "
-                                  "generate tiles into it with `medi-dist generate` first")
+            raise DownstreamError(
+                f"synthetic pool {pool} is empty: it has no synthetic 'train' tiles; "
+                "generate tiles into it with `medi-dist generate` first"
+            )
         check_pool(cfg, pool, pidx, everything)
     if cfg.classifier == "linear" and build_encoder:
         from .encoders import get_encoder
@@ -126,17 +140,25 @@ def check_pool(cfg: DownstreamConfig, pool, pidx: pd.DataFrame, real: pd.DataFra
     would hand the classifier the stain it is tested on (the shortcut the protocol measures)."""
     foreign = foreign_values(real, pidx)
     if foreign:
-        raise DownstreamError(f"synthetic pool {pool} has values that {cfg.real} never has: "
-                              + "; ".join(f"{c} {v}" for c, v in foreign.items())
-                              + " (a model of another dataset?); generate from a model trained on this dataset")
+        raise DownstreamError(
+            f"synthetic pool {pool} has values that {cfg.real} never has: "
+            + "; ".join(f"{c} {v}" for c, v in foreign.items())
+            + " (a model of another dataset?); generate from a model trained on this dataset"
+        )
     split_of = real.groupby(SITE)["split"].agg(lambda s: sorted(set(s)))
-    leaked = {s: split_of[s] for s in sorted(set(pidx[SITE].astype(str)))
-              if s in split_of and cfg.train_split not in split_of[s]}
+    leaked = {
+        s: split_of[s]
+        for s in sorted(set(pidx[SITE].astype(str)))
+        if s in split_of and cfg.train_split not in split_of[s]
+    }
     if leaked:
-        raise DownstreamError(f"synthetic pool {pool} holds tiles of sites that {cfg.real} keeps out of its "
-                              f"{cfg.train_split!r} split: " + ", ".join(f"{s} ({'/'.join(v)})" for s, v in leaked.items())
-                              + "; training on them would leak the test sites' stain. Generate only at "
-                              "training sites, from a model trained on this dataset's split")
+        raise DownstreamError(
+            f"synthetic pool {pool} holds tiles of sites that {cfg.real} keeps out of its "
+            f"{cfg.train_split!r} split: "
+            + ", ".join(f"{s} ({'/'.join(v)})" for s, v in leaked.items())
+            + "; training on them would leak the test sites' stain. Generate only at "
+            "training sites, from a model trained on this dataset's split"
+        )
 
 
 @dataclass
@@ -151,14 +173,18 @@ class SeedRun:
     synthetic_keys: list[str]  # "<pool dir>/<key>"
 
 
-def fit_predict(cfg: DownstreamConfig, X: np.ndarray, y: np.ndarray, X_test: np.ndarray, seed: int,
-                weight: np.ndarray | None = None) -> np.ndarray:
+def fit_predict(
+    cfg: DownstreamConfig, X: np.ndarray, y: np.ndarray, X_test: np.ndarray, seed: int, weight: np.ndarray | None = None
+) -> np.ndarray:
     from .classifiers import LinearProbe, SmallCNN
 
     if cfg.classifier == "linear":
         return LinearProbe(C=cfg.C, seed=seed).fit(X, y, weight).predict(X_test)
-    return SmallCNN(image_size=cfg.image_size, width=cfg.width, epochs=cfg.epochs, lr=cfg.lr,
-                    seed=seed).fit(X, y, weight).predict(X_test)
+    return (
+        SmallCNN(image_size=cfg.image_size, width=cfg.width, epochs=cfg.epochs, lr=cfg.lr, seed=seed)
+        .fit(X, y, weight)
+        .predict(X_test)
+    )
 
 
 def normalized(inputs: Inputs, method: str) -> Inputs:
@@ -184,9 +210,12 @@ def augmented(cfg: DownstreamConfig, real: Part, seed: int) -> Part:
     if cfg.augment == "hed-jitter":
         X = hed_jitter(X, rng, cfg.jitter)
     else:  # restain: each slide into another training site's stain, estimated from all real training tiles
-        X = restain(np.concatenate([X, real.X]), np.concatenate([meta["slide_id"].astype(str) + "#copy",
-                                                                  real.meta["slide_id"].astype(str)]),
-                    np.concatenate([meta[SITE].astype(str), real.meta[SITE].astype(str)]), seed)[:len(X)]
+        X = restain(
+            np.concatenate([X, real.X]),
+            np.concatenate([meta["slide_id"].astype(str) + "#copy", real.meta["slide_id"].astype(str)]),
+            np.concatenate([meta[SITE].astype(str), real.meta[SITE].astype(str)]),
+            seed,
+        )[: len(X)]
     return Part(X, meta)
 
 
@@ -221,8 +250,16 @@ def run_seed(cfg: DownstreamConfig, inputs: Inputs, seed: int) -> SeedRun:
     pred = np.asarray(fit_predict(cfg, X, y, te.X, seed, weight)).astype(str)
     preds = pd.DataFrame({"key": te.meta["key"].astype(str), TYPE: y_true, SITE: sites, "pred": pred})
     syn = pool.meta.iloc[sidx]
-    return SeedRun(seed, all_metrics(y_true, pred, sites), preds, alloc, len(ridx), len(sidx),
-                   real["key"].astype(str).tolist(), (syn["pool"].astype(str) + "/" + syn["key"].astype(str)).tolist())
+    return SeedRun(
+        seed,
+        all_metrics(y_true, pred, sites),
+        preds,
+        alloc,
+        len(ridx),
+        len(sidx),
+        real["key"].astype(str).tolist(),
+        (syn["pool"].astype(str) + "/" + syn["key"].astype(str)).tolist(),
+    )
 
 
 @dataclass
@@ -254,8 +291,7 @@ class DownstreamResult:
     def site_scores(self) -> pd.Series:
         """Per test site: balanced accuracy averaged over seeds (what the objective averages)."""
         p = self.predictions
-        rows = [(s, balanced_accuracy(d[TYPE], d["pred"]))
-                for (s, _), d in p.groupby([SITE, "seed"])]
+        rows = [(s, balanced_accuracy(d[TYPE], d["pred"])) for (s, _), d in p.groupby([SITE, "seed"])]
         return pd.DataFrame(rows, columns=[SITE, "score"]).groupby(SITE)["score"].mean()
 
     @property
@@ -267,20 +303,28 @@ class DownstreamResult:
         """A note when the pools held fewer tiles than the ratio asked for (the arm is then mislabelled)."""
         if self.effective_ratio < self.config.ratio - 0.5 / max(self.runs[0].n_real, 1):
             if self.runs[0].n_synthetic == 0:
-                return (f"{describe(self.config)}: no pool tile fits allocation {self.config.allocation!r} (e.g. "
-                        "unseen-pairs takes only pairs absent from the real subsample), so this arm is real only; "
-                        "choose another allocation or generate tiles at those pairs")
-            return (f"{describe(self.config)}: the pools hold too few tiles; it used "
-                    f"{self.runs[0].n_synthetic} synthetic per {self.runs[0].n_real} real (effective r="
-                    f"{self.effective_ratio:.2f}); generate more tiles to test r={self.config.ratio:g}")
+                return (
+                    f"{describe(self.config)}: no pool tile fits allocation {self.config.allocation!r} (e.g. "
+                    "unseen-pairs takes only pairs absent from the real subsample), so this arm is real only; "
+                    "choose another allocation or generate tiles at those pairs"
+                )
+            return (
+                f"{describe(self.config)}: the pools hold too few tiles; it used "
+                f"{self.runs[0].n_synthetic} synthetic per {self.runs[0].n_real} real (effective r="
+                f"{self.effective_ratio:.2f}); generate more tiles to test r={self.config.ratio:g}"
+            )
         return None
 
     def table(self, label: str = "") -> str:
         return format_table({label or describe(self.config): self.mean_sem}, list(METRIC_NAMES))
 
     def to_dict(self) -> dict:
-        return {"config": asdict(self.config), "per_seed": self.per_seed, "effective_ratio": self.effective_ratio,
-                "mean_sem": {k: list(v) for k, v in self.mean_sem.items()}}
+        return {
+            "config": asdict(self.config),
+            "per_seed": self.per_seed,
+            "effective_ratio": self.effective_ratio,
+            "mean_sem": {k: list(v) for k, v in self.mean_sem.items()},
+        }
 
 
 def describe(cfg: DownstreamConfig) -> str:
@@ -318,8 +362,11 @@ class Comparison:
         """Paired per-seed differences to the reference arm (default: the first), mean ± SEM."""
         ref = self.results[reference or next(iter(self.results))]
         base = {r.seed: r.metrics for r in ref.runs}
-        return {k: mean_sem([{m: r.metrics[m] - base[r.seed][m] for m in METRIC_NAMES} for r in res.runs])
-                for k, res in self.results.items() if res is not ref}
+        return {
+            k: mean_sem([{m: r.metrics[m] - base[r.seed][m] for m in METRIC_NAMES} for r in res.runs])
+            for k, res in self.results.items()
+            if res is not ref
+        }
 
 
 def compare(base: DownstreamConfig, arms: dict[str, dict]) -> Comparison:

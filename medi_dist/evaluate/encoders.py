@@ -33,8 +33,10 @@ def check_device(device: str | torch.device) -> torch.device:
     if d.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (no GPU visible to "
-                             f"torch {torch.__version__}); use --device cpu")
+            raise ValueError(
+                f"--device {device}: CUDA is not available on this machine (no GPU visible to "
+                f"torch {torch.__version__}); use --device cpu"
+            )
         if d.index is not None and d.index >= n:
             raise ValueError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
     elif d.type == "mps" and not torch.backends.mps.is_available():
@@ -42,7 +44,7 @@ def check_device(device: str | torch.device) -> torch.device:
     return d
 
 
-def _check_tiles(images: np.ndarray) -> np.ndarray:
+def check_tiles(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim == 3 and images.shape[-1] == 3:
         images = images[None]
@@ -74,8 +76,10 @@ def _refused(path: Path, e: Exception) -> ValueError:
         cause = type(e).__name__
     else:
         cause = f"{type(e).__name__}: {' '.join(text.split())[:160]}"
-    return ValueError(f"{path} is not a plain tensor state dict/safetensors file (refused without unpickling: "
-                      f"{cause}); export the weights with torch.save(model.state_dict()) or as .safetensors")
+    return ValueError(
+        f"{path} is not a plain tensor state dict/safetensors file (refused without unpickling: "
+        f"{cause}); export the weights with torch.save(model.state_dict()) or as .safetensors"
+    )
 
 
 def _load_state(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -112,22 +116,29 @@ def _load_weights(model: nn.Module, state: dict, path: Path, what: str) -> None:
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or shapes:
+
         def some(keys):
             return ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
-        raise ValueError(f"{path} does not hold {what} weights: {len(missing)} missing ({some(missing)}), "
-                         f"{len(unexpected)} unexpected ({some(unexpected)}), {len(shapes)} of another shape "
-                         f"({some(shapes)}); check the file and the encoder spec")
+
+        raise ValueError(
+            f"{path} does not hold {what} weights: {len(missing)} missing ({some(missing)}), "
+            f"{len(unexpected)} unexpected ({some(unexpected)}), {len(shapes)} of another shape "
+            f"({some(shapes)}); check the file and the encoder spec"
+        )
     model.load_state_dict(state, assign=True)
 
 
 def _mismatch(text: str) -> str:
     """Counts from torch's load_state_dict error (which lists every key)."""
+
     def keys(part: str) -> int:
         m = re.search(rf"{part} key\(s\) in state_dict:(.*?)(?:\n\t|$)", text, re.S)
         return len(re.findall(r'"[^"]+"', m.group(1))) if m else 0
 
-    return (f"{keys('Missing')} missing, {keys('Unexpected')} unexpected, "
-            f"{text.count('size mismatch for')} of another shape")
+    return (
+        f"{keys('Missing')} missing, {keys('Unexpected')} unexpected, "
+        f"{text.count('size mismatch for')} of another shape"
+    )
 
 
 def _need_file(path: str | Path | None, what: str, hint: str) -> Path:
@@ -159,7 +170,7 @@ class Encoder:
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> np.ndarray:
-        images = _check_tiles(images)
+        images = check_tiles(images)
         self.model.eval()
         out = []
         for i in range(0, len(images), self.batch_size):
@@ -207,9 +218,12 @@ class OpenClipEncoder(Encoder):
     open_clip export). Features are the tower's embedding (before any normalisation)."""
 
     def __init__(self, model_name: str, weights_path: str | Path, device: str = "cpu", batch_size: int = 64):
-        path = _need_file(weights_path, f"OpenClipEncoder({model_name!r})",
-                          "pass the path of a downloaded open_clip checkpoint (.bin/.pt/.safetensors), "
-                          "e.g. --encoder openclip:ViT-B-16:/models/vit_b16.safetensors")
+        path = _need_file(
+            weights_path,
+            f"OpenClipEncoder({model_name!r})",
+            "pass the path of a downloaded open_clip checkpoint (.bin/.pt/.safetensors), "
+            "e.g. --encoder openclip:ViT-B-16:/models/vit_b16.safetensors",
+        )
         super().__init__(device, batch_size)
         import open_clip  # imported lazily: heavy, and only this encoder needs it
 
@@ -221,8 +235,10 @@ class OpenClipEncoder(Encoder):
         except RuntimeError as e:  # a file for another architecture: one line, not a dump of every key
             if "Error(s) in loading state_dict" not in str(e):
                 raise
-            raise ValueError(f"{path} does not hold open_clip {model_name!r} weights: {_mismatch(str(e))}; "
-                             "check the file and the encoder spec") from None
+            raise ValueError(
+                f"{path} does not hold open_clip {model_name!r} weights: {_mismatch(str(e))}; "
+                "check the file and the encoder spec"
+            ) from None
         self.model = model.visual.eval()
         cfg = getattr(self.model, "preprocess_cfg", {})
         size = cfg.get("size", getattr(self.model, "image_size", 224))
@@ -243,9 +259,12 @@ class InceptionEncoder(Encoder):
     """
 
     def __init__(self, weights_path: str | Path | None, device: str = "cpu", batch_size: int = 32):
-        path = _need_file(weights_path, "InceptionEncoder",
-                          "pass a torchvision inception_v3 state dict (.pth/.safetensors), "
-                          "e.g. --encoder inception:/models/inception_v3_google-0cc3c7bd.pth")
+        path = _need_file(
+            weights_path,
+            "InceptionEncoder",
+            "pass a torchvision inception_v3 state dict (.pth/.safetensors), "
+            "e.g. --encoder inception:/models/inception_v3_google-0cc3c7bd.pth",
+        )
         super().__init__(device, batch_size)
         from torchvision.models import inception_v3
 
@@ -263,13 +282,29 @@ class InceptionEncoder(Encoder):
 
 # Published pathology foundation models as timm architectures (from their model cards); weights from disk.
 TIMM_PRESETS = {
-    "uni": ("vit_large_patch16_224", dict(img_size=224, patch_size=16, init_values=1e-5, dynamic_img_size=True),
-            "UNI (MahmoodLab ViT-L/16)"),
-    "uni2-h": ("vit_giant_patch14_224",
-               dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
-                    mlp_ratio=2.66667 * 2, no_embed_class=True, reg_tokens=8, dynamic_img_size=True,
-                    mlp_layer="SwiGLUPacked", act_layer="silu"),
-               "UNI2-h (MahmoodLab ViT-H/14)"),
+    "uni": (
+        "vit_large_patch16_224",
+        dict(img_size=224, patch_size=16, init_values=1e-5, dynamic_img_size=True),
+        "UNI (MahmoodLab ViT-L/16)",
+    ),
+    "uni2-h": (
+        "vit_giant_patch14_224",
+        dict(
+            img_size=224,
+            patch_size=14,
+            depth=24,
+            num_heads=24,
+            init_values=1e-5,
+            embed_dim=1536,
+            mlp_ratio=2.66667 * 2,
+            no_embed_class=True,
+            reg_tokens=8,
+            dynamic_img_size=True,
+            mlp_layer="SwiGLUPacked",
+            act_layer="silu",
+        ),
+        "UNI2-h (MahmoodLab ViT-H/14)",
+    ),
 }
 
 
@@ -279,8 +314,9 @@ class TimmEncoder(Encoder):
     Presets use ImageNet normalisation at 224 px, as UNI's model card does; other architectures use
     timm's own preprocessing config."""
 
-    def __init__(self, arch: str, weights_path: str | Path, device: str = "cpu", batch_size: int = 64,
-                 preset: str | None = None):
+    def __init__(
+        self, arch: str, weights_path: str | Path, device: str = "cpu", batch_size: int = 64, preset: str | None = None
+    ):
         import timm
 
         kwargs, what = {}, f"timm {arch!r}"
@@ -321,10 +357,13 @@ def get_encoder(spec: str, device: str = "cpu") -> Encoder:
     if kind == "random-conv":
         parts = [p for p in rest.split(":") if p]
         if len(parts) > 2 or not all(p.isdigit() for p in parts) or (parts and int(parts[0]) < 1):
-            raise ValueError(f"encoder spec {spec!r}: expected random-conv[:DIM[:SEED]] with whole numbers, "
-                             "DIM >= 1 (e.g. random-conv:64:0)")
-        return RandomConvEncoder(dim=int(parts[0]) if parts else 64, seed=int(parts[1]) if len(parts) > 1 else 0,
-                                 device=device)
+            raise ValueError(
+                f"encoder spec {spec!r}: expected random-conv[:DIM[:SEED]] with whole numbers, "
+                "DIM >= 1 (e.g. random-conv:64:0)"
+            )
+        return RandomConvEncoder(
+            dim=int(parts[0]) if parts else 64, seed=int(parts[1]) if len(parts) > 1 else 0, device=device
+        )
     if kind == "openclip":
         name, _, path = rest.partition(":")
         if not name or not path:
@@ -339,5 +378,7 @@ def get_encoder(spec: str, device: str = "cpu") -> Encoder:
         if not arch or not path:
             raise ValueError(f"encoder spec {spec!r}: expected timm:<architecture>:<local weights path>")
         return TimmEncoder(arch, path, device=device)
-    raise ValueError(f"unknown encoder spec {spec!r}; use random-conv[:DIM[:SEED]], uni:<path>, uni2-h:<path>, "
-                     "timm:<architecture>:<path>, openclip:<model_name>:<path> or inception:<path>")
+    raise ValueError(
+        f"unknown encoder spec {spec!r}; use random-conv[:DIM[:SEED]], uni:<path>, uni2-h:<path>, "
+        "timm:<architecture>:<path>, openclip:<model_name>:<path> or inception:<path>"
+    )

@@ -33,12 +33,16 @@ from ..metadata import UNKNOWN
 from .classifiers import LinearProbe
 from .encoders import get_encoder
 from .fidelity import conditional_accuracy, fidelity_report, frechet_distance
-from .tiles import foreign_values, read_index
+from .tile_reader import foreign_values, read_index
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
 # reported accuracy -> (label column, feature set the probe is trained on)
-PROBES = {"type_accuracy": (TYPE, "features"), "site_accuracy": (SITE, "features"),
-          "type_accuracy_morphology": (TYPE, "morphology"), "site_accuracy_stain": (SITE, "stain")}
+PROBES = {
+    "type_accuracy": (TYPE, "features"),
+    "site_accuracy": (SITE, "features"),
+    "type_accuracy_morphology": (TYPE, "morphology"),
+    "site_accuracy_stain": (SITE, "stain"),
+}
 
 
 @dataclass
@@ -92,6 +96,16 @@ def read_tiles(root: str | Path, splits: list[str] | None, resolution: int | Non
     return np.stack([images[k] for k in index["key"]]), index
 
 
+def tile_size(dataset: str | Path) -> int:
+    """The stored size of a dataset's tiles (its first train tile)."""
+    return int(read_tiles(dataset, ["train"], None, limit=1)[0].shape[1])
+
+
+def scanner_lines(dataset: str | Path) -> bool:
+    """Whether the procedural world of `dataset` has its sites' scanner line patterns."""
+    return bool((load_manifest(dataset).get("renderer") or {}).get("scanner_lines", False))
+
+
 def real_reference(feats: dict, index: pd.DataFrame, seed: int) -> dict:
     """Probe accuracy on held-out real tiles: what real tiles score. Half the slides of every site are
     held out (a site wholly held out would be a class the probe never saw, scoring 0); a site with
@@ -133,14 +147,14 @@ def _seen(synth: pd.DataFrame, real: pd.DataFrame) -> np.ndarray:
     return np.array([p in pairs for p in zip(synth[TYPE], synth[SITE])])
 
 
-def calibrated_probes(enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | Path, r_idx: pd.DataFrame,
-                      seed: int, per_pair: int = 24) -> dict:
+def calibrated_probes(
+    enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | Path, r_idx: pd.DataFrame, seed: int, per_pair: int = 24
+) -> dict:
     """Procedural data only: type and stain probes trained on ground-truth renderings of *every*
     (type, site) pair, so neither can read one through the other (on real tiles each site belongs to
     one type). Each is reported next to its ceiling, its accuracy on fresh renderings. Leakage: the
     share of unseen-pair tiles whose predicted type is the one that owns the requested site."""
     from ..data.procedural import render_tiles
-    from ..generate.reference import scanner_lines, tile_size
 
     types = sorted(r_idx[TYPE].astype(str).unique())
     sites = sorted(set(r_idx[SITE].astype(str)) | set(s_idx[SITE].astype(str)) - {UNKNOWN})
@@ -149,8 +163,12 @@ def calibrated_probes(enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | P
 
     def render(tag: int, n: int):
         pairs = [(t, s) for t in types for s in sites for _ in range(n)]
-        img = render_tiles(pairs, [[seed, tag, zlib.crc32(f"{t}/{s}".encode()), i] for i, (t, s) in enumerate(pairs)],
-                           native, scanner_lines(real))
+        img = render_tiles(
+            pairs,
+            [[seed, tag, zlib.crc32(f"{t}/{s}".encode()), i] for i, (t, s) in enumerate(pairs)],
+            native,
+            scanner_lines(real),
+        )
         if native != res:  # as real tiles reach the model: stored at full size, resized by the stream
             img = np.stack([np.asarray(Image.fromarray(x).resize((res, res), Image.BILINEAR)) for x in img])
         return img, np.array([t for t, _ in pairs]), np.array([s for _, s in pairs])
@@ -166,18 +184,24 @@ def calibrated_probes(enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | P
         out = {}
         for part, mask in (("seen", seen), ("unseen", ~seen)):
             site_mask = mask & has_site
-            out[part] = {"n": int(mask.sum()), "type_accuracy": _rate(pt == want_t, mask),
-                         "stain_accuracy": _rate(ps == want_s, site_mask),
-                         "joint_accuracy": _rate((pt == want_t) & (ps == want_s), site_mask)}
+            out[part] = {
+                "n": int(mask.sum()),
+                "type_accuracy": _rate(pt == want_t, mask),
+                "stain_accuracy": _rate(ps == want_s, site_mask),
+                "joint_accuracy": _rate((pt == want_t) & (ps == want_s), site_mask),
+            }
         leak = ~seen & has_site
         out["unseen"]["leakage"] = _rate(pt == np.array([owner.get(s, "") for s in want_s]), leak)
         return out
 
     gt_img, gt_t, gt_s = render(2, max(per_pair // 2, 4))
     st, ss = s_idx[TYPE].astype(str).to_numpy(), s_idx[SITE].astype(str).to_numpy()
-    return {"probes": "trained on ground-truth renderings of every (type, site) pair", "per_pair": per_pair,
-            "synthetic": score(s_img, st, ss, _seen(s_idx, r_idx)),
-            "ceiling": score(gt_img, gt_t, gt_s, np.array([p in trained for p in zip(gt_t, gt_s)]))}
+    return {
+        "probes": "trained on ground-truth renderings of every (type, site) pair",
+        "per_pair": per_pair,
+        "synthetic": score(s_img, st, ss, _seen(s_idx, r_idx)),
+        "ceiling": score(gt_img, gt_t, gt_s, np.array([p in trained for p in zip(gt_t, gt_s)])),
+    }
 
 
 def _rate(hit: np.ndarray, mask: np.ndarray) -> float:
@@ -191,14 +215,19 @@ def _finite(d: dict) -> dict:
 def evaluate_fidelity(cfg: FidelityConfig) -> dict:
     from ..ray_setup import check_job_paths
 
-    check_job_paths({"--real": cfg.real, "--synthetic": cfg.synthetic, "--out": cfg.out},
-                    {"--tracking-uri": cfg.tracking_uri} if cfg.log_mlflow else None)
+    check_job_paths(
+        {"--real": cfg.real, "--synthetic": cfg.synthetic, "--out": cfg.out},
+        {"--tracking-uri": cfg.tracking_uri} if cfg.log_mlflow else None,
+    )
     enc = get_encoder(cfg.encoder, device=cfg.device)  # built first: a bad spec or device fails before any reading
     foreign = foreign_values(read_index(cfg.real), read_index(cfg.synthetic))  # before any pixel
     if foreign:
-        raise ValueError(f"{cfg.synthetic} has values that {cfg.real} never has: "
-                         + "; ".join(f"{c} {v}" for c, v in foreign.items())
-                         + " (generated by a model of another dataset?); compare it with the dataset its model was trained on")
+        raise ValueError(
+            f"{cfg.synthetic} has values that {cfg.real} never has: "
+            + "; ".join(f"{c} {v}" for c, v in foreign.items())
+            + " (generated by a model of another dataset?); compare it with the dataset its model was "
+            "trained on"
+        )
     s_img, s_idx = read_tiles(cfg.synthetic, None, cfg.resolution)
     res = int(s_img.shape[1])
     r_img, r_idx = read_tiles(cfg.real, cfg.real_splits, res)
@@ -213,8 +242,16 @@ def evaluate_fidelity(cfg: FidelityConfig) -> dict:
     fd = fidelity_report(r_f["features"], groups(r_idx), s_f["features"], groups(s_idx), cfg.min_per_group)
     seen = _seen(s_idx, r_idx)
     labels = [ix[c].astype(str) for ix in (r_idx, s_idx) for c in (TYPE, SITE)]
-    acc = {kind: conditional_accuracy(r_f[kind], labels[0], labels[1], s_f[kind], labels[2], labels[3], seen=seen,
-                                      seed=cfg.seed) for kind in r_f} if cfg.conditional else {}
+    acc = (
+        {
+            kind: conditional_accuracy(
+                r_f[kind], labels[0], labels[1], s_f[kind], labels[2], labels[3], seen=seen, seed=cfg.seed
+            )
+            for kind in r_f
+        }
+        if cfg.conditional
+        else {}
+    )
     cond = acc.get("features", {})
     for part in cond:
         cond[part]["type_accuracy_morphology"] = acc["morphology"][part]["type_accuracy"]
@@ -222,23 +259,39 @@ def evaluate_fidelity(cfg: FidelityConfig) -> dict:
         mask = {"all": np.ones_like(seen), "seen": seen, "unseen": ~seen}[part]
         if (s_idx[SITE] == UNKNOWN).all():  # class-only model: no site was asked for
             cond[part].update(site_accuracy=math.nan, site_accuracy_stain=math.nan, joint_accuracy=math.nan)
-        cond[part]["fd_vs_real"] = frechet_distance(r_f["features"], s_f["features"][mask]) if mask.sum() > 1 else math.nan
+        cond[part]["fd_vs_real"] = (
+            frechet_distance(r_f["features"], s_f["features"][mask]) if mask.sum() > 1 else math.nan
+        )
     gen = load_manifest(cfg.synthetic).get("generation", {})
     result = {
-        "real": str(cfg.real), "synthetic": str(cfg.synthetic), "encoder": getattr(enc, "name", cfg.encoder),
-        "resolution": res, "real_splits": cfg.real_splits,
+        "real": str(cfg.real),
+        "synthetic": str(cfg.synthetic),
+        "encoder": getattr(enc, "name", cfg.encoder),
+        "resolution": res,
+        "real_splits": cfg.real_splits,
         "generation": {k: gen.get(k) for k in ("model_id", "sampler", "steps", "guidance", "weights", "generation")},
-        "fd": {"overall": fd["overall"], "mean_group_fd": fd["mean_group_fd"], "n_real": fd["n_real"],
-               "n_synth": fd["n_synth"], "groups": {"/".join(g): v for g, v in fd["groups"].items()},
-               "skipped": {"/".join(g): v for g, v in fd["skipped"].items()}},
+        "fd": {
+            "overall": fd["overall"],
+            "mean_group_fd": fd["mean_group_fd"],
+            "n_real": fd["n_real"],
+            "n_synth": fd["n_synth"],
+            "groups": {"/".join(g): v for g, v in fd["groups"].items()},
+            "skipped": {"/".join(g): v for g, v in fd["skipped"].items()},
+        },
         "conditional_accuracy": cond,
         "chance": {name: 1 / r_idx[col].nunique() for name, (col, _) in PROBES.items()},
         "real_reference": real_reference(r_f, r_idx, cfg.seed) if cfg.conditional else {},
         # Probes fit on real tiles read stain through type and back (site and type are confounded).
-        "confounded": ["conditional_accuracy.site_accuracy", "conditional_accuracy.site_accuracy_stain",
-                       "conditional_accuracy.type_accuracy"],
-        "calibrated": (calibrated_probes(enc, s_img, s_idx, cfg.real, r_idx, cfg.seed)
-                       if cfg.conditional and load_manifest(cfg.real).get("source") == "procedural" else None),
+        "confounded": [
+            "conditional_accuracy.site_accuracy",
+            "conditional_accuracy.site_accuracy_stain",
+            "conditional_accuracy.type_accuracy",
+        ],
+        "calibrated": (
+            calibrated_probes(enc, s_img, s_idx, cfg.real, r_idx, cfg.seed)
+            if cfg.conditional and load_manifest(cfg.real).get("source") == "procedural"
+            else None
+        ),
     }
     out = Path(cfg.out) if cfg.out else Path(cfg.synthetic) / "fidelity.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,8 +308,12 @@ def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path) -> str:
     name = cfg.run_name or f"fidelity-{Path(cfg.synthetic).resolve().name}"
     run_id = find_or_create_run(uri, name, cfg.experiment, tags={"medi_dist.kind": "fidelity"})
     logger = RunLogger(uri, run_id)
-    logger.params({**{k: v for k, v in asdict(cfg).items() if k not in ("tracking_uri", "log_mlflow")},
-                   **{f"generation.{k}": v for k, v in result["generation"].items()}})
+    logger.params(
+        {
+            **{k: v for k, v in asdict(cfg).items() if k not in ("tracking_uri", "log_mlflow")},
+            **{f"generation.{k}": v for k, v in result["generation"].items()},
+        }
+    )
     metrics = {"fd_overall": result["fd"]["overall"], "fd_mean_group": result["fd"]["mean_group_fd"]}
     for part, d in result["conditional_accuracy"].items():
         metrics.update({f"{part}_{k}": v for k, v in _finite(d).items()})

@@ -8,7 +8,8 @@ scores that class's recall), which is the MeDi reference's per-site convention.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

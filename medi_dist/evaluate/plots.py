@@ -51,8 +51,15 @@ def confusion(predictions: pd.DataFrame, title: str = "confusion (all seeds)"):
     ax.imshow(frac.to_numpy(), vmin=0, vmax=1, cmap="Blues")
     for i in range(len(labels)):
         for j in range(len(labels)):
-            ax.text(j, i, int(cm.iat[i, j]), ha="center", va="center",
-                    color="white" if frac.iat[i, j] > 0.5 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                int(cm.iat[i, j]),
+                ha="center",
+                va="center",
+                color="white" if frac.iat[i, j] > 0.5 else "black",
+                fontsize=8,
+            )
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
@@ -62,11 +69,12 @@ def confusion(predictions: pd.DataFrame, title: str = "confusion (all seeds)"):
     return fig
 
 
-def pool_grid(pool_dir: str | Path, per_cell: int = 2, max_types: int = 8, max_sites: int = 12,
-              tile_px: int = 48) -> bytes:
+def pool_grid(
+    pool_dir: str | Path, per_cell: int = 2, max_types: int = 8, max_sites: int = 12, tile_px: int = 48
+) -> bytes:
     """PNG of a few synthetic tiles per (type, site) of a pool, types as rows and sites as columns."""
     from ..visual import png_bytes, tile_grid
-    from .tiles import load_tiles, read_index
+    from .tile_reader import load_tiles, read_index
 
     idx = read_index(pool_dir, ["train"])
     types = sorted(idx[TYPE].astype(str).unique())[:max_types]

@@ -80,7 +80,7 @@ def restain(images: np.ndarray, slides, sites, seed: int) -> np.ndarray:
     names = sorted(targets)
     rng = np.random.default_rng([seed, 5])
     out = images.copy()
-    for slide, rows in sorted(_groups(slides).items()):
+    for _slide, rows in sorted(_groups(slides).items()):
         others = [s for s in names if s != sites[rows[0]]] or names
         out[rows] = _apply(targets[others[int(rng.integers(len(others)))]], images[rows])
     return out

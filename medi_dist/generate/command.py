@@ -1,13 +1,8 @@
-"""Command-line parsers for `medi-dist generate` and `medi-dist evaluate fidelity`.
-
-cli.py wires them in: `add_generate_parser(sub)` on the top-level subparsers, and
-`add_fidelity_parser(evaluate_sub)` on the subparsers of the `evaluate` command.
-"""
+"""`medi-dist generate`: its parser and handler (cli.py adds it with `add_generate_parser(sub)`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def _kv(text: str) -> dict:
@@ -37,30 +32,57 @@ def plan_from_args(args: argparse.Namespace):
     mode = args.mode or ("explicit" if args.row else None)
     if mode is None:
         raise PlanError("say what to generate: --plan FILE, --mode unseen-pairs|balance, or --row ...")
-    kw = {k: v for k, v in dict(types=args.types, sites=args.sites, count=args.count, target=args.target,
-                                seed=args.seed).items() if v is not None}
-    return GenerationPlan(mode=mode, rows=args.row or [], extra=_kv(args.extra or ""),
-                          include_unseen=args.include_unseen, null_site=args.null_site, **kw)
+    kw = {
+        k: v
+        for k, v in dict(
+            types=args.types, sites=args.sites, count=args.count, target=args.target, seed=args.seed
+        ).items()
+        if v is not None
+    }
+    return GenerationPlan(
+        mode=mode,
+        rows=args.row or [],
+        extra=_kv(args.extra or ""),
+        include_unseen=args.include_unseen,
+        null_site=args.null_site,
+        **kw,
+    )
 
 
 def _generate(args: argparse.Namespace) -> None:
     from .job import GenerateConfig, build_tasks, generate
-    from .plan import describe
+    from .plan import PlanError, describe
     from .writer import SamplingSettings
 
-    from .plan import PlanError
-
     if bool(args.model) == bool(args.reference):
-        raise PlanError("say what makes the tiles: --model DIR (a trained model) or --reference oracle|noise "
-                        "--dataset DIR (ground truth of a procedural dataset / a noise control)")
+        raise PlanError(
+            "say what makes the tiles: --model DIR (a trained model) or --reference oracle|noise "
+            "--dataset DIR (ground truth of a procedural dataset / a noise control)"
+        )
     cfg = GenerateConfig(
-        model=args.model, reference=args.reference, out=args.out, plan=plan_from_args(args), dataset=args.dataset,
-        sampling=SamplingSettings(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                                  weights=args.weights, batch_size=args.batch_size, precision=args.precision,
-                                  compile=args.compile, composition=args.composition,
-                                  composition_scale=args.composition_scale),
-        workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-        tiles_per_shard=args.tiles_per_shard, max_shards=args.max_shards, overwrite=args.overwrite)
+        model=args.model,
+        reference=args.reference,
+        out=args.out,
+        plan=plan_from_args(args),
+        dataset=args.dataset,
+        sampling=SamplingSettings(
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=args.guidance,
+            weights=args.weights,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            compile=args.compile,
+            composition=args.composition,
+            composition_scale=args.composition_scale,
+        ),
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        tiles_per_shard=args.tiles_per_shard,
+        max_shards=args.max_shards,
+        overwrite=args.overwrite,
+    )
     if args.dry_run:
         tasks, rows, header, _ = build_tasks(cfg)
         print(describe(rows))
@@ -69,46 +91,66 @@ def _generate(args: argparse.Namespace) -> None:
     res = generate(cfg)
     print(describe(res.rows, limit=10))
     speed = f"; {res.stats['tiles_per_s_per_worker']:.2f} tiles/s per worker" if res.generated else ""
-    print(f"{res.out}: {len(res.generated)} shards generated, {res.skipped} already complete, of {res.shards}"
-          f"{speed} ({res.seconds:.0f} s)")
+    print(
+        f"{res.out}: {len(res.generated)} shards generated, {res.skipped} already complete, of {res.shards}"
+        f"{speed} ({res.seconds:.0f} s)"
+    )
     if not res.complete:
         print("stopped early; run the same command again to finish")
 
 
 def add_generate_parser(sub) -> argparse.ArgumentParser:
     g = sub.add_parser(
-        "generate", help="generate synthetic tiles for (type, site, ...) subgroups with Ray Data",
+        "generate",
+        help="generate synthetic tiles for (type, site, ...) subgroups with Ray Data",
         description="Sample a model directory's denoiser over a generation plan with a Ray Data actor pool and "
         "write a synthetic dataset directory (same layout as ingest output, split 'train'). A re-run with the same "
-        "arguments skips completed shards.")
+        "arguments skips completed shards.",
+    )
     g.add_argument("--model", help="model directory (from `medi-dist train`)")
-    g.add_argument("--reference", choices=["oracle", "noise"],
-                   help="instead of a model: ground-truth tiles rendered for the plan (procedural datasets only) "
-                   "or a noise control in each site's colours, from --dataset's train split")
+    g.add_argument(
+        "--reference",
+        choices=["oracle", "noise"],
+        help="instead of a model: ground-truth tiles rendered for the plan (procedural datasets only) "
+        "or a noise control in each site's colours, from --dataset's train split",
+    )
     g.add_argument("--out", required=True, help="synthetic dataset directory to create or resume")
-    g.add_argument("--dataset", help="training dataset (default: the one the model directory records; "
-                   "required with --reference)")
+    g.add_argument(
+        "--dataset", help="training dataset (default: the one the model directory records; required with --reference)"
+    )
     p = g.add_argument_group("plan (a YAML file, or the options below)")
     p.add_argument("--plan", help="YAML plan: mode, rows | types/sites/count/target, extra, seed")
     p.add_argument("--mode", choices=["explicit", "unseen-pairs", "balance"])
-    p.add_argument("--row", action="append", type=_kv, metavar="K=V,...",
-                   help="explicit row, e.g. cancer_type=GLAND,tissue_source_site=B1,count=10 (repeatable)")
+    p.add_argument(
+        "--row",
+        action="append",
+        type=_kv,
+        metavar="K=V,...",
+        help="explicit row, e.g. cancer_type=GLAND,tissue_source_site=B1,count=10 (repeatable)",
+    )
     p.add_argument("--types", nargs="+", help="cancer types (default: every trained type)")
     p.add_argument("--sites", nargs="+", help="sites (default: every trained site)")
     p.add_argument("--count", type=int, help="unseen-pairs: tiles per (type, site)")
     p.add_argument("--target", type=int, help="balance: top each (type, site) up to this many tiles")
     p.add_argument("--include-unseen", action="store_true", help="balance: also fill pairs absent from training")
-    p.add_argument("--null-site", action="store_true",
-                   help="explicit rows without a site on a type+site model: its site-nulled (class-only) branch")
+    p.add_argument(
+        "--null-site",
+        action="store_true",
+        help="explicit rows without a site on a type+site model: its site-nulled (class-only) branch",
+    )
     p.add_argument("--extra", help="more conditions for every row, e.g. sex=female|male (one row per value)")
     p.add_argument("--seed", type=int, help="plan seed (tile seeds derive from it)")
     s = g.add_argument_group("sampling")
     s.add_argument("--sampler", default="dpmsolver++", choices=["ddpm", "ddim", "dpmsolver++"])
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    s.add_argument("--composition", default="joint", choices=["joint", "owner-site"],
-                   help="joint: the model's (type, site) prediction; owner-site: (type, no site) plus the site's "
-                   "direction taken at the type that owns the site in training (needs site dropout)")
+    s.add_argument(
+        "--composition",
+        default="joint",
+        choices=["joint", "owner-site"],
+        help="joint: the model's (type, site) prediction; owner-site: (type, no site) plus the site's "
+        "direction taken at the type that owns the site in training (needs site dropout)",
+    )
     s.add_argument("--composition-scale", type=float, default=1.0, help="weight of the owner-site direction")
     s.add_argument("--weights", default="ema", choices=["ema", "raw", "auto"])
     s.add_argument("--batch-size", type=int, default=32, help="tiles per denoiser call")
@@ -124,77 +166,3 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="validate and print the plan; generate nothing")
     g.set_defaults(func=_generate)
     return g
-
-
-def _fidelity(args: argparse.Namespace) -> None:
-    from ..evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
-
-    res = evaluate_fidelity(FidelityConfig(
-        real=args.real, synthetic=args.synthetic, encoder=args.encoder, out=args.out, real_splits=args.real_splits,
-        resolution=args.resolution, min_per_group=args.min_per_group, device=args.device,
-        conditional=not args.no_conditional, tracking_uri=args.tracking_uri, run_name=args.run_name,
-        log_mlflow=not args.no_mlflow))
-    ca, ch = res["conditional_accuracy"], res["chance"]
-    fd = res["fd"]
-    print(f"FD overall {fd['overall']:.3f}, mean over {len(fd['groups'])} subgroups "
-          f"{fd['mean_group_fd']:.3f} ({res['encoder']}, {res['resolution']} px)")
-    no_real = [g for g, why in fd["skipped"].items() if why.startswith("0 real")]
-    few = [g for g in fd["skipped"] if g not in no_real]
-    if no_real:
-        print(f"  {len(no_real)} subgroups have no real tiles to compare with (pairs unseen in --real-splits), e.g. {no_real[0]}")
-    if few:
-        print(f"  {len(few)} subgroups have too few tiles for an FD, e.g. {few[0]}: {fd['skipped'][few[0]]}; "
-              "lower --min-per-group or generate more tiles")
-    if not ca:
-        return
-    cal = res["calibrated"]
-    if cal:
-        print(f"calibrated probes ({cal['probes']}; chance: type {ch['type_accuracy']:.3f}, "
-              f"stain {ch['site_accuracy']:.3f}), each with its ceiling on fresh ground truth:")
-        for part in ("seen", "unseen"):
-            c, top = cal["synthetic"][part], cal["ceiling"][part]
-            line = (f"  {part:6s} pairs (n={c['n']}): type {c['type_accuracy']:.3f} (ceiling {top['type_accuracy']:.3f}), "
-                    f"stain {c['stain_accuracy']:.3f} (ceiling {top['stain_accuracy']:.3f})")
-            if part == "unseen":
-                line += f", leakage {c['leakage']:.3f} (ground truth {top['leakage']:.3f})"
-            print(line)
-    print(f"probes trained on real tiles{'' if cal else ' (no ground truth for this dataset)'}, CONFOUNDED: each site "
-          "belongs to one type there, so the site numbers read morphology too and misjudge unseen pairs "
-          f"(chance: type {ch['type_accuracy']:.3f}, site {ch['site_accuracy']:.3f}); "
-          "type from features | grayscale features, site from features | stain statistics:")
-    for part in ("seen", "unseen"):
-        c = ca[part]
-        print(f"  {part:6s} pairs (n={c['n']}): type {c['type_accuracy']:.3f} | {c['type_accuracy_morphology']:.3f}, "
-              f"site {c['site_accuracy']:.3f} | {c['site_accuracy_stain']:.3f}")
-    if res["real_reference"]:
-        print("real tiles of held-out slides (the probes' own ceiling): " + json.dumps({k: round(v, 3) for k, v in res["real_reference"].items()}))
-
-
-def add_fidelity_parser(evaluate_sub) -> argparse.ArgumentParser:
-    f = evaluate_sub.add_parser(
-        "fidelity", help="Fréchet distance and conditional accuracy of synthetic vs real tiles",
-        description="FD per (type, site) subgroup and overall in an encoder's feature space, and how often "
-        "synthetic tiles show the requested type and site (probes trained on real tiles), for seen and unseen "
-        "pairs. Results go to a JSON file and an MLflow run.")
-    f.add_argument("--real", required=True, help="real dataset directory")
-    f.add_argument("--synthetic", required=True, help="synthetic dataset directory (from `medi-dist generate`)")
-    f.add_argument("--encoder", default="random-conv", help="random-conv[:DIM[:SEED]], uni:PATH, uni2-h:PATH, timm:ARCH:PATH, openclip:NAME:PATH or inception:PATH (weights from a local file)")
-    f.add_argument("--out", help="results JSON (default: <synthetic>/fidelity.json)")
-    f.add_argument("--real-splits", nargs="+", default=["train"])
-    f.add_argument("--resolution", type=int, help="compare at this size (default: the synthetic tiles' size)")
-    f.add_argument("--min-per-group", type=int, default=10)
-    f.add_argument("--device", default="cpu")
-    f.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    f.add_argument("--run-name", help="MLflow run name (default: fidelity-<synthetic dir>)")
-    f.add_argument("--no-conditional", action="store_true", help="Fréchet distances only (no type/site probes)")
-    f.add_argument("--no-mlflow", action="store_true")
-    f.set_defaults(func=_fidelity)
-    return f
-
-
-def add_parsers(subparsers) -> None:
-    """Both commands, for a CLI without other `evaluate` subcommands."""
-    add_generate_parser(subparsers)
-    ev = subparsers.add_parser("evaluate", help="evaluate synthetic tiles").add_subparsers(dest="evaluate_command",
-                                                                                        required=True)
-    add_fidelity_parser(ev)

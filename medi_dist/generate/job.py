@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data.shards import INDEX, MANIFEST, SPLIT as SPLIT_FILE, VOCAB, atomic_write_parquet, atomic_write_text, file_sha256
+from ..data.shards import INDEX, MANIFEST, VOCAB, atomic_write_parquet, atomic_write_text, file_sha256
+from ..data.shards import SPLIT as SPLIT_FILE
 from ..metadata import ConditioningSpec
 from ..model.config import ModelConfig
 from ..model.model_dir import WEIGHT_FILES, read_model_info, verify_model_dir
 from ..model.sampling import SAMPLERS
-from .plan import SITE as SITE_COLUMN, GenerationPlan, PlanError, PlanRow, resolve, training_data
-from .tiles import plan_id, shard_spans, task_tiles
+from .plan import SITE as SITE_COLUMN
+from .plan import GenerationPlan, PlanError, PlanRow, resolve, training_data
+from .tile_list import plan_id, shard_spans, task_tiles
 from .writer import SPLIT, SamplingSettings, ShardGenerator, read_shard, shard_complete, shard_path
 
 log = logging.getLogger("medi_dist.generate")
@@ -75,13 +77,16 @@ def _settings_check(cfg: GenerateConfig, info: dict) -> str:
     if s.composition not in ("joint", "owner-site"):
         raise PlanError(f"composition must be joint or owner-site, got {s.composition!r}")
     if s.composition == "owner-site" and (cfg.plan.null_site or mcfg.dropout_for(SITE_COLUMN) <= 0):
-        raise PlanError("owner-site composition needs rows with a site and a model trained with site dropout "
-                        "(its no-site branch)")
+        raise PlanError(
+            "owner-site composition needs rows with a site and a model trained with site dropout (its no-site branch)"
+        )
     if s.guidance != 1.0 and max([mcfg.default_cond_dropout, *mcfg.cond_dropout.values()]) <= 0:
         raise PlanError("classifier-free guidance needs a model trained with condition dropout; use --guidance 1")
     if cfg.plan.null_site and mcfg.dropout_for(SITE_COLUMN) <= 0:
-        raise PlanError("null_site needs a model trained with site dropout (model.cond_dropout "
-                        "tissue_source_site > 0): its null-site branch is untrained otherwise")
+        raise PlanError(
+            "null_site needs a model trained with site dropout (model.cond_dropout "
+            "tissue_source_site > 0): its null-site branch is untrained otherwise"
+        )
     weights = s.weights if s.weights != "auto" else ("ema" if WEIGHT_FILES["ema"] in info["weights"] else "raw")
     if WEIGHT_FILES.get(weights) not in info["weights"]:
         raise PlanError(f"{cfg.model} has no {weights!r} weights; it has {info['weights']}")
@@ -92,12 +97,22 @@ def _reference_source(cfg: GenerateConfig) -> tuple[dict, ConditioningSpec, str]
     from .reference import check_reference, reference_spec
 
     if cfg.model or not cfg.dataset:
-        raise PlanError(f"a {cfg.reference} pool is made from a dataset, not a model: pass --dataset DIR and no --model")
+        raise PlanError(
+            f"a {cfg.reference} pool is made from a dataset, not a model: pass --dataset DIR and no --model"
+        )
     manifest = check_reference(cfg.reference, cfg.dataset)
     shards = "".join(sh.get("sha256", "") for sh in manifest["shards"])
     source = f"{cfg.reference}-{hashlib.sha256(shards.encode()).hexdigest()[:12]}"  # names the real tiles used
-    meta = {"synthetic": True, "source": source, "reference": cfg.reference, "sampler": cfg.reference, "steps": 0,
-            "guidance": 1.0, "weights": None, "precision": None}
+    meta = {
+        "synthetic": True,
+        "source": source,
+        "reference": cfg.reference,
+        "sampler": cfg.reference,
+        "steps": 0,
+        "guidance": 1.0,
+        "weights": None,
+        "precision": None,
+    }
     return meta, reference_spec(cfg.dataset), source
 
 
@@ -112,26 +127,52 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
         verify_model_dir(cfg.model, WEIGHT_FILES[weights])  # what each actor's loader checks, before Ray or --out
         spec = ConditioningSpec.load(Path(cfg.model) / "conditioning.json")
         model_id = info["model_id"]
-        meta = {"synthetic": True, "source": model_id, "sampler": s.sampler, "steps": s.steps,
-                "guidance": s.guidance, "weights": weights, "precision": s.precision}
+        meta = {
+            "synthetic": True,
+            "source": model_id,
+            "sampler": s.sampler,
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "weights": weights,
+            "precision": s.precision,
+        }
         if s.composition != "joint":
             meta.update(composition=s.composition, composition_scale=s.composition_scale)
     train = training_data(cfg.model, cfg.dataset)
     rows = resolve(cfg.plan, spec, train)
     pid = plan_id(rows, cfg.plan.seed, meta)
     owners = {}  # site -> the type with the most training tiles there (owner-site composition)
-    for (t, site), n in sorted(train.pairs.items(), key=lambda kv: -kv[1]):
+    for (t, site), _n in sorted(train.pairs.items(), key=lambda kv: -kv[1]):
         owners.setdefault(site, t)
     # Tasks carry spans of plan rows, not per-tile records; tiles are expanded where they are made.
     extra = {"owners": owners} if meta.get("composition") else {}
-    tasks = [{"shard": i, "path": shard_path(i), "generation": pid, "meta": meta, "plan_seed": cfg.plan.seed, **extra,
-              "spans": spans, "rows": {str(r): {"conditions": rows[r].conditions, "seen": rows[r].seen} for r, _, _ in spans}}
-             for i, spans in enumerate(shard_spans([r.count for r in rows], cfg.tiles_per_shard))]
-    header = {"format": "medi-dist-generation/1", "generation": pid,
-              "model": str(Path(cfg.model or cfg.dataset).resolve()), "model_id": model_id, "plan": asdict(cfg.plan), "sampling": asdict(s), **meta,
-              "tiles_per_shard": cfg.tiles_per_shard, "tiles": sum(r.count for r in rows), "shards": len(tasks),
-              "training_pairs_from": train.source,
-              "rows": [asdict(r) for r in rows]}
+    tasks = [
+        {
+            "shard": i,
+            "path": shard_path(i),
+            "generation": pid,
+            "meta": meta,
+            "plan_seed": cfg.plan.seed,
+            **extra,
+            "spans": spans,
+            "rows": {str(r): {"conditions": rows[r].conditions, "seen": rows[r].seen} for r, _, _ in spans},
+        }
+        for i, spans in enumerate(shard_spans([r.count for r in rows], cfg.tiles_per_shard))
+    ]
+    header = {
+        "format": "medi-dist-generation/1",
+        "generation": pid,
+        "model": str(Path(cfg.model or cfg.dataset).resolve()),
+        "model_id": model_id,
+        "plan": asdict(cfg.plan),
+        "sampling": asdict(s),
+        **meta,
+        "tiles_per_shard": cfg.tiles_per_shard,
+        "tiles": sum(r.count for r in rows),
+        "shards": len(tasks),
+        "training_pairs_from": train.source,
+        "rows": [asdict(r) for r in rows],
+    }
     return tasks, rows, header, spec
 
 
@@ -146,8 +187,11 @@ def _prepare_out(out: Path, header: dict, overwrite: bool) -> None:
         else:
             old = json.loads(gen.read_text())
             if (old.get("generation"), old.get("tiles_per_shard")) != (header["generation"], header["tiles_per_shard"]):
-                raise FileExistsError(f"{out} holds tiles of another plan or sharding (generation {old.get('generation')}, "
-                                      f"now {header['generation']}); choose another --out or pass --overwrite")
+                raise FileExistsError(
+                    f"{out} holds tiles of another plan or sharding (generation "
+                    f"{old.get('generation')}, "
+                    f"now {header['generation']}); choose another --out or pass --overwrite"
+                )
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(f"shards/{SPLIT}/.*.tmp-*"):
         tmp.unlink()
@@ -174,15 +218,23 @@ def _run_ray(cfg: GenerateConfig, tasks: list[dict]) -> list[dict]:
     if ensure_ray():  # a fixed local cluster: check up front (an autoscaler would add GPU nodes)
         what = f"generation with {workers} worker(s)"
         check_resource("CPU", workers * cfg.cpus_per_worker, what, "lower --workers or --cpus-per-worker")
-        check_resource("GPU", workers * cfg.gpus_per_worker, what,
-                       "lower --workers, or set --gpus-per-worker 0 to generate on CPU")
+        check_resource(
+            "GPU", workers * cfg.gpus_per_worker, what, "lower --workers, or set --gpus-per-worker 0 to generate on CPU"
+        )
     ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
     ds = ds.map_batches(
-        _ShardActor, batch_size=1, batch_format="numpy",
-        fn_constructor_kwargs=dict(model_dir=str(Path(cfg.model).resolve()), settings=cfg.sampling,
-                                   out_dir=str(Path(cfg.out).resolve()), threads=max(1, int(cfg.cpus_per_worker)),
-                                   device="cuda" if cfg.gpus_per_worker > 0 else "cpu"),
-        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cfg.cpus_per_worker,
+        _ShardActor,
+        batch_size=1,
+        batch_format="numpy",
+        fn_constructor_kwargs=dict(
+            model_dir=str(Path(cfg.model).resolve()),
+            settings=cfg.sampling,
+            out_dir=str(Path(cfg.out).resolve()),
+            threads=max(1, int(cfg.cpus_per_worker)),
+            device="cuda" if cfg.gpus_per_worker > 0 else "cpu",
+        ),
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker or None,
     )
     return ds.take_all()
@@ -193,23 +245,44 @@ def _finalize(out: Path, tasks: list[dict], header: dict, spec: ConditioningSpec
     for t in tasks:
         p = out / t["path"]
         rows += read_shard(p, t, decode=False)  # decoded when written or when found on resume
-        shards.append({"path": t["path"], "split": SPLIT, "tiles": len(task_tiles(t)), "bytes": p.stat().st_size,
-                       "sha256": file_sha256(p)})
+        shards.append(
+            {
+                "path": t["path"],
+                "split": SPLIT,
+                "tiles": len(task_tiles(t)),
+                "bytes": p.stat().st_size,
+                "sha256": file_sha256(p),
+            }
+        )
     index = pd.DataFrame(rows)
     spec.save(out / VOCAB)  # the model's vocabularies, never rebuilt from the tiles
     atomic_write_parquet(index, out / INDEX)
     groups = index.groupby(["cancer_type", "tissue_source_site"]).size()
-    split = {"seed": header["plan"]["seed"], "holdout_fraction": 0.0, "val_fraction": 0.0,
-             "sites": {SPLIT: sorted(index["tissue_source_site"].unique().tolist())},
-             "counts": {SPLIT: int(len(index))}, "missing_types": {},
-             "groups": [{"cancer_type": t, "tissue_source_site": s, "split": SPLIT, "count": int(n)}
-                        for (t, s), n in groups.items()]}
+    split = {
+        "seed": header["plan"]["seed"],
+        "holdout_fraction": 0.0,
+        "val_fraction": 0.0,
+        "sites": {SPLIT: sorted(index["tissue_source_site"].unique().tolist())},
+        "counts": {SPLIT: int(len(index))},
+        "missing_types": {},
+        "groups": [
+            {"cancer_type": t, "tissue_source_site": s, "split": SPLIT, "count": int(n)} for (t, s), n in groups.items()
+        ],
+    }
     atomic_write_text(out / SPLIT_FILE, json.dumps(split, indent=2))
-    manifest = {"format": "medi-dist-dataset/1", "source": header["model_id"], "synthetic": True,
-                **({"reference": header["reference"]} if header.get("reference") else {}),
-                "tiles": int(len(index)), "image_formats": ["png"], "categorical": spec.categorical_names,
-                "continuous": spec.continuous_names, "shards": shards, "skipped": [],
-                "generation": {k: v for k, v in header.items() if k != "rows"}}
+    manifest = {
+        "format": "medi-dist-dataset/1",
+        "source": header["model_id"],
+        "synthetic": True,
+        **({"reference": header["reference"]} if header.get("reference") else {}),
+        "tiles": int(len(index)),
+        "image_formats": ["png"],
+        "categorical": spec.categorical_names,
+        "continuous": spec.continuous_names,
+        "shards": shards,
+        "skipped": [],
+        "generation": {k: v for k, v in header.items() if k != "rows"},
+    }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, default=str))
 
 
@@ -222,7 +295,7 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     tasks, rows, header, spec = build_tasks(cfg)  # every error surfaces here, before any work
     _prepare_out(out, header, cfg.overwrite)
     pending = [t for t in tasks if not shard_complete(out, t)]
-    todo = pending if cfg.max_shards is None else pending[:cfg.max_shards]
+    todo = pending if cfg.max_shards is None else pending[: cfg.max_shards]
     if pending:  # an incomplete directory must not read as a dataset (e.g. a shard was deleted)
         (out / MANIFEST).unlink(missing_ok=True)
     log.info("%d shards planned, %d complete, %d to generate", len(tasks), len(tasks) - len(pending), len(todo))
@@ -239,7 +312,19 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     sample_s = sum(float(r["sample_s"]) for r in results)
     n = sum(int(r["tiles"]) for r in results)
     evals = sum(int(r["evaluations"]) for r in results)
-    stats = {"tiles": n, "tiles_per_s_per_worker": n / sample_s if sample_s else float("nan"),
-             "evaluations_per_s_per_worker": evals / sample_s if sample_s else float("nan")}
-    return GenerateResult(out, complete, int(header["tiles"]), len(tasks), sorted(str(r["path"]) for r in results),
-                          len(tasks) - len(pending), rows, time.perf_counter() - t0, stats)
+    stats = {
+        "tiles": n,
+        "tiles_per_s_per_worker": n / sample_s if sample_s else float("nan"),
+        "evaluations_per_s_per_worker": evals / sample_s if sample_s else float("nan"),
+    }
+    return GenerateResult(
+        out,
+        complete,
+        int(header["tiles"]),
+        len(tasks),
+        sorted(str(r["path"]) for r in results),
+        len(tasks) - len(pending),
+        rows,
+        time.perf_counter() - t0,
+        stats,
+    )

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from ..config import yaml_problem
+from ..config_loader import yaml_problem
 from ..metadata import UNKNOWN, ConditioningSpec, SchemaError, UnknownValueError, clean_category, clean_continuous
 from ..model.model_dir import read_model_info
 
@@ -52,7 +52,7 @@ class GenerationPlan:
     null_site: bool = False  # explicit rows without a site: the site-conditioned model with its site nulled
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GenerationPlan":
+    def from_dict(cls, d: dict) -> GenerationPlan:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
@@ -60,7 +60,7 @@ class GenerationPlan:
         return cls(**d)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "GenerationPlan":
+    def from_yaml(cls, path: str | Path) -> GenerationPlan:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"plan file {p} does not exist")
@@ -127,8 +127,9 @@ def training_data(model_dir: str | Path | None, dataset: str | Path | None = Non
             return TrainingData({p: counts[p] for p in (recorded or counts)}, str(path))
     if recorded is not None:  # the dataset moved or changed: pairs are still known, counts are not
         return TrainingData({p: 0 for p in recorded}, f"{model_dir}/config.json", counts_known=False)
-    raise PlanError(f"{model_dir} records neither its training pairs nor a readable training dataset "
-                    f"({path}); pass --dataset DIR")
+    raise PlanError(
+        f"{model_dir} records neither its training pairs nor a readable training dataset ({path}); pass --dataset DIR"
+    )
 
 
 def _count(value: Any, where: str) -> int:
@@ -148,16 +149,18 @@ def _check_trained(spec: ConditioningSpec, train: TrainingData, column: str, val
     v = clean_category(value)
     trained = train.types if column == TYPE else train.sites
     if v not in spec.vocab(column).values:
-        raise UnknownValueError(f"{where}: unknown {column} {v!r}; this model was trained on ({len(trained)}): "
-                                f"{', '.join(trained)}")
+        raise UnknownValueError(
+            f"{where}: unknown {column} {v!r}; this model was trained on ({len(trained)}): {', '.join(trained)}"
+        )
     if v not in trained:
         raise UnknownValueError(
             f"{where}: {column} {v!r} is in the model's vocabulary but had no training tiles "
-            f"({train.source}), so its embedding is untrained; trained values ({len(trained)}): {', '.join(trained)}")
+            f"({train.source}), so its embedding is untrained; trained values ({len(trained)}): {', '.join(trained)}"
+        )
     return v
 
 
-def _check_conditions(spec: ConditioningSpec, cond: dict, where: str) -> dict:
+def check_conditions(spec: ConditioningSpec, cond: dict, where: str) -> dict:
     names = spec.categorical_names + spec.continuous_names
     bad = sorted(set(cond) - set(names))
     if bad:
@@ -182,7 +185,7 @@ def _extra_combos(spec: ConditioningSpec, extra: dict) -> list[dict]:
         raise PlanError("extra is for columns other than cancer_type and tissue_source_site")
     lists = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in extra.items()}
     combos = [dict(zip(lists, vals)) for vals in itertools.product(*lists.values())]
-    return [_check_conditions(spec, c, "extra") for c in combos]
+    return [check_conditions(spec, c, "extra") for c in combos]
 
 
 def _check_complete(spec: ConditioningSpec, cond: dict, where: str, nulled: tuple = ()) -> None:
@@ -191,8 +194,10 @@ def _check_complete(spec: ConditioningSpec, cond: dict, where: str, nulled: tupl
     (or where the plan nulls it on purpose)."""
     for v in spec.categorical:
         if v.name not in cond and v.name not in nulled and UNKNOWN not in v.values:
-            raise PlanError(f"{where}: the model is conditioned on {v.name} (values: {', '.join(v.values)}); "
-                            f"give it per row or in extra, e.g. extra: {{{v.name}: [{', '.join(v.values[:2])}]}}")
+            raise PlanError(
+                f"{where}: the model is conditioned on {v.name} (values: {', '.join(v.values)}); "
+                f"give it per row or in extra, e.g. extra: {{{v.name}: [{', '.join(v.values[:2])}]}}"
+            )
 
 
 def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -> list[PlanRow]:
@@ -202,19 +207,27 @@ def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -
     if TYPE not in spec.categorical_names:
         raise PlanError(f"the model is not conditioned on {TYPE} (it has {spec.categorical_names})")
     if plan.null_site and (plan.mode != "explicit" or SITE not in spec.categorical_names):
-        raise PlanError("null_site is for explicit rows of a model conditioned on tissue_source_site (a class-only "
-                        "arm from the same network): use mode explicit with rows of cancer_type and count")
+        raise PlanError(
+            "null_site is for explicit rows of a model conditioned on tissue_source_site (a class-only "
+            "arm from the same network): use mode explicit with rows of cancer_type and count"
+        )
     # False: class-only model or site nulled (condition dropout trained that branch); rows name no site
     by_site = SITE in spec.categorical_names and not plan.null_site
     if plan.mode != "explicit" and SITE not in spec.categorical_names:
-        raise PlanError(f"{plan.mode} plans need a model conditioned on {SITE}; this one is conditioned on "
-                        f"{spec.categorical_names}: use explicit rows (cancer_type, count)")
+        raise PlanError(
+            f"{plan.mode} plans need a model conditioned on {SITE}; this one is conditioned on "
+            f"{spec.categorical_names}: use explicit rows (cancer_type, count)"
+        )
     if plan.mode != "explicit" and plan.rows:
-        raise PlanError(f"rows are for mode explicit; mode {plan.mode} takes types, sites and "
-                        f"{'count' if plan.mode == 'unseen-pairs' else 'target'}: drop the rows or use mode explicit")
+        raise PlanError(
+            f"rows are for mode explicit; mode {plan.mode} takes types, sites and "
+            f"{'count' if plan.mode == 'unseen-pairs' else 'target'}: drop the rows or use mode explicit"
+        )
     if plan.mode == "balance" and not train.counts_known:
-        raise PlanError(f"balance needs the training tile counts, but the training dataset is not readable "
-                        f"(pairs from {train.source}); pass --dataset DIR")
+        raise PlanError(
+            f"balance needs the training tile counts, but the training dataset is not readable "
+            f"(pairs from {train.source}); pass --dataset DIR"
+        )
     if not isinstance(plan.seed, int) or isinstance(plan.seed, bool):
         raise PlanError(f"plan seed must be an integer, got {plan.seed!r}")
     if not isinstance(plan.extra, dict):
@@ -238,7 +251,7 @@ def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -
             n = _count(r.pop("count"), where)
             t = _check_trained(spec, train, TYPE, r[TYPE], where)
             s = _check_trained(spec, train, SITE, r[SITE], where) if by_site else None
-            cond = _check_conditions(spec, r, where)  # unknown columns (e.g. a site for a class-only model)
+            cond = check_conditions(spec, r, where)  # unknown columns (e.g. a site for a class-only model)
             cond[TYPE] = t
             if by_site:
                 cond[SITE] = s
@@ -266,14 +279,18 @@ def resolve(plan: GenerationPlan, spec: ConditioningSpec, train: TrainingData) -
     if total == 0:
         raise PlanError(f"the plan asks for no tiles ({len(rows)} rows, all with count 0)")
     if total > MAX_TILES:
-        raise PlanError(f"the plan asks for {total:,} tiles, more than {MAX_TILES:,} per plan; check the counts, "
-                        "or split the plan (e.g. by types or sites) into runs with separate --out folders")
+        raise PlanError(
+            f"the plan asks for {total:,} tiles, more than {MAX_TILES:,} per plan; check the counts, "
+            "or split the plan (e.g. by types or sites) into runs with separate --out folders"
+        )
     return rows
 
 
 def describe(rows: list[PlanRow], limit: int = 20) -> str:
-    lines = [f"{sum(r.count for r in rows)} tiles in {len(rows)} rows "
-             f"({sum(r.count for r in rows if not r.seen)} at unseen pairs):"]
+    lines = [
+        f"{sum(r.count for r in rows)} tiles in {len(rows)} rows "
+        f"({sum(r.count for r in rows if not r.seen)} at unseen pairs):"
+    ]
     for r in rows[:limit]:
         cond = ", ".join(f"{k}={v}" for k, v in r.conditions.items())
         lines.append(f"  {cond}: {r.count} ({'seen' if r.seen else 'unseen'}, {r.real_count} training tiles)")

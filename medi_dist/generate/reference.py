@@ -25,7 +25,7 @@ from scipy.ndimage import gaussian_filter
 
 from ..data.shards import VOCAB, load_manifest
 from ..metadata import ConditioningSpec
-from .plan import PlanError, SITE, TYPE
+from .plan import SITE, TYPE, PlanError
 from .writer import SamplingSettings, ShardGenerator
 
 KINDS = ("oracle", "noise")
@@ -39,26 +39,17 @@ def check_reference(kind: str, dataset: str | Path) -> dict:
     if manifest.get("synthetic"):
         raise PlanError(f"{dataset} is a synthetic pool; the {kind} pool is made from the real dataset it imitates")
     if kind == "oracle" and manifest.get("source") != "procedural":
-        raise PlanError(f"an oracle pool renders ground truth with the procedural renderer, but {dataset} was "
-                        f"ingested from {manifest.get('source')!r} data, which has no renderer; use --reference "
-                        "noise for a control, or a generator model (--model)")
+        raise PlanError(
+            f"an oracle pool renders ground truth with the procedural renderer, but {dataset} was "
+            f"ingested from {manifest.get('source')!r} data, which has no renderer; use --reference "
+            "noise for a control, or a generator model (--model)"
+        )
     return manifest
 
 
 def reference_spec(dataset: str | Path) -> ConditioningSpec:
     """Pools are planned over (type, site) only: other columns are not rendered."""
     return ConditioningSpec.load(Path(dataset) / VOCAB).subset([TYPE, SITE])
-
-
-def scanner_lines(dataset: str | Path) -> bool:
-    """Whether the procedural world of `dataset` has its sites' scanner line patterns."""
-    return bool((load_manifest(dataset).get("renderer") or {}).get("scanner_lines", False))
-
-
-def tile_size(dataset: str | Path) -> int:
-    from ..evaluate.fidelity_job import read_tiles
-
-    return int(read_tiles(dataset, ["train"], None, limit=1)[0].shape[1])
 
 
 IO = 240  # transmitted light, as torchstain's Macenko
@@ -75,8 +66,10 @@ def site_stains(dataset: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray,
     for site, rows in index.groupby(SITE).indices.items():
         he = fit_macenko(images[rows])
         if he is None:
-            raise PlanError(f"{dataset}: the tiles of site {site} are too pale to estimate a stain; "
-                            "a noise control needs every training site's stain")
+            raise PlanError(
+                f"{dataset}: the tiles of site {site} are too pale to estimate a stain; "
+                "a noise control needs every training site's stain"
+            )
         stains[str(site)] = he.HERef
         od = -np.log((images[rows].reshape(-1, 3).astype(np.float64) + 1) / IO)
         amounts.append(np.linalg.lstsq(he.HERef, od.T, rcond=None)[0].T[:: max(1, len(od) // 20000)])
@@ -88,6 +81,8 @@ class ReferenceGenerator(ShardGenerator):
     """`ShardGenerator` whose tiles come from the renderer (oracle) or coloured noise (noise)."""
 
     def __init__(self, kind: str, dataset: str | Path, out_dir: str | Path):
+        from ..evaluate.fidelity_job import scanner_lines, tile_size
+
         self.kind, self.out = kind, Path(out_dir)
         self.s = SamplingSettings(sampler=kind, steps=0)
         self.size = tile_size(dataset)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..data.shards import SHARD_DIR, check_image, sha256, write_tar_atomic
 from ..metadata import UNKNOWN, SchemaError
-from .tiles import task_tiles
+from .tile_list import task_tiles
 
 SITE = "tissue_source_site"  # a required tile column: `Unknown` for a model not conditioned on it
 SPLIT = "train"  # synthetic tiles are training material: the stream reads split "train" by default
@@ -54,8 +54,14 @@ def png_bytes(tile: np.ndarray) -> bytes:
 
 def write_shard(path: Path, members: list[tuple[str, bytes, dict]]) -> None:
     """(key, png, meta) -> tar sorted by key; temp name + fsync + rename."""
-    write_tar_atomic(path, [m for key, png, meta in sorted(members, key=lambda m: m[0])
-                            for m in ((f"{key}.png", png), (f"{key}.json", json.dumps(meta, sort_keys=True).encode()))])
+    write_tar_atomic(
+        path,
+        [
+            m
+            for key, png, meta in sorted(members, key=lambda m: m[0])
+            for m in ((f"{key}.png", png), (f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+        ],
+    )
 
 
 def read_shard(path: Path, task: dict, decode: bool = True) -> list[dict]:
@@ -94,8 +100,9 @@ def shard_complete(root: Path, task: dict) -> bool:
 class ShardGenerator:
     """Loads the model once (per worker); `run(task)` samples one shard and writes it."""
 
-    def __init__(self, model_dir: str, settings: SamplingSettings, out_dir: str, device: str = "cpu",
-                 threads: int | None = None):
+    def __init__(
+        self, model_dir: str, settings: SamplingSettings, out_dir: str, device: str = "cpu", threads: int | None = None
+    ):
         from ..model import load_model_dir
 
         if threads:
@@ -115,19 +122,33 @@ class ShardGenerator:
         enc = lambda rs: encode_conditions(self.spec, rs, strict=True)  # noqa: E731
         no_site = [{k: v for k, v in r.items() if k != SITE} for r in rows]
         at_owner = [{**r, "cancer_type": owners[r[SITE]]} for r in rows]
-        return enc(no_site), [(enc(at_owner), enc([{k: v for k, v in r.items() if k != SITE} for r in at_owner]),
-                               self.s.composition_scale)]
+        return enc(no_site), [
+            (
+                enc(at_owner),
+                enc([{k: v for k, v in r.items() if k != SITE} for r in at_owner]),
+                self.s.composition_scale,
+            )
+        ]
 
     def sample_tiles(self, tiles: list[dict], owners: dict | None = None) -> np.ndarray:
         from ..model import sample
 
         out = []
         for i in range(0, len(tiles), self.s.batch_size):  # fixed micro-batches: same on any worker count
-            chunk = tiles[i:i + self.s.batch_size]
+            chunk = tiles[i : i + self.s.batch_size]
             cond, directions = self._conditions(chunk, owners or {})
-            out.append(sample(self.model, cond, seeds=[t["seed"] for t in chunk], sampler=self.s.sampler,
-                              steps=self.s.steps, guidance_scale=self.s.guidance, autocast_dtype=self.autocast,
-                              directions=directions))
+            out.append(
+                sample(
+                    self.model,
+                    cond,
+                    seeds=[t["seed"] for t in chunk],
+                    sampler=self.s.sampler,
+                    steps=self.s.steps,
+                    guidance_scale=self.s.guidance,
+                    autocast_dtype=self.autocast,
+                    directions=directions,
+                )
+            )
         return np.concatenate(out)
 
     def run(self, task: dict) -> dict:
@@ -138,11 +159,27 @@ class ShardGenerator:
         members = []
         for t, img in zip(tiles, images):
             # a class-only model has no site condition: its tiles carry the explicit Unknown site
-            meta = {SITE: UNKNOWN, **t["conditions"], **task["meta"], "key": t["key"], "slide_id": t["slide_id"],
-                    "seed": t["seed"], "plan_row": t["row"], "plan_index": t["index"], "seen": t["seen"],
-                    "generation": task["generation"], "split": SPLIT}
+            meta = {
+                SITE: UNKNOWN,
+                **t["conditions"],
+                **task["meta"],
+                "key": t["key"],
+                "slide_id": t["slide_id"],
+                "seed": t["seed"],
+                "plan_row": t["row"],
+                "plan_index": t["index"],
+                "seen": t["seen"],
+                "generation": task["generation"],
+                "split": SPLIT,
+            }
             members.append((t["key"], png_bytes(img), meta))
         write_shard(self.out / task["path"], members)
-        evals = len(images) * self.s.steps * ((2 if self.s.guidance != 1.0 else 1) + (2 if self.s.composition != "joint" else 0))
-        return {"path": task["path"], "tiles": len(images), "sample_s": t_sample,
-                "total_s": time.perf_counter() - t0, "evaluations": evals}
+        per_step = (2 if self.s.guidance != 1.0 else 1) + (2 if self.s.composition != "joint" else 0)
+        evals = len(images) * self.s.steps * per_step
+        return {
+            "path": task["path"],
+            "tiles": len(images),
+            "sample_s": t_sample,
+            "total_s": time.perf_counter() - t0,
+            "evaluations": evals,
+        }

@@ -11,7 +11,22 @@ from .sampling import SAMPLERS, encode_conditions, make_sampler, sample, to_uint
 from .unet import ConditionedUNet, count_parameters, unwrap
 
 __all__ = [
-    "EMA", "FUSIONS", "PRESETS", "SAMPLERS", "ConditionedUNet", "ModelConfig", "ModelDirError",
-    "count_parameters", "diffusion_loss", "encode_conditions", "load_model_dir", "make_sampler",
-    "noise_scheduler", "read_model_info", "sample", "save_model_dir", "to_uint8", "unwrap",
+    "EMA",
+    "FUSIONS",
+    "PRESETS",
+    "SAMPLERS",
+    "ConditionedUNet",
+    "ModelConfig",
+    "ModelDirError",
+    "count_parameters",
+    "diffusion_loss",
+    "encode_conditions",
+    "load_model_dir",
+    "make_sampler",
+    "noise_scheduler",
+    "read_model_info",
+    "sample",
+    "save_model_dir",
+    "to_uint8",
+    "unwrap",
 ]

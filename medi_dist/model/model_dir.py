@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medi_dist.metadata import ConditioningSpec
-
+from ..metadata import ConditioningSpec
 from .config import ModelConfig
 from .ema import EMA
 from .unet import ConditionedUNet, unwrap
@@ -91,7 +90,7 @@ def save_model_dir(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model_id": model_id,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "weights": weights,
             "model": config.to_dict(),
             "info": extra_info,
@@ -152,8 +151,10 @@ def verify_checksums(path: str | Path, files: list[str]) -> None:
             raise ModelDirError(f"{sums_file} has no checksum for {name}")
         got = sha256_file(f)
         if got != sums[name]:
-            raise ModelDirError(f"checksum mismatch for {f}: expected sha256 {sums[name][:16]}..., got {got[:16]}... "
-                                "(file corrupted or modified); copy the model directory again")
+            raise ModelDirError(
+                f"checksum mismatch for {f}: expected sha256 {sums[name][:16]}..., got {got[:16]}... "
+                "(file corrupted or modified); copy the model directory again"
+            )
 
 
 def verify_model_dir(path: str | Path, weights_file: str) -> None:

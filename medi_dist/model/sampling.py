@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from medi_dist.metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec, UnknownValueError
-
+from ..metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec, UnknownValueError
 from .config import ModelConfig
 from .diffusion import schedule_kwargs
 from .unet import ConditionedUNet, unwrap
@@ -36,12 +36,15 @@ def make_sampler(config: ModelConfig, sampler: str):
     if sampler == "dpmsolver++":
         # thresholding keeps x0 estimates in range, as DDIM/DDPM clip them; without it a briefly
         # trained epsilon model drifts to saturated colours
-        return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2,
-                                           thresholding=True, sample_max_value=1.0)
+        return DPMSolverMultistepScheduler(
+            **kw, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0
+        )
     raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
 
 
-def encode_conditions(spec: ConditioningSpec, rows: Sequence[Mapping[str, Any]], *, strict: bool = False) -> dict[str, torch.Tensor]:
+def encode_conditions(
+    spec: ConditioningSpec, rows: Sequence[Mapping[str, Any]], *, strict: bool = False
+) -> dict[str, torch.Tensor]:
     """Condition tensors for metadata rows via spec.encode_row (unseen values raise UnknownValueError
     listing the valid ones). A column that is absent or None is null (-1 / NaN: unconditional for that
     column); pass the string "Unknown" to ask for the Unknown token. strict=True also rejects keys
@@ -160,7 +163,12 @@ def sample(
             if guided:
                 out = parts[-1] + guidance_scale * (out - parts[-1])
             if sampler == "ddpm":  # stochastic: per-tile step noise from each tile's own generator
-                x = torch.cat([sched.step(out[i : i + 1], t, x[i : i + 1], generator=g).prev_sample for i, g in enumerate(generators)])
+                x = torch.cat(
+                    [
+                        sched.step(out[i : i + 1], t, x[i : i + 1], generator=g).prev_sample
+                        for i, g in enumerate(generators)
+                    ]
+                )
             else:  # DDIM (eta=0) and DPM-Solver++ are deterministic given the initial noise
                 x = sched.step(out, t, x).prev_sample
     finally:

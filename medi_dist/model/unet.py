@@ -13,8 +13,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from medi_dist.metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec
-
+from ..metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec
 from .config import ModelConfig
 
 
@@ -122,17 +121,29 @@ class ConditionedUNet(nn.Module):
             CONTINUOUS_PREFIX + n for n in self.spec.continuous_names
         ]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | int, cond: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         emb = self.cond_encoder(cond or {}, x.shape[0], x.device)
         return self.unet(x, t, class_labels=emb, return_dict=False)[0]
 
     def null_conditions(self, batch: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Every column null: the unconditional branch of classifier-free guidance."""
-        out = {CONDITION_PREFIX + n: torch.full((batch,), -1, dtype=torch.long, device=device) for n in self.spec.categorical_names}
-        out.update({CONTINUOUS_PREFIX + n: torch.full((batch,), float("nan"), device=device) for n in self.spec.continuous_names})
+        out = {
+            CONDITION_PREFIX + n: torch.full((batch,), -1, dtype=torch.long, device=device)
+            for n in self.spec.categorical_names
+        }
+        out.update(
+            {
+                CONTINUOUS_PREFIX + n: torch.full((batch,), float("nan"), device=device)
+                for n in self.spec.continuous_names
+            }
+        )
         return out
 
-    def drop_conditions(self, cond: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def drop_conditions(
+        self, cond: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """Training-time condition dropout: each column independently becomes null with probability
         config.dropout_for(name). Returns a new dict; other keys pass through unchanged."""
         out = dict(cond)

@@ -38,12 +38,20 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
     for name, digest in json.loads(sums_file.read_text()).items():
         f = path / name
         if not f.exists() or sha256_file(f) != digest:
-            raise CheckpointError(f"checkpoint file {f} is missing or fails its sha256 check; "
-                                  "delete this checkpoint folder to resume from an earlier one")
+            raise CheckpointError(
+                f"checkpoint file {f} is missing or fails its sha256 check; "
+                "delete this checkpoint folder to resume from an earlier one"
+            )
     try:
         trainer_state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses any pickled code
-        raise CheckpointError(f"checkpoint file {path / 'trainer_state.pt'} is not a plain tensor state "
-                              f"(weights_only load refused: {type(e).__name__}); refusing to load it") from None
-    return (load_file(str(path / "model.safetensors")), load_file(str(path / "ema.safetensors")),
-            trainer_state, json.loads((path / STATE).read_text()))
+        raise CheckpointError(
+            f"checkpoint file {path / 'trainer_state.pt'} is not a plain tensor state "
+            f"(weights_only load refused: {type(e).__name__}); refusing to load it"
+        ) from None
+    return (
+        load_file(str(path / "model.safetensors")),
+        load_file(str(path / "ema.safetensors")),
+        trainer_state,
+        json.loads((path / STATE).read_text()),
+    )

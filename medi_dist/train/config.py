@@ -84,28 +84,40 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.run.name, str) or not RUN_NAME.fullmatch(self.run.name):
-            raise ValueError(f"run.name must be letters, digits, '.', '_' or '-', not start with '.', and not be "
-                             f"empty (it names the run's folder under run.storage_path), got {self.run.name!r}")
+            raise ValueError(
+                f"run.name must be letters, digits, '.', '_' or '-', not start with '.', and not be "
+                f"empty (it names the run's folder under run.storage_path), got {self.run.name!r}"
+            )
         if self.steps <= 0:
             raise ValueError(f"steps must be positive, got {self.steps}")
         if self.run.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"run.mixed_precision must be no, fp16 or bf16, got {self.run.mixed_precision!r}")
-        positive = {"run.num_workers": self.run.num_workers, "optim.batch_size": self.optim.batch_size,
-                    "optim.grad_accum": self.optim.grad_accum, "optim.lr": self.optim.lr,
-                    "run.checkpoint_every": self.run.checkpoint_every, "run.log_every": self.run.log_every,
-                    "run.keep_checkpoints": self.run.keep_checkpoints, "run.cpus_per_worker": self.run.cpus_per_worker}
+        positive = {
+            "run.num_workers": self.run.num_workers,
+            "optim.batch_size": self.optim.batch_size,
+            "optim.grad_accum": self.optim.grad_accum,
+            "optim.lr": self.optim.lr,
+            "run.checkpoint_every": self.run.checkpoint_every,
+            "run.log_every": self.run.log_every,
+            "run.keep_checkpoints": self.run.keep_checkpoints,
+            "run.cpus_per_worker": self.run.cpus_per_worker,
+        }
         bad = {k: v for k, v in positive.items() if not v > 0}
         if bad:
             raise ValueError(f"must be positive: {bad}")
         if "cancer_type" not in self.model.conditions:
-            raise ValueError(f"model.conditions must include cancer_type (generation asks for types), got "
-                             f"{self.model.conditions}")
+            raise ValueError(
+                f"model.conditions must include cancer_type (generation asks for types), got {self.model.conditions}"
+            )
         if not 0 <= self.model.cond_dropout <= 1:
             raise ValueError(f"model.cond_dropout must be in [0, 1], got {self.model.cond_dropout}")
         if not isinstance(self.model.column_dropout, dict):
-            raise ValueError(f"model.column_dropout must map condition columns to rates, got {self.model.column_dropout!r}")
+            raise ValueError(
+                f"model.column_dropout must map condition columns to rates, got {self.model.column_dropout!r}"
+            )
         columns = set(self.model.conditions) | set(self.model.continuous)
         for k, p in self.model.column_dropout.items():
             if k not in columns or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-                raise ValueError(f"model.column_dropout: {k}={p!r}; need a condition column ({sorted(columns)}) "
-                                 "and a rate in [0, 1]")
+                raise ValueError(
+                    f"model.column_dropout: {k}={p!r}; need a condition column ({sorted(columns)}) and a rate in [0, 1]"
+                )

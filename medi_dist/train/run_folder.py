@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
-from pathlib import Path
 
+from ..paths import absolute, is_uri
 from ..tracking import flatten
 from .config import TrainConfig
 
@@ -35,8 +35,7 @@ def training_fields(cfg: TrainConfig) -> dict:
     """The whole config, flattened (data.dataset, optim.lr, ...) and JSON-normal (tuples -> lists).
     The dataset is recorded absolute: `data/x` and `/work/data/x` are the same training."""
     fields = json.loads(json.dumps(flatten(asdict(cfg))))
-    if "://" not in str(fields["data.dataset"]):
-        fields["data.dataset"] = str(Path(fields["data.dataset"]).resolve())
+    fields["data.dataset"] = absolute(fields["data.dataset"])
     return fields
 
 
@@ -51,7 +50,7 @@ class RunFolder:
         import pyarrow.fs as pafs
 
         self._pafs = pafs
-        self.fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+        self.fs, root = pafs.FileSystem.from_uri(storage) if is_uri(storage) else (pafs.LocalFileSystem(), storage)
         self.path = f"{root.rstrip('/')}/{name}"
         self.display = f"{storage.rstrip('/')}/{name}"
 
@@ -78,8 +77,11 @@ class RunFolder:
 
     def checkpoint_dirs(self) -> list[str]:
         sel = self._pafs.FileSelector(self.path, allow_not_found=True)
-        return sorted(i.base_name for i in self.fs.get_file_info(sel)
-                      if i.type == self._pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+        return sorted(
+            i.base_name
+            for i in self.fs.get_file_info(sel)
+            if i.type == self._pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+        )
 
     def remove_dir(self, name: str) -> None:
         self.fs.delete_dir(self._file(name))
@@ -87,8 +89,11 @@ class RunFolder:
 
 def registered(snapshot: dict) -> set[str]:
     """Checkpoint folder names Ray Train's snapshot lists (kept, pending validation, or latest)."""
-    results = [*snapshot.get("checkpoint_results", []), *snapshot.get("pending_training_results", []),
-               snapshot.get("latest_checkpoint_result") or {}]
+    results = [
+        *snapshot.get("checkpoint_results", []),
+        *snapshot.get("pending_training_results", []),
+        snapshot.get("latest_checkpoint_result") or {},
+    ]
     return {r["checkpoint_dir_name"] for r in results if isinstance(r, dict) and r.get("checkpoint_dir_name")}
 
 
@@ -111,8 +116,12 @@ def remove_unregistered(folder: RunFolder) -> list[str]:
     for d in orphans:
         folder.remove_dir(d)
     if orphans:
-        log.warning("removed %d checkpoint folder(s) of run %s that were never registered (interrupted while "
-                    "saving): %s", len(orphans), folder.display, ", ".join(orphans))
+        log.warning(
+            "removed %d checkpoint folder(s) of run %s that were never registered (interrupted while saving): %s",
+            len(orphans),
+            folder.display,
+            ", ".join(orphans),
+        )
     return orphans
 
 
@@ -133,8 +142,10 @@ def check_same_training(folder: RunFolder, name: str, record: dict, cfg: TrainCo
     if cfg.steps < before["steps"] and not finished_at(record, cfg.steps):
         changed.append(f"steps {before['steps']} -> {cfg.steps} (steps can only be raised)")
     if changed:
-        raise ValueError(f"run.name={name!r} was started with other training settings: {'; '.join(changed)}; "
-                         f"use a new run.name (or delete {folder.display} to start over)")
+        raise ValueError(
+            f"run.name={name!r} was started with other training settings: {'; '.join(changed)}; "
+            f"use a new run.name (or delete {folder.display} to start over)"
+        )
 
 
 def finished_at(record: dict, steps: int) -> dict | None:

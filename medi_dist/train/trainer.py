@@ -18,12 +18,20 @@ from ray.train.torch import TorchTrainer
 from ..data.shards import verify_shards
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
+from ..paths import absolute
 from ..ray_setup import check_job_paths, check_resource, ensure_ray
 from ..tracking import RunLogger, find_or_create_run, tracking_uri
 from .config import TrainConfig
-from .loop import train_worker
-from .run_folder import (RUN_FILE, RunFolder, check_same_training, finished_at, registered_step,
-                         remove_unregistered, training_fields)
+from .loop import WorkerConfig, train_worker
+from .run_folder import (
+    RUN_FILE,
+    RunFolder,
+    check_same_training,
+    finished_at,
+    registered_step,
+    remove_unregistered,
+    training_fields,
+)
 
 log = logging.getLogger("medi_dist.train")
 
@@ -39,8 +47,12 @@ class TrainResult:
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
     m = cfg.model
-    overrides = dict(fusion=m.fusion, default_cond_dropout=m.cond_dropout, cond_dropout=dict(m.column_dropout),
-                     prediction_type=m.prediction_type)
+    overrides = dict(
+        fusion=m.fusion,
+        default_cond_dropout=m.cond_dropout,
+        cond_dropout=dict(m.column_dropout),
+        prediction_type=m.prediction_type,
+    )
     if m.resolution:
         overrides["sample_size"] = m.resolution
     return ModelConfig.from_preset(m.preset, **overrides)
@@ -50,8 +62,7 @@ def output_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.run.output or Path(cfg.run.storage_path) / cfg.run.name / "model")
 
 
-def check_resume(folder: RunFolder, name: str, record: dict | None, mcfg: ModelConfig, spec,
-                 cfg: TrainConfig) -> dict:
+def check_resume(folder: RunFolder, name: str, record: dict | None, mcfg: ModelConfig, spec, cfg: TrainConfig) -> dict:
     """A run name resumes its checkpoints, so the architecture and vocabularies must not change between
     starts (a dataset whose content changed under the same path would otherwise fail deep inside a
     worker with a tensor size mismatch). The first start records them, with the whole config, next
@@ -65,12 +76,18 @@ def check_resume(folder: RunFolder, name: str, record: dict | None, mcfg: ModelC
     if "config" not in record:  # recorded before the config was: adopt this one from now on
         record.update(config=training_fields(cfg), steps_history=[cfg.steps])
         folder.write_json(RUN_FILE, record)
-    changed = [k for k in ("model_config", "spec") if json.dumps(record[k], sort_keys=True) != json.dumps(now[k], sort_keys=True)]
+    changed = [
+        k
+        for k in ("model_config", "spec")
+        if json.dumps(record[k], sort_keys=True) != json.dumps(now[k], sort_keys=True)
+    ]
     if changed:
         what = " and ".join({"model_config": "architecture", "spec": "conditions/vocabularies"}[k] for k in changed)
-        raise ValueError(f"run.name={name!r} already holds checkpoints of another model ({what} differ; it was "
-                         f"started on dataset {record['dataset']}, this is {dataset}): choose a new run.name, or "
-                         f"delete {folder.display} to start over")
+        raise ValueError(
+            f"run.name={name!r} already holds checkpoints of another model ({what} differ; it was "
+            f"started on dataset {record['dataset']}, this is {dataset}): choose a new run.name, or "
+            f"delete {folder.display} to start over"
+        )
     return record
 
 
@@ -85,8 +102,11 @@ def note_steps_raised(folder: RunFolder, name: str, record: dict, steps: int, lo
     record["steps_history"] = [*record.get("steps_history", [old]), steps]
     folder.write_json(RUN_FILE, record)
     history = " -> ".join(str(s) for s in record["steps_history"])
-    print(f"run {name}: steps raised {old} -> {steps}; continuing from the last checkpoint "
-          f"(the learning-rate schedule now ends at step {steps})", flush=True)
+    print(
+        f"run {name}: steps raised {old} -> {steps}; continuing from the last checkpoint "
+        f"(the learning-rate schedule now ends at step {steps})",
+        flush=True,
+    )
     logger.tags({"medi_dist.steps_raised": history})
 
 
@@ -94,9 +114,11 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message says how to resume (cli prints it and exits 130)."""
 
     def __init__(self, step: int | None):
-        super().__init__("interrupted; re-run the same command to resume from the last registered checkpoint "
-                         f"(step {step})" if step is not None else
-                         "interrupted before a checkpoint was registered; re-run the same command to start again")
+        super().__init__(
+            f"interrupted; re-run the same command to resume from the last registered checkpoint (step {step})"
+            if step is not None
+            else "interrupted before a checkpoint was registered; re-run the same command to start again"
+        )
         self.step = step
 
 
@@ -119,19 +141,21 @@ def already_finished(record: dict, steps: int) -> TrainResult | None:
     fin = finished_at(record, steps)
     if fin is None:
         return None
-    return TrainResult(Path(fin["model_dir"]), {"step": fin["step"], "final": True}, record.get("mlflow_run_id", ""),
-                       0, finished_before=True)
-
-
-def storage_path(cfg: TrainConfig) -> str:
-    storage = cfg.run.storage_path
-    return storage if "://" in storage else str(Path(storage).resolve())
+    return TrainResult(
+        Path(fin["model_dir"]),
+        {"step": fin["step"], "final": True},
+        record.get("mlflow_run_id", ""),
+        0,
+        finished_before=True,
+    )
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    check_job_paths({"data.dataset": cfg.data.dataset, "run.storage_path": cfg.run.storage_path,
-                     "run.output": cfg.run.output}, {"run.tracking_uri": cfg.run.tracking_uri})
-    storage = storage_path(cfg)
+    check_job_paths(
+        {"data.dataset": cfg.data.dataset, "run.storage_path": cfg.run.storage_path, "run.output": cfg.run.output},
+        {"run.tracking_uri": cfg.run.tracking_uri},
+    )
+    storage = absolute(cfg.run.storage_path)
     folder = RunFolder(storage, cfg.run.name)
     record = folder.read_json(RUN_FILE)
     if record is not None:  # a re-run: same training, and nothing to do once finished
@@ -143,22 +167,38 @@ def train(cfg: TrainConfig) -> TrainResult:
     mcfg = model_config(cfg)
     if ensure_ray():  # a fixed local cluster: check CPUs and GPUs (an autoscaler would add nodes)
         workers = cfg.run.num_workers
-        check_resource("CPU", workers * cfg.run.cpus_per_worker + cfg.data.cpus_per_decode,
-                       f"training with {workers} worker(s) x {cfg.run.cpus_per_worker:g} CPU + data decoding",
-                       "lower run.cpus_per_worker (e.g. 0.5; run.threads_per_worker sets torch threads) or run.num_workers")
+        check_resource(
+            "CPU",
+            workers * cfg.run.cpus_per_worker + cfg.data.cpus_per_decode,
+            f"training with {workers} worker(s) x {cfg.run.cpus_per_worker:g} CPU + data decoding",
+            "lower run.cpus_per_worker (e.g. 0.5; run.threads_per_worker sets torch threads) or run.num_workers",
+        )
         if cfg.run.use_gpu:
-            check_resource("GPU", workers, f"training with run.use_gpu=true and {workers} worker(s)",
-                           "set run.use_gpu=false (and run.mixed_precision=no) to train on CPU, or submit to a GPU cluster")
-    stream = tile_stream(cfg.data.dataset, cfg.data.splits,
-                         StreamConfig(resolution=mcfg.sample_size, balance=cfg.data.balance, seed=cfg.seed,
-                                      max_bad_fraction=cfg.data.max_bad_fraction, num_cpus=cfg.data.cpus_per_decode,
-                                      deterministic=cfg.data.deterministic))
+            check_resource(
+                "GPU",
+                workers,
+                f"training with run.use_gpu=true and {workers} worker(s)",
+                "set run.use_gpu=false (and run.mixed_precision=no) to train on CPU, or submit to a GPU cluster",
+            )
+    stream = tile_stream(
+        cfg.data.dataset,
+        cfg.data.splits,
+        StreamConfig(
+            resolution=mcfg.sample_size,
+            balance=cfg.data.balance,
+            seed=cfg.seed,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+            num_cpus=cfg.data.cpus_per_decode,
+            deterministic=cfg.data.deterministic,
+        ),
+    )
     spec = stream.spec.subset(cfg.model.conditions, cfg.model.continuous)
     record = check_resume(folder, cfg.run.name, record, mcfg, spec, cfg)
     uri = tracking_uri(cfg.run.tracking_uri)
     # One MLflow run per Ray run (storage path + name): re-running resumes both together.
-    run_id = find_or_create_run(uri, cfg.run.name, cfg.run.experiment, tags={"medi_dist.kind": "train"},
-                                key=f"{storage}/{cfg.run.name}")
+    run_id = find_or_create_run(
+        uri, cfg.run.name, cfg.run.experiment, tags={"medi_dist.kind": "train"}, key=f"{storage}/{cfg.run.name}"
+    )
     logger = RunLogger(uri, run_id)
     logger.params({**asdict(cfg), "model_config": mcfg.to_dict()})
     logger.status("RUNNING")  # again, after an interrupted (KILLED) start
@@ -170,18 +210,23 @@ def train(cfg: TrainConfig) -> TrainResult:
     index = pd.read_parquet(Path(cfg.data.dataset) / "index.parquet")
     train_rows = index[index["split"].isin(cfg.data.splits)]
     pairs = sorted(set(zip(train_rows["cancer_type"], train_rows["tissue_source_site"])))
-    loop_cfg = {**asdict(cfg), "pairs": pairs, "model_config": mcfg.to_dict(), "spec": spec.to_dict(), "tracking_uri": uri,
-                "mlflow_run_id": run_id, "steps": cfg.steps, "dataset": str(cfg.data.dataset)}
+    worker = WorkerConfig(cfg, mcfg, spec, pairs, uri, run_id)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        train_loop_config={"worker": worker},  # a dict for Ray (it records the config); the worker reads the dataclass
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers,
+            use_gpu=cfg.run.use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+        ),
         datasets={"train": stream.dataset},
         dataset_config=DataConfig(execution_options=stream.ingest_options()),
-        run_config=RunConfig(name=cfg.run.name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
     )
     try:
         result = fit(trainer)
@@ -207,4 +252,3 @@ def train(cfg: TrainConfig) -> TrainResult:
         record["finished"] = {"step": metrics["step"], "model_dir": str(out.resolve())}
         folder.write_json(RUN_FILE, record)
     return TrainResult(out, metrics, run_id, skipped)
-

@@ -1,5 +1,3 @@
-"""Ray Tune study over augmentation proportions (see study.py)."""
-
-from .study import SearchSpace, StudyConfig, StudyResult, run_study, summary
-
-__all__ = ["SearchSpace", "StudyConfig", "StudyResult", "run_study", "summary"]
+"""Ray Tune study over augmentation proportions: settings (`config`), the study (`study`), one trial
+(`trial`), and the study's bookkeeping around the trials (`report`). Import the submodules directly;
+this package imports nothing so the CLI starts fast."""

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluate import plots
-from ..evaluate.downstream import Comparison, DownstreamConfig, DownstreamResult, compare, load_inputs, run_downstream
+from ..evaluate.downstream import Comparison, DownstreamConfig, compare, load_inputs, run_downstream
 from ..evaluate.metrics import METRIC_NAMES
-from ..evaluate.tiles import AUDIT
+from ..evaluate.result_log import log_result
+from ..evaluate.tile_reader import AUDIT
+from ..paths import absolute
 from .trial import trial_config
 
 TEST_TAG = "medi_dist.test_evaluated_trial"
@@ -27,34 +28,17 @@ def _audit(audit_dir: Path, name: str) -> None:
     (audit_dir / f"{name}.json").write_text(json.dumps([entry]))
 
 
-def log_result(log, res: DownstreamResult, prefix: str, baseline: DownstreamResult | None = None) -> None:
-    """Mean/SEM metrics, per-subgroup CSV, per-site bars (vs baseline) and confusion matrix."""
-    ms = res.mean_sem
-    log.metrics({**{f"{prefix}_{k}": m for k, (m, _) in ms.items()},
-                 **{f"{prefix}_{k}_sem": s for k, (_, s) in ms.items()}})
-    log.artifact_bytes(res.subgroups().to_csv(index=False).encode(), f"subgroups_{prefix}.csv")
-    scores = {"augmented" if baseline else "real only": res.site_scores()}
-    if baseline is not None:
-        scores = {"real only": baseline.site_scores(), **scores}
-    fig = plots.site_bars(scores, f"{prefix} sites")
-    log.figure(fig, f"site_accuracy_{prefix}.png")
-    plots.close(fig)
-    fig = plots.confusion(res.predictions, f"{prefix} confusion (all seeds)")
-    log.figure(fig, f"confusion_{prefix}.png")
-    plots.close(fig)
-
-
 def prepare(cfg, base: DownstreamConfig, encoder, uri: str, parent: str, audit_dir: Path) -> dict:
     """Warm the feature cache (train, val, pools) once, so parallel trials do not all encode, and
     score real-only on val: the reference for every trial's per-site plot. Returns site -> score."""
     from ..tracking import RunLogger, find_or_create_run
-    from .study import _abs
 
     AUDIT.reset()
-    inputs = load_inputs(base, encoder, [_abs(p) for p in cfg.space.pools])
+    inputs = load_inputs(base, encoder, [absolute(p) for p in cfg.space.pools])
     res = run_downstream(replace(base, ratio=0.0), inputs)
-    run = find_or_create_run(uri, f"{cfg.name}/real-only", cfg.experiment,
-                             {"medi_dist.kind": "tune-baseline"}, parent_run_id=parent)
+    run = find_or_create_run(
+        uri, f"{cfg.name}/real-only", cfg.experiment, {"medi_dist.kind": "tune-baseline"}, parent_run_id=parent
+    )
     log = RunLogger(uri, run)
     log.params({"ratio": 0.0, "classifier": base.classifier, "seeds": base.seeds})
     log_result(log, res, "val")
@@ -75,21 +59,30 @@ def finish_trials(uri: str, trials: pd.DataFrame, best: dict, plog) -> None:
         c.set_tag(rid, "medi_dist.best", str(row["trial_id"] == best["trial_id"]).lower())
         c.set_tag(rid, "medi_dist.early_stopped", str(not row["complete"] and not row["error"]).lower())
         c.set_terminated(rid, "FAILED" if row["error"] else "FINISHED")
-    plog.tags({"best_trial": best["trial_id"], "best_run_id": best["mlflow_run_id"],
-               **{f"best.{k}": best[k] for k in ("ratio", "allocation", "pool", "lr", "C") if k in best}})
+    plog.tags(
+        {
+            "best_trial": best["trial_id"],
+            "best_run_id": best["mlflow_run_id"],
+            **{f"best.{k}": best[k] for k in ("ratio", "allocation", "pool", "lr", "C") if k in best},
+        }
+    )
     plog.metrics({"best_val_objective": best["objective"], "best_val_objective_sem": best["objective_sem"]})
     plog.artifact_bytes(trials.to_csv(index=False).encode(), "trials.csv")
 
 
 def log_test(cfg, base: DownstreamConfig, best: dict, encoder, plog, audit_dir: Path) -> Comparison | None:
     """Re-evaluate the best configuration once on the holdout sites, next to real-only (paired)."""
-    if plog.c.get_run(plog.run_id).data.tags.get(TEST_TAG) == best["trial_id"]:
+    from ..tracking import client
+
+    if client(plog.uri).get_run(plog.run_id).data.tags.get(TEST_TAG) == best["trial_id"]:
         return None  # this exact selection was already scored on the holdout: do not look again
     AUDIT.reset()
     test_base = replace(base, test_split="holdout")
     chosen = trial_config(test_base, best)
-    arms = {"real only": {"ratio": 0.0, "synthetic": [], "lr": chosen.lr, "C": chosen.C},
-            "best": {k: getattr(chosen, k) for k in ("ratio", "allocation", "synthetic", "lr", "C")}}
+    arms = {
+        "real only": {"ratio": 0.0, "synthetic": [], "lr": chosen.lr, "C": chosen.C},
+        "best": {k: getattr(chosen, k) for k in ("ratio", "allocation", "synthetic", "lr", "C")},
+    }
     cmp = compare(test_base, arms)
     _audit(audit_dir, "final")
     real, aug = cmp.results["real only"], cmp.results["best"]

@@ -16,54 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
-from ..evaluate.allocation import ALLOCATIONS
 from ..evaluate.downstream import Comparison, DownstreamConfig, DownstreamError, baseline, validate
 from ..evaluate.metrics import METRIC_NAMES
+from ..paths import absolute
+from .config import StudyConfig
 from .trial import TrialContext, run_trial
-
-
-@dataclass
-class SearchSpace:
-    ratio: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
-    allocation: list[str] = field(default_factory=lambda: list(ALLOCATIONS))
-    pools: list[str] = field(default_factory=list)  # generated dataset dirs
-    lr: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])  # classifier: cnn
-    C: list[float] = field(default_factory=lambda: [0.1, 1.0])  # classifier: linear
-    # stain baselines, alone or with a pool: none | hed-jitter | restain | macenko (cnn) | type-site-balance
-    baseline: list[str] = field(default_factory=lambda: ["none"])
-
-
-@dataclass
-class StudyConfig:
-    name: str = "tune-small"
-    real: str = "data/procedural"  # needs a val split: ingest with --val-fraction > 0
-    space: SearchSpace = field(default_factory=SearchSpace)
-    search: str = "random"  # random: num_samples draws | grid: every combination once
-    num_samples: int = 8
-    seed: int = 0
-    classifier: str = "linear"
-    encoder: str = "random-conv"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    k_sites: int | None = None
-    max_per_class: int | None = None
-    epochs: int = 4
-    width: int = 16
-    image_size: int = 32
-    metric: str = "site_balanced_accuracy"
-    grace_period: int = 1  # ASHA: seeds every trial gets before it can be stopped
-    reduction_factor: int = 2
-    cpus_per_trial: float = 1.0
-    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs allow
-    storage_path: str = "medi-dist-runs"
-    cache_dir: str = "medi-dist-cache"
-    experiment: str = "medi-dist"
-    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else ./mlflow.db
-    final_eval: bool = True
 
 
 @dataclass
@@ -75,15 +37,20 @@ class StudyResult:
     path: str
 
 
-def _abs(p: str) -> str:
-    return str(Path(p).expanduser().resolve()) if p and "://" not in p else p
-
-
 def base_config(cfg: StudyConfig, test_split: str = "val") -> DownstreamConfig:
-    return DownstreamConfig(real=_abs(cfg.real), classifier=cfg.classifier, encoder=cfg.encoder, seeds=list(cfg.seeds),
-                            k_sites=cfg.k_sites, max_per_class=cfg.max_per_class, test_split=test_split,
-                            epochs=cfg.epochs, width=cfg.width, image_size=cfg.image_size,
-                            cache_dir=_abs(cfg.cache_dir))
+    return DownstreamConfig(
+        real=absolute(cfg.real),
+        classifier=cfg.classifier,
+        encoder=cfg.encoder,
+        seeds=list(cfg.seeds),
+        k_sites=cfg.k_sites,
+        max_per_class=cfg.max_per_class,
+        test_split=test_split,
+        epochs=cfg.epochs,
+        width=cfg.width,
+        image_size=cfg.image_size,
+        cache_dir=absolute(cfg.cache_dir),
+    )
 
 
 def check_study(cfg: StudyConfig):
@@ -104,8 +71,13 @@ def check_study(cfg: StudyConfig):
     encoder = None
     for alloc in sp.allocation:
         for name in sp.baseline or ["none"]:
-            probe = replace(base_config(cfg), ratio=max(sp.ratio), allocation=alloc,
-                            synthetic=[_abs(p) for p in sp.pools], **baseline(name))
+            probe = replace(
+                base_config(cfg),
+                ratio=max(sp.ratio),
+                allocation=alloc,
+                synthetic=[absolute(p) for p in sp.pools],
+                **baseline(name),
+            )
             encoder = validate(probe, build_encoder=encoder is None) or encoder
     return encoder
 
@@ -113,8 +85,11 @@ def check_study(cfg: StudyConfig):
 def param_space(cfg: StudyConfig) -> dict:
     from ray import tune
 
-    dims = {"ratio": cfg.space.ratio, "allocation": cfg.space.allocation,
-            "pool": [_abs(p) for p in cfg.space.pools] or [""]}
+    dims = {
+        "ratio": cfg.space.ratio,
+        "allocation": cfg.space.allocation,
+        "pool": [absolute(p) for p in cfg.space.pools] or [""],
+    }
     dims.update({"lr": cfg.space.lr} if cfg.classifier == "cnn" else {"C": cfg.space.C})
     if list(cfg.space.baseline) != ["none"]:  # absent otherwise: studies from before keep their space
         dims["baseline"] = cfg.space.baseline
@@ -133,15 +108,25 @@ def _tuner(cfg: StudyConfig, ctx: TrialContext, path: Path):
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial})
     if tune.Tuner.can_restore(str(path)):  # interrupted or finished before: continue, never start over
         return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
-    asha = ASHAScheduler(time_attr="training_iteration", max_t=len(cfg.seeds), grace_period=cfg.grace_period,
-                         reduction_factor=cfg.reduction_factor)
+    asha = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=len(cfg.seeds),
+        grace_period=cfg.grace_period,
+        reduction_factor=cfg.reduction_factor,
+    )
     # The concurrency cap goes on the search algorithm: Tune ignores TuneConfig.max_concurrent_trials
     # when a BasicVariantGenerator instance is passed.
     search = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
-    tc = tune.TuneConfig(metric="objective", mode="max", scheduler=asha, search_alg=search,
-                         num_samples=1 if cfg.search == "grid" else cfg.num_samples)
-    rc = tune.RunConfig(name=cfg.name, storage_path=str(path.parent), verbose=1,
-                        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    tc = tune.TuneConfig(
+        metric="objective",
+        mode="max",
+        scheduler=asha,
+        search_alg=search,
+        num_samples=1 if cfg.search == "grid" else cfg.num_samples,
+    )
+    rc = tune.RunConfig(
+        name=cfg.name, storage_path=str(path.parent), verbose=1, checkpoint_config=tune.CheckpointConfig(num_to_keep=1)
+    )
     return tune.Tuner(trainable, param_space=param_space(cfg), tune_config=tc, run_config=rc)
 
 
@@ -154,7 +139,7 @@ def check_same_study(cfg: StudyConfig, path: Path) -> None:
     so resuming with different settings is an error that names them."""
     d = asdict(cfg)
     d = {k: v for k, v in d.items() if k not in RUNTIME_FIELDS}
-    d["real"], d["space"]["pools"] = _abs(d["real"]), [_abs(p) for p in d["space"]["pools"]]
+    d["real"], d["space"]["pools"] = absolute(d["real"]), [absolute(p) for p in d["space"]["pools"]]
     d = json.loads(json.dumps(d))
     f = path / "study.json"
     if not f.exists():
@@ -163,23 +148,37 @@ def check_same_study(cfg: StudyConfig, path: Path) -> None:
     old = json.loads(f.read_text())
     diff = sorted(k for k in set(old) | set(d) if old.get(k) != d.get(k))
     if diff:
-        raise DownstreamError(f"study {cfg.name!r} in {path} was started with other settings ({', '.join(diff)}); "
-                              "run it with its original settings to resume, or choose a new name")
+        raise DownstreamError(
+            f"study {cfg.name!r} in {path} was started with other settings ({', '.join(diff)}); "
+            "run it with its original settings to resume, or choose a new name"
+        )
 
 
 def _trials_table(grid, n_seeds: int) -> pd.DataFrame:
     rows = []
     for r in grid:
         m = r.metrics or {}
-        rows.append({"trial_id": m.get("trial_id", Path(r.path).name), **{k: v for k, v in r.config.items()},
-                     "objective": m.get("objective", float("nan")),
-                     "objective_sem": m.get("objective_sem", float("nan")),
-                     "seeds_done": int(m.get("seeds_done", 0)), "complete": int(m.get("seeds_done", 0)) == n_seeds,
-                     "mlflow_run_id": m.get("mlflow_run_id"), "error": str(r.error)[:200] if r.error else ""})
+        rows.append(
+            {
+                "trial_id": m.get("trial_id", Path(r.path).name),
+                **{k: v for k, v in r.config.items()},
+                "objective": m.get("objective", float("nan")),
+                "objective_sem": m.get("objective_sem", float("nan")),
+                "seeds_done": int(m.get("seeds_done", 0)),
+                "complete": int(m.get("seeds_done", 0)) == n_seeds,
+                "mlflow_run_id": m.get("mlflow_run_id"),
+                "error": str(r.error)[:200] if r.error else "",
+            }
+        )
     # Ties (common on easy val sites) go to the smaller SEM, then the earlier trial: deterministic,
     # so a re-run of a finished study names the same best trial.
-    return pd.DataFrame(rows).sort_values(["complete", "objective", "objective_sem", "trial_id"],
-                                          ascending=[False, False, True, True], kind="stable").reset_index(drop=True)
+    return (
+        pd.DataFrame(rows)
+        .sort_values(
+            ["complete", "objective", "objective_sem", "trial_id"], ascending=[False, False, True, True], kind="stable"
+        )
+        .reset_index(drop=True)
+    )
 
 
 def run_study(cfg: StudyConfig) -> StudyResult:
@@ -187,12 +186,18 @@ def run_study(cfg: StudyConfig) -> StudyResult:
     from ..tracking import RunLogger, find_or_create_run, tracking_uri
     from .report import finish_trials, log_test, prepare
 
-    check_job_paths({"real": cfg.real, "storage_path": cfg.storage_path, "cache_dir": cfg.cache_dir,
-                     **{f"space.pools[{i}]": p for i, p in enumerate(cfg.space.pools)}},
-                    {"tracking_uri": cfg.tracking_uri})
+    check_job_paths(
+        {
+            "real": cfg.real,
+            "storage_path": cfg.storage_path,
+            "cache_dir": cfg.cache_dir,
+            **{f"space.pools[{i}]": p for i, p in enumerate(cfg.space.pools)},
+        },
+        {"tracking_uri": cfg.tracking_uri},
+    )
     encoder = check_study(cfg)
     uri = tracking_uri(cfg.tracking_uri)
-    path = Path(_abs(cfg.storage_path)) / cfg.name
+    path = Path(absolute(cfg.storage_path)) / cfg.name
     audit_dir = path / "audit"
     audit_dir.mkdir(parents=True, exist_ok=True)
     check_same_study(cfg, path)
@@ -202,8 +207,18 @@ def run_study(cfg: StudyConfig) -> StudyResult:
     plog.params({"study": asdict(cfg)})
     base = base_config(cfg)
     baseline = prepare(cfg, base, encoder, uri, parent, audit_dir)
-    ctx = TrialContext(base, cfg.name, cfg.experiment, uri, parent, encoder.name if encoder else "", cfg.metric,
-                       str(audit_dir), baseline, threads=max(1, int(cfg.cpus_per_trial)))
+    ctx = TrialContext(
+        base,
+        cfg.name,
+        cfg.experiment,
+        uri,
+        parent,
+        encoder.name if encoder else "",
+        cfg.metric,
+        str(audit_dir),
+        baseline,
+        threads=max(1, int(cfg.cpus_per_trial)),
+    )
     grid = _tuner(cfg, ctx, path).fit()
     trials = _trials_table(grid, len(cfg.seeds))
     done = trials[trials["complete"]]
@@ -217,20 +232,33 @@ def run_study(cfg: StudyConfig) -> StudyResult:
 
 
 def summary(res: StudyResult, metric: str = "site_balanced_accuracy") -> str:
-    cols = [c for c in ("trial_id", "ratio", "effective_ratio", "allocation", "pool", "lr", "C", "objective", "seeds_done")
-            if c in res.trials]
+    cols = [
+        c
+        for c in ("trial_id", "ratio", "effective_ratio", "allocation", "pool", "lr", "C", "objective", "seeds_done")
+        if c in res.trials
+    ]
     t = res.trials[cols].copy()
     if "pool" in t:
         t["pool"] = [Path(p).name if p else "-" for p in t["pool"]]
-    lines = [f"trials (objective: val {metric}, mean over seeds done):", t.to_string(index=False, float_format="%.3f"),
-             "", "best: " + json.dumps({k: res.best[k] for k in cols if k in res.best}, default=str)]
+    lines = [
+        f"trials (objective: val {metric}, mean over seeds done):",
+        t.to_string(index=False, float_format="%.3f"),
+        "",
+        "best: " + json.dumps({k: res.best[k] for k in cols if k in res.best}, default=str),
+    ]
     if res.best.get("effective_ratio", res.best.get("ratio", 0)) < res.best.get("ratio", 0) - 0.01:
-        lines.append(f"note: the best trial asked for ratio {res.best['ratio']:g} but its pools held enough for "
-                     f"{res.best['effective_ratio']:.2f} synthetic per real tile; generate more tiles to test higher ratios")
+        lines.append(
+            f"note: the best trial asked for ratio {res.best['ratio']:g} but its pools held enough for "
+            f"{res.best['effective_ratio']:.2f} synthetic per real tile; generate more tiles to test higher "
+            "ratios"
+        )
     failed = res.trials[res.trials["error"] != ""]
     if len(failed):
-        lines += ["", f"{len(failed)} trial(s) failed (run again to retry them): "
-                  + "; ".join(f"{r.trial_id}: {r.error}" for r in failed.head(3).itertuples())]
+        lines += [
+            "",
+            f"{len(failed)} trial(s) failed (run again to retry them): "
+            + "; ".join(f"{r.trial_id}: {r.error}" for r in failed.head(3).itertuples()),
+        ]
     if res.test is not None:
         lines += ["", "holdout (test) sites, read once after selection:", res.test.table()]
     return "\n".join(lines)

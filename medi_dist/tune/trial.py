@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..evaluate import plots
 from ..evaluate.downstream import DownstreamConfig, DownstreamResult, SeedRun, baseline, load_inputs, run_seed
-from ..evaluate.tiles import AUDIT, LazyEncoder, read_index
+from ..evaluate.result_log import log_artifacts
+from ..evaluate.tile_reader import AUDIT, LazyEncoder, read_index
 
 RUNS_FILE = "runs.json"
 
@@ -41,9 +43,15 @@ class TrialContext:
 def trial_config(base: DownstreamConfig, config: dict) -> DownstreamConfig:
     ratio = float(config["ratio"])
     pool = config.get("pool") or ""
-    return replace(base, ratio=ratio, allocation=config["allocation"], synthetic=[pool] if ratio > 0 and pool else [],
-                   lr=float(config.get("lr", base.lr)), C=float(config.get("C", base.C)),
-                   **baseline(config.get("baseline", "none")))
+    return replace(
+        base,
+        ratio=ratio,
+        allocation=config["allocation"],
+        synthetic=[pool] if ratio > 0 and pool else [],
+        lr=float(config.get("lr", base.lr)),
+        C=float(config.get("C", base.C)),
+        **baseline(config.get("baseline", "none")),
+    )
 
 
 def pool_info(pool: str) -> dict:
@@ -60,40 +68,44 @@ def pool_info(pool: str) -> dict:
 
 def runs_to_json(runs: list[SeedRun]) -> str:
     """Finished seeds as plain JSON (no pickle in checkpoints: they may come from shared storage)."""
-    return json.dumps([{**{k: v for k, v in vars(r).items() if k not in ("predictions", "allocation")},
-                        "predictions": r.predictions.to_dict("list"),
-                        "allocation": [[*g, n] for g, n in r.allocation.items()]} for r in runs])
+    return json.dumps(
+        [
+            {
+                **{k: v for k, v in vars(r).items() if k not in ("predictions", "allocation")},
+                "predictions": r.predictions.to_dict("list"),
+                "allocation": [[*g, n] for g, n in r.allocation.items()],
+            }
+            for r in runs
+        ]
+    )
 
 
 def runs_from_json(text: str) -> list[SeedRun]:
-    return [SeedRun(**{**d, "predictions": pd.DataFrame(d["predictions"]),
-                       "allocation": {(t, s): n for t, s, n in d["allocation"]}}) for d in json.loads(text)]
+    return [
+        SeedRun(
+            **{
+                **d,
+                "predictions": pd.DataFrame(d["predictions"]),
+                "allocation": {(t, s): n for t, s, n in d["allocation"]},
+            }
+        )
+        for d in json.loads(text)
+    ]
 
 
 def _write_audit(path: Path, trial_id: str, start: float, runs, computed: list[int]) -> None:
     entries = json.loads(path.read_text()) if path.exists() else []
-    entry = {"trial_id": trial_id, "start": start, "seeds": [r.seed for r in runs], "computed": computed,
-             **AUDIT.to_dict()}
+    entry = {
+        "trial_id": trial_id,
+        "start": start,
+        "seeds": [r.seed for r in runs],
+        "computed": computed,
+        **AUDIT.to_dict(),
+    }
     entries = [e for e in entries if e["start"] != start] + [entry]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(entries))
     tmp.replace(path)
-
-
-def _log_artifacts(log, res: DownstreamResult, ctx: TrialContext, first: bool) -> None:
-    from ..evaluate import plots
-
-    log.artifact_bytes(res.subgroups().to_csv(index=False).encode(), "subgroups_val.csv")
-    log.artifact_bytes(pd.DataFrame(res.per_seed).to_csv(index=False).encode(), "per_seed_val.csv")
-    fig = plots.site_bars({"real only": pd.Series(ctx.baseline_sites), "this trial": res.site_scores()},
-                          "val sites: real only vs this trial")
-    log.figure(fig, "site_accuracy_val.png")
-    plots.close(fig)
-    fig = plots.confusion(res.predictions, "val confusion (all seeds so far)")
-    log.figure(fig, "confusion_val.png")
-    plots.close(fig)
-    if first and res.config.synthetic:
-        log.artifact_bytes(plots.pool_grid(res.config.synthetic[0]), "pool_samples.png")
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -107,13 +119,26 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     start, trial_id = time.time(), tune.get_context().get_trial_id()
     AUDIT.reset()
     cfg = trial_config(ctx.base, config)
-    run_id = find_or_create_run(ctx.uri, f"{ctx.study}/{trial_id}", ctx.experiment,
-                                {"medi_dist.kind": "tune-trial", "medi_dist.trial_id": trial_id}, ctx.parent_run_id)
+    run_id = find_or_create_run(
+        ctx.uri,
+        f"{ctx.study}/{trial_id}",
+        ctx.experiment,
+        {"medi_dist.kind": "tune-trial", "medi_dist.trial_id": trial_id},
+        ctx.parent_run_id,
+    )
     log = RunLogger(ctx.uri, run_id)
     pool = cfg.synthetic[0] if cfg.synthetic else ""
-    log.params({"trial_id": trial_id, "ratio": cfg.ratio, "allocation": cfg.allocation,
-                **({"lr": cfg.lr} if cfg.classifier == "cnn" else {"C": cfg.C}),
-                "classifier": cfg.classifier, "seeds": cfg.seeds, **pool_info(pool)})
+    log.params(
+        {
+            "trial_id": trial_id,
+            "ratio": cfg.ratio,
+            "allocation": cfg.allocation,
+            **({"lr": cfg.lr} if cfg.classifier == "cnn" else {"C": cfg.C}),
+            "classifier": cfg.classifier,
+            "seeds": cfg.seeds,
+            **pool_info(pool),
+        }
+    )
     runs = []
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # resumed: keep the seeds already done
@@ -123,7 +148,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     inputs = load_inputs(cfg, encoder)
     audit = Path(ctx.audit_dir) / f"{trial_id}.json"
     computed: list[int] = []  # seeds computed by this start (a resumed trial skips finished ones)
-    todo = cfg.seeds[len(runs):] or [None]  # None: restored with every seed done; report once more
+    todo = cfg.seeds[len(runs) :] or [None]  # None: restored with every seed done; report once more
     for seed in todo:
         if seed is not None:
             runs.append(run_seed(cfg, inputs, seed))
@@ -131,15 +156,30 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         res = DownstreamResult(cfg, runs)
         ms = res.mean_sem
         step = len(runs) - 1
-        log.metrics({**{f"val_{k}": v for k, v in runs[-1].metrics.items()},
-                     **{f"val_{k}_mean": m for k, (m, _) in ms.items()},
-                     "n_real": runs[-1].n_real, "n_synthetic": runs[-1].n_synthetic,
-                     "effective_ratio": res.effective_ratio}, step=step)
-        _log_artifacts(log, res, ctx, first=step == 0)
+        log.metrics(
+            {
+                **{f"val_{k}": v for k, v in runs[-1].metrics.items()},
+                **{f"val_{k}_mean": m for k, (m, _) in ms.items()},
+                "n_real": runs[-1].n_real,
+                "n_synthetic": runs[-1].n_synthetic,
+                "effective_ratio": res.effective_ratio,
+            },
+            step=step,
+        )
+        log_artifacts(log, res, "val", pd.Series(ctx.baseline_sites), label="this trial")
+        if step == 0 and pool:
+            log.artifact_bytes(plots.pool_grid(pool), "pool_samples.png")
         _write_audit(audit, trial_id, start, runs, computed)
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / RUNS_FILE).write_text(runs_to_json(runs))
-            tune.report({"objective": ms[ctx.metric][0], "objective_sem": ms[ctx.metric][1],
-                         "seeds_done": len(runs), "n_synthetic": runs[-1].n_synthetic,
-                         "effective_ratio": res.effective_ratio, "mlflow_run_id": run_id},
-                        checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(
+                {
+                    "objective": ms[ctx.metric][0],
+                    "objective_sem": ms[ctx.metric][1],
+                    "seeds_done": len(runs),
+                    "n_synthetic": runs[-1].n_synthetic,
+                    "effective_ratio": res.effective_ratio,
+                    "mlflow_run_id": run_id,
+                },
+                checkpoint=tune.Checkpoint.from_directory(d),
+            )

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import inspect
+import io
+import json
 import re
+import textwrap
+import tokenize
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -116,7 +123,7 @@ def _unknown_fields(cls: type, data: dict, key: str, origin: _Origin) -> list[st
 def _blame(message: str, key: str, origin: _Origin) -> str:
     """A dataclass's own check failed: blame an override whose field the message names, else the file."""
     for k, text in origin.overrides.items():
-        rel = k[len(key) + 1:] if key and k.startswith(key + ".") else (k if not key else None)
+        rel = k[len(key) + 1 :] if key and k.startswith(key + ".") else (k if not key else None)
         if rel and re.search(rf"(?<![\w.]){re.escape(rel)}(?![\w])", message):
             return f"override {text!r}"
     return origin.where(key)
@@ -140,10 +147,6 @@ def from_dict(cls: type[T], data: dict, where: str = "config", overrides: dict |
     if unknown:
         raise ConfigError("; ".join(unknown))
     return _build(cls, data, "", origin)
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:
@@ -187,3 +190,65 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
     given = {apply_override(data, o): o for o in overrides}
     return from_dict(cls, data, str(path or "config"), given)
+
+
+def _field_notes(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in the dataclass's source: its note in `--help`."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (e.g. a frozen app): fields without notes
+        return {}
+    tokens = tokenize.generate_tokens(io.StringIO(src).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+    return {
+        n.target.id: comments[n.end_lineno]
+        for n in ast.parse(src).body[0].body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.end_lineno in comments
+    }
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as it would be written in an override (`[train]`, `null`, `0.0002`)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def config_fields(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted field, default written as YAML, note) for every leaf field of a dataclass config."""
+    defaults = cls() if defaults is None else defaults
+    notes, rows = _field_notes(cls), []
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += config_fields(type(value), _join(prefix, f.name), value)
+        else:
+            rows.append((_join(prefix, f.name), _yaml_value(value), notes.get(f.name, "")))
+    return rows
+
+
+def config_help(cls: type) -> str:
+    """Every field with its default, generated from the dataclasses (so `--help` cannot drift)."""
+    rows = [(f"  {k} = {v}", note) for k, v, note in config_fields(cls)]
+    width = min(max(len(left) for left, _ in rows), 40) + 2
+    return "settings and their defaults (override with field=value; a YAML --config nests sections):\n" + "\n".join(
+        f"{left:{width}}# {note}" if note else left for left, note in rows
+    )
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, what: str, example: str) -> None:
+    """--config, --print-config and field=value overrides, with every field listed in the epilog."""
+    parser.add_argument("--config", help=f"YAML {what} config")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (file, then overrides) as YAML and exit"
+    )
+    parser.add_argument("overrides", nargs="*", help=f"field=value overrides (e.g. {example})")
+    parser.epilog = config_help(cls)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the field table's lines
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T | None:
+    """The config from --config and the overrides; None after --print-config printed it."""
+    cfg = load_config(cls, args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False), end="")
+        return None
+    return cfg

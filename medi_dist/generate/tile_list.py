@@ -48,7 +48,16 @@ def task_tiles(task: dict) -> list[dict]:
     pid, out = task["generation"], []
     for row, start, stop in task["spans"]:
         r = task["rows"][str(row)]
-        out += [{"key": f"syn-{pid}-r{row:05d}-{j:06d}", "row": row, "index": j, "seed": tile_seed(task["plan_seed"], row, j),
-                 "seen": r["seen"], "conditions": r["conditions"], "slide_id": f"syn-{pid}-r{row:05d}"}
-                for j in range(start, stop)]
+        out += [
+            {
+                "key": f"syn-{pid}-r{row:05d}-{j:06d}",
+                "row": row,
+                "index": j,
+                "seed": tile_seed(task["plan_seed"], row, j),
+                "seen": r["seen"],
+                "conditions": r["conditions"],
+                "slide_id": f"syn-{pid}-r{row:05d}",
+            }
+            for j in range(start, stop)
+        ]
     return out

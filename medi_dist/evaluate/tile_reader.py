@@ -20,9 +20,9 @@ import os
 import tarfile
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -90,8 +90,9 @@ def _decode(data: bytes, size: int | None) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
-def read_shard(root: Path, shard: Path, size: int | None = None,
-               keys: set[str] | None = None) -> tuple[list[str], np.ndarray]:
+def read_shard(
+    root: Path, shard: Path, size: int | None = None, keys: set[str] | None = None
+) -> tuple[list[str], np.ndarray]:
     """Keys and uint8 (N, H, W, 3) tiles of one shard. With size=None tiles keep the shard's first
     tile size (others are resized to it), so a mixed shard still stacks."""
     out_keys, imgs = [], []
@@ -110,8 +111,9 @@ def read_shard(root: Path, shard: Path, size: int | None = None,
     return out_keys, arr
 
 
-def load_tiles(dataset_dir: str | Path, splits: Iterable[str], keys: Iterable[str] | None = None,
-               size: int | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+def load_tiles(
+    dataset_dir: str | Path, splits: Iterable[str], keys: Iterable[str] | None = None, size: int | None = None
+) -> tuple[np.ndarray, pd.DataFrame]:
     """uint8 tiles and their index rows (same order) for `splits`, optionally only `keys`."""
     root = Path(dataset_dir)
     splits = list(splits)
