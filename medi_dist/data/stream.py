@@ -291,6 +291,9 @@ def tile_stream(
     tiles = {s["path"]: s["tiles"] for s in manifest["shards"]}
     shards = [(str(p), tiles[p.relative_to(root).as_posix()]) for p in paths]
     decoder = SliceDecoder(spec, cfg, weights, balance_cols, ledger)
-    ds = ray.data.read_datasource(TileShards(shards, decoder), num_cpus=cfg.num_cpus)
+    # One block per read task: without override_num_blocks Ray Data splits each task's block into
+    # ~200 / tasks pieces (SplitBlocks), which costs the driver and the raylet per piece.
+    slices = sum(-(-n // cfg.batch_rows) for _, n in shards)
+    ds = ray.data.read_datasource(TileShards(shards, decoder), num_cpus=cfg.num_cpus, override_num_blocks=slices)
     ds.context.execution_options.preserve_order = cfg.deterministic  # this dataset's own context copy
     return TileStream(ds, ledger, spec, int(len(index)), cfg.deterministic)
