@@ -97,7 +97,7 @@ def dataloader_passes(files, resolution, workers, batch):
 
 
 def stream_passes(ds, resolution, batch):
-    from medi_dist.data.stream import StreamConfig, tile_stream
+    from medi_dist.data.stream import StreamConfig, tile_stream, to_model_range
 
     s = tile_stream(ds, ("train",), StreamConfig(resolution=resolution, balance="none", num_cpus=1.0))
     for _ in s.dataset.iter_batches(batch_size=batch, batch_format="numpy"):
@@ -106,7 +106,7 @@ def stream_passes(ds, resolution, batch):
     def one_pass() -> float:
         t, n = time.perf_counter(), 0
         for b in s.dataset.iter_batches(batch_size=batch, batch_format="numpy"):
-            n += len(b["key"])
+            n += len(to_model_range(b["image"]))  # uint8 -> float [-1, 1], as the DataLoader's tensors
         return n / (time.perf_counter() - t)
 
     return one_pass

@@ -77,6 +77,45 @@ def _check_world(cfg: DemoConfig, root: Path) -> None:
     path.write_text(json.dumps(want, indent=2))
 
 
+# What the demo writes under --out; an existing --out holding anything else is not a demo output.
+OUTPUTS = {
+    "demo.json",
+    "data",
+    "runs",
+    "synthetic-medi",
+    "synthetic-site-nulled",
+    "synthetic-class-only",
+    "reference-oracle",
+    "reference-noise",
+    "cache",
+    "real_vs_generated.png",
+    "results.json",
+    "results.txt",
+}
+
+
+def check_out(root: Path) -> None:
+    """Continue only a demo's own output: the demo writes data/, runs/, ... under --out, and pointed at
+    a dataset (or any other folder) it would mix its files into it."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise NotADirectoryError(f"--out {root} is a file; choose a folder for the demo's output")
+    if (root / "dataset.json").exists() or (root / "index.parquet").exists():
+        raise FileExistsError(
+            f"--out {root} is a dataset directory, not a demo output (the demo ingests its own "
+            "dataset into <out>/data); choose a new folder"
+        )
+    # .data.tmp-* / .data.old-*: an interrupted ingest of <out>/data
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in OUTPUTS and not p.name.startswith(".data."))
+    if foreign:
+        raise FileExistsError(
+            f"--out {root} holds files that are not the demo's ({', '.join(foreign[:5])}"
+            f"{' ...' if len(foreign) > 5 else ''}); choose a new folder, or an earlier demo's "
+            "output to continue it"
+        )
+
+
 def _ingest(cfg: DemoConfig, root: Path) -> Path:
     from .data import sources
     from .data.ingest import ingest
@@ -218,6 +257,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     t0 = time.time()
     root = Path(cfg.out).resolve()
+    check_out(root)
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.tracking_uri)
     ensure_ray()  # first: a cluster that cannot be joined is reported before any work, not under the progress bar

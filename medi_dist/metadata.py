@@ -26,6 +26,10 @@ _TOP_CODED_AGE = re.compile(r"^(>\s*89|90\s*\+)$")
 
 CONDITION_PREFIX = "cond_"  # stream column holding a categorical condition index
 CONTINUOUS_PREFIX = "cont_"  # stream column holding a normalised continuous condition
+# Smallest tile or model resolution accepted from a user: the tiny preset's size. Below it a tile
+# holds no tissue structure (a nucleus is ~10-20 px at 0.5 mpp) and a 2-level UNet's coarsest map
+# shrinks to a few pixels; 0 or 3 is a slip, not a setting.
+MIN_TILE_PX = 16
 
 
 class SchemaError(ValueError):
@@ -110,11 +114,14 @@ class Vocab:
 
 @dataclass
 class ContinuousSpec:
-    """A continuous condition (e.g. age), z-scored with statistics from the training data."""
+    """A continuous condition (e.g. age), z-scored with statistics from the training split; min/max
+    is the range the model saw (None in datasets ingested before it was recorded)."""
 
     name: str
     mean: float
     std: float
+    min: float | None = None
+    max: float | None = None
 
     @classmethod
     def build(cls, name: str, values: Iterable[Any]) -> ContinuousSpec:
@@ -123,7 +130,7 @@ class ContinuousSpec:
             raise SchemaError(f"continuous column {name!r} has no numeric values")
         mean = sum(xs) / len(xs)
         var = sum((x - mean) ** 2 for x in xs) / max(len(xs) - 1, 1)
-        return cls(name, mean, math.sqrt(var) or 1.0)
+        return cls(name, mean, math.sqrt(var) or 1.0, min(xs), max(xs))
 
     def encode(self, value: Any) -> float:
         x = clean_continuous(value)
@@ -204,9 +211,17 @@ class ConditioningSpec:
 
     @classmethod
     def build(
-        cls, rows: list[Mapping[str, Any]], categorical: list[str], continuous: list[str] = ()
+        cls,
+        rows: list[Mapping[str, Any]],
+        categorical: list[str],
+        continuous: list[str] = (),
+        continuous_rows: list[Mapping[str, Any]] | None = None,
     ) -> ConditioningSpec:
+        """Vocabularies from every row (held-out values included, so indices agree everywhere);
+        continuous statistics from `continuous_rows` (the train split) when given: a held-out site's
+        ages must not shift the normalisation the model trains with."""
+        stats = rows if continuous_rows is None else continuous_rows
         return cls(
             [Vocab.build(name, (r.get(name) for r in rows)) for name in categorical],
-            [ContinuousSpec.build(name, (r.get(name) for r in rows)) for name in continuous],
+            [ContinuousSpec.build(name, (r.get(name) for r in stats)) for name in continuous],
         )

@@ -13,7 +13,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def object_store(tmp_path_factory):
+    """A real S3-compatible server on 127.0.0.1 (tests/objstore.py) with one bucket; its endpoint and
+    credentials are set in the environment as a user would (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...),
+    before the session's Ray cluster starts, so Ray's workers read them the same way."""
+    import objstore
+
+    store = objstore.start(tmp_path_factory.mktemp("objstore"))
+    env = {**store.env(), "MEDI_DIST_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield store
+    store.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(object_store):
     import ray
 
     # 4 logical CPUs on 2 cores: Train workers and Ray Data tasks each get an explicit slice.

@@ -161,9 +161,16 @@ def test_rayjob_entrypoint_and_object_storage():
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert runtime_env["working_dir"]
     (cm,) = [d for _, d in _docs() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "medi-dist-env"]
-    for key in ("MEDI_DIST_SHARDS_URI", "MEDI_DIST_STORAGE_URI"):
-        assert cm["data"][key].startswith("s3://"), key
     assert cm["data"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow")
+    # Only variables something reads, each listed in cluster/README.md's table (the one place).
+    table = (CLUSTER / "README.md").read_text().split("### Environment variables", 1)[1]
+    for key in cm["data"]:
+        assert f"`{key}`" in table, f"{key} is set in the ConfigMap but not documented as read"
+    import medi_dist
+
+    code = "".join(p.read_text() for p in Path(medi_dist.__file__).parent.rglob("*.py"))
+    for key in re.findall(r"`(MEDI_DIST_\w+)`", table):
+        assert key in code, f"{key} is documented but nothing in medi_dist reads it"
     for tmpl in [job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]] + [
         g["template"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     ]:
@@ -191,3 +198,19 @@ def test_local_multinode_script():
     assert "export RAY_AUTH_MODE=token" in text
     assert "--node-ip-address 127.0.0.1" in text and "--dashboard-host 127.0.0.1" in text
     assert re.search(r"^\s*stop\)", text, re.M)
+
+
+def test_train_cluster_config_loads_and_names_one_bucket_layout():
+    """jobs/train_cluster.yaml is a valid TrainConfig whose dataset, checkpoints and model all live
+    under the object-storage prefix cluster/README.md documents."""
+    from medi_dist.config_loader import load_config
+    from medi_dist.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, str(CLUSTER.parent / "jobs/train_cluster.yaml"), [])
+    prefix = "s3://BUCKET/medi-dist/"
+    assert cfg.data.dataset.startswith(prefix + "datasets/")
+    assert cfg.run.storage_path == prefix + "runs" and cfg.run.output.startswith(prefix + "models/")
+    readme = (CLUSTER / "README.md").read_text()
+    for part in ("datasets/<name>", "runs", "models/<run>"):
+        assert f"`{prefix}{part}`" in readme
+    assert "MEDI_DIST_SHARDS_URI" not in readme + (CLUSTER / "kuberay/common.yaml").read_text()

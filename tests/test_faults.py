@@ -115,3 +115,77 @@ def test_killed_driver_resubmitted_resumes(proc_dataset, tmp_path):
     run = c.search_runs([c.get_experiment_by_name("medi-dist").experiment_id])[0]
     resumed = _history(f"sqlite:///{tmp_path / 'mlflow.db'}", run.info.run_id, "resumed_from_step")
     assert resumed and min(resumed) >= min(done)
+
+
+def test_second_driver_on_a_run_is_refused_naming_the_holder(proc_dataset, tmp_path, capsys):
+    """A live driver (another process) holds the run's lease: a second `train` on the run name is
+    refused with its host, pid and start, before Ray starts or the unregistered-checkpoint cleanup
+    runs; once the holder is dead (this host) or silent past the ttl (any host) the lease is taken."""
+    import json
+    import socket
+
+    import pytest
+
+    from medi_dist import cli
+    from medi_dist.train.lease import LEASE_FILE, RunLease, RunLeaseHeld
+    from medi_dist.train.run_folder import SNAPSHOT, RunFolder
+
+    runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "twice"
+    (run_dir / "checkpoint_000099").mkdir(parents=True)  # unlisted: the holder may still register it
+    (run_dir / SNAPSHOT).write_text(json.dumps({"checkpoint_results": []}))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from medi_dist.train.lease import RunLease; "
+            "from medi_dist.train.run_folder import RunFolder; RunLease(RunFolder(sys.argv[1], 'twice')).acquire(); "
+            "print('held', flush=True); time.sleep(600)",
+            str(runs),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        since = json.loads((run_dir / LEASE_FILE).read_text())["since"]
+        rc = cli.main(["train", *_args(proc_dataset, tmp_path, "twice", 20)])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"is held by another driver (host {socket.gethostname()}, pid {holder.pid}, since {since}" in err
+        assert (run_dir / "checkpoint_000099").is_dir()  # the cleanup did not run
+    finally:
+        holder.kill()
+        holder.wait()
+    folder = RunFolder(str(runs), "twice")
+    with RunLease(folder, settle_s=0.1):  # the holder died on this host: no need to wait for the ttl
+        assert json.loads((run_dir / LEASE_FILE).read_text())["pid"] == os.getpid()
+    assert not (run_dir / LEASE_FILE).exists()
+
+    # another host's lease: binding while it beats, taken over once silent past its ttl
+    other = {"owner": "x", "host": "elsewhere", "pid": 1, "since": "2026-01-01T00:00:00+00:00", "ttl_s": 120}
+    folder.write_json(LEASE_FILE, {**other, "heartbeat": time.time() - 5})
+    with pytest.raises(RunLeaseHeld, match=r"host elsewhere, pid 1, since 2026-01-01T00:00:00\+00:00, heartbeat 5 s"):
+        RunLease(folder, settle_s=0.1).acquire()
+    folder.write_json(LEASE_FILE, {**other, "heartbeat": time.time() - 200})
+    lease = RunLease(folder, ttl_s=0.4, settle_s=0.1).acquire()
+    first = json.loads((run_dir / LEASE_FILE).read_text())["heartbeat"]
+    time.sleep(0.5)
+    assert json.loads((run_dir / LEASE_FILE).read_text())["heartbeat"] > first  # renewed by its thread
+    lease.release()
+
+    # two drivers starting together: exactly one goes on
+    won, refused = [], []
+
+    def start():
+        try:
+            won.append(RunLease(folder, settle_s=0.5).acquire())
+        except RunLeaseHeld as e:
+            refused.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (len(won), len(refused)) == (1, 1)
+    won[0].release()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,11 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port, art = free_port(), tmp_path / "server-artifacts"
+def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port over tmp_path/server.db; returns once /health answers."""
     exe = Path(sys.executable).parent / "mlflow"
-    log = open(tmp_path / "server.log", "w")
+    log = open(tmp_path / "server.log", "a")
     proc = subprocess.Popen(
         [
             str(exe),
@@ -45,33 +45,47 @@ def mlflow_server(tmp_path):
             "1",
             "--serve-artifacts",
             "--artifacts-destination",
-            str(art),
+            str(tmp_path / "server-artifacts"),
         ],
         cwd=tmp_path,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # own group: we stop all of it
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or too slow to answer under load
-                pass
-            assert time.time() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
-        yield url, art
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.time() + 400  # a restart on a loaded 2-core machine can take minutes
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError((tmp_path / "server.log").read_text()[-3000:])
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return proc
+        except requests.RequestException:  # not listening yet, or too slow to answer under load
+            pass
+        if time.time() > deadline:
+            stop_server(proc)
+            raise AssertionError("mlflow server did not come up")
+        time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    if proc.poll() is not None:  # already stopped (killed by the test)
+        return
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    proc = start_server(tmp_path, port)
+    try:
+        yield f"http://127.0.0.1:{port}", tmp_path / "server-artifacts"
+    finally:
+        stop_server(proc)
 
 
 def test_study_logs_to_mlflow_server(ray_cluster, mlflow_server, tmp_path, monkeypatch):
@@ -128,3 +142,91 @@ def test_study_logs_to_mlflow_server(ray_cluster, mlflow_server, tmp_path, monke
     )
     assert csv.status_code == 200 and csv.text.startswith("cancer_type,tissue_source_site,n,accuracy")
     assert (art / exp_id / best / "artifacts" / "subgroups_val.csv").is_file()
+
+
+def _history(api: str, run_id: str, key: str) -> list[dict]:
+    r = requests.get(f"{api}/metrics/get-history", params={"run_id": run_id, "metric_key": key}, timeout=10)
+    return r.json().get("metrics", [])
+
+
+def test_tracking_outage_neither_ends_nor_loses_a_run(ray_cluster, proc_dataset, tmp_path, monkeypatch):
+    """The real server is killed and restarted: a RunLogger keeps going (a caller waits at most
+    WAIT_S, later calls queue at once) and delivers its queue when the server is back; a training
+    whose server dies after its first loss point ends at the requested step with every loss point."""
+    from medi_dist import tracking
+    from medi_dist.config_loader import load_config
+    from medi_dist.train.config import TrainConfig
+    from medi_dist.train.trainer import train
+
+    port = free_port()
+    url, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    server = start_server(tmp_path, port)
+    try:
+        # 1. our retry layer alone (MLflow's own HTTP retries off): never blocks past WAIT_S
+        with monkeypatch.context() as m:
+            m.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            m.setattr(tracking, "WAIT_S", 1.0)
+            run_id = tracking.find_or_create_run(url, "outage-direct")
+            logger = tracking.RunLogger(url, run_id)
+            logger.metrics({"x": 0.0}, 0)
+            stop_server(server, signal.SIGKILL)
+            t0 = time.time()
+            for i in range(1, 6):
+                logger.metrics({"x": float(i)}, i)
+            assert time.time() - t0 < 5 and logger.retries > 0  # queued, not blocked
+            server = start_server(tmp_path, port)
+            assert logger.flush(120) is None
+            assert sorted(p["step"] for p in _history(api, run_id, "x")) == [0, 1, 2, 3, 4, 5]
+
+        # 2. a real training, server killed after its first loss point and restarted
+        cfg = load_config(
+            TrainConfig,
+            None,
+            [
+                f"data.dataset={proc_dataset}",
+                "model.preset=tiny",
+                "model.resolution=16",
+                "optim.batch_size=16",
+                "steps=60",
+                "run.name=outage",
+                f"run.storage_path={tmp_path / 'runs'}",
+                f"run.tracking_uri={url}",
+                "run.log_every=2",
+                "run.checkpoint_every=30",
+            ],
+        )
+        done: dict = {}
+        t = threading.Thread(target=lambda: done.update(res=train(cfg)), daemon=True)
+        t.start()
+        run_id, deadline = None, time.time() + 600
+        while time.time() < deadline and t.is_alive():
+            exp = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "medi-dist"}, timeout=10)
+            ids = [exp.json()["experiment"]["experiment_id"]] if exp.status_code == 200 else []
+            found = (
+                requests.post(f"{api}/runs/search", json={"experiment_ids": ids, "max_results": 5}, timeout=10)
+                .json()
+                .get("runs", [])
+                if ids
+                else []
+            )
+            run_id = next((r["info"]["run_id"] for r in found if r["info"]["run_name"] == "outage"), None)
+            if run_id and _history(api, run_id, "loss"):
+                break
+            time.sleep(0.2)
+        assert run_id and t.is_alive(), "training ended before the server could be stopped"
+        stop_server(server, signal.SIGKILL)
+        down = time.time()
+        time.sleep(5)
+        server = start_server(tmp_path, port)
+        up = time.time()
+        t.join(timeout=900)
+        res = done["res"]
+        assert res.metrics["step"] == 60 and res.model_dir is not None
+        loss = _history(api, run_id, "loss")
+        steps = sorted(p["step"] for p in loss)  # every point (a call cut by the kill may land twice)
+        assert sorted(set(steps)) == list(range(2, 61, 2)) and len(steps) <= 31, steps
+        assert any(down * 1000 <= p["timestamp"] <= up * 1000 for p in loss), "no point was logged during the outage"
+        info = requests.get(f"{api}/runs/get", params={"run_id": run_id}, timeout=10).json()["run"]["info"]
+        assert info["status"] == "FINISHED"
+    finally:
+        stop_server(server)

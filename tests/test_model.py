@@ -76,6 +76,37 @@ def test_fusion_forward_shapes(spec, fusion):
     assert out.shape == (4, 3, 16, 16) and torch.isfinite(out).all()
 
 
+def test_late_columns_reach_only_the_fine_blocks(spec, tmp_path):
+    """A late column (the site) conditions only the last up blocks: the coarse levels, which lay out
+    morphology, cannot read it; with its embedding zeroed the model is the plain UNet2DModel."""
+    plain = tiny(spec).eval()
+    late = tiny(spec, late_columns=["tissue_source_site"]).eval()
+    late.load_state_dict(plain.state_dict())  # same parameters: the path differs, not the weights
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([5, 300, 600, 900])
+    cond = encode_conditions(spec, ROWS)
+    other_site = {**cond, "cond_tissue_source_site": cond["cond_tissue_source_site"].roll(1)}
+    seen = []
+    hook = late.unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        a, b = late(x, t, cond), late(x, t, other_site)
+    hook.remove()
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(a, b)  # the site reaches the output, not the mid block
+    with torch.no_grad():
+        for m in (plain, late):
+            m.cond_encoder.cat[1].weight.zero_()
+        assert torch.allclose(plain(x, t, cond), late(x, t, cond), atol=1e-5)
+    # saved and loaded with its model directory
+    save_model_dir(tmp_path / "m", late)
+    again, cfg, _ = load_model_dir(tmp_path / "m", weights="raw")
+    assert cfg.late_columns == ("tissue_source_site",)
+    with torch.no_grad():
+        assert torch.equal(again(x, t, cond), late(x, t, cond))
+    with pytest.raises(ValueError, match="not condition columns"):
+        tiny(spec, late_columns=["site"])
+    with pytest.raises(ValueError, match="additive"):
+        ModelConfig.from_preset("tiny", fusion="concat", late_columns=["tissue_source_site"])
+
+
 def test_null_tokens(spec):
     m = tiny(spec).eval()
     enc = lambda c: m.cond_encoder(c, 2, torch.device("cpu"))  # noqa: E731

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from medi_dist.data.shards import INDEX, MANIFEST, file_sha256
-from medi_dist.data.stream import StreamConfig, tile_stream
+from medi_dist.data.stream import StreamConfig, tile_stream, to_model_range
 from medi_dist.metadata import ConditioningSpec, SchemaError
 
 
@@ -28,8 +28,9 @@ def test_stream_decodes_tiles_and_conditions(ray_cluster, proc_dataset):
     index = pd.read_parquet(proc_dataset / INDEX).set_index("key")
     assert sorted(keys) == sorted(index[index["split"] == "train"].index)
     b = batches[0]
-    assert b["image"].shape[1:] == (3, 16, 16) and b["image"].dtype == np.float32
-    assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+    assert b["image"].shape[1:] == (3, 16, 16) and b["image"].dtype == np.uint8  # to float on the consumer
+    x = to_model_range(b["image"])
+    assert x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
     spec = s.spec
     for k, t, site in zip(b["key"], b["cond_cancer_type"], b["cond_tissue_source_site"]):
         assert spec.vocab("cancer_type").decode(t) == index.at[k, "cancer_type"]

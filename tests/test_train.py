@@ -339,6 +339,7 @@ def test_readme_cluster_commands_pass_the_job_path_check(monkeypatch):
 
     monkeypatch.setattr(trainer, "RunFolder", stop)  # past the check train would reach object storage
     monkeypatch.setattr("medi_dist.generate.job.build_tasks", stop)
+    monkeypatch.setattr("medi_dist.generate.job.Folder", stop)  # an s3:// --out is opened right after the check
     monkeypatch.setattr("medi_dist.tune.study.check_study", stop)
     for args in cmds:
         if args[0] in ("train", "tune"):

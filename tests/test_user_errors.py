@@ -333,3 +333,87 @@ def test_second_pass_findings(tmp_path, monkeypatch):
     }
     for seed in range(4):
         assert real_reference(feats, index, seed)["site_accuracy"] == 1.0
+
+
+# ---- 8. accepted nonsense, round two (issue 18) --------------------------------------------------
+
+
+def test_nonsense_sizes_outputs_and_ages_are_refused(proc_dataset, tmp_path, capsys):
+    """A zero resolution, 3-px tiles, a demo pointed at a dataset and an age the model never saw each
+    get one line; nothing is written."""
+    out = tmp_path / "tiny"
+    assert "--size 3: procedural tiles must be at least 16 px" in _one_line(
+        capsys, "ingest", "--tiles", "20", "--size", "3", "--out", str(out)
+    )
+    assert not out.exists()
+    assert "model.resolution must be at least 16 px (leave it out for the preset's size), got 0" in _one_line(
+        capsys, "train", f"data.dataset={proc_dataset}", "model.resolution=0"
+    )
+    assert "--resolution must be at least 16 px" in _one_line(
+        capsys,
+        "evaluate",
+        "fidelity",
+        "--real",
+        str(proc_dataset),
+        "--synthetic",
+        str(proc_dataset),
+        "--resolution",
+        "0",
+        "--no-mlflow",
+    )
+    before = sorted(p.name for p in proc_dataset.iterdir())
+    line = _one_line(capsys, "demo", "--out", str(proc_dataset))
+    assert f"--out {proc_dataset} is a dataset directory, not a demo output" in line
+    assert sorted(p.name for p in proc_dataset.iterdir()) == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("x")
+    assert "holds files that are not the demo's (todo.txt)" in _one_line(capsys, "demo", "--out", str(other))
+
+    # ages outside the training split's range: refused naming the range (never clamped)
+    spec = ConditioningSpec.load(proc_dataset / "vocab.json").subset([TYPE, SITE], ["age"])
+    age = spec.continuous[0]
+    torch.manual_seed(0)
+    net = ConditionedUNet(ModelConfig.from_preset("tiny"), spec)
+    aged = tmp_path / "aged"
+    save_model_dir(aged, net, EMA(net), extra_info={"name": "aged", "dataset": str(proc_dataset)})
+    gen = (
+        "generate",
+        "--model",
+        str(aged),
+        "--mode",
+        "unseen-pairs",
+        "--count",
+        "1",
+        "--out",
+        str(tmp_path / "g"),
+        "--dry-run",
+        "--extra",
+    )
+    line = _one_line(capsys, *gen, f"age={age.max + 30:g}")
+    assert f"age {age.max + 30:g} is outside the range the model was trained on ({age.min:g} to {age.max:g})" in line
+    rc, _, err = _main(capsys, *gen, f"age={age.min:g}")  # the edges are in range
+    assert rc == 0, err
+
+
+def test_continuous_statistics_come_from_the_train_split(proc_dataset):
+    """vocab.json's age mean/std/range are those of the training sites' tiles (held-out ages must not
+    shift the normalisation); a vocab.json written before the range was recorded still loads."""
+    import math
+
+    import pandas as pd
+
+    from medi_dist.metadata import ContinuousSpec
+
+    index = pd.read_parquet(proc_dataset / "index.parquet")
+    age = ConditioningSpec.load(proc_dataset / "vocab.json").continuous[0]
+    train = index.loc[index["split"] == "train", "age"].dropna().astype(float)
+    every = index["age"].dropna().astype(float)
+    assert (age.mean, age.min, age.max) == pytest.approx((train.mean(), train.min(), train.max()))
+    assert age.std == pytest.approx(train.std())  # sample std, as before
+    assert abs(every.mean() - train.mean()) > 1e-6  # the holdout tiles would have moved it
+    old = ConditioningSpec.from_dict(
+        {"categorical": {TYPE: ["A"]}, "continuous": [{"name": "age", "mean": 60.0, "std": 10.0}]}
+    )
+    assert old.continuous[0] == ContinuousSpec("age", 60.0, 10.0) and old.continuous[0].min is None
+    assert math.isclose(old.continuous[0].encode(70), 1.0)

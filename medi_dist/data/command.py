@@ -60,6 +60,7 @@ def _ingest(args: argparse.Namespace) -> None:
         shard_mb=args.shard_mb,
         overwrite=args.overwrite,
         max_skipped_fraction=args.max_skipped_fraction,
+        workers=args.workers,
     )
     print(f"wrote {args.out}")
     if skips.entries:
@@ -142,12 +143,20 @@ def add_ingest_parser(sub) -> argparse.ArgumentParser:
         help="default: the source whose input is given (--manifest, --root/--metadata, --slides); "
         "procedural when none is",
     )
-    ing.add_argument("--out", required=True, help="dataset directory to create")
+    ing.add_argument("--out", required=True, help="dataset directory to create: a path, s3://, gs:// or file:// URI")
     ing.add_argument("--seed", type=int, default=0, help="seed for the split (and procedural tiles)")
     ing.add_argument("--holdout-fraction", type=float, default=0.3, help="share of tiles in held-out sites")
     ing.add_argument("--val-fraction", type=float, default=0.0, help="share of tiles in validation sites (0: none)")
     ing.add_argument("--shard-mb", type=float, default=64, help="target shard size in MiB")
     ing.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ing.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="0 (default): read and check in this process; N: as Ray tasks, N at a time, across the Ray "
+        "cluster (a slide or a few hundred tiles each; the output is the same for any N). An "
+        "interrupted ingest run again reuses the finished pieces",
+    )
     ing.add_argument(
         "--max-skipped-fraction",
         type=float,

@@ -1,15 +1,24 @@
 """Source -> checked tiles -> site-disjoint split -> shards + index + vocabularies, written as one
-dataset directory.
+dataset directory (a local folder or an object-storage URI).
 
-Every tile is read and checked first (its bytes go to a spool file in the temporary directory), so
-the split is planned from the tiles that survive, and an ingest that skips too much stops before
-anything is written. The directory is built under a temporary name and renamed at the end, so an
+The source comes in units of work (a slide for wsi, every n-th of a few hundred tiles otherwise).
+Each unit is read, checked and encoded on its own (`workers` > 0: as Ray tasks across the cluster),
+its good tiles kept in a spool file of a work folder next to the output, its skips and metadata in
+a small JSON written last. Only then is the split planned, from the tiles that survived, so an
+ingest that skips too much stops before anything is written. Each unit then writes its own shards
+(shuffled with a seed of its own), and the index and manifest are written once at the end. The
+result depends on the inputs and the seed only, not on how many workers ran.
+
+An interrupted ingest leaves the work folder (`.<name>.ingest-<id>`, never mistaken for a dataset);
+the same command run again reuses every finished unit. A local dataset is built under a temporary
+name and renamed at the end; on object storage dataset.json is uploaded last. Either way an
 interrupted ingest never leaves something that looks like a finished dataset.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -17,16 +26,29 @@ import random
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ..metadata import ConditioningSpec, SchemaError, clean_category
+from ..storage import Folder, is_remote, local_path, temp_dir
 from .records import SkipLog, TileRecord, log
-from .shards import INDEX, MANIFEST, SPLIT, VOCAB, atomic_write_parquet, atomic_write_text, check_record, write_shards
+from .shards import (
+    INDEX,
+    MANIFEST,
+    SHARD_DIR,
+    SPLIT,
+    VOCAB,
+    ShardWriter,
+    atomic_write_parquet,
+    atomic_write_text,
+    check_record,
+    duplicate_key_error,
+    sha256,
+)
 from .sources import Scan
 from .split import SplitConfig, site_split, split_report
 
@@ -36,21 +58,13 @@ from .split import SplitConfig, site_split, split_report
 MAX_SKIPPED_FRACTION = 0.2
 
 
-def shuffled(records: Iterator, buffer: int, seed: int) -> Iterator:
-    """Bounded shuffle so shards mix types and slides without holding the dataset in memory."""
-    rng = random.Random(seed)
-    buf: list = []
-    for rec in records:
-        buf.append(rec)
-        if len(buf) >= buffer:
-            yield buf.pop(rng.randrange(len(buf)))
-    rng.shuffle(buf)
-    yield from buf
+class Stopped(RuntimeError):
+    """An ingest stopped on purpose after some units (tests, preemption drills); run it again."""
 
 
 @dataclass
 class _Spooled:
-    """A checked tile whose bytes wait in the spool file."""
+    """A checked tile whose bytes wait in its unit's spool file."""
 
     key: str
     image_format: str
@@ -60,27 +74,120 @@ class _Spooled:
     length: int
 
 
-def _spool(records: Iterable[TileRecord], path: Path, skips: SkipLog) -> tuple[list[_Spooled], Counter]:
-    """Check every tile; keep the good ones' bytes in `path`. Returns them and tiles per (type, site)."""
-    seen: dict[str, str] = {}
-    kept: list[_Spooled] = []
-    groups: Counter = Counter()
-    with open(path, "wb") as f:
-        for rec in records:
-            if not check_record(rec, seen, skips):
-                continue
-            kept.append(_Spooled(rec.key, rec.image_format, rec.meta, rec.origin, f.tell(), len(rec.image_bytes)))
-            f.write(rec.image_bytes)
-            pair = clean_category(rec.meta.get("cancer_type")), clean_category(rec.meta.get("tissue_source_site"))
-            groups[pair] += 1
-    return kept, groups
+def _unit_names(i: int) -> tuple[str, str]:
+    return f"unit-{i:06d}.bin", f"unit-{i:06d}.json"
 
 
-def _unspool(entries: Iterable[_Spooled], path: Path) -> Iterator[TileRecord]:
-    with open(path, "rb") as f:
-        for e in entries:
-            f.seek(e.offset)
-            yield TileRecord(e.key, f.read(e.length), e.image_format, e.meta, e.origin)
+def check_unit(unit, i: int, work_uri: str) -> None:
+    """Read, check and encode one unit; its good tiles' bytes go to the work folder's spool file,
+    then its record (tiles, skips, unparsed values) as JSON: a unit with a JSON is finished."""
+    skips, seen = SkipLog(), {}
+    kept, buf, offset = [], [], 0
+    for rec in unit(skips):
+        if not check_record(rec, seen, skips):
+            continue
+        kept.append(_Spooled(rec.key, rec.image_format, rec.meta, rec.origin, offset, len(rec.image_bytes)))
+        buf.append(rec.image_bytes)
+        offset += len(rec.image_bytes)
+    work = Folder(work_uri)
+    spool, record = _unit_names(i)
+    work.write_bytes(spool, b"".join(buf))
+    work.write_bytes(
+        record,
+        json.dumps(
+            {
+                "tiles": [asdict(k) for k in kept],
+                "skips": list(zip(skips.entries, skips.counts, skips.kinds)),
+                "unparsed": [[c, v, n] for (c, v), n in skips.unparsed.items()],
+            },
+            default=lambda o: o.item() if hasattr(o, "item") else str(o),
+        ).encode(),
+    )  # numpy scalars in metadata
+
+
+def write_unit(
+    i: int,
+    work_uri: str,
+    tiles: list[dict],
+    split_of: dict[str, str],
+    dest_uri: str,
+    target_bytes: int,
+    seed: int,
+    source: str,
+) -> tuple[list[dict], list[dict]]:
+    """Shard one unit's checked tiles by split, in an order shuffled with the unit's own seed;
+    returns (index rows, shard entries)."""
+    data = Folder(work_uri).read_bytes(_unit_names(i)[0])
+    tiles = list(tiles)
+    random.Random(f"{seed}:{i}").shuffle(tiles)
+    dest = Folder(dest_uri)
+    local = dest.root if not dest.remote else temp_dir("medi-dist-unit-")
+    writers: dict[str, ShardWriter] = {}
+    try:
+        for t in tiles:
+            meta = dict(t["meta"])
+            meta.setdefault("synthetic", False)
+            meta.setdefault("source", source)
+            site = clean_category(meta.get("tissue_source_site"))
+            split = split_of.get(site)
+            if split is None:
+                raise SchemaError(
+                    f"{t['origin']}: site {site!r} has no split assignment (internal error: split built "
+                    "from other data)"
+                )
+            w = writers.setdefault(split, ShardWriter(Path(local), split, target_bytes, name=f"shard-{i:06d}"))
+            image = data[t["offset"] : t["offset"] + t["length"]]
+            w.add(TileRecord(t["key"], image, t["image_format"], meta, t["origin"]), sha256(image))
+        for w in writers.values():
+            w.flush()
+        if dest.remote:  # each unit uploads its own shards
+            for s in (s for w in writers.values() for s in w.shards):
+                dest.write_bytes(s["path"], (Path(local) / s["path"]).read_bytes())
+    finally:
+        if dest.remote:
+            shutil.rmtree(local, ignore_errors=True)
+    return [r for w in writers.values() for r in w.rows], [s for w in writers.values() for s in w.shards]
+
+
+def _run(fn, calls: list[tuple], workers: int) -> list:
+    """fn(*args) for each call, in order: here (workers=0) or as Ray tasks, `workers` at a time."""
+    if workers <= 0:
+        return [fn(*a) for a in calls]
+    import ray
+
+    from ..ray_setup import ensure_ray
+
+    ensure_ray()
+    task = ray.remote(num_cpus=1, max_retries=2)(fn)
+    results: dict[int, Any] = {}
+    pending: dict[Any, int] = {}
+    todo = list(enumerate(calls))
+    while todo or pending:
+        while todo and len(pending) < workers:
+            n, a = todo.pop(0)
+            pending[task.remote(*a)] = n
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            try:
+                results[pending.pop(ref)] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:  # the user's error as itself, not Ray's traceback
+                raise (e.cause or e) from None
+    return [results[n] for n in range(len(calls))]
+
+
+def _job_id(scan: Scan, split: SplitConfig, target_bytes: int, n_units: int) -> str:
+    """Names the work folder: the same command on the same inputs finds it again to resume."""
+    ident = [
+        scan.name,
+        scan.total_inputs,
+        sorted(map(list, scan.groups.items())),
+        scan.categorical,
+        scan.continuous,
+        asdict(split),
+        target_bytes,
+        n_units,
+    ]
+    return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()[:12]
 
 
 def check_skipped(scan: Scan, skips: SkipLog, kept: int, max_fraction: float) -> None:
@@ -116,83 +223,124 @@ def case_variants(index: pd.DataFrame, columns: Iterable[str]) -> dict[str, list
     return out
 
 
+def _sibling(out: str | Path, name: str) -> str:
+    """`name` in the folder that holds `out` (a path or a URI)."""
+    if is_remote(out):
+        return f"{str(out).rstrip('/').rsplit('/', 1)[0]}/{name}"
+    return str(local_path(out).resolve().parent / name)
+
+
+def _check_out(out: str | Path, overwrite: bool) -> None:
+    if not is_remote(out):
+        out = local_path(out)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+        return
+    dest = Folder(out)
+    dest.check_bucket()  # wrong endpoint, credentials or bucket: before any tile is read
+    files = dest.files()
+    if dest.exists(MANIFEST) and not overwrite:
+        raise FileExistsError(f"{dest.uri} already holds a dataset; choose another --out or pass --overwrite")
+    if any(not f.startswith(SHARD_DIR + "/") for f in files if f != MANIFEST) and not overwrite:
+        # only shards and no manifest: what an interrupted ingest left; anything else is someone's data
+        raise FileExistsError(f"{dest.uri} already exists and is not empty; choose another --out or pass --overwrite")
+
+
+def _merge_units(work: Folder, n_units: int, skips: SkipLog) -> tuple[list[list[dict]], Counter, int]:
+    """Every unit's checked tiles (in unit order), skips merged into `skips`; duplicate keys across
+    units are refused as within one. Returns (tiles per unit, tiles per (type, site), tiles)."""
+    per_unit, groups, seen = [], Counter(), {}
+    for i in range(n_units):
+        rec = json.loads(work.read_bytes(_unit_names(i)[1]))
+        for (origin, reason), count, kind in rec["skips"]:
+            skips.skip(origin, reason, count, kind)
+        for c, v, n in rec["unparsed"]:
+            skips.unparsed[(c, v)] += n
+        for t in rec["tiles"]:
+            if t["key"] in seen:
+                raise duplicate_key_error(t["key"], t["origin"], seen[t["key"]])
+            seen[t["key"]] = t["origin"]
+            groups[
+                (clean_category(t["meta"].get("cancer_type")), clean_category(t["meta"].get("tissue_source_site")))
+            ] += 1
+        per_unit.append(rec["tiles"])
+    return per_unit, groups, len(seen)
+
+
 def ingest(
     scan: Scan,
     out: str | Path,
     split: SplitConfig,
     skips: SkipLog | None = None,
     shard_mb: float = 64,
-    shuffle_buffer: int = 4096,
     overwrite: bool = False,
     max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
+    workers: int = 0,
+    stop_after_units: int | None = None,
 ) -> dict:
-    out = Path(out)
+    """Write the dataset to `out` (a local folder or an object-storage URI). `workers`: 0 runs every
+    unit in this process, N > 0 runs them as Ray tasks, N at a time, across the cluster (same bytes)."""
     skips = skips if skips is not None else SkipLog()
     if not 0 <= max_skipped_fraction <= 1:
         raise ValueError(f"--max-skipped-fraction must be in [0, 1], got {max_skipped_fraction}")
     split.targets()  # bad fractions fail before any tile is read
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    _check_out(out, overwrite)
     if not scan.groups and not skips.entries:
         raise SchemaError(f"{scan.name}: no tiles found")
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+    units = scan.units if scan.units is not None else [lambda s: scan.records()]
+    if scan.units is None and workers:
+        log.warning("%s: this source is one piece of work; reading it in this process", scan.name)
+        workers = 0
+    target = int(shard_mb * (1 << 20))
+    out_name = str(out).rstrip("/").rsplit("/", 1)[-1]
+    work_uri = _sibling(out, f".{out_name}.ingest-{_job_id(scan, split, target, len(units))}")
+    work = Folder(work_uri)
+    tmp = None
     try:
-        spool = tmp / ".spool"
-        kept, groups = _spool(scan.records(), spool, skips)
-        check_skipped(scan, skips, len(kept), max_skipped_fraction)
+        done = set(work.files())
+        todo = [(u, i, work_uri) for i, u in enumerate(units) if _unit_names(i)[1] not in done]
+        if done and todo:
+            log.warning(
+                "%s: resuming an interrupted ingest: %d of %d units already done",
+                scan.name,
+                len(units) - len(todo),
+                len(units),
+            )
+        _run(check_unit, todo[:stop_after_units], workers)
+        if stop_after_units is not None and len(todo) > stop_after_units:
+            raise Stopped(f"stopped after {stop_after_units} units of {len(units)}; run again to finish")
+        per_unit, groups, n_kept = _merge_units(work, len(units), skips)
+        check_skipped(scan, skips, n_kept, max_skipped_fraction)
         assign = site_split(groups, split)  # from the tiles that survived, not from what was listed
-        index, shards = write_shards(
-            _unspool(shuffled(iter(kept), shuffle_buffer, split.seed), spool),
-            tmp,
-            assign,
-            int(shard_mb * (1 << 20)),
-            scan.name,
+        if is_remote(out):
+            dest_uri = str(out)
+            if Folder(out).exists(MANIFEST):  # the old manifest goes first: nothing reads as complete
+                Folder(out).delete(MANIFEST)
+        else:
+            tmp = local_path(out).resolve().with_name(f".{out_name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir(parents=True)
+            dest_uri = str(tmp)
+        parts = _run(
+            write_unit,
+            [
+                (i, work_uri, tiles, assign, dest_uri, target, split.seed, scan.name)
+                for i, tiles in enumerate(per_unit)
+                if tiles
+            ],
+            workers,
         )
-        spool.unlink()
-        continuous = [c for c in scan.continuous if c in index.columns and index[c].notna().any()]
-        for c in sorted(set(scan.continuous) - set(continuous)):
-            log.warning("%s: continuous column %r has no value in any tile; not used as a condition", scan.name, c)
-        spec = ConditioningSpec.build(index.to_dict("records"), scan.categorical, continuous)
-        spec.save(tmp / VOCAB)
-        atomic_write_parquet(index, tmp / INDEX)
-        # Report what was actually written (skips can empty a group).
-        written = index.groupby(["cancer_type", "tissue_source_site"]).size().to_dict()
-        report = split_report(written, assign, split)
-        if report["share_note"]:
-            log.info("%s: %s", scan.name, report["share_note"])  # the CLI prints it once, with the stats
-        atomic_write_text(tmp / SPLIT, json.dumps(report, indent=2))
-        manifest = {
-            "format": "medi-dist-dataset/1",
-            "source": scan.name,
-            **({"renderer": scan.renderer} if scan.renderer else {}),
-            "tiles": int(len(index)),
-            "image_formats": sorted(index["image_format"].unique().tolist()),
-            "categorical": scan.categorical,
-            "continuous": continuous,
-            "shards": shards,
-            "skipped": [{"input": o, "reason": r} for o, r in skips.entries],
-            "unparsed_values": skips.unparsed_rows(),  # read as missing; the tiles were kept
-            "case_variants": case_variants(index, scan.categorical),
-        }
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
-        old = None
-        if out.exists():  # move the old dataset aside; delete it only once the new one is in place
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        index = pd.DataFrame([r for rows, _ in parts for r in rows])
+        shards = [s for _, sh in parts for s in sh]
+        manifest = _finish(scan, out, tmp, index, shards, assign, split, skips)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            kept = f"the existing {out} is untouched" if out.exists() else f"{out} was not created"
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        if full or isinstance(e, (SchemaError, ValueError)):  # inputs must change: nothing to resume
+            _remove(work)
+        if full:
+            out = local_path(out) if not is_remote(out) else out
+            kept = f"the existing {out} is untouched" if Folder(out).exists(MANIFEST) else f"{out} was not created"
             at = f" (at {e.filename})" if e.filename else ""
             raise OSError(
                 e.errno,
@@ -200,6 +348,87 @@ def ingest(
                 f"({kept}). Free space or choose another --out, then re-run",
             ) from e
         raise
+    _remove(work)
     if skips.entries:
         log.info(skips.summary())  # the CLI prints it once; every entry is in dataset.json
+    return manifest
+
+
+def _remove(folder: Folder) -> None:
+    if folder.remote:
+        if not folder.is_empty():
+            folder.delete_all()
+            folder.fs.delete_dir(folder.root)
+    else:
+        shutil.rmtree(folder.root, ignore_errors=True)
+
+
+def _finish(
+    scan: Scan,
+    out: str | Path,
+    tmp: Path | None,
+    index: pd.DataFrame,
+    shards: list[dict],
+    assign: dict,
+    split: SplitConfig,
+    skips: SkipLog,
+) -> dict:
+    """Vocabularies, split report, index and manifest (last); a local dataset then takes its name."""
+    stage = tmp if tmp is not None else temp_dir("medi-dist-ingest-")
+    train = index[index["split"] == "train"]  # continuous statistics from the training sites only
+    continuous = [c for c in scan.continuous if c in index.columns and train[c].notna().any()]
+    for c in sorted(set(scan.continuous) - set(continuous)):
+        log.warning("%s: continuous column %r has no value in any training tile; not used as a condition", scan.name, c)
+    # only the condition columns as records: all of them cost ~3 KiB per tile (soak, benchmarks/RESULTS.md)
+    cols = [c for c in dict.fromkeys([*scan.categorical, *continuous]) if c in index.columns]
+    spec = ConditioningSpec.build(
+        index[cols].to_dict("records"), scan.categorical, continuous, train[cols].to_dict("records")
+    )
+    spec.save(stage / VOCAB)
+    atomic_write_parquet(index, stage / INDEX)
+    # Report what was actually written (skips can empty a group).
+    written = index.groupby(["cancer_type", "tissue_source_site"]).size().to_dict()
+    report = split_report(written, assign, split)
+    if report["share_note"]:
+        log.info("%s: %s", scan.name, report["share_note"])  # the CLI prints it once, with the stats
+    atomic_write_text(stage / SPLIT, json.dumps(report, indent=2))
+    manifest = {
+        "format": "medi-dist-dataset/1",
+        "source": scan.name,
+        **({"renderer": scan.renderer} if scan.renderer else {}),
+        "tiles": int(len(index)),
+        "image_formats": sorted(index["image_format"].unique().tolist()),
+        "categorical": scan.categorical,
+        "continuous": continuous,
+        "shards": shards,
+        "skipped": [{"input": o, "reason": r} for o, r in skips.entries],
+        "unparsed_values": skips.unparsed_rows(),  # read as missing; the tiles were kept
+        "case_variants": case_variants(index, scan.categorical),
+    }
+    atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2))
+    if tmp is None:  # object storage: drop what an earlier ingest left, then the files, manifest last
+        dest = Folder(out)
+        keep = {s["path"] for s in shards}
+        for f in dest.files():
+            if f not in keep:
+                dest.delete(f)
+        try:
+            for name in (VOCAB, SPLIT, INDEX, MANIFEST):
+                dest.write_bytes(name, (stage / name).read_bytes())
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return manifest
+    out = local_path(out)
+    old = None
+    if out.exists():  # move the old dataset aside; delete it only once the new one is in place
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return manifest

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from ..metadata import check_key
+from ..metadata import MIN_TILE_PX, check_key
 from .records import TileRecord
 
 # (number of sites, top-1 site share) for each of the 32 TCGA projects. Computed from
@@ -84,6 +84,13 @@ class ProceduralConfig:
     # Each site's scanner also leaves a faint periodic line pattern (its own period, angle, strength):
     # a site shortcut that is not colour, so stain augmentation and normalisation cannot remove it.
     scanner_lines: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size < MIN_TILE_PX:
+            raise ValueError(
+                f"--size {self.size}: procedural tiles must be at least {MIN_TILE_PX} px (the smallest "
+                "model's resolution; smaller tiles hold no tissue structure)"
+            )
 
 
 def cancer_types(n: int) -> list[str]:
@@ -387,12 +394,17 @@ def render_tiles(pairs: list[tuple[str, str]], seeds: list, size: int, scanner_l
     return out
 
 
-def generate(cfg: ProceduralConfig) -> Iterator[TileRecord]:
-    """Tiles in plan order. Each tile's RNG derives from (seed, type, site, index), so any subset
-    rendered in any process gives the same bytes."""
+def generate(cfg: ProceduralConfig, part: tuple[int, int] = (0, 1)) -> Iterator[TileRecord]:
+    """Tiles in plan order; `part=(j, n)`: only every n-th tile from the j-th (a unit of a distributed
+    ingest). Each tile's RNG derives from (seed, type, site, index), so any subset rendered in any
+    process gives the same bytes."""
+    pos = -1
     for (t, site), count in plan_counts(cfg).items():
         ct, cs = _crc(t), _crc(site)
         for i in range(count):
+            pos += 1
+            if pos % part[1] != part[0]:
+                continue
             slide = i // cfg.tiles_per_slide
             jpeg = render_jpeg(t, site, np.random.default_rng([cfg.seed, ct, cs, 0, i]), cfg.size, cfg.scanner_lines)
             meta = {"slide_id": f"proc-{t}-{site}-{slide:04d}", "cancer_type": t, "tissue_source_site": site}

@@ -27,7 +27,8 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from ..metadata import SchemaError, check_key, clean_category
+from ..metadata import ConditioningSpec, SchemaError, check_key
+from ..storage import Folder, file_sha256, is_remote, local_copy, local_path
 from .records import SkipLog, TileRecord
 
 SHARD_DIR = "shards"
@@ -40,14 +41,6 @@ IMAGE_FORMATS = ("jpg", "png")
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_image(data: bytes) -> tuple[int, int]:
@@ -97,6 +90,7 @@ class ShardWriter:
     split: str
     target_bytes: int = 64 << 20
     max_tiles: int = 1000  # also cap tiles, so small datasets still give Ray Data several shards
+    name: str = "shard"  # file names <name>-000000.tar, ...: each ingest unit writes its own
     rows: list[dict[str, Any]] = field(default_factory=list)
     shards: list[dict[str, Any]] = field(default_factory=list)
     _buf: list[tuple[TileRecord, str]] = field(default_factory=list)
@@ -111,7 +105,7 @@ class ShardWriter:
     def flush(self) -> None:
         if not self._buf:
             return
-        rel = f"{SHARD_DIR}/{self.split}/shard-{len(self.shards):06d}.tar"
+        rel = f"{SHARD_DIR}/{self.split}/{self.name}-{len(self.shards):06d}.tar"
         path = self.out_dir / rel
         members, rows = [], []
         for rec, checksum in sorted(self._buf, key=lambda x: x[0].key):
@@ -136,18 +130,22 @@ class ShardWriter:
         self._buf, self._buf_bytes = [], 0
 
 
+def duplicate_key_error(key: str, origin: str, other: str) -> SchemaError:
+    return SchemaError(
+        f"duplicate tile key {key!r} from {origin} and {other}; keys must be unique "
+        "(keys keep only letters, digits, '-' and '_', so 'a.b' and 'a_b' collide): give the rows distinct keys "
+        "(in a manifest add a slide_id column, since the key is <slide_id>-<file name> and without one "
+        "every folder's 0_0.png is '0_0-0_0', or a key column)"
+    )
+
+
 def check_record(rec: TileRecord, seen: dict[str, str], skips: SkipLog) -> bool:
     """Whether a tile can be written: a bad image is skipped and logged (False); an invalid or
     duplicate key or an unknown format is an error. Keys accepted so far go into `seen`."""
     origin = rec.origin or rec.key
     check_key(rec.key)
     if rec.key in seen:
-        raise SchemaError(
-            f"duplicate tile key {rec.key!r} from {origin} and {seen[rec.key]}; keys must be unique "
-            "(keys keep only letters, digits, '-' and '_', so 'a.b' and 'a_b' collide): give the rows distinct keys "
-            "(in a manifest add a slide_id column, since the key is <slide_id>-<file name> and without one "
-            "every folder's 0_0.png is '0_0-0_0', or a key column)"
-        )
+        raise duplicate_key_error(rec.key, origin, seen[rec.key])
     if rec.image_format not in IMAGE_FORMATS:
         raise SchemaError(f"{origin}: image format {rec.image_format!r}, expected one of {IMAGE_FORMATS}")
     try:
@@ -157,36 +155,6 @@ def check_record(rec: TileRecord, seen: dict[str, str], skips: SkipLog) -> bool:
         return False
     seen[rec.key] = origin
     return True
-
-
-def write_shards(
-    records: Iterable[TileRecord],
-    out_dir: str | Path,
-    split_of: dict[str, str],
-    target_bytes: int = 64 << 20,
-    source: str = "",
-) -> tuple[pd.DataFrame, list[dict]]:
-    """Write checked tiles (check_record) into per-split shards; returns (index, shard list).
-    `split_of` maps a tissue source site to its split."""
-    out_dir = Path(out_dir)
-    writers: dict[str, ShardWriter] = {}
-    for rec in records:
-        meta = dict(rec.meta)
-        meta.setdefault("synthetic", False)
-        meta.setdefault("source", source)
-        site = clean_category(meta.get("tissue_source_site"))
-        split = split_of.get(site)
-        if split is None:
-            raise SchemaError(
-                f"{rec.origin}: site {site!r} has no split assignment (internal error: split built from other data)"
-            )
-        w = writers.setdefault(split, ShardWriter(out_dir, split, target_bytes))
-        w.add(TileRecord(rec.key, rec.image_bytes, rec.image_format, meta, rec.origin), sha256(rec.image_bytes))
-    for w in writers.values():
-        w.flush()
-    rows = [r for w in writers.values() for r in w.rows]
-    shards = [s for w in writers.values() for s in w.shards]
-    return pd.DataFrame(rows), shards
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -204,13 +172,16 @@ def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
 def not_a_dataset(dataset_dir: str | Path, missing: str = MANIFEST) -> FileNotFoundError:
     """The one message for a folder that is not (yet) a dataset: real datasets come from ingest,
     synthetic pools from generate, and an unfinished generation is finished by running it again."""
-    root = Path(dataset_dir)
-    if (root / "generation.json").is_file():
+    folder = Folder(dataset_dir)
+    root = folder.uri if folder.remote else local_path(dataset_dir)
+    if folder.exists("generation.json"):
         return FileNotFoundError(
             f"{root} is an unfinished `medi-dist generate` output (no {missing}); run the "
             "same generate command again to finish it"
         )
-    if not root.exists():
+    if folder.remote:
+        what = "is empty or does not exist" if folder.is_empty() else f"is not a medi-dist dataset (no {missing})"
+    elif not root.exists():
         what = "does not exist"
     elif root.is_dir() and not any(root.iterdir()):
         what = "is empty"
@@ -223,10 +194,32 @@ def not_a_dataset(dataset_dir: str | Path, missing: str = MANIFEST) -> FileNotFo
 
 
 def load_manifest(dataset_dir: str | Path) -> dict:
-    path = Path(dataset_dir) / MANIFEST
-    if not path.exists():
+    """dataset.json of a local folder or an object-storage URI."""
+    folder = Folder(dataset_dir)
+    folder.check_bucket()
+    if not folder.exists(MANIFEST):
         raise not_a_dataset(dataset_dir)
-    return json.loads(path.read_text())
+    return json.loads(folder.read_bytes(MANIFEST))
+
+
+def read_index(dataset_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """index.parquet of a local folder or an object-storage URI."""
+    folder = Folder(dataset_dir)
+    if not folder.exists(INDEX):
+        raise not_a_dataset(dataset_dir, INDEX)
+    return pd.read_parquet(io.BytesIO(folder.read_bytes(INDEX)), columns=columns)
+
+
+def local_dataset(dataset_dir: str | Path) -> Path:
+    """The dataset as a local folder: itself, or for an object-storage URI a cached copy whose shards
+    passed their size and sha256 checks (storage.local_copy)."""
+    if not is_remote(dataset_dir):
+        return local_path(dataset_dir)
+    return local_copy(dataset_dir, load_manifest(dataset_dir)["shards"])
+
+
+def read_vocab(dataset_dir: str | Path) -> ConditioningSpec:
+    return ConditioningSpec.from_dict(json.loads(Folder(dataset_dir).read_bytes(VOCAB)))
 
 
 def check_shard_members(path: Path, tiles: int | None = None) -> int:
@@ -276,11 +269,17 @@ def check_shard_members(path: Path, tiles: int | None = None) -> int:
     return len(keys)
 
 
-def verify_shards(dataset_dir: str | Path, splits: Iterable[str] | None = None, checksums: bool = False) -> list[Path]:
+def verify_shards(dataset_dir: str | Path, splits: Iterable[str] | None = None, checksums: bool = False) -> list:
     """Paths of the dataset's shards, refusing any that is missing, empty or truncated; with
-    `checksums=True` also any whose sha256 or tar members (check_shard_members) are wrong."""
-    root = Path(dataset_dir)
-    manifest = load_manifest(root)
+    `checksums=True` also any whose sha256 or tar members (check_shard_members) are wrong.
+    On object storage: paths within its filesystem (strings), or with `checksums=True` the shards of
+    a verified local copy (storage.local_copy)."""
+    manifest = load_manifest(dataset_dir)
+    if is_remote(dataset_dir):
+        if checksums:
+            return verify_shards(local_copy(dataset_dir, manifest["shards"]), splits, checksums)
+        return _verify_remote(Folder(dataset_dir), manifest, splits)
+    root = local_path(dataset_dir)
     wanted = set(splits) if splits is not None else None
     paths = []
     for s in manifest["shards"]:
@@ -302,4 +301,27 @@ def verify_shards(dataset_dir: str | Path, splits: Iterable[str] | None = None, 
         if checksums:
             check_shard_members(p, s.get("tiles"))
         paths.append(p)
+    return paths
+
+
+def _verify_remote(folder: Folder, manifest: dict, splits: Iterable[str] | None) -> list[str]:
+    """verify_shards on object storage: presence and size of each shard (its sha256 is checked per
+    tile as the stream decodes it, and per shard by local_copy)."""
+    wanted = set(splits) if splits is not None else None
+    paths = []
+    for s in manifest["shards"]:
+        if wanted is not None and s["split"] not in wanted:
+            continue
+        size = folder.size(s["path"])
+        uri = folder.uri_of(s["path"])
+        if size is None:
+            raise SchemaError(
+                f"shard {uri} is missing from the bucket; copy it again or re-run `medi-dist ingest --out {folder.uri}`"
+            )
+        if size != s["bytes"]:
+            raise SchemaError(
+                f"shard {uri} is {size} bytes but was written as {s['bytes']} (truncated or altered "
+                f"copy); copy it again or re-run `medi-dist ingest --out {folder.uri}`"
+            )
+        paths.append(folder.path(s["path"]))
     return paths

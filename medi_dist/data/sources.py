@@ -10,10 +10,12 @@ read (so the site-disjoint split is known up front) and then yields TileRecords 
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +29,11 @@ OTHER_IMAGE_SUFFIXES = {".tif", ".tiff", ".bmp", ".webp"}  # re-encoded as PNG
 IMAGE_SUFFIXES = set(TILE_SUFFIXES) | OTHER_IMAGE_SUFFIXES
 
 
+UNIT_TILES = 512  # tiles per unit of work for file sources (a slide is one unit for wsi)
+
+Unit = Callable[[SkipLog], Iterator[TileRecord]]  # picklable: runs as a Ray task on any node
+
+
 @dataclass
 class Scan:
     groups: Counter  # tiles (or slides) per (cancer_type, tissue_source_site)
@@ -36,10 +43,28 @@ class Scan:
     name: str = ""
     inputs: int = 0  # inputs listed, in the unit skips count (tiles; slides for wsi); 0: sum of groups
     renderer: dict | None = None  # procedural: what the renderer needs to draw more of this world
+    # The same tiles cut into independent pieces of work, in order (`records` = all of them in turn);
+    # each logs its skips into the SkipLog it is given. None: `records` is one piece.
+    units: list[Unit] | None = None
 
     @property
     def total_inputs(self) -> int:
         return self.inputs or sum(self.groups.values())
+
+
+def _in_units(units: list[Unit], skips: SkipLog) -> Callable[[], Iterator[TileRecord]]:
+    return lambda: itertools.chain.from_iterable(u(skips) for u in units)
+
+
+def _parts(n_items: int) -> int:
+    return max(1, -(-n_items // UNIT_TILES))
+
+
+def _chunks(items: list) -> list[list]:
+    """Every n-th item per unit (not runs of neighbours): each unit, hence each of its shards, mixes
+    types, sites and slides as the whole list does."""
+    n = _parts(len(items))
+    return [items[j::n] for j in range(n)]
 
 
 def safe_key(text: str) -> str:
@@ -171,21 +196,30 @@ def tcga_ut(root: str | Path, metadata: str | Path, skips: SkipLog) -> Scan:
             f"(or .png/.tif) with slides listed in {metadata}"
         )
 
-    def records() -> Iterator[TileRecord]:
-        for f, ctype, slide in tiles:
-            row = {"cancer_type": ctype, **table.loc[slide].to_dict()}
-            meta = {"slide_id": slide, **_metadata_fields(row, cat, cont, skips)}
-            try:
-                data, fmt = read_tile_bytes(f)
-            except OSError as e:
-                skips.skip(str(f), f"unreadable file ({e})")
-                continue
-            except SchemaError as e:
-                skips.skip(str(f), str(e))
-                continue
-            yield TileRecord(safe_key(f"{slide}-{f.stem}"), data, fmt, meta, str(f))
+    units = [
+        partial(
+            _tcga_records, chunk, {s: table.loc[s].to_dict() for s in dict.fromkeys(t[2] for t in chunk)}, cat, cont
+        )
+        for chunk in _chunks(tiles)
+    ]
+    return Scan(groups, _in_units(units, skips), cat, cont, f"tcga-ut:{root}", inputs, units=units)
 
-    return Scan(groups, records, cat, cont, f"tcga-ut:{root}", inputs)
+
+def _tcga_records(
+    tiles: list[tuple[Path, str, str]], rows: dict, cat: list[str], cont: list[str], skips: SkipLog
+) -> Iterator[TileRecord]:
+    for f, ctype, slide in tiles:
+        row = {"cancer_type": ctype, **rows[slide]}
+        meta = {"slide_id": slide, **_metadata_fields(row, cat, cont, skips)}
+        try:
+            data, fmt = read_tile_bytes(f)
+        except OSError as e:
+            skips.skip(str(f), f"unreadable file ({e})")
+            continue
+        except SchemaError as e:
+            skips.skip(str(f), str(e))
+            continue
+        yield TileRecord(safe_key(f"{slide}-{f.stem}"), data, fmt, meta, str(f))
 
 
 # ---- manifest ------------------------------------------------------------------------------------
@@ -214,28 +248,33 @@ def manifest(
     rows = table.to_dict("records")
     groups: Counter = Counter((clean_category(r["cancer_type"]), clean_category(r["tissue_source_site"])) for r in rows)
 
-    def records() -> Iterator[TileRecord]:
-        for i, r in enumerate(rows, start=2):  # row 1 is the header in a CSV
-            origin = f"{path} row {i} ({r[image_column]})"
-            img = listed_path(r[image_column], path)
-            missing = missing_file_reason(r[image_column], path)
-            if missing:
-                skips.skip(origin, missing[0], kind=missing[1])
-                continue
-            meta = _metadata_fields(r, cat, cont, skips)
-            try:
-                data, fmt = read_tile_bytes(img)
-            except SchemaError as e:
-                skips.skip(origin, str(e))
-                continue
-            except OSError as e:
-                skips.skip(origin, f"{type(e).__name__}: {e}")
-                continue
-            slide = clean_category(r.get("slide_id")) if "slide_id" in r else img.stem
-            key = safe_key(str(r["key"])) if r.get("key") else safe_key(f"{slide}-{img.stem}")
-            yield TileRecord(key, data, fmt, {"slide_id": slide, **meta}, origin)
+    numbered = list(enumerate(rows, start=2))  # row 1 is the header in a CSV
+    units = [partial(_manifest_records, chunk, path, image_column, cat, cont) for chunk in _chunks(numbered)]
+    return Scan(groups, _in_units(units, skips), cat, cont, f"manifest:{path}", len(rows), units=units)
 
-    return Scan(groups, records, cat, cont, f"manifest:{path}", len(rows))
+
+def _manifest_records(
+    rows: list[tuple[int, dict]], path: Path, image_column: str, cat: list[str], cont: list[str], skips: SkipLog
+) -> Iterator[TileRecord]:
+    for i, r in rows:
+        origin = f"{path} row {i} ({r[image_column]})"
+        img = listed_path(r[image_column], path)
+        missing = missing_file_reason(r[image_column], path)
+        if missing:
+            skips.skip(origin, missing[0], kind=missing[1])
+            continue
+        meta = _metadata_fields(r, cat, cont, skips)
+        try:
+            data, fmt = read_tile_bytes(img)
+        except SchemaError as e:
+            skips.skip(origin, str(e))
+            continue
+        except OSError as e:
+            skips.skip(origin, f"{type(e).__name__}: {e}")
+            continue
+        slide = clean_category(r.get("slide_id")) if "slide_id" in r else img.stem
+        key = safe_key(str(r["key"])) if r.get("key") else safe_key(f"{slide}-{img.stem}")
+        yield TileRecord(key, data, fmt, {"slide_id": slide, **meta}, origin)
 
 
 # ---- procedural ----------------------------------------------------------------------------------
@@ -247,14 +286,23 @@ def procedural(cfg) -> Scan:
     counts = plan_counts(cfg)
     cat = ["cancer_type", "tissue_source_site"] + (["sex"] if cfg.extra_metadata else [])
     cont = ["age"] if cfg.extra_metadata else []
+    n = _parts(sum(counts.values()))
+    units = [partial(_procedural_records, cfg, (j, n)) for j in range(n)]
     return Scan(
         Counter(counts),
         lambda: generate(cfg),
         cat,
         cont,
         "procedural",
+        units=units,
         renderer={"size": cfg.size, "scanner_lines": cfg.scanner_lines},
     )
+
+
+def _procedural_records(cfg, part: tuple[int, int], skips: SkipLog) -> Iterator[TileRecord]:
+    from .procedural import generate
+
+    return generate(cfg, part)
 
 
 # ---- wsi -----------------------------------------------------------------------------------------
@@ -262,7 +310,7 @@ def procedural(cfg) -> Scan:
 
 def wsi_scan(slides_table: str | Path, cfg, skips: SkipLog) -> Scan:
     """Slides listed in a table (path, cancer_type, tissue_source_site, optional slide_id/sex/race/age)."""
-    from .wsi import wsi_source
+    from .wsi import sanitize_key_part, wsi_source
 
     path = Path(slides_table)
     table = read_table(path)
@@ -279,5 +327,14 @@ def wsi_scan(slides_table: str | Path, cfg, skips: SkipLog) -> Scan:
         p = listed_path(r["path"], path)
         sid = clean_category(r.get("slide_id")) if r.get("slide_id") else safe_key(p.stem)
         slides.append((p, {"slide_id": sid, **_metadata_fields(r, cat, cont, skips)}))
+    # One unit per slide, so a repeated slide_id is skipped here (as wsi_source does): keys stay unique.
+    first: dict[str, str] = {}
+    for p, m in list(slides):
+        sid = sanitize_key_part(m["slide_id"])
+        if sid in first:
+            skips.skip(str(p), f"slide_id {sid!r} already used by {first[sid]}; keys would collide")
+            slides.remove((p, m))
+        first.setdefault(sid, str(p))
     groups = Counter((m["cancer_type"], m["tissue_source_site"]) for _, m in slides)  # slides, not tiles
-    return Scan(groups, lambda: wsi_source(slides, cfg, skips), cat, cont, f"wsi:{path}", len(rows))
+    units = [partial(wsi_source, [s], cfg) for s in slides]
+    return Scan(groups, lambda: wsi_source(slides, cfg, skips), cat, cont, f"wsi:{path}", len(rows), units=units)

@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
-
-from .shards import INDEX, SPLIT, load_manifest, verify_shards
+from ..storage import Folder, is_remote, local_path
+from .shards import SPLIT, load_manifest, read_index, verify_shards
 
 
 def dataset_stats(dataset_dir: str | Path, verify: bool = False) -> dict:
-    root = Path(dataset_dir)
+    root = dataset_dir if is_remote(dataset_dir) else local_path(dataset_dir)
     manifest = load_manifest(root)
     shards = verify_shards(root, checksums=verify)
-    index = pd.read_parquet(root / INDEX)
-    split = json.loads((root / SPLIT).read_text())
+    index = read_index(root)
+    split = json.loads(Folder(root).read_bytes(SPLIT))
     per_type = index.groupby("cancer_type")
     top1 = per_type["tissue_source_site"].agg(lambda s: s.value_counts(normalize=True).iloc[0])
     return {

@@ -1,4 +1,5 @@
-"""Ray Data stream: dataset shards -> decoded float tiles at model resolution + condition indices.
+"""Ray Data stream: dataset shards -> decoded uint8 tiles at model resolution + condition indices
+(`to_model_range` turns them into the model's float32 [-1, 1] on the consumer).
 
 Read tasks read slices of our tar shards and do everything in place: checksum, decode, resize,
 condition encoding, balancing (`TileShards`). A tile that fails to decode, or whose bytes fail the
@@ -14,6 +15,8 @@ import hashlib
 import io
 import json
 import logging
+import mmap
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,8 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from ..metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec, SchemaError
-from .shards import INDEX, MANIFEST, VOCAB, load_manifest, verify_shards
+from ..storage import Folder, is_remote, local_path
+from .shards import MANIFEST, load_manifest, read_index, read_vocab, verify_shards
 
 log = logging.getLogger("medi_dist.data")
 
@@ -65,19 +69,43 @@ class BadTileLedger:
         return {"seen": self.seen, "skipped": len(self.bad), "bad": list(self.bad)}
 
 
-def decode_tile(data: bytes, resolution: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Encoded tile -> float32 CHW in [-1, 1] at `resolution` (written into `out` when given)."""
+def _ledger_on_this_node():
+    """The ledger lives on the driver's node. Placed anywhere (num_cpus=0), it could land on a worker
+    node; losing that node would kill it, and every decode task after that would fail on it, also
+    those of the restarted Train workers, until the training ran out of `max_failures`
+    (tests/test_node_loss.py). The driver's node going away ends the job anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return BadTileLedger.options(scheduling_strategy=here).remote()
+
+
+def decode_into(data: bytes, resolution: int, out: np.ndarray) -> None:
+    """Encoded tile -> uint8 CHW at `resolution`, written into `out` (3, resolution, resolution)."""
     with Image.open(io.BytesIO(data)) as im:
         if im.mode != "RGB":
             raise ValueError(f"mode {im.mode}, expected RGB")
         if im.size != (resolution, resolution):
             im = im.resize((resolution, resolution), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
-    if out is None:
-        out = np.empty((3, resolution, resolution), np.float32)
-    np.divide(arr.transpose(2, 0, 1), 127.5, out=out, dtype=np.float32)
-    out -= 1.0
-    return out
+        out[...] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def to_model_range(images):
+    """The stream's uint8 images (numpy or torch) -> float32 in [-1, 1], as the model takes them.
+    The stream ships uint8 (4x less to pickle, store and batch than float32); the consumer converts."""
+    if isinstance(images, np.ndarray):
+        out = images.astype(np.float32)
+        out /= 127.5
+        out -= 1.0
+        return out
+    return images.float().div_(127.5).sub_(1.0)  # a torch tensor (on its device)
+
+
+def decode_tile(data: bytes, resolution: int) -> np.ndarray:
+    """Encoded tile -> float32 CHW in [-1, 1] at `resolution` (what the stream's consumer gets)."""
+    out = np.empty((3, resolution, resolution), np.uint8)
+    decode_into(data, resolution, out)
+    return to_model_range(out)
 
 
 def balance_weights(index: pd.DataFrame, mode: str) -> dict[str, float] | None:
@@ -98,9 +126,9 @@ def _repeats(keys: np.ndarray, weights: np.ndarray, seed: int) -> np.ndarray:
     return (np.floor(weights) + (u < weights - np.floor(weights))).astype(np.int64)
 
 
-def tar_members(data: bytes, path: str) -> list[tuple[str, int, int]]:
-    """(name, offset, size) of each file in an uncompressed tar held in memory. Our writers use plain
-    ustar headers; anything else (long-name or pax headers) goes through `tarfile` (slower)."""
+def tar_members(data, path: str) -> list[tuple[str, int, int]]:
+    """(name, offset, size) of each file in an uncompressed tar held in memory (bytes or mmap). Our
+    writers use plain ustar headers; anything else (long-name or pax headers) goes through `tarfile`."""
     out, pos, end = [], 0, len(data) - 512
     while pos <= end:
         hdr = data[pos : pos + 512]
@@ -116,75 +144,108 @@ def tar_members(data: bytes, path: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def _tarfile_members(data: bytes, path: str) -> list[tuple[str, int, int]]:
+def _tarfile_members(data, path: str) -> list[tuple[str, int, int]]:
     import tarfile
 
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(bytes(data)), mode="r:") as tar:
             return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
     except tarfile.TarError as e:
         raise SchemaError(f"shard {path} is not a readable tar ({e}); re-run `medi-dist ingest`") from None
 
 
-def shard_tiles(data: bytes, path: str) -> list[dict[str, tuple[int, int]]]:
-    """Per tile, in shard order: {"key": name, "img"/"json": (offset, size)}. Members of one key
-    must be adjacent (as our writers put them); otherwise we stop naming the shard."""
-    tiles, seen = [], set()
+# A tile in a shard: key, image (offset, size), json (offset, size); -1 where the member is missing.
+Tile = tuple[str, int, int, int, int]
+
+
+def shard_tiles(data, path: str) -> list[Tile]:
+    """The shard's tiles in shard order. Members of one key must be adjacent (as our writers put
+    them); otherwise we stop naming the shard."""
+    tiles: list[list] = []
+    seen = set()
     for name, off, size in tar_members(data, path):
         key, _, ext = name.partition(".")
-        if not tiles or tiles[-1]["key"] != key:
+        if not tiles or tiles[-1][0] != key:
             if key in seen:
                 raise SchemaError(
                     f"shard {path}: the members of key {key!r} are not adjacent; re-run `medi-dist "
                     f"ingest` (writers must put each key's members next to each other)"
                 )
             seen.add(key)
-            tiles.append({"key": key})
-        tiles[-1]["img" if ext in ("jpg", "png") else ext] = (off, size)
-    return tiles
+            tiles.append([key, -1, -1, -1, -1])
+        if ext in ("jpg", "png"):
+            tiles[-1][1:3] = off, size
+        elif ext == "json":
+            tiles[-1][3:5] = off, size
+    return [tuple(t) for t in tiles]
+
+
+@functools.lru_cache(maxsize=16)
+def _folder(uri: str) -> Folder:
+    """One Folder (and its pyarrow filesystem, e.g. an S3 client) per worker process and dataset."""
+    return Folder(uri)
+
+
+# Per worker process: each local shard's tile index, parsed once and reused by every later slice of
+# it. Keyed by the file's identity (inode, size, mtime), so a rewritten shard is parsed again.
+_SHARD_INDEX: dict[tuple, list[Tile]] = {}
+
+
+class _ShardBytes:
+    """A shard's bytes for one read task: a local file is memory-mapped (the task touches only its
+    slice's tiles, from the page cache) and its index cached; an object is fetched whole (one GET)
+    and its headers parsed again (an object's identity would cost another request)."""
+
+    def __init__(self, folder: Folder, rel: str):
+        self.map, self.identity = None, None
+        if folder.remote:
+            self.data = folder.read_bytes(rel)
+        else:
+            with open(folder.path(rel), "rb") as f:
+                st = os.fstat(f.fileno())
+                self.identity = (folder.uri, rel, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                self.map = self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
 
 
 @dataclass
 class SliceDecoder:
-    """What a read task runs on one slice of a shard: read the file, check, decode, encode, balance.
+    """What a read task runs on one slice of a shard: read, check, decode, encode, balance.
     Kept apart from the shard list so each task pickles only this."""
 
+    folder: str  # the dataset's URI (or local path)
     spec: ConditioningSpec
     cfg: StreamConfig
     weights: dict | None
     balance_cols: list[str]
     ledger: ray.actor.ActorHandle
 
-    def __call__(self, path: str, n_tiles: int, chunk: np.ndarray):
-        with open(path, "rb") as f:
-            data = f.read()
-        tiles = shard_tiles(data, path)
-        if len(tiles) != n_tiles:
-            raise SchemaError(
-                f"shard {path} holds {len(tiles)} tiles but {MANIFEST} lists {n_tiles}; "
-                f"copy it again or re-run `medi-dist ingest`"
-            )
-        res = self.cfg.resolution
-        images = np.empty((len(chunk), 3, res, res), np.float32)
-        rows, keys, bad = [], [], []
-        for i in chunk:
-            t = tiles[i]
-            try:
-                if "img" not in t or "json" not in t:
-                    raise ValueError(f"has members {sorted(k for k in t if k != 'key')}, expected an image and a json")
-                img = data[t["img"][0] : t["img"][0] + t["img"][1]]
-                m = json.loads(data[t["json"][0] : t["json"][0] + t["json"][1]])
-                if "sha256" in m and hashlib.sha256(img).hexdigest() != m["sha256"]:
-                    raise ValueError(
-                        "tile bytes fail the sha256 recorded at ingest (altered or corrupted shard); "
-                        "check it with `medi-dist data stats --verify`"
-                    )
-                decode_tile(img, res, out=images[len(rows)])
-                rows.append(m)
-                keys.append(t["key"])
-            except Exception as e:  # corrupt bytes, bad json: skip and count
-                log.warning("skipping tile %s in %s: %s", t["key"], path, e)
-                bad.append({"key": t["key"], "shard": path, "error": f"{type(e).__name__}: {e}"})
+    def tiles(self, folder: Folder, rel: str, n_tiles: int, shard: _ShardBytes) -> list[Tile]:
+        key = shard.identity
+        tiles = _SHARD_INDEX.get(key) if key else None
+        if tiles is None:
+            tiles = shard_tiles(shard.data, folder.uri_of(rel))
+            if len(tiles) != n_tiles:
+                raise SchemaError(
+                    f"shard {folder.uri_of(rel)} holds {len(tiles)} tiles but {MANIFEST} lists {n_tiles}; "
+                    f"copy it again or re-run `medi-dist ingest`"
+                )
+            if key:
+                if len(_SHARD_INDEX) >= 4096:
+                    _SHARD_INDEX.clear()
+                _SHARD_INDEX[key] = tiles
+        return tiles
+
+    def __call__(self, rel: str, n_tiles: int, chunk: np.ndarray):
+        folder = _folder(self.folder)
+        shard = _ShardBytes(folder, rel)
+        try:
+            images, rows, keys, bad = self.decode(folder, rel, n_tiles, chunk, shard)
+        finally:
+            shard.close()
         seen, nbad = ray.get(self.ledger.report.remote(len(chunk), bad))
         if seen >= self.cfg.min_rows_for_abort and nbad / seen > self.cfg.max_bad_fraction:
             raise TooManyBadTiles(
@@ -193,7 +254,7 @@ class SliceDecoder:
             )
         if not rows:  # an empty block would carry no column types
             return
-        out = {"key": np.array(keys, dtype=object), "image": images[: len(rows)]}
+        out = {"key": np.array(keys, dtype=object), "image": images}
         enc = [self.spec.encode_row(r) for r in rows]
         for v in self.spec.categorical:
             out[CONDITION_PREFIX + v.name] = np.array([e[CONDITION_PREFIX + v.name] for e in enc], dtype=np.int64)
@@ -204,6 +265,32 @@ class SliceDecoder:
             take = np.repeat(np.arange(len(rows)), _repeats(out["key"], w, self.cfg.seed))
             out = {k: v[take] for k, v in out.items()}
         yield BlockAccessor.batch_to_block(out)
+
+    def decode(self, folder: Folder, rel: str, n_tiles: int, chunk: np.ndarray, shard: _ShardBytes):
+        tiles, data = self.tiles(folder, rel, n_tiles, shard), shard.data
+        res = self.cfg.resolution
+        images = np.empty((len(chunk), 3, res, res), np.uint8)
+        rows, keys, bad = [], [], []
+        for i in chunk:
+            key, img_off, img_size, meta_off, meta_size = tiles[i]
+            try:
+                if img_off < 0 or meta_off < 0:
+                    raise ValueError("has no image or no json member, expected one of each")
+                img = data[img_off : img_off + img_size]
+                m = json.loads(data[meta_off : meta_off + meta_size])
+                if "sha256" in m and hashlib.sha256(img).hexdigest() != m["sha256"]:
+                    raise ValueError(
+                        "tile bytes fail the sha256 recorded at ingest (altered or corrupted shard); "
+                        "check it with `medi-dist data stats --verify`"
+                    )
+                decode_into(img, res, images[len(rows)])
+                rows.append(m)
+                keys.append(key)
+            except Exception as e:  # corrupt bytes, bad json: skip and count
+                uri = folder.uri_of(rel)
+                log.warning("skipping tile %s in %s: %s", key, uri, e)
+                bad.append({"key": key, "shard": uri, "error": f"{type(e).__name__}: {e}"})
+        return images[: len(rows)], rows, keys, bad
 
 
 class TileShards(Datasource):
@@ -221,7 +308,7 @@ class TileShards(Datasource):
         self.shards, self.decoder = shards, decoder
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(n for _, n in self.shards) * 3 * self.decoder.cfg.resolution**2 * 4
+        return sum(n for _, n in self.shards) * 3 * self.decoder.cfg.resolution**2  # uint8
 
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
@@ -232,7 +319,7 @@ class TileShards(Datasource):
         parts = []
         for path, n in self.shards:
             parts += [(path, n, chunk) for chunk in np.array_split(rng.permutation(n), -(-n // cfg.batch_rows))]
-        tile_bytes = 3 * cfg.resolution**2 * 4
+        tile_bytes = 3 * cfg.resolution**2  # uint8
         return [
             ReadTask(
                 functools.partial(self.decoder, path, n, chunk),
@@ -273,24 +360,23 @@ def tile_stream(
     it must cover every value in the data, or we stop with the mismatching values named.
     """
     cfg = cfg or StreamConfig()
-    root = Path(dataset_dir)
+    root = dataset_dir if is_remote(dataset_dir) else local_path(dataset_dir)  # object storage: read in place
     manifest = load_manifest(root)
-    paths = verify_shards(root, splits)
-    if not paths:
+    if not verify_shards(root, splits):  # presence and size of each shard, as main checks them
         raise ValueError(f"{root} has no shards for split(s) {list(splits)}")
-    data_spec = ConditioningSpec.load(root / VOCAB)
+    data_spec = read_vocab(root)
     if spec is None:
         spec = data_spec
     else:
         spec.check_compatible(data_spec, what=f"dataset {root}")
-    index = pd.read_parquet(root / INDEX)
+    index = read_index(root)
     index = index[index["split"].isin(list(splits))]
     weights = balance_weights(index, cfg.balance)
     balance_cols = ["cancer_type"] + (["tissue_source_site"] if cfg.balance == "type_site" else [])
-    ledger = BadTileLedger.remote()
-    tiles = {s["path"]: s["tiles"] for s in manifest["shards"]}
-    shards = [(str(p), tiles[p.relative_to(root).as_posix()]) for p in paths]
-    decoder = SliceDecoder(spec, cfg, weights, balance_cols, ledger)
+    ledger = _ledger_on_this_node()
+    # (relative path, tiles) in verify_shards' order; read tasks open them through the folder's filesystem
+    shards = [(s["path"], s["tiles"]) for s in manifest["shards"] if s["split"] in set(splits)]
+    decoder = SliceDecoder(Folder(root).uri, spec, cfg, weights, balance_cols, ledger)
     # One block per read task: without override_num_blocks Ray Data splits each task's block into
     # ~200 / tasks pieces (SplitBlocks), which costs the driver and the raylet per piece.
     slices = sum(-(-n // cfg.batch_rows) for _, n in shards)

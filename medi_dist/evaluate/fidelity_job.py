@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..data.shards import INDEX, load_manifest, verify_shards
-from ..metadata import UNKNOWN
+from ..data.shards import INDEX, load_manifest, local_dataset, verify_shards
+from ..metadata import MIN_TILE_PX, UNKNOWN
+from ..storage import Folder, is_remote
 from .classifiers import LinearProbe
 from .encoders import get_encoder
 from .fidelity import conditional_accuracy, fidelity_report, frechet_distance
@@ -62,11 +63,18 @@ class FidelityConfig:
     run_name: str | None = None  # default: fidelity-<synthetic dir name>
     log_mlflow: bool = True
 
+    def __post_init__(self) -> None:
+        if self.resolution is not None and self.resolution < MIN_TILE_PX:
+            raise ValueError(
+                f"--resolution must be at least {MIN_TILE_PX} px (leave it out to compare at the "
+                f"synthetic tiles' size), got {self.resolution}"
+            )
+
 
 def read_tiles(root: str | Path, splits: list[str] | None, resolution: int | None, limit: int | None = None):
     """(uint8 tiles (N, R, R, 3), index rows) for the tiles of `splits` (None: all), shard by shard;
     `limit`: only the first tiles of the index (e.g. one, to learn the tile size)."""
-    root = Path(root)
+    root = local_dataset(root)  # object storage: a verified local copy
     load_manifest(root)
     index = pd.read_parquet(root / INDEX)
     if splits is not None:
@@ -147,39 +155,46 @@ def _seen(synth: pd.DataFrame, real: pd.DataFrame) -> np.ndarray:
     return np.array([p in pairs for p in zip(synth[TYPE], synth[SITE])])
 
 
-def calibrated_probes(
-    enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | Path, r_idx: pd.DataFrame, seed: int, per_pair: int = 24
-) -> dict:
+class CalibratedProbes:
     """Procedural data only: type and stain probes trained on ground-truth renderings of *every*
     (type, site) pair, so neither can read one through the other (on real tiles each site belongs to
-    one type). Each is reported next to its ceiling, its accuracy on fresh renderings. Leakage: the
-    share of unseen-pair tiles whose predicted type is the one that owns the requested site."""
-    from ..data.procedural import render_tiles
+    one type). `ceiling` is their accuracy on fresh renderings. Leakage: the share of unseen-pair
+    tiles whose predicted type is the one that owns the requested site. Fit once, score many pools
+    (a learning curve scores one per checkpoint)."""
 
-    types = sorted(r_idx[TYPE].astype(str).unique())
-    sites = sorted(set(r_idx[SITE].astype(str)) | set(s_idx[SITE].astype(str)) - {UNKNOWN})
-    owner = r_idx.groupby(SITE)[TYPE].agg(lambda v: v.astype(str).value_counts().index[0]).to_dict()
-    native, res = tile_size(real), s_img.shape[1]
+    def __init__(self, enc, real: str | Path, r_idx: pd.DataFrame, seed: int, resolution: int, sites=(), per_pair=24):
+        from ..data.procedural import render_tiles
 
-    def render(tag: int, n: int):
-        pairs = [(t, s) for t in types for s in sites for _ in range(n)]
-        img = render_tiles(
-            pairs,
-            [[seed, tag, zlib.crc32(f"{t}/{s}".encode()), i] for i, (t, s) in enumerate(pairs)],
-            native,
-            scanner_lines(real),
-        )
-        if native != res:  # as real tiles reach the model: stored at full size, resized by the stream
-            img = np.stack([np.asarray(Image.fromarray(x).resize((res, res), Image.BILINEAR)) for x in img])
-        return img, np.array([t for t, _ in pairs]), np.array([s for _, s in pairs])
+        self.enc, self.per_pair = enc, per_pair
+        types = sorted(r_idx[TYPE].astype(str).unique())
+        sites = sorted(set(r_idx[SITE].astype(str)) | set(sites) - {UNKNOWN})
+        self.owner = r_idx.groupby(SITE)[TYPE].agg(lambda v: v.astype(str).value_counts().index[0]).to_dict()
+        native, lines = tile_size(real), scanner_lines(real)
 
-    fit_img, fit_t, fit_s = render(1, per_pair)
-    type_probe = LinearProbe(seed=seed).fit(enc.encode(fit_img), fit_t)
-    stain_probe = LinearProbe(seed=seed).fit(stain_features(fit_img), fit_s)
-    trained = set(zip(r_idx[TYPE].astype(str), r_idx[SITE].astype(str)))
+        def render(tag: int, n: int):
+            pairs = [(t, s) for t in types for s in sites for _ in range(n)]
+            img = render_tiles(
+                pairs,
+                [[seed, tag, zlib.crc32(f"{t}/{s}".encode()), i] for i, (t, s) in enumerate(pairs)],
+                native,
+                lines,
+            )
+            if native != resolution:  # as real tiles reach the model: stored at full size, resized by the stream
+                img = np.stack(
+                    [np.asarray(Image.fromarray(x).resize((resolution, resolution), Image.BILINEAR)) for x in img]
+                )
+            return img, np.array([t for t, _ in pairs]), np.array([s for _, s in pairs])
 
-    def score(img, want_t, want_s, seen):
-        pt, ps = type_probe.predict(enc.encode(img)), stain_probe.predict(stain_features(img))
+        fit_img, fit_t, fit_s = render(1, per_pair)
+        self.type_probe = LinearProbe(seed=seed).fit(enc.encode(fit_img), fit_t)
+        self.stain_probe = LinearProbe(seed=seed).fit(stain_features(fit_img), fit_s)
+        trained = set(zip(r_idx[TYPE].astype(str), r_idx[SITE].astype(str)))
+        gt_img, gt_t, gt_s = render(2, max(per_pair // 2, 4))
+        self.ceiling = self.score(gt_img, gt_t, gt_s, np.array([p in trained for p in zip(gt_t, gt_s)]))
+
+    def score(self, img: np.ndarray, want_t: np.ndarray, want_s: np.ndarray, seen: np.ndarray) -> dict:
+        pt = self.type_probe.predict(self.enc.encode(img))
+        ps = self.stain_probe.predict(stain_features(img))
         has_site = want_s != UNKNOWN
         out = {}
         for part, mask in (("seen", seen), ("unseen", ~seen)):
@@ -191,16 +206,21 @@ def calibrated_probes(
                 "joint_accuracy": _rate((pt == want_t) & (ps == want_s), site_mask),
             }
         leak = ~seen & has_site
-        out["unseen"]["leakage"] = _rate(pt == np.array([owner.get(s, "") for s in want_s]), leak)
+        out["unseen"]["leakage"] = _rate(pt == np.array([self.owner.get(s, "") for s in want_s]), leak)
         return out
 
-    gt_img, gt_t, gt_s = render(2, max(per_pair // 2, 4))
+
+def calibrated_probes(
+    enc, s_img: np.ndarray, s_idx: pd.DataFrame, real: str | Path, r_idx: pd.DataFrame, seed: int, per_pair: int = 24
+) -> dict:
+    """The calibrated probes (CalibratedProbes) fit for one synthetic pool and scored on it."""
+    probes = CalibratedProbes(enc, real, r_idx, seed, s_img.shape[1], s_idx[SITE].astype(str), per_pair)
     st, ss = s_idx[TYPE].astype(str).to_numpy(), s_idx[SITE].astype(str).to_numpy()
     return {
         "probes": "trained on ground-truth renderings of every (type, site) pair",
         "per_pair": per_pair,
-        "synthetic": score(s_img, st, ss, _seen(s_idx, r_idx)),
-        "ceiling": score(gt_img, gt_t, gt_s, np.array([p in trained for p in zip(gt_t, gt_s)])),
+        "synthetic": probes.score(s_img, st, ss, _seen(s_idx, r_idx)),
+        "ceiling": probes.ceiling,
     }
 
 
@@ -293,15 +313,21 @@ def evaluate_fidelity(cfg: FidelityConfig) -> dict:
             else None
         ),
     }
-    out = Path(cfg.out) if cfg.out else Path(cfg.synthetic) / "fidelity.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    out = cfg.out or f"{str(cfg.synthetic).rstrip('/')}/fidelity.json"
+    if is_remote(out):
+        Folder(out.rsplit("/", 1)[0]).write_bytes(
+            out.rsplit("/", 1)[1], json.dumps(result, indent=2, default=str).encode()
+        )
+    else:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
     if cfg.log_mlflow:
         result["mlflow_run_id"] = _log_mlflow(cfg, result, out)
     return result
 
 
-def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path) -> str:
+def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path | str) -> str:
     from ..tracking import RunLogger, find_or_create_run, tracking_uri
 
     uri = tracking_uri(cfg.tracking_uri)
@@ -325,6 +351,6 @@ def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path) -> str:
     if len(result["fd"]["groups"]) <= 500:  # per-subgroup curves; larger studies keep them in the JSON
         metrics.update({f"fd_group/{g}": v["fd"] for g, v in result["fd"]["groups"].items()})
     logger.metrics(_finite(metrics))
-    logger.artifact_bytes(out.read_bytes(), "fidelity.json", "fidelity")
+    logger.artifact_bytes(json.dumps(result, indent=2, default=str).encode(), "fidelity.json", "fidelity")
     logger.finish()
     return run_id

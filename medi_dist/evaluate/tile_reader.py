@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..data.shards import INDEX, load_manifest, not_a_dataset, verify_shards
+from ..data.shards import INDEX, load_manifest, local_dataset, not_a_dataset, verify_shards
 
 IMAGE_SUFFIXES = ("jpg", "png")
 
@@ -57,7 +57,7 @@ AUDIT = ReadAudit()
 
 def read_index(dataset_dir: str | Path, splits: Iterable[str] | None = None) -> pd.DataFrame:
     """index.parquet restricted to `splits` (rows of other splits are dropped right away)."""
-    root = Path(dataset_dir)
+    root = local_dataset(dataset_dir)  # object storage: a verified local copy
     load_manifest(root)  # clear error if this is not a dataset directory
     path = root / INDEX
     if not path.is_file():
@@ -115,7 +115,7 @@ def load_tiles(
     dataset_dir: str | Path, splits: Iterable[str], keys: Iterable[str] | None = None, size: int | None = None
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """uint8 tiles and their index rows (same order) for `splits`, optionally only `keys`."""
-    root = Path(dataset_dir)
+    root = local_dataset(dataset_dir)
     splits = list(splits)
     index = read_index(root, splits)
     want = None if keys is None else set(map(str, keys))
@@ -166,7 +166,7 @@ class FeatureCache:
 
     def features(self, dataset_dir: str | Path, splits: Iterable[str]) -> tuple[np.ndarray, pd.DataFrame]:
         """Features and index rows (same order) of every tile in `splits`."""
-        root = Path(dataset_dir)
+        root = local_dataset(dataset_dir)
         splits = list(splits)
         index = read_index(root, splits)
         keys, parts = [], []

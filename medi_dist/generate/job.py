@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,8 @@ from ..metadata import ConditioningSpec
 from ..model.config import ModelConfig
 from ..model.model_dir import WEIGHT_FILES, read_model_info, verify_model_dir
 from ..model.sampling import SAMPLERS
+from ..paths import absolute
+from ..storage import Folder, is_remote, local_copy, temp_dir, upload_folder
 from .plan import SITE as SITE_COLUMN
 from .plan import GenerationPlan, PlanError, PlanRow, resolve, training_data
 from .tile_list import plan_id, shard_spans, task_tiles
@@ -119,13 +121,14 @@ def _reference_source(cfg: GenerateConfig) -> tuple[dict, ConditioningSpec, str]
 def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, ConditioningSpec]:
     """Validate everything and return the shard tasks (no sampling, no Ray)."""
     s = cfg.sampling
+    model = local_copy(cfg.model) if cfg.model else None  # object storage: a cached copy, checked below
     if cfg.reference:
         meta, spec, model_id = _reference_source(cfg)
     else:
-        info = read_model_info(cfg.model)
+        info = read_model_info(model)
         weights = _settings_check(cfg, info)
-        verify_model_dir(cfg.model, WEIGHT_FILES[weights])  # what each actor's loader checks, before Ray or --out
-        spec = ConditioningSpec.load(Path(cfg.model) / "conditioning.json")
+        verify_model_dir(model, WEIGHT_FILES[weights])  # what each actor's loader checks, before Ray or --out
+        spec = ConditioningSpec.load(model / "conditioning.json")
         model_id = info["model_id"]
         meta = {
             "synthetic": True,
@@ -138,7 +141,7 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
         }
         if s.composition != "joint":
             meta.update(composition=s.composition, composition_scale=s.composition_scale)
-    train = training_data(cfg.model, cfg.dataset)
+    train = training_data(model, cfg.dataset)
     rows = resolve(cfg.plan, spec, train)
     pid = plan_id(rows, cfg.plan.seed, meta)
     owners = {}  # site -> the type with the most training tiles there (owner-site composition)
@@ -149,6 +152,7 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
     tasks = [
         {
             "shard": i,
+            "first": i * cfg.tiles_per_shard,
             "path": shard_path(i),
             "generation": pid,
             "meta": meta,
@@ -162,7 +166,7 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
     header = {
         "format": "medi-dist-generation/1",
         "generation": pid,
-        "model": str(Path(cfg.model or cfg.dataset).resolve()),
+        "model": absolute(cfg.model or cfg.dataset),
         "model_id": model_id,
         "plan": asdict(cfg.plan),
         "sampling": asdict(s),
@@ -176,36 +180,47 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
     return tasks, rows, header, spec
 
 
-def _prepare_out(out: Path, header: dict, overwrite: bool) -> None:
-    """Refuse to mix plans in one directory; drop temp files an interrupted run left behind."""
+def _prepare_out(out: Path, header: dict, overwrite: bool, name: str | None = None) -> None:
+    """Refuse to mix plans in one directory; drop temp files an interrupted run left behind.
+    `name`: the --out the user gave, when `out` is a local mirror of it."""
+    name = name or str(out)
     gen = out / GENERATION_FILE
     if out.exists() and any(out.iterdir()):
         if overwrite:
             shutil.rmtree(out)
         elif not gen.exists():
-            raise FileExistsError(f"{out} exists and is not a generation output; choose another --out or --overwrite")
+            raise FileExistsError(f"{name} exists and is not a generation output; choose another --out or --overwrite")
         else:
             old = json.loads(gen.read_text())
             if (old.get("generation"), old.get("tiles_per_shard")) != (header["generation"], header["tiles_per_shard"]):
                 raise FileExistsError(
-                    f"{out} holds tiles of another plan or sharding (generation "
+                    f"{name} holds tiles of another plan or sharding (generation "
                     f"{old.get('generation')}, "
                     f"now {header['generation']}); choose another --out or pass --overwrite"
                 )
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(f"shards/{SPLIT}/.*.tmp-*"):
-        tmp.unlink()
+    _remove_partial(out)
     atomic_write_text(gen, json.dumps(header, indent=2, default=str))
 
 
 class _ShardActor:
-    """Ray Data actor: one model per actor; each batch row is one whole shard task."""
+    """Ray Data actor: one model per actor; each batch row is one whole shard task. A model or an
+    output on object storage is reached from this node: the model copied here (checked against its
+    checksums when loaded), each shard written to a local temp folder and uploaded whole."""
 
-    def __init__(self, **kwargs):
-        self.gen = ShardGenerator(**kwargs)
+    def __init__(self, model_dir: str, out_dir: str, **kwargs):
+        self.remote = Folder(out_dir) if is_remote(out_dir) else None
+        local_out = temp_dir("medi-dist-shards-") if self.remote else out_dir
+        self.gen = ShardGenerator(model_dir=str(local_copy(model_dir)), out_dir=str(local_out), **kwargs)
 
     def __call__(self, batch: dict) -> dict:
-        res = [self.gen.run(json.loads(t)) for t in batch["task"]]
+        res = []
+        for t in map(json.loads, batch["task"]):
+            res.append(self.gen.run(t))
+            if self.remote:
+                local = self.gen.out / t["path"]
+                self.remote.write_bytes(t["path"], local.read_bytes())
+                local.unlink()
         return {k: np.array([r[k] for r in res]) for k in res[0]}
 
 
@@ -227,9 +242,9 @@ def _run_ray(cfg: GenerateConfig, tasks: list[dict]) -> list[dict]:
         batch_size=1,
         batch_format="numpy",
         fn_constructor_kwargs=dict(
-            model_dir=str(Path(cfg.model).resolve()),
+            model_dir=absolute(cfg.model),
             settings=cfg.sampling,
-            out_dir=str(Path(cfg.out).resolve()),
+            out_dir=absolute(cfg.out),
             threads=max(1, int(cfg.cpus_per_worker)),
             device="cuda" if cfg.gpus_per_worker > 0 else "cpu",
         ),
@@ -240,7 +255,14 @@ def _run_ray(cfg: GenerateConfig, tasks: list[dict]) -> list[dict]:
     return ds.take_all()
 
 
+def _remove_partial(out: Path) -> None:
+    """Temporary shard files of a worker that died mid-write (killed, or its node lost)."""
+    for tmp in out.glob(f"shards/{SPLIT}/.*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
 def _finalize(out: Path, tasks: list[dict], header: dict, spec: ConditioningSpec) -> None:
+    _remove_partial(out)  # every shard is complete: what is left of a lost worker's attempt goes
     rows, shards = [], []
     for t in tasks:
         p = out / t["path"]
@@ -286,18 +308,48 @@ def _finalize(out: Path, tasks: list[dict], header: dict, spec: ConditioningSpec
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, default=str))
 
 
+def _pull(remote: Folder, local: Path) -> None:
+    """Copy what an object-storage output holds into a local folder (to resume and to finalize)."""
+    for rel in remote.files():
+        if not (local / rel).exists():
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            (local / rel).write_bytes(remote.read_bytes(rel))
+
+
 def generate(cfg: GenerateConfig) -> GenerateResult:
     from ..ray_setup import check_job_paths
 
     check_job_paths({"--model": cfg.model, "--out": cfg.out, "--dataset": cfg.dataset})
     t0 = time.perf_counter()
+    # On object storage the output is mirrored in a local folder: actors upload their shards, the
+    # driver checks and finalizes the local copy and uploads the dataset files, dataset.json last.
+    remote = Folder(cfg.out) if is_remote(cfg.out) else None
     out = Path(cfg.out)
+    if remote is not None:
+        remote.check_bucket()
+        out = temp_dir("medi-dist-generate-") / "out"
+        _pull(remote, out)
+    try:
+        res = _generate(cfg, out, remote, t0)
+    finally:
+        if remote is not None:
+            shutil.rmtree(out.parent, ignore_errors=True)
+    return res
+
+
+def _generate(cfg: GenerateConfig, out: Path, remote: Folder | None, t0: float) -> GenerateResult:
     tasks, rows, header, spec = build_tasks(cfg)  # every error surfaces here, before any work
-    _prepare_out(out, header, cfg.overwrite)
+    if remote is not None and cfg.overwrite and not remote.is_empty():
+        remote.delete_all()
+    _prepare_out(out, header, cfg.overwrite, remote.uri if remote else None)
     pending = [t for t in tasks if not shard_complete(out, t)]
     todo = pending if cfg.max_shards is None else pending[: cfg.max_shards]
     if pending:  # an incomplete directory must not read as a dataset (e.g. a shard was deleted)
         (out / MANIFEST).unlink(missing_ok=True)
+        if remote is not None and remote.exists(MANIFEST):
+            remote.delete(MANIFEST)
+    if remote is not None:
+        remote.write_bytes(GENERATION_FILE, (out / GENERATION_FILE).read_bytes())  # claimed by this plan
     log.info("%d shards planned, %d complete, %d to generate", len(tasks), len(tasks) - len(pending), len(todo))
     if cfg.reference:  # rendering or noise costs milliseconds per tile: no Ray, no model
         from .reference import ReferenceGenerator
@@ -305,10 +357,14 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
         gen = ReferenceGenerator(cfg.reference, cfg.dataset, out) if todo else None
         results = [gen.run(t) for t in todo]
     else:
-        results = _run_ray(cfg, todo) if todo else []
+        results = _run_ray(replace(cfg, out=remote.uri if remote else str(out)), todo) if todo else []
     complete = len(todo) == len(pending)
+    if remote is not None:
+        _pull(remote, out)
     if complete:
         _finalize(out, tasks, header, spec)
+        if remote is not None:
+            upload_folder(out, remote.uri, last=(VOCAB, SPLIT_FILE, INDEX, MANIFEST), skip_present=True)
     sample_s = sum(float(r["sample_s"]) for r in results)
     n = sum(int(r["tiles"]) for r in results)
     evals = sum(int(r["evaluations"]) for r in results)
@@ -318,7 +374,7 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
         "evaluations_per_s_per_worker": evals / sample_s if sample_s else float("nan"),
     }
     return GenerateResult(
-        out,
+        remote.uri if remote else out,
         complete,
         int(header["tiles"]),
         len(tasks),

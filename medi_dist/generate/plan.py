@@ -3,7 +3,8 @@
 A plan is resolved against the model directory before any work starts: every value must be in the
 model's vocabularies (UnknownValueError lists the valid ones), and every type and site must have had
 training tiles, because a vocabulary entry with no training tiles has an untrained embedding (the
-dataset's vocabularies also hold held-out sites). Each resolved row is flagged `seen` when its
+dataset's vocabularies also hold held-out sites), and a continuous value (age) must lie in the range
+the model was trained on (refused otherwise, naming the range). Each resolved row is flagged `seen` when its
 (type, site) pair occurred in training, so fidelity can be reported separately for unseen pairs.
 
 A model conditioned on cancer type only (a class-only baseline) takes explicit rows without sites;
@@ -19,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import yaml
 
 from ..config_loader import yaml_problem
+from ..data.shards import INDEX, read_index
 from ..metadata import UNKNOWN, ConditioningSpec, SchemaError, UnknownValueError, clean_category, clean_continuous
 from ..model.model_dir import read_model_info
+from ..storage import Folder
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
 MODES = ("explicit", "unseen-pairs", "balance")
@@ -104,8 +106,8 @@ class TrainingData:
         return sorted({s for _, s in self.pairs})
 
 
-def _train_counts(index_path: Path) -> Counter:
-    idx = pd.read_parquet(index_path, columns=[TYPE, SITE, "split"])
+def _train_counts(dataset: str | Path) -> Counter:
+    idx = read_index(dataset, columns=[TYPE, SITE, "split"])  # a local folder or an object-storage URI
     idx = idx[idx["split"] == "train"]
     return Counter(zip(idx[TYPE].astype(str), idx[SITE].astype(str)))
 
@@ -114,15 +116,20 @@ def training_data(model_dir: str | Path | None, dataset: str | Path | None = Non
     """The model's training pairs (config.json `train_pairs`, else the train split of its dataset),
     with tile counts from the dataset's index where it can be read (`dataset` overrides the recorded one)."""
     if model_dir is None:  # a reference pool (oracle, noise): the dataset's own train split
-        return TrainingData(dict(_train_counts(Path(dataset) / "index.parquet")), str(dataset))
+        return TrainingData(dict(_train_counts(dataset)), str(dataset))
     info = read_model_info(model_dir).get("info", {})
     recorded = {tuple(map(str, p)) for p in info.get("train_pairs") or []} or None
     path = dataset or info.get("dataset")
-    index_path = Path(path) / "index.parquet" if path else None
-    if dataset is not None and not index_path.is_file():
+    try:
+        has_index = bool(path) and Folder(path).exists(INDEX)  # a local folder or an object-storage URI
+    except OSError:  # the recorded dataset's store is unreachable: fall back to the recorded pairs
+        if dataset is not None:
+            raise
+        has_index = False
+    if dataset is not None and not has_index:
         raise FileNotFoundError(f"--dataset {dataset} has no index.parquet; point it at the model's training dataset")
-    if index_path is not None and index_path.is_file():
-        counts = _train_counts(index_path)
+    if has_index:
+        counts = _train_counts(path)
         if recorded is None or recorded <= set(counts):
             return TrainingData({p: counts[p] for p in (recorded or counts)}, str(path))
     if recorded is not None:  # the dataset moved or changed: pairs are still known, counts are not
@@ -175,6 +182,13 @@ def check_conditions(spec: ConditioningSpec, cond: dict, where: str) -> dict:
                 x = clean_continuous(v)
             except (SchemaError, ValueError):
                 raise PlanError(f"{where}: {k} must be a number (or missing), got {v!r}") from None
+            c = next(c for c in spec.continuous if c.name == k)
+            if c.min is not None and not math.isnan(x) and not c.min <= x <= c.max:
+                # refused, not clamped: a clamped tile would be recorded with an age it was not made for
+                raise PlanError(
+                    f"{where}: {k} {x:g} is outside the range the model was trained on "
+                    f"({c.min:g} to {c.max:g}); choose a value in it"
+                )
             out[k] = None if math.isnan(x) else x
     return out
 

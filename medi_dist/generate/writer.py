@@ -151,10 +151,27 @@ class ShardGenerator:
             )
         return np.concatenate(out)
 
+    def sample_aligned(self, tiles: list[dict], first: int, owners: dict | None = None) -> np.ndarray:
+        """`tiles` are consecutive in plan order from plan position `first`. Batched kernels (oneDNN,
+        cuDNN) may sum in a batch-size-dependent order, so a tile's bytes would depend on the
+        micro-batch it lands in (before: 5 of 64 small-preset DDPM tiles changed between 8 and 256
+        tiles per shard). Micro-batches are aligned to plan positions (tile k is always at position
+        k % batch_size of its call) and every call has exactly batch_size rows (a partial one at a
+        shard edge is padded with copies, computed and dropped): the bytes do not depend on tiles per
+        shard or workers. They still depend on batch_size, torch threads and device."""
+        b, out, i = self.s.batch_size, [], 0
+        while i < len(tiles):
+            pos = (first + i) % b
+            chunk = tiles[i : i + b - pos]
+            padded = [chunk[0]] * pos + chunk + [chunk[-1]] * (b - pos - len(chunk))
+            out.append(self.sample_tiles(padded, owners)[pos : pos + len(chunk)])
+            i += len(chunk)
+        return np.concatenate(out)
+
     def run(self, task: dict) -> dict:
         t0 = time.perf_counter()
         tiles = task_tiles(task)
-        images = self.sample_tiles(tiles, task.get("owners"))
+        images = self.sample_aligned(tiles, task["first"], task.get("owners"))
         t_sample = time.perf_counter() - t0
         members = []
         for t, img in zip(tiles, images):

@@ -18,6 +18,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         layers_per_block=2,
         norm_num_groups=32,
     ),
+    # One GPU at 64 px: the reference's depth (2 ResNet blocks per level, attention in the mid block)
+    # at a fifth of its width, so a few device minutes train it through many epochs.
+    "mid": dict(
+        sample_size=64,
+        block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2,
+        norm_num_groups=32,
+    ),
     # Trains usefully on a couple of CPU cores at 32-64 px: the cost is in the full-resolution level,
     # so it is kept narrow (16) while the coarse levels get the width; 11.7 GFLOP per training step at
     # batch 16 x 32 px (forward + backward). A 128-wide embedding leaves room for per-column widths.
@@ -51,6 +59,11 @@ class ModelConfig:
     cond_dropout: dict[str, float] = field(default_factory=dict)  # per column name; others use the default
     default_cond_dropout: float = 0.1  # drop rate -> learned null token, enables classifier-free guidance
     cont_frequencies: int = 16  # sin/cos frequencies for continuous columns
+    # Columns that condition only the last `late_up_blocks` up blocks (the finest resolutions, where
+    # stain and scanner texture are drawn), not the coarse levels that lay out morphology: in
+    # confounded data (each site owned by one type) a site seen everywhere learns its owner's tissue.
+    late_columns: tuple[str, ...] = ()
+    late_up_blocks: int = 1
     # Noise schedule (training and samplers are configured from these)
     prediction_type: str = "epsilon"
     num_train_timesteps: int = 1000
@@ -64,6 +77,11 @@ class ModelConfig:
         self.down_block_types = tuple(self.down_block_types or ("DownBlock2D",) * n)
         self.up_block_types = tuple(self.up_block_types or ("UpBlock2D",) * n)
         self.cond_dropout = {str(k): float(v) for k, v in dict(self.cond_dropout).items()}
+        self.late_columns = tuple(str(c) for c in self.late_columns)
+        if self.late_columns and self.fusion != "additive":
+            raise ValueError(f"late_columns need fusion 'additive' (got {self.fusion!r})")
+        if not 1 <= self.late_up_blocks <= n:
+            raise ValueError(f"late_up_blocks must be 1..{n} (the number of up blocks), got {self.late_up_blocks}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.prediction_type not in PREDICTION_TYPES:

@@ -71,8 +71,12 @@ class ConditionEncoder(nn.Module):
         )
         self.mix = nn.Linear(n * dim, dim) if self.fusion == "linear" and n else None
 
-    def forward(self, cond: dict[str, torch.Tensor], batch: int, device: torch.device) -> torch.Tensor:
+    def forward(
+        self, cond: dict[str, torch.Tensor], batch: int, device: torch.device, columns: set[str] | None = None
+    ) -> torch.Tensor:
+        """The fused embedding; `columns` (additive fusion): only these columns' parts."""
         parts = []
+        keep = [columns is None or n in columns for n in self.cat_names + self.cont_names]
         for name, emb, null in zip(self.cat_names, self.cat, self.null_index):
             idx = cond.get(CONDITION_PREFIX + name)
             if idx is None:  # column not given -> unconditional for that column
@@ -84,7 +88,8 @@ class ConditionEncoder(nn.Module):
             if x is None:
                 x = torch.full((batch,), float("nan"), device=device)
             parts.append(emb(x.to(device)))
-        if not parts:  # unconditional model
+        parts = [p for p, k in zip(parts, keep) if k]
+        if not parts:  # unconditional model (or no column of `columns`)
             return torch.zeros(batch, self.dim, device=device)
         if self.fusion == "additive":
             return torch.stack(parts).sum(0)
@@ -100,6 +105,9 @@ class ConditionedUNet(nn.Module):
         super().__init__()
         self.config = config
         self.spec = spec
+        unknown = set(config.late_columns) - set(spec.categorical_names + spec.continuous_names)
+        if unknown:
+            raise ValueError(f"late_columns {sorted(unknown)} are not condition columns of this model")
         self.cond_encoder = ConditionEncoder(config, spec)
         self.unet = UNet2DModel(
             sample_size=config.sample_size,
@@ -124,8 +132,33 @@ class ConditionedUNet(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | int, cond: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        emb = self.cond_encoder(cond or {}, x.shape[0], x.device)
-        return self.unet(x, t, class_labels=emb, return_dict=False)[0]
+        cond = cond or {}
+        late = set(self.config.late_columns)
+        if not late:
+            emb = self.cond_encoder(cond, x.shape[0], x.device)
+            return self.unet(x, t, class_labels=emb, return_dict=False)[0]
+        early = self.cond_encoder(
+            cond, x.shape[0], x.device, set(self.spec.categorical_names + self.spec.continuous_names) - late
+        )
+        return self._forward_late(x, t, early, self.cond_encoder(cond, x.shape[0], x.device, late))
+
+    def _forward_late(self, x: torch.Tensor, t: torch.Tensor | int, early: torch.Tensor, late: torch.Tensor):
+        """UNet2DModel.forward (our block types: no skip blocks, positional time embedding) with the
+        late columns' embedding added to the time embedding of the last up blocks only."""
+        u = self.unet
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = u.time_embedding(u.time_proj(t).to(dtype=u.dtype)) + early.to(u.dtype)
+        h = u.conv_in(x)
+        skips = (h,)
+        for block in u.down_blocks:
+            h, res = block(hidden_states=h, temb=emb)
+            skips += res
+        h = u.mid_block(h, emb)
+        first_late = len(u.up_blocks) - self.config.late_up_blocks
+        for i, block in enumerate(u.up_blocks):
+            res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
+            h = block(h, res, emb + late.to(u.dtype) if i >= first_late else emb)
+        return u.conv_out(u.conv_act(u.conv_norm_out(h)))
 
     def null_conditions(self, batch: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Every column null: the unconditional branch of classifier-free guidance."""

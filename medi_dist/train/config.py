@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..metadata import MIN_TILE_PX
+
 # run.name is a folder under run.storage_path and the resume key: empty would make Ray invent a new
 # folder per start (no resume), and '/' or '..' would write elsewhere.
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -36,6 +38,9 @@ class ModelSection:
     # v-prediction learns usable samples within a few hundred CPU steps where epsilon gives noise
     # (measured on procedural data; the reference used epsilon); set epsilon to match it exactly
     prediction_type: str = "v_prediction"
+    # columns that condition only the finest up blocks (colour and texture), e.g. [tissue_source_site]
+    late_columns: list[str] = field(default_factory=list)
+    late_up_blocks: int = 1
 
 
 @dataclass
@@ -108,6 +113,11 @@ class TrainConfig:
         if "cancer_type" not in self.model.conditions:
             raise ValueError(
                 f"model.conditions must include cancer_type (generation asks for types), got {self.model.conditions}"
+            )
+        if self.model.resolution is not None and self.model.resolution < MIN_TILE_PX:
+            raise ValueError(
+                f"model.resolution must be at least {MIN_TILE_PX} px (leave it out for the preset's "
+                f"size), got {self.model.resolution}"
             )
         if not 0 <= self.model.cond_dropout <= 1:
             raise ValueError(f"model.cond_dropout must be in [0, 1], got {self.model.cond_dropout}")

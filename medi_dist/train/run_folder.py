@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import asdict
 
 from ..paths import absolute, is_uri
@@ -70,7 +71,7 @@ class RunFolder:
 
     def write_json(self, name: str, data: dict) -> None:
         self.fs.create_dir(self.path, recursive=True)
-        tmp = self._file(name + ".tmp")
+        tmp = self._file(f"{name}.tmp-{uuid.uuid4().hex[:8]}")  # unique: two drivers may write at once
         with self.fs.open_output_stream(tmp) as f:  # then renamed: never a half-written record
             f.write(json.dumps(data, indent=1).encode())
         self.fs.move(tmp, self._file(name))
@@ -82,6 +83,9 @@ class RunFolder:
             for i in self.fs.get_file_info(sel)
             if i.type == self._pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
         )
+
+    def remove_file(self, name: str) -> None:
+        self.fs.delete_file(self._file(name))
 
     def remove_dir(self, name: str) -> None:
         self.fs.delete_dir(self._file(name))

@@ -11,17 +11,18 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pandas as pd
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ..data.shards import verify_shards
+from ..data.shards import read_index, verify_shards
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
 from ..paths import absolute
 from ..ray_setup import check_job_paths, check_resource, ensure_ray
+from ..storage import is_remote, upload_folder
 from ..tracking import RunLogger, find_or_create_run, tracking_uri
 from .config import TrainConfig
+from .lease import RunLease
 from .loop import WorkerConfig, train_worker
 from .run_folder import (
     RUN_FILE,
@@ -52,14 +53,18 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
         default_cond_dropout=m.cond_dropout,
         cond_dropout=dict(m.column_dropout),
         prediction_type=m.prediction_type,
+        late_columns=tuple(m.late_columns),
+        late_up_blocks=m.late_up_blocks,
     )
     if m.resolution:
         overrides["sample_size"] = m.resolution
     return ModelConfig.from_preset(m.preset, **overrides)
 
 
-def output_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.run.output or Path(cfg.run.storage_path) / cfg.run.name / "model")
+def output_dir(cfg: TrainConfig) -> Path | str:
+    """run.output, else <storage_path>/<run>/model: a local Path or an object-storage URI."""
+    out = cfg.run.output or f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/model"
+    return out if is_remote(out) else Path(out)
 
 
 def check_resume(folder: RunFolder, name: str, record: dict | None, mcfg: ModelConfig, spec, cfg: TrainConfig) -> dict:
@@ -141,8 +146,9 @@ def already_finished(record: dict, steps: int) -> TrainResult | None:
     fin = finished_at(record, steps)
     if fin is None:
         return None
+    model_dir = fin["model_dir"] if is_remote(fin["model_dir"]) else Path(fin["model_dir"])
     return TrainResult(
-        Path(fin["model_dir"]),
+        model_dir,
         {"step": fin["step"], "final": True},
         record.get("mlflow_run_id", ""),
         0,
@@ -163,8 +169,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         done = already_finished(record, cfg.steps)
         if done:
             return done
+    _preflight(cfg)  # a wrong path or resources the cluster lacks: refused before the run folder exists
+    with RunLease(folder):  # one driver per run: the record, the cleanup and the checkpoints are ours
+        return _train_leased(cfg, storage, folder)
+
+
+def _preflight(cfg: TrainConfig) -> None:
     verify_shards(cfg.data.dataset, cfg.data.splits)  # a wrong path fails before Ray starts
-    mcfg = model_config(cfg)
     if ensure_ray():  # a fixed local cluster: check CPUs and GPUs (an autoscaler would add nodes)
         workers = cfg.run.num_workers
         check_resource(
@@ -180,6 +191,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 f"training with run.use_gpu=true and {workers} worker(s)",
                 "set run.use_gpu=false (and run.mixed_precision=no) to train on CPU, or submit to a GPU cluster",
             )
+
+
+def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainResult:
+    record = folder.read_json(RUN_FILE)  # again, now that the run is ours
+    mcfg = model_config(cfg)
     stream = tile_stream(
         cfg.data.dataset,
         cfg.data.splits,
@@ -207,7 +223,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         folder.write_json(RUN_FILE, record)
     note_steps_raised(folder, cfg.run.name, record, cfg.steps, logger)
     remove_unregistered(folder)
-    index = pd.read_parquet(Path(cfg.data.dataset) / "index.parquet")
+    index = read_index(cfg.data.dataset)
     train_rows = index[index["split"].isin(cfg.data.splits)]
     pairs = sorted(set(zip(train_rows["cancer_type"], train_rows["tissue_source_site"])))
     worker = WorkerConfig(cfg, mcfg, spec, pairs, uri, run_id)
@@ -240,15 +256,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     if metrics.get("final") and result.checkpoint is not None:
         out = output_dir(cfg)
         with result.checkpoint.as_directory() as d:
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(Path(d) / "model", tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        logger.tags({"medi_dist.model_dir": str(out.resolve())})
+            if is_remote(out):  # checksums.json last: verify_model_dir refuses a partial upload
+                upload_folder(Path(d) / "model", out, last=("checksums.json",))
+            else:
+                tmp = out.with_name(out.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(Path(d) / "model", tmp)
+                if out.exists():
+                    shutil.rmtree(out)
+                tmp.rename(out)
+        out = out if is_remote(out) else out.resolve()
+        logger.tags({"medi_dist.model_dir": str(out)})
         logger.finish()
         # a re-run with steps <= this step returns at once instead of restarting Ray Train
-        record["finished"] = {"step": metrics["step"], "model_dir": str(out.resolve())}
+        record["finished"] = {"step": metrics["step"], "model_dir": str(out)}
         folder.write_json(RUN_FILE, record)
     return TrainResult(out, metrics, run_id, skipped)

@@ -169,6 +169,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         log_artifacts(log, res, "val", pd.Series(ctx.baseline_sites), label="this trial")
         if step == 0 and pool:
             log.artifact_bytes(plots.pool_grid(pool), "pool_samples.png")
+        log.flush()  # before tune.report: Tune may stop the trial there (calls queued in an outage would be lost)
         _write_audit(audit, trial_id, start, runs, computed)
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / RUNS_FILE).write_text(runs_to_json(runs))

@@ -1,0 +1,152 @@
+"""Soak: peak memory of ingest, the training stream and generation planning against the number of
+tiles (issue 18). Each phase runs in its own process; its peak RSS (and, for the stream, the peak
+summed RSS of the Ray worker processes it started) is recorded, so the sizes can be compared.
+
+    nice -n 10 python benchmarks/soak.py --tiles 20000 200000 [--size 16] [--work /tmp/soak]
+
+Prints one table row per (phase, tiles) and writes soak.json under --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ingest(work: Path, tiles: int, size: int) -> dict:
+    from medi_dist.data import sources
+    from medi_dist.data.ingest import ingest
+    from medi_dist.data.procedural import ProceduralConfig
+    from medi_dist.data.split import SplitConfig
+
+    out = work / f"ds-{tiles}"
+    # always ingested (overwritten): this phase's peak RSS is the ingest's; stream and plan reuse it
+    ingest(
+        sources.procedural(ProceduralConfig(n_types=4, n_sites=12, n_tiles=tiles, size=size, seed=0)),
+        out,
+        SplitConfig(0.3, 0.0, 0),
+        shard_mb=8,
+        overwrite=True,
+    )
+    return {"dataset": str(out)}
+
+
+def _stream(work: Path, tiles: int, size: int) -> dict:
+    import psutil
+    import ray
+
+    from medi_dist.data.stream import StreamConfig, tile_stream
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    me, peak = psutil.Process(), {"workers": 0}
+    stop = threading.Event()
+
+    def watch() -> None:  # ray.init here starts the raylet as our child: its workers are our descendants
+        while not stop.wait(0.5):
+            rss = 0
+            for p in me.children(recursive=True):
+                try:
+                    rss += p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            peak["workers"] = max(peak["workers"], rss)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    s = tile_stream(work / f"ds-{tiles}", ("train",), StreamConfig(resolution=size, num_cpus=1.0))
+    n = sum(len(b["image"]) for b in s.dataset.iter_batches(batch_size=256, batch_format="numpy"))
+    stop.set()
+    t.join()
+    ray.shutdown()
+    return {"streamed": n, "ray_processes_peak_rss_mb": round(peak["workers"] / 2**20)}
+
+
+def _plan(work: Path, tiles: int, size: int) -> dict:
+    import torch
+
+    from medi_dist.generate.job import GenerateConfig, build_tasks
+    from medi_dist.generate.plan import GenerationPlan
+    from medi_dist.metadata import ConditioningSpec
+    from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
+
+    ds = work / f"ds-{tiles}"
+    model = work / "model"
+    if not model.exists():
+        spec = ConditioningSpec.load(ds / "vocab.json").subset(["cancer_type", "tissue_source_site"], [])
+        net = ConditionedUNet(ModelConfig.from_preset("tiny"), spec)
+        save_model_dir(model, net, EMA(net), extra_info={"name": "soak", "dataset": str(ds)})
+    torch.set_num_threads(1)
+    pairs = 4 * 12 * 0.7  # about the trained (type, site) pairs of the unseen-pairs plan
+    tasks, rows, header, _ = build_tasks(
+        GenerateConfig(
+            model=str(model),
+            out=str(work / "unused"),
+            dataset=str(ds),
+            plan=GenerationPlan(mode="unseen-pairs", count=max(1, int(tiles / pairs))),
+            tiles_per_shard=256,
+        )
+    )
+    return {"planned_tiles": header["tiles"], "shards": len(tasks)}
+
+
+PHASES = {"ingest": _ingest, "stream": _stream, "plan": _plan}
+
+
+def child(phase: str, work: Path, tiles: int, size: int) -> None:
+    t0 = time.perf_counter()
+    res = PHASES[phase](work, tiles, size)
+    res.update(
+        phase=phase,
+        tiles=tiles,
+        seconds=round(time.perf_counter() - t0, 1),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    )
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiles", type=int, nargs="+", default=[20_000, 200_000])
+    ap.add_argument("--size", type=int, default=16, help="tile size in px (16: the smallest accepted)")
+    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
+    ap.add_argument("--work", default="/tmp/medi-dist-soak")
+    ap.add_argument("--child", nargs=2, metavar=("PHASE", "TILES"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    work = Path(a.work)
+    if a.child:
+        return child(a.child[0], work, int(a.child[1]), a.size)
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for tiles in a.tiles:
+        for phase in a.phases:
+            r = subprocess.run(
+                [sys.executable, __file__, "--work", str(work), "--size", str(a.size), "--child", phase, str(tiles)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+            line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{phase} with {tiles} tiles failed:\n{r.stderr[-3000:]}")
+            results.append(json.loads(line[len("RESULT ") :]))
+            print(json.dumps(results[-1]), flush=True)
+    (work / "soak.json").write_text(json.dumps(results, indent=2))
+    print("\n| phase | tiles | peak RSS (MiB) | Ray processes (sum) peak RSS (MiB) | seconds |\n|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['phase']} | {r['tiles']:,} | {r['peak_rss_mb']} | {r.get('ray_processes_peak_rss_mb', '')} | "
+            f"{r['seconds']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
