@@ -49,6 +49,25 @@ class StreamConfig:
     deterministic: bool = True
 
 
+def _start_executions_at_full_width(interval_s: float = 0.1) -> None:
+    """Ray Data 2.60 starts every execution (every pass, every epoch) with zero resource limits:
+    the cluster autoscaler's first answer (an async actor call) is not back when the resource
+    manager first reads it, and the manager re-reads it only after `GLOBAL_LIMITS_UPDATE_INTERVAL_S`
+    = 1 s. Until then it admits one read task at a time (timeline of the 3,000-tile benchmark: one
+    task for the first ~1 s of each 2 s pass, on 2 CPUs). Re-reading every 0.1 s costs one small
+    actor call per 0.1 s. Applied wherever this module is imported: the driver, and Ray Train's
+    split coordinator (which imports it to unpickle the TileShards datasource)."""
+    try:
+        from ray.data._internal.execution.resource_manager import ResourceManager
+    except ImportError:  # a Ray without this class: nothing to do
+        return
+    if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > interval_s:
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = interval_s
+
+
+_start_executions_at_full_width()
+
+
 class TooManyBadTiles(RuntimeError):
     pass
 
