@@ -5,8 +5,11 @@
 Builds (once) a procedural dataset of `--size` px JPEG tiles, extracts the same tiles as loose files
 for the DataLoader, then times full passes of each reader (after one warm-up pass each), the two
 readers alternating `--repeats` times so both see the same machine load, and prints min / median /
-max tiles/s, the per-repeat ratio, single-core PIL decode speed and the load average (the machine
-may be shared: compare ratios from one run, not absolute numbers across runs).
+max tiles/s, the per-repeat ratio, single-core PIL decode speed, each reader's tiles per CPU-second
+(all its processes: the DataLoader's workers; the driver, raylet, GCS and Ray workers) and the load
+average (the machine may be shared: compare ratios from one run, not absolute numbers across runs).
+Both readers deliver float32 [-1, 1]: the stream ships uint8 and the loop converts (`to_model_range`).
+`--json PATH` appends every repeat's numbers to PATH.
 """
 
 from __future__ import annotations

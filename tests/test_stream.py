@@ -151,3 +151,14 @@ def test_stream_feeds_two_train_workers(ray_cluster, proc_dataset, tmp_path):
     assert k0 and k1 and not set(k0) & set(k1)
     # streaming_split(equal=True) may drop up to world_size - 1 rows to keep ranks in step
     assert s.tiles - 1 <= len(k0) + len(k1) <= s.tiles
+
+
+def test_ray_data_reads_its_resource_limits_within_a_tenth_of_a_second():
+    """Ray Data 2.60 starts each execution with zero limits until it re-reads them (1 s by default),
+    running one read task at a time meanwhile; the stream module shortens that (benchmarks/RESULTS.md).
+    A Ray upgrade that drops the attribute fails here, so the timeline gets checked again."""
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    import medi_dist.data.stream  # noqa: F401  (applies the setting on import)
+
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S <= 0.1
