@@ -200,12 +200,6 @@ def shard_tiles(data, path: str) -> list[Tile]:
     return [tuple(t) for t in tiles]
 
 
-@functools.lru_cache(maxsize=16)
-def _folder(uri: str) -> Folder:
-    """One Folder (and its pyarrow filesystem, e.g. an S3 client) per worker process and dataset."""
-    return Folder(uri)
-
-
 # Per worker process: each local shard's tile index, parsed once and reused by every later slice of
 # it. Keyed by the file's identity (inode, size, mtime), so a rewritten shard is parsed again.
 _SHARD_INDEX: dict[tuple, list[Tile]] = {}
@@ -236,7 +230,7 @@ class SliceDecoder:
     """What a read task runs on one slice of a shard: read, check, decode, encode, balance.
     Kept apart from the shard list so each task pickles only this."""
 
-    folder: str  # the dataset's URI (or local path)
+    folder: Folder  # the driver's: its filesystem's options (endpoint, credentials mode) travel with it
     spec: ConditioningSpec
     cfg: StreamConfig
     weights: dict | None
@@ -260,7 +254,7 @@ class SliceDecoder:
         return tiles
 
     def __call__(self, rel: str, n_tiles: int, chunk: np.ndarray):
-        folder = _folder(self.folder)
+        folder = self.folder
         shard = _ShardBytes(folder, rel)
         try:
             images, rows, keys, bad = self.decode(folder, rel, n_tiles, chunk, shard)
@@ -395,7 +389,7 @@ def tile_stream(
     ledger = _ledger_on_this_node()
     # (relative path, tiles) in verify_shards' order; read tasks open them through the folder's filesystem
     shards = [(s["path"], s["tiles"]) for s in manifest["shards"] if s["split"] in set(splits)]
-    decoder = SliceDecoder(Folder(root).uri, spec, cfg, weights, balance_cols, ledger)
+    decoder = SliceDecoder(Folder(root), spec, cfg, weights, balance_cols, ledger)
     # One block per read task: without override_num_blocks Ray Data splits each task's block into
     # ~200 / tasks pieces (SplitBlocks), which costs the driver and the raylet per piece.
     slices = sum(-(-n // cfg.batch_rows) for _, n in shards)
