@@ -1,8 +1,11 @@
 """Soak: peak memory of ingest, the training stream and generation planning against the number of
 tiles (issue 18). Each phase runs in its own process; its peak RSS (and, for the stream, the peak
-summed RSS of the Ray worker processes it started) is recorded, so the sizes can be compared.
+summed RSS of the Ray processes it started) is recorded, so the sizes can be compared. Phases:
+ingest (in one process), stream (the train split once through the Ray Data stream), plan (tasks of
+an unseen-pairs generation plan of about the same number of tiles) and, on request, ingest-ray
+(the distributed ingest, 2 Ray workers; its dataset is removed afterwards).
 
-    nice -n 10 python benchmarks/soak.py --tiles 20000 200000 [--size 16] [--work /tmp/soak]
+    nice -n 10 python benchmarks/soak.py --tiles 20000 200000 [--phases ingest stream plan ingest-ray]
 
 Prints one table row per (phase, tiles) and writes soak.json under --work.
 """
@@ -22,13 +25,45 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ingest(work: Path, tiles: int, size: int) -> dict:
+class _RayProcesses:
+    """Peak summed RSS of this process's descendants (ray.init here starts the raylet as our child:
+    GCS, raylet and workers are our descendants), sampled every 0.5 s."""
+
+    def __enter__(self):
+        import psutil
+
+        me, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+
+        def watch() -> None:
+            while not self._stop.wait(0.5):
+                rss = 0
+                for p in me.children(recursive=True):
+                    try:
+                        rss += p.memory_info().rss
+                    except psutil.NoSuchProcess:
+                        pass
+                self.peak = max(self.peak, rss)
+
+        self._t = threading.Thread(target=watch, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def mb(self) -> int:
+        return round(self.peak / 2**20)
+
+
+def _ingest(work: Path, tiles: int, size: int, workers: int = 0) -> dict:
     from medi_dist.data import sources
     from medi_dist.data.ingest import ingest
     from medi_dist.data.procedural import ProceduralConfig
     from medi_dist.data.split import SplitConfig
 
-    out = work / f"ds-{tiles}"
+    out = work / (f"ds-{tiles}" if not workers else f"ds-ray-{tiles}")
     # always ingested (overwritten): this phase's peak RSS is the ingest's; stream and plan reuse it
     ingest(
         sources.procedural(ProceduralConfig(n_types=4, n_sites=12, n_tiles=tiles, size=size, seed=0)),
@@ -36,38 +71,36 @@ def _ingest(work: Path, tiles: int, size: int) -> dict:
         SplitConfig(0.3, 0.0, 0),
         shard_mb=8,
         overwrite=True,
+        workers=workers,
     )
     return {"dataset": str(out)}
 
 
+def _ingest_ray(work: Path, tiles: int, size: int) -> dict:
+    """The distributed ingest (2 Ray workers): the driver's peak RSS and the Ray processes'."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with _RayProcesses() as rp:
+        res = _ingest(work, tiles, size, workers=2)
+    ray.shutdown()
+    import shutil
+
+    shutil.rmtree(res["dataset"], ignore_errors=True)  # only its memory is measured
+    return {**res, "ray_processes_peak_rss_mb": rp.mb}
+
+
 def _stream(work: Path, tiles: int, size: int) -> dict:
-    import psutil
     import ray
 
     from medi_dist.data.stream import StreamConfig, tile_stream
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    me, peak = psutil.Process(), {"workers": 0}
-    stop = threading.Event()
-
-    def watch() -> None:  # ray.init here starts the raylet as our child: its workers are our descendants
-        while not stop.wait(0.5):
-            rss = 0
-            for p in me.children(recursive=True):
-                try:
-                    rss += p.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
-            peak["workers"] = max(peak["workers"], rss)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    s = tile_stream(work / f"ds-{tiles}", ("train",), StreamConfig(resolution=size, num_cpus=1.0))
-    n = sum(len(b["image"]) for b in s.dataset.iter_batches(batch_size=256, batch_format="numpy"))
-    stop.set()
-    t.join()
+    with _RayProcesses() as rp:
+        s = tile_stream(work / f"ds-{tiles}", ("train",), StreamConfig(resolution=size, num_cpus=1.0))
+        n = sum(len(b["image"]) for b in s.dataset.iter_batches(batch_size=256, batch_format="numpy"))
     ray.shutdown()
-    return {"streamed": n, "ray_processes_peak_rss_mb": round(peak["workers"] / 2**20)}
+    return {"streamed": n, "ray_processes_peak_rss_mb": rp.mb}
 
 
 def _plan(work: Path, tiles: int, size: int) -> dict:
@@ -98,7 +131,7 @@ def _plan(work: Path, tiles: int, size: int) -> dict:
     return {"planned_tiles": header["tiles"], "shards": len(tasks)}
 
 
-PHASES = {"ingest": _ingest, "stream": _stream, "plan": _plan}
+PHASES = {"ingest": _ingest, "stream": _stream, "plan": _plan, "ingest-ray": _ingest_ray}
 
 
 def child(phase: str, work: Path, tiles: int, size: int) -> None:
@@ -117,7 +150,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiles", type=int, nargs="+", default=[20_000, 200_000])
     ap.add_argument("--size", type=int, default=16, help="tile size in px (16: the smallest accepted)")
-    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
+    ap.add_argument("--phases", nargs="+", default=["ingest", "stream", "plan"], choices=list(PHASES))
     ap.add_argument("--work", default="/tmp/medi-dist-soak")
     ap.add_argument("--child", nargs=2, metavar=("PHASE", "TILES"), help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -12,6 +12,8 @@ scores, with the curve benchmark's calibrated probes (fit on renderings of every
 - ground-truth tiles of the requested type drawn at its own largest site ("donor") and mapped into
   the requested site by optical-density statistics (mean; per-channel scale; full covariance),
   either site to site or relative to each type's average site;
+- the donor tiles through `stain_space.py`'s per-site stain estimates (Macenko vectors, background
+  0): unmixed with the donor site's stain, rendered with the requested site's;
 - with --model, a saved generator (generator_curve.py --save): joint (type, site) conditioning, the
   donor draw, and the donor draw through the same transfers.
 
@@ -33,6 +35,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generator_curve import world  # noqa: E402
+from stain_space import StainSpace  # noqa: E402
 
 import medi_dist.data.procedural as procedural  # noqa: E402
 from medi_dist.evaluate.encoders import get_encoder  # noqa: E402
@@ -157,6 +160,9 @@ def main(argv=None) -> int:
     score("ideal factorised (identifiable intensities)", render(rows, args.size, lines, identifiable))
     gt_donor = render([(t, donor[t]) for t, _ in rows], args.size, lines)
     through_transfers("ground truth at donor site", gt_donor)
+    space = StainSpace(tiles, index[SITE].to_numpy().astype(str), index[TYPE].to_numpy().astype(str))
+    x = space.to_model(gt_donor, [donor[t] for t, _ in rows])
+    score("ground truth at donor site, estimated stain space", space.to_rgb(x, want_t, want_s))
     if args.model:
         model, _, spec = load_model_dir(args.model)
 

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .config_loader import ConfigError
 from .metadata import SchemaError, UnknownValueError
@@ -20,6 +21,7 @@ USER_ERRORS = (SchemaError, UnknownValueError, ConfigError, OSError, ValueError)
 
 def _demo(args: argparse.Namespace) -> None:
     from .demo import QUICK_DEMO, DemoConfig, format_summary, run_demo
+    from .storage import is_remote, local_path
 
     cfg = DemoConfig(**QUICK_DEMO) if args.quick else DemoConfig()
     for name in ("out", "types", "sites", "tiles", "seed", "train_steps", "seeds"):
@@ -27,7 +29,20 @@ def _demo(args: argparse.Namespace) -> None:
             setattr(cfg, name, getattr(args, name))
     cfg.separate_class_only = args.separate_class_only
     cfg.scanner_lines = not args.stain_only
-    print(format_summary(run_demo(cfg)))
+    uri = cfg.out if is_remote(cfg.out) else None
+    if uri:  # object storage: run in a local staging folder, upload at the end (demo_storage.py)
+        from .demo_storage import check_remote_out, staging_dir, upload_demo
+
+        check_remote_out(uri)
+        cfg.out = str(staging_dir(uri))
+    else:
+        cfg.out = str(local_path(cfg.out))  # file://
+    summary = run_demo(cfg)
+    if uri:
+        upload_demo(Path(cfg.out), uri)
+    print(format_summary(summary))
+    if uri:
+        print(f"uploaded to {uri} (a re-run continues from the local copy {cfg.out})")
 
 
 def _check_ray(args: argparse.Namespace) -> None:
@@ -69,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "pools, and compare classifiers and stain baselines on held-out sites. Re-running continues "
         "from what --out already holds.",
     )
-    demo.add_argument("--out", default=None, help="output folder (default demo-output, demo-quick with --quick)")
+    demo.add_argument(
+        "--out",
+        default=None,
+        help="output folder or s3:// / gs:// URI (run in a local copy, uploaded at the end; default "
+        "demo-output, demo-quick with --quick)",
+    )
     demo.add_argument("--types", type=int, default=None, help="cancer types of the procedural world (default 4)")
     demo.add_argument(
         "--sites", type=int, default=None, help="tissue source sites, dealt out over the types (default 12)"

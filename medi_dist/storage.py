@@ -1,7 +1,8 @@
 """Folders on a local disk or on object storage (s3://, gs://, file://), through pyarrow filesystems
 as Ray Data and Ray Train use them. Credentials and endpoints come from the usual environment
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION; GOOGLE_APPLICATION_CREDENTIALS),
-or the node's role.
+or the node's role. STORAGE_EMULATOR_HOST (as Google's client libraries read it) points gs:// at a
+GCS emulator, without credentials.
 
 Commands that read whole folders (evaluation, generation's model and dataset) read a local copy:
 `local_copy` downloads a remote folder once into the cache (MEDI_DIST_CACHE, default
@@ -39,16 +40,36 @@ def local_path(location: str | Path) -> Path:
     return Path(s[len("file://") :]) if s.startswith("file://") else Path(s)
 
 
-def _endpoint(default: str | None = "the default endpoint") -> str | None:
+def _endpoint(default: str | None = "the default endpoint", uri: str = "") -> str | None:
+    if str(uri).startswith("gs://"):
+        return os.environ.get("STORAGE_EMULATOR_HOST") or default
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or default
+
+
+def _gcs(pafs):
+    """gs:// as `FileSystem.from_uri` opens it, with a bounded retry time (its default is 15
+    minutes); STORAGE_EMULATOR_HOST=http://host:port: that emulator, anonymously."""
+    from datetime import timedelta
+
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if not emulator:
+        return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=60))
+    scheme, _, host = emulator.rpartition("://")
+    return pafs.GcsFileSystem(
+        anonymous=True,
+        scheme=scheme or "http",
+        endpoint_override=host.rstrip("/"),
+        retry_time_limit=timedelta(seconds=20),
+    )
 
 
 def explain(e: Exception, uri: str) -> StorageError:
     """A pyarrow/cloud error as one line that says what to do."""
     msg = str(e)
     if "NETWORK_CONNECTION" in msg or "Could not connect" in msg or "Couldn't resolve host" in msg:
+        var = "STORAGE_EMULATOR_HOST" if uri.startswith("gs://") else "AWS_ENDPOINT_URL"
         what = (
-            f"cannot reach the object store at {_endpoint()}; check AWS_ENDPOINT_URL (or the network, "
+            f"cannot reach the object store at {_endpoint(uri=uri)}; check {var} (or the network, "
             "or that the storage server runs), then re-run"
         )
     elif any(
@@ -63,10 +84,12 @@ def explain(e: Exception, uri: str) -> StorageError:
             "403",
         )
     ):
-        what = (
-            "access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the node's role) and that "
-            "they may read and write this bucket"
+        creds = (
+            "GOOGLE_APPLICATION_CREDENTIALS (or the node's workload identity)"
+            if uri.startswith("gs://")
+            else "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the node's role)"
         )
+        what = f"access denied; check {creds} and that they may read and write this bucket"
     elif "NO_SUCH_BUCKET" in msg or "NoSuchBucket" in msg:
         what = "the bucket does not exist; create it or fix the URI"
     else:
@@ -84,7 +107,10 @@ class Folder:
         self.uri = str(uri).rstrip("/") or "/"
         if is_remote(uri):
             try:
-                self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+                if self.uri.startswith("gs://") and "?" not in self.uri:
+                    self.fs, self.root = _gcs(pafs), self.uri[len("gs://") :]
+                else:
+                    self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
                 if isinstance(self.fs, pafs.S3FileSystem) and "?" not in self.uri:
                     # the same bucket region and endpoint, with more patience for busy servers
                     self.fs = pafs.S3FileSystem(
@@ -124,7 +150,7 @@ class Folder:
         info = self._call("", self.fs.get_file_info, bucket)
         if info.type == self._pafs.FileType.NotFound:
             raise StorageError(
-                f"{self.uri}: bucket {bucket!r} does not exist at {_endpoint()}; create it or fix the URI"
+                f"{self.uri}: bucket {bucket!r} does not exist at {_endpoint(uri=self.uri)}; create it or fix the URI"
             )
 
     def size(self, rel: str) -> int | None:
@@ -198,16 +224,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDI_DIST_CACHE") or Path.home() / ".cache" / "medi-dist")
 
 
+def upload_names(local: Path, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The files `upload_folder` copies: all but dot-names (temp files) and the top-level
+    entries in `leave_out`."""
+    return sorted(
+        rel
+        for p in local.rglob("*")
+        if p.is_file()
+        and not p.name.startswith(".")
+        and (rel := str(p.relative_to(local))).split("/", 1)[0] not in leave_out
+    )
+
+
 def upload_folder(
-    local: Path, uri: str, last: tuple[str, ...] = (COMPLETE_MARKER,), skip_present: bool = False
+    local: Path,
+    uri: str,
+    last: tuple[str, ...] = (COMPLETE_MARKER,),
+    skip_present: bool = False,
+    leave_out: tuple[str, ...] = (),
 ) -> None:
     """Copy a local folder to `uri`, the names in `last` after everything else (in that order), so a
     reader never sees a marker whose files are not all there. Files are uploaded whole (object
-    stores have no partial objects); temp files (`.name.tmp-*`) are not copied. `skip_present`:
-    files other than `last` already there with the same size were uploaded by workers (shards)."""
+    stores have no partial objects); temp files (`.name.tmp-*`) and the top-level entries in
+    `leave_out` are not copied. `skip_present`: files other than `last` already there with the
+    same size were uploaded by workers (shards)."""
     dest = Folder(uri)
     dest.check_bucket()
-    names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
+    names = upload_names(local, leave_out)
     there = dest.files() if skip_present else {}
     for rel in [n for n in names if n not in last] + [n for n in last if n in names]:
         if rel not in last and rel in there and there[rel][0] == (local / rel).stat().st_size:

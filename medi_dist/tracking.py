@@ -83,10 +83,22 @@ def find_or_create_run(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     key: str | None = None,
+    wait_s: float | None = None,
 ) -> str:
     """The run tagged with `key` (default: the run name), so a resumed job keeps its run, or a new one.
     Without `parent_run_id` the run joins the current job (`job()` or $MEDI_DIST_PARENT_RUN), if any; a
-    resumed run moves to the job that resumes it."""
+    resumed run moves to the job that resumes it. A server that is down or restarting is retried with
+    backoff for up to `wait_s` (default run_wait_s()); then TrackingUnavailable. Found by its tag on
+    every try, so a create whose answer was lost is not made twice."""
+    return retrying(
+        lambda: _find_or_create_run(uri, run_name, experiment, tags, parent_run_id, key),
+        f"creating MLflow run {run_name!r}",
+        uri,
+        wait_s,
+    )
+
+
+def _find_or_create_run(uri, run_name, experiment, tags, parent_run_id, key) -> str:
     c = client(uri)
     exp = experiment_id(c, experiment)
     parent_run_id = parent_run_id or current_parent(uri, experiment)
@@ -161,20 +173,28 @@ def ended_as(log: RunLogger) -> Iterator[RunLogger]:
     log.finish()
 
 
+def _new_keyed_run(uri: str, name: str, kind: str, experiment: str, parent: Callable[[], str | None]) -> str:
+    """A new run under a key made once (`name`/random), created with find_or_create_run's retries:
+    a create whose answer was lost is found by its key on the next try, not made twice."""
+    key = f"{name}/{uuid.uuid4().hex[:8]}"
+
+    def create() -> str:
+        c = client(uri)
+        exp = experiment_id(c, experiment)
+        found = c.search_runs([exp], filter_string=f"tags.`{RUN_NAME_TAG}` = '{key}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        return new_run(c, exp, name, {RUN_NAME_TAG: key, KIND_TAG: kind}, parent())
+
+    return retrying(create, f"creating MLflow run {name!r}", uri)
+
+
 @contextmanager
 def job(uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[RunLogger]:
     """A user-level job's parent run, from the start of the block to its end; every run created in
     this process meanwhile (find_or_create_run, stage) is its child."""
     global _job_parent
-    log = RunLogger(
-        uri,
-        new_run(
-            client(uri),
-            experiment_id(client(uri), experiment),
-            name,
-            {RUN_NAME_TAG: f"{name}/{uuid.uuid4().hex[:8]}", KIND_TAG: kind},
-        ),
-    )
+    log = RunLogger(uri, _new_keyed_run(uri, name, kind, experiment, lambda: None))
     previous, _job_parent = _job_parent, log.run_id
     try:
         with ended_as(log):
@@ -188,18 +208,7 @@ def stage(
     uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT, system_metrics: bool = False
 ) -> Iterator[RunLogger]:
     """A new run for one stage (generate, evaluate), lasting as long as the block; a child of the current job."""
-    c = client(uri)
-    exp = experiment_id(c, experiment)
-    log = RunLogger(
-        uri,
-        new_run(
-            c,
-            exp,
-            name,
-            {RUN_NAME_TAG: f"{name}/{uuid.uuid4().hex[:8]}", KIND_TAG: kind},
-            current_parent(uri, experiment),
-        ),
-    )
+    log = RunLogger(uri, _new_keyed_run(uri, name, kind, experiment, lambda: current_parent(uri, experiment)))
     with ended_as(log), system_metrics_logged(log, system_metrics):
         yield log
 
@@ -215,7 +224,8 @@ def system_metrics_logged(log: RunLogger, on: bool = True) -> Iterator[None]:
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(log.run_id, resume_logging=True, tracking_uri=log.uri)  # never started
+    # never started; without a run (server down at creation) its points go to the spill file from 0
+    monitor = SystemMetricsMonitor(log.run_id, resume_logging=log.run_id is not None, tracking_uri=log.uri)
     stop = threading.Event()
 
     def sample(step: int) -> None:
@@ -298,6 +308,35 @@ FINAL_WAIT_S = 300.0
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stayed unreachable for the whole wait (run creation, RunLogger.call)."""
+
+
+def run_wait_s() -> float:
+    """How long run creation waits for an unreachable server ($MEDI_DIST_MLFLOW_WAIT_S, default FINAL_WAIT_S)."""
+    return float(os.environ.get("MEDI_DIST_MLFLOW_WAIT_S", FINAL_WAIT_S))
+
+
+def retrying(fn, what: str, uri: str, wait_s: float | None = None):
+    """fn(), retried with backoff (1 s doubling to BACKOFF_MAX_S) while its errors are transient, for
+    up to `wait_s` (default run_wait_s()); then TrackingUnavailable. Other errors raise at once."""
+    deadline = time.time() + (run_wait_s() if wait_s is None else wait_s)
+    delay = 1.0
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not transient(e):
+                raise
+            left = deadline - time.time()
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if left <= 0:
+                raise TrackingUnavailable(f"{what}: MLflow at {uri} unreachable ({first})") from e
+            log.warning("%s: MLflow at %s unreachable (%s); retrying in %.0f s", what, uri, first, min(delay, left))
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+
 def transient(e: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
@@ -322,10 +361,6 @@ class _Call:
         return self.payload.get("what", self.kind)
 
 
-class TrackingUnavailable(RuntimeError):
-    """MLflow stayed unreachable for as long as a caller of RunLogger.call would wait."""
-
-
 class RunLogger:
     """One MLflow run; safe to pickle into Ray workers (client and sender made lazily).
 
@@ -334,20 +369,23 @@ class RunLogger:
     WAIT_S for its call (so while the server is up, logging is synchronous and a refused call raises
     as before); past that it goes on and the call stays queued, and later calls queue behind it
     without waiting, until the server is back. finish()/flush() wait up to FINAL_WAIT_S for the queue
-    to drain, then write what is left to a JSON-lines file and say where."""
+    to drain, then write what is left to a JSON-lines file and say where: in `spill_dir` (a training
+    passes its run folder; upload_spills delivers it later), else the temp folder.
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id, self._c = uri, run_id, None
+    `run_id` None: the run could not be created (server down); every call goes to the spill file."""
+
+    def __init__(self, uri: str, run_id: str | None, spill_dir: str | None = None):
+        self.uri, self.run_id, self.spill_dir, self._c = uri, run_id, spill_dir, None
         self._queue: deque[_Call] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self.retries = 0  # failed attempts that were retried (outages seen)
 
     def __getstate__(self):
-        return {"uri": self.uri, "run_id": self.run_id}
+        return {"uri": self.uri, "run_id": self.run_id, "spill_dir": self.spill_dir}
 
     def __setstate__(self, state):
-        self.__init__(state["uri"], state["run_id"])
+        self.__init__(state["uri"], state["run_id"], state.get("spill_dir"))
 
     @property
     def c(self):
@@ -368,6 +406,10 @@ class RunLogger:
         with self._cv:
             backlog = bool(self._queue)
             self._queue.append(call)
+            if self.run_id is None:  # no run to send to: kept for the spill file
+                if len(self._queue) == 1:
+                    atexit.register(self.flush)
+                return True  # nothing to wait for
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
                 self._thread.start()
@@ -379,7 +421,12 @@ class RunLogger:
         """`fn(client)` through the sender, after every call queued before it and retried like them
         while the server is unreachable (for calls that must finish before the caller goes on, e.g.
         uploading a folder that is removed afterwards): its result, or the error of a server that
-        refused it. Past `timeout` (FINAL_WAIT_S) the call is dropped and TrackingUnavailable raised."""
+        refused it. Past `timeout` (FINAL_WAIT_S) the call is dropped and TrackingUnavailable raised;
+        at once when there is no run (the server was down when it was to be created)."""
+        if self.run_id is None:
+            raise TrackingUnavailable(
+                f"MLflow at {self.uri}: no run (the server was down when it was to be created): {what} not done"
+            )
         call = _Call("call", {"what": what, "fn": fn})
         self._enqueue(call)
         wait = FINAL_WAIT_S if timeout is None else timeout
@@ -423,7 +470,8 @@ class RunLogger:
                 log.warning("MLflow refused %s for run %s: %s", call.what, self.run_id, e)
             delay = 1.0
             with self._cv:
-                self._queue.popleft()
+                if self._queue and self._queue[0] is call:  # not already spilled by flush()
+                    self._queue.popleft()
                 self._cv.notify_all()
             call.done.set()
 
@@ -449,7 +497,7 @@ class RunLogger:
         elif kind == "status":
             c.update_run(self.run_id, status=p["status"])
         elif kind == "inputs":
-            c.log_inputs(self.run_id, datasets=p["datasets"])
+            c.log_inputs(self.run_id, datasets=[_dataset_input(d) for d in p["datasets"]])
         elif kind == "call":
             return p["fn"](c)
         elif kind == "terminated":
@@ -458,26 +506,37 @@ class RunLogger:
             if parent and c.get_run(parent).data.tags.get(KIND_TAG) == "job":  # a named job ends with its last stage
                 c.set_terminated(parent, p["status"])
 
-    def flush(self, timeout: float | None = None) -> Path | None:
-        """Wait for every queued call (up to FINAL_WAIT_S); what is left goes to a JSON-lines file,
-        whose path is returned (None: all delivered)."""
+    def flush(self, timeout: float | None = None) -> str | None:
+        """Wait for every queued call (up to FINAL_WAIT_S); what is left leaves the queue for a
+        JSON-lines file, whose path is returned (None: all delivered). A call in flight at that moment
+        may still arrive as well (then it is there twice after upload_spills)."""
         deadline = time.time() + (FINAL_WAIT_S if timeout is None else timeout)
         with self._cv:
-            while self._queue and time.time() < deadline:
+            while self._queue and self.run_id is not None and time.time() < deadline:
                 self._cv.wait(min(1.0, max(deadline - time.time(), 0.01)))
             left = list(self._queue)
+            self._queue.clear()  # spilled below, uploaded later: not also sent (nor waited for at exit)
+        for call in left:
+            call.done.set()
         if not left:
             return None
-        spill = Path(tempfile.gettempdir()) / f"medi-dist-mlflow-{self.run_id}-{os.getpid()}.jsonl"
-        with open(spill, "a") as f:
-            for call in left:
-                if call.kind not in ("artifact", "call"):  # artifacts and uploads are counted, not copied
-                    f.write(json.dumps({"run_id": self.run_id, "kind": call.kind, **call.payload}, default=str) + "\n")
+        lines = "".join(
+            json.dumps({"run_id": self.run_id, "kind": call.kind, **call.payload}, default=str) + "\n"
+            for call in left
+            if call.kind not in ("artifact", "call")  # artifacts and uploads are counted, not copied
+        )
+        name = f"medi-dist-mlflow-{self.run_id or 'no-run'}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        spill = write_spill(self.spill_dir, name, lines)
+        why = (
+            "unreachable when the run was to be created"
+            if self.run_id is None
+            else f"still unreachable after {FINAL_WAIT_S if timeout is None else timeout:.0f} s"
+        )
         log.warning(
-            "MLflow at %s still unreachable after %.0f s: %d call(s) of run %s not delivered "
-            "(%d artifacts dropped); written to %s",
+            "MLflow at %s %s: %d call(s) of run %s not delivered (%d artifacts dropped); written to %s "
+            "(upload_spills delivers them)",
             self.uri,
-            FINAL_WAIT_S if timeout is None else timeout,
+            why,
             len(left),
             self.run_id,
             sum(c.kind in ("artifact", "call") for c in left),
@@ -511,12 +570,63 @@ class RunLogger:
         self._send("status", status=status)
 
     def inputs(self, datasets: list) -> None:
-        """Dataset inputs (mlflow.entities.DatasetInput), as log_datasets builds them."""
-        self._send("inputs", datasets=datasets)
+        """Dataset inputs (mlflow.entities.DatasetInput), as log_datasets builds them; queued as plain
+        dicts, so a spilled call is JSON and upload_spills sends it as it was."""
+        self._send("inputs", datasets=[d.to_dictionary() for d in datasets])
 
     def finish(self, status: str = "FINISHED") -> None:
         self._send("terminated", status=status)  # a named job's parent run ends with it (see _do)
         self.flush()
+
+
+def _dataset_input(d: dict):
+    """A DatasetInput from its to_dictionary() form (MLflow's from_dictionary does not read that back)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return DatasetInput(Dataset.from_dictionary(d["dataset"]), [InputTag(k, v) for k, v in d["tags"].items()])
+
+
+# -- calls that could not be delivered: a JSON-lines file each, uploaded when the server is back --------
+
+
+def _fs(folder: str):
+    """(pyarrow filesystem, path) of a local folder or an object-storage URI."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+
+
+def write_spill(folder: str | None, name: str, text: str) -> str:
+    """Write `text` as `folder`/`name` (default: the temp folder); returns where."""
+    folder = folder or tempfile.gettempdir()
+    fs, root = _fs(folder)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{name}") as f:
+        f.write(text.encode())
+    return f"{folder.rstrip('/')}/{name}"
+
+
+def upload_spills(uri: str, run_id: str, folder: str, wait_s: float | None = None) -> int:
+    """Deliver the calls spilled into `folder` (RunLogger.flush) to run `run_id`, oldest file first,
+    each call retried while the server is unreachable (up to `wait_s` per call); a file is removed once
+    all its calls are in. Returns the calls delivered; TrackingUnavailable leaves the rest in place."""
+    import pyarrow.fs as pafs
+
+    fs, root = _fs(folder)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    files = sorted((i for i in infos if i.base_name.endswith(".jsonl")), key=lambda i: (i.mtime_ns or 0, i.path))
+    sender, n = RunLogger(uri, run_id), 0
+    for info in files:
+        with fs.open_input_stream(info.path) as f:
+            calls = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        for call in calls:
+            call.pop("run_id", None)
+            kind = call.pop("kind")
+            retrying(lambda kind=kind, call=call: sender._do(kind, **call), f"uploading spilled {kind}", uri, wait_s)
+            n += 1
+        fs.delete_file(info.path)
+        log.info("MLflow: %d spilled call(s) from %s delivered to run %s", len(calls), info.path, run_id)
+    return n
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

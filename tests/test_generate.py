@@ -352,7 +352,7 @@ def test_synthetic_shards_read_back_through_tile_stream(two_runs, rand_model, tr
         meta = index.loc[r["key"]]
         assert r["cond_cancer_type"] == spec.vocab(TYPE).encode(meta[TYPE])
         assert r["cond_tissue_source_site"] == spec.vocab(SITE).encode(meta[SITE])
-        assert r["image"].shape == (3, 16, 16) and -1 <= r["image"].min() and r["image"].max() <= 1
+        assert r["image"].shape == (3, 16, 16) and r["image"].dtype == np.uint8 and r["image"].std() > 1
 
 
 def test_interrupted_run_resumes_without_duplicate_or_missing_tiles(two_runs, rand_model):

@@ -4,6 +4,7 @@ units and ends with the same dataset as an uninterrupted one."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -130,3 +131,42 @@ def test_ingest_killed_halfway_resumes_with_the_same_index(tmp_path):
     assert len(a) == n_tiles and a.equals(b)
     assert _files(out) == _files(tmp_path / "whole")
     assert sorted(p.name for p in out.parent.iterdir()) == ["ds"]  # the work folder is gone
+
+
+def test_index_in_row_groups_has_the_content_of_one_frame(tmp_path, monkeypatch):
+    """Past CHUNK_ROWS tiles the index is written in row groups, never whole in memory (soak): the
+    same rows, columns and dtypes as one DataFrame of every row (ages with gaps in some chunks and
+    none in others: float64 throughout), and the same vocab, split report and manifest bytes."""
+    import pyarrow.parquet as pq
+
+    from medi_dist.data import index_writer
+
+    ingest(sources.procedural(PROC), tmp_path / "one", SPLIT, shard_mb=0.05)
+    monkeypatch.setattr(index_writer, "CHUNK_ROWS", 10)
+    ingest(sources.procedural(PROC), tmp_path / "many", SPLIT, shard_mb=0.05)
+    assert pq.ParquetFile(tmp_path / "one" / "index.parquet").metadata.num_row_groups == 1
+    assert pq.ParquetFile(tmp_path / "many" / "index.parquet").metadata.num_row_groups == 110
+    a, b = (pd.read_parquet(tmp_path / d / "index.parquet") for d in ("one", "many"))
+    assert list(a.columns) == list(b.columns) and a.dtypes.equals(b.dtypes) and a.equals(b)
+    assert str(a["age"].dtype) == "float64" and a["age"].isna().any()
+    chunk_has_gap = [b["age"][i : i + 10].isna().any() for i in range(0, 1100, 10)]
+    assert any(chunk_has_gap) and not all(chunk_has_gap)  # some chunks alone would infer int64
+    one, many = _files(tmp_path / "one"), _files(tmp_path / "many")
+    assert {f: v for f, v in one.items() if f != "index.parquet"} == {
+        f: v for f, v in many.items() if f != "index.parquet"
+    }
+
+
+def test_duplicate_key_across_units_is_refused_naming_both(tmp_path):
+    """Keys are checked across units by 8-byte hashes, then by name: the error names the key and both origins."""
+    from medi_dist.metadata import SchemaError
+
+    scan = sources.procedural(PROC)
+    first = next(iter(scan.units[0](SkipLog())))
+    again = sources.TileRecord(first.key, first.image_bytes, first.image_format, first.meta, "elsewhere")
+    u2 = scan.units[2]
+    scan.units[2] = lambda s: [*u2(s), again]
+    named = rf"duplicate tile key '{first.key}' from elsewhere and {re.escape(first.origin)}"
+    with pytest.raises(SchemaError, match=named):
+        ingest(scan, tmp_path / "dup", SPLIT, shard_mb=0.05)
+    assert not (tmp_path / "dup").exists()

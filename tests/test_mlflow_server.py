@@ -297,3 +297,136 @@ def test_model_upload_and_registration_wait_out_an_outage(proc_dataset, tmp_path
         assert [p.step for p in c.get_metric_history(logger.run_id, "loss")] == [0]
     finally:
         stop_server(server)
+
+
+def _runs_named(api: str, experiment: str, name: str) -> list[dict]:
+    exp = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": experiment}, timeout=10)
+    if exp.status_code != 200:
+        return []
+    ids = [exp.json()["experiment"]["experiment_id"]]
+    found = requests.post(f"{api}/runs/search", json={"experiment_ids": ids, "max_results": 100}, timeout=10)
+    return [r for r in found.json().get("runs", []) if r["info"]["run_name"] == name]
+
+
+def test_run_creation_retries_until_the_server_is_back(tmp_path, monkeypatch):
+    """No server yet: creating a run retries with backoff. A short wait ends in TrackingUnavailable
+    (never a raw connection error); a long one gets the run once the server comes up, made once."""
+    from medi_dist import tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # our retry layer alone
+    port = free_port()
+    url, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    t0 = time.time()
+    with pytest.raises(tracking.TrackingUnavailable, match="creating MLflow run 'early'.*unreachable"):
+        tracking.find_or_create_run(url, "early", wait_s=2)
+    assert time.time() - t0 < 30
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(id=tracking.find_or_create_run(url, "late", wait_s=600)))
+    t.start()
+    time.sleep(3)
+    assert t.is_alive()  # still retrying: nothing to talk to
+    server = start_server(tmp_path, port)
+    try:
+        t.join(timeout=300)
+        assert not t.is_alive() and got["id"]
+        assert [r["info"]["run_id"] for r in _runs_named(api, "medi-dist", "late")] == [got["id"]]
+        assert tracking.find_or_create_run(url, "late") == got["id"]  # found again, not made twice
+    finally:
+        stop_server(server)
+
+
+def test_spilled_calls_are_uploaded_when_the_server_is_back(tmp_path, monkeypatch):
+    """Calls that could not be delivered go to the given folder (not the temp folder): those of a
+    logger without a run (server down at creation) and those left after flush's wait. upload_spills
+    delivers them to the run, timestamps and steps kept, and removes the files."""
+    from medi_dist import tracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "WAIT_S", 1.0)
+    port = free_port()
+    url, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    spill = tmp_path / "run" / "mlflow-spill"
+    pending = tracking.RunLogger(url, None, str(spill))  # no run: the server was down
+    pending.params({"lr": 0.1})
+    pending.metrics({"x": 1.0}, 1)
+    pending.metrics({"x": 2.0}, 2)
+    first = pending.flush()
+    assert first and Path(first).parent == spill and len(Path(first).read_text().splitlines()) == 3
+    server = start_server(tmp_path, port)
+    try:
+        run_id = tracking.find_or_create_run(url, "spilled")
+        live = tracking.RunLogger(url, run_id, str(spill))
+        live.metrics({"x": 3.0}, 3)
+        stop_server(server, signal.SIGKILL)
+        ts = time.time()
+        live.metrics({"x": 4.0}, 4)  # queued: the server is down
+        second = live.flush(timeout=2)
+        assert second and Path(second).parent == spill and len(list(spill.glob("*.jsonl"))) == 2
+        with pytest.raises(tracking.TrackingUnavailable):
+            tracking.upload_spills(url, run_id, str(spill), wait_s=1)
+        assert len(list(spill.glob("*.jsonl"))) == 2  # nothing delivered, nothing lost
+        server = start_server(tmp_path, port)
+        assert tracking.upload_spills(url, run_id, str(spill)) == 4
+        assert list(spill.glob("*.jsonl")) == []
+        hist = _history(api, run_id, "x")
+        assert sorted((p["step"], p["value"]) for p in hist) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+        point4 = next(p for p in hist if p["step"] == 4)
+        assert abs(int(point4["timestamp"]) / 1000 - ts) < 5  # when it was measured, not uploaded
+        run = requests.get(f"{api}/runs/get", params={"run_id": run_id}, timeout=10).json()["run"]
+        assert {p["key"]: p["value"] for p in run["data"]["params"]} == {"lr": "0.1"}
+    finally:
+        stop_server(server)
+
+
+def test_training_started_while_the_server_is_down(ray_cluster, proc_dataset, tmp_path, monkeypatch):
+    """No server when the training starts: after its wait (MEDI_DIST_MLFLOW_WAIT_S) the training goes
+    on without a run, its metrics written to the run folder. The server comes up mid-training; at the
+    end the run is created and receives every loss point, its params and its final status."""
+    from medi_dist.config_loader import load_config
+    from medi_dist.train.config import TrainConfig
+    from medi_dist.train.trainer import train
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MEDI_DIST_MLFLOW_WAIT_S", "2")
+    port = free_port()
+    url, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            f"data.dataset={proc_dataset}",
+            "model.preset=tiny",
+            "model.resolution=16",
+            "optim.batch_size=16",
+            "steps=40",
+            "run.name=down-at-start",
+            f"run.storage_path={tmp_path / 'runs'}",
+            f"run.tracking_uri={url}",
+            "run.log_every=2",
+            "run.checkpoint_every=20",
+        ],
+    )
+    run_dir = tmp_path / "runs" / "down-at-start"
+    done: dict = {}
+    t = threading.Thread(target=lambda: done.update(res=train(cfg)), daemon=True)
+    t.start()
+    deadline = time.time() + 600
+    while time.time() < deadline and t.is_alive() and not list(run_dir.glob("checkpoint_*")):
+        time.sleep(0.2)  # a checkpoint: the driver gave up on the run long ago and the workers train
+    assert t.is_alive(), "training ended before the server was started"
+    monkeypatch.setenv("MEDI_DIST_MLFLOW_WAIT_S", "600")  # the end of the training waits for the server
+    server = start_server(tmp_path, port)
+    try:
+        t.join(timeout=900)
+        res = done["res"]
+        assert res.metrics["step"] == 40 and res.model_dir is not None and res.mlflow_run_id
+        assert [r["info"]["run_id"] for r in _runs_named(api, "medi-dist", "down-at-start")] == [res.mlflow_run_id]
+        steps = sorted({p["step"] for p in _history(api, res.mlflow_run_id, "loss")})
+        assert steps == list(range(2, 41, 2)), steps
+        run = requests.get(f"{api}/runs/get", params={"run_id": res.mlflow_run_id}, timeout=10).json()["run"]
+        assert run["info"]["status"] == "FINISHED"
+        assert {"steps", "seed"} <= {p["key"] for p in run["data"]["params"]}
+        assert not list((run_dir / "mlflow-spill").glob("*.jsonl"))  # delivered, then removed
+        assert (run_dir / "medi-dist-run.json").read_text().count(res.mlflow_run_id) == 1
+    finally:
+        stop_server(server)

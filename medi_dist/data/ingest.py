@@ -25,16 +25,18 @@ import os
 import random
 import shutil
 import uuid
+from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import numpy as np
 
-from ..metadata import ConditioningSpec, SchemaError, clean_category
+from ..metadata import ConditioningSpec, ContinuousSpec, SchemaError, Vocab, clean_category
 from ..storage import Folder, is_remote, local_path, temp_dir
+from .index_writer import IndexSummary, write_index
 from .records import SkipLog, TileRecord, log
 from .shards import (
     INDEX,
@@ -43,7 +45,6 @@ from .shards import (
     SPLIT,
     VOCAB,
     ShardWriter,
-    atomic_write_parquet,
     atomic_write_text,
     check_record,
     duplicate_key_error,
@@ -78,6 +79,11 @@ def _unit_names(i: int) -> tuple[str, str]:
     return f"unit-{i:06d}.bin", f"unit-{i:06d}.json"
 
 
+def _rows_name(i: int) -> str:
+    """A unit's index rows, written by write_unit (never taken for a finished check_unit)."""
+    return f"rows-{i:06d}.json"
+
+
 def check_unit(unit, i: int, work_uri: str) -> None:
     """Read, check and encode one unit; its good tiles' bytes go to the work folder's spool file,
     then its record (tiles, skips, unparsed values) as JSON: a unit with a JSON is finished."""
@@ -108,17 +114,18 @@ def check_unit(unit, i: int, work_uri: str) -> None:
 def write_unit(
     i: int,
     work_uri: str,
-    tiles: list[dict],
     split_of: dict[str, str],
     dest_uri: str,
     target_bytes: int,
     seed: int,
     source: str,
-) -> tuple[list[dict], list[dict]]:
-    """Shard one unit's checked tiles by split, in an order shuffled with the unit's own seed;
-    returns (index rows, shard entries)."""
-    data = Folder(work_uri).read_bytes(_unit_names(i)[0])
-    tiles = list(tiles)
+) -> list[dict]:
+    """Shard one unit's checked tiles by split, in an order shuffled with the unit's own seed; its
+    index rows go to the work folder (_rows_name), its shard entries are returned. Only these small
+    per-unit results travel back: the caller never holds every tile's metadata."""
+    work = Folder(work_uri)
+    data = work.read_bytes(_unit_names(i)[0])
+    tiles = json.loads(work.read_bytes(_unit_names(i)[1]))["tiles"]
     random.Random(f"{seed}:{i}").shuffle(tiles)
     dest = Folder(dest_uri)
     local = dest.root if not dest.remote else temp_dir("medi-dist-unit-")
@@ -146,7 +153,8 @@ def write_unit(
     finally:
         if dest.remote:
             shutil.rmtree(local, ignore_errors=True)
-    return [r for w in writers.values() for r in w.rows], [s for w in writers.values() for s in w.shards]
+    work.write_bytes(_rows_name(i), json.dumps([r for w in writers.values() for r in w.rows]).encode())
+    return [s for w in writers.values() for s in w.shards]
 
 
 def _run(fn, calls: list[tuple], workers: int) -> list:
@@ -207,15 +215,16 @@ def check_skipped(scan: Scan, skips: SkipLog, kept: int, max_fraction: float) ->
         )
 
 
-def case_variants(index: pd.DataFrame, columns: Iterable[str]) -> dict[str, list[list[str]]]:
-    """Values of each categorical column that differ only by case ('MALE' / 'male'). They stay
-    distinct conditions (a code's case can matter), so the user should see them."""
+def case_variants(values: Mapping[str, Iterable[Any]], columns: Iterable[str]) -> dict[str, list[list[str]]]:
+    """Values of each categorical column (`values`: column -> its distinct non-missing values) that
+    differ only by case ('MALE' / 'male'). They stay distinct conditions (a code's case can matter),
+    so the user should see them."""
     out = {}
     for c in columns:
-        if c not in index.columns:
+        if c not in values:
             continue
         by_fold: dict[str, set[str]] = {}
-        for v in index[c].dropna().unique():
+        for v in values[c]:
             by_fold.setdefault(str(v).casefold(), set()).add(str(v))
         groups = sorted(sorted(g) for g in by_fold.values() if len(g) > 1)
         if groups:
@@ -246,10 +255,15 @@ def _check_out(out: str | Path, overwrite: bool) -> None:
         raise FileExistsError(f"{dest.uri} already exists and is not empty; choose another --out or pass --overwrite")
 
 
-def _merge_units(work: Folder, n_units: int, skips: SkipLog) -> tuple[list[list[dict]], Counter, int]:
-    """Every unit's checked tiles (in unit order), skips merged into `skips`; duplicate keys across
-    units are refused as within one. Returns (tiles per unit, tiles per (type, site), tiles)."""
-    per_unit, groups, seen = [], Counter(), {}
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def _merge_units(work: Folder, n_units: int, skips: SkipLog) -> tuple[list[int], Counter, int]:
+    """Every unit's record read in unit order, skips merged into `skips`; duplicate keys across units
+    are refused as within one. Returns (tiles per unit, tiles per (type, site), tiles). Only 8 bytes
+    per tile are held (a hash of its key); a repeated hash has its units read again for the keys."""
+    per_unit, groups, hashes = [], Counter(), array("Q")
     for i in range(n_units):
         rec = json.loads(work.read_bytes(_unit_names(i)[1]))
         for (origin, reason), count, kind in rec["skips"]:
@@ -257,14 +271,23 @@ def _merge_units(work: Folder, n_units: int, skips: SkipLog) -> tuple[list[list[
         for c, v, n in rec["unparsed"]:
             skips.unparsed[(c, v)] += n
         for t in rec["tiles"]:
-            if t["key"] in seen:
-                raise duplicate_key_error(t["key"], t["origin"], seen[t["key"]])
-            seen[t["key"]] = t["origin"]
+            hashes.append(_key_hash(t["key"]))
             groups[
                 (clean_category(t["meta"].get("cancer_type")), clean_category(t["meta"].get("tissue_source_site")))
             ] += 1
-        per_unit.append(rec["tiles"])
-    return per_unit, groups, len(seen)
+        per_unit.append(len(rec["tiles"]))
+    h = np.sort(np.frombuffer(hashes, dtype=np.uint64)) if hashes else np.zeros(0, np.uint64)
+    repeated = set(h[1:][h[1:] == h[:-1]].tolist())
+    if repeated:  # the first repeated key in unit order, named as before (or a hash collision: none)
+        seen: dict[str, str] = {}
+        for i in range(n_units):
+            for t in json.loads(work.read_bytes(_unit_names(i)[1]))["tiles"]:
+                if _key_hash(t["key"]) not in repeated:
+                    continue
+                if t["key"] in seen:
+                    raise duplicate_key_error(t["key"], t["origin"], seen[t["key"]])
+                seen[t["key"]] = t["origin"]
+    return per_unit, groups, len(hashes)
 
 
 def ingest(
@@ -320,18 +343,13 @@ def ingest(
             tmp = local_path(out).resolve().with_name(f".{out_name}.tmp-{uuid.uuid4().hex[:8]}")
             tmp.mkdir(parents=True)
             dest_uri = str(tmp)
+        written = [i for i, n in enumerate(per_unit) if n]
         parts = _run(
-            write_unit,
-            [
-                (i, work_uri, tiles, assign, dest_uri, target, split.seed, scan.name)
-                for i, tiles in enumerate(per_unit)
-                if tiles
-            ],
-            workers,
+            write_unit, [(i, work_uri, assign, dest_uri, target, split.seed, scan.name) for i in written], workers
         )
-        index = pd.DataFrame([r for rows, _ in parts for r in rows])
-        shards = [s for _, sh in parts for s in sh]
-        manifest = _finish(scan, out, tmp, index, shards, assign, split, skips)
+        shards = [s for sh in parts for s in sh]
+        rows = [lambda i=i: json.loads(work.read_bytes(_rows_name(i))) for i in written]
+        manifest = _finish(scan, out, tmp, rows, shards, assign, split, skips)
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -358,7 +376,8 @@ def _remove(folder: Folder) -> None:
     if folder.remote:
         if not folder.is_empty():
             folder.delete_all()
-            folder.fs.delete_dir(folder.root)
+        if folder.fs.get_file_info(folder.root).type != folder._pafs.FileType.NotFound:
+            folder.fs.delete_dir(folder.root)  # a directory marker (S3); on GCS the prefix is gone with its objects
     else:
         shutil.rmtree(folder.root, ignore_errors=True)
 
@@ -367,28 +386,38 @@ def _finish(
     scan: Scan,
     out: str | Path,
     tmp: Path | None,
-    index: pd.DataFrame,
+    rows: list[Callable[[], list[dict]]],
     shards: list[dict],
     assign: dict,
     split: SplitConfig,
     skips: SkipLog,
 ) -> dict:
-    """Vocabularies, split report, index and manifest (last); a local dataset then takes its name."""
+    """Index (from each unit's rows, in row groups), vocabularies, split report and manifest (last);
+    a local dataset then takes its name."""
     stage = tmp if tmp is not None else temp_dir("medi-dist-ingest-")
-    train = index[index["split"] == "train"]  # continuous statistics from the training sites only
-    continuous = [c for c in scan.continuous if c in index.columns and train[c].notna().any()]
+    try:
+        return _finish_staged(scan, out, tmp, stage, rows, shards, assign, split, skips)
+    finally:
+        if tmp is None:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _finish_staged(scan, out, tmp, stage: Path, rows, shards, assign, split, skips) -> dict:
+    summary = IndexSummary(scan.categorical, scan.continuous)
+    index_tmp = stage / f".{INDEX}.tmp-{uuid.uuid4().hex[:8]}"
+    write_index(index_tmp, rows, summary)  # never the whole index in memory (soak, benchmarks/RESULTS.md)
+    # continuous statistics from the training sites only
+    continuous = [c for c in scan.continuous if c in summary.columns and summary.train_any[c]]
     for c in sorted(set(scan.continuous) - set(continuous)):
         log.warning("%s: continuous column %r has no value in any training tile; not used as a condition", scan.name, c)
-    # only the condition columns as records: all of them cost ~3 KiB per tile (soak, benchmarks/RESULTS.md)
-    cols = [c for c in dict.fromkeys([*scan.categorical, *continuous]) if c in index.columns]
-    spec = ConditioningSpec.build(
-        index[cols].to_dict("records"), scan.categorical, continuous, train[cols].to_dict("records")
+    spec = ConditioningSpec(
+        [Vocab.build(name, summary.vocab[name]) for name in scan.categorical],
+        [ContinuousSpec.build(name, summary.train_values[name]) for name in continuous],
     )
     spec.save(stage / VOCAB)
-    atomic_write_parquet(index, stage / INDEX)
+    os.replace(index_tmp, stage / INDEX)
     # Report what was actually written (skips can empty a group).
-    written = index.groupby(["cancer_type", "tissue_source_site"]).size().to_dict()
-    report = split_report(written, assign, split)
+    report = split_report(summary.written_groups(), assign, split)
     if report["share_note"]:
         log.info("%s: %s", scan.name, report["share_note"])  # the CLI prints it once, with the stats
     atomic_write_text(stage / SPLIT, json.dumps(report, indent=2))
@@ -396,14 +425,14 @@ def _finish(
         "format": "medi-dist-dataset/1",
         "source": scan.name,
         **({"renderer": scan.renderer} if scan.renderer else {}),
-        "tiles": int(len(index)),
-        "image_formats": sorted(index["image_format"].unique().tolist()),
+        "tiles": summary.tiles,
+        "image_formats": sorted(summary.image_formats),
         "categorical": scan.categorical,
         "continuous": continuous,
         "shards": shards,
         "skipped": [{"input": o, "reason": r} for o, r in skips.entries],
         "unparsed_values": skips.unparsed_rows(),  # read as missing; the tiles were kept
-        "case_variants": case_variants(index, scan.categorical),
+        "case_variants": case_variants(summary.values, scan.categorical),
     }
     atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2))
     if tmp is None:  # object storage: drop what an earlier ingest left, then the files, manifest last
@@ -412,11 +441,8 @@ def _finish(
         for f in dest.files():
             if f not in keep:
                 dest.delete(f)
-        try:
-            for name in (VOCAB, SPLIT, INDEX, MANIFEST):
-                dest.write_bytes(name, (stage / name).read_bytes())
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+        for name in (VOCAB, SPLIT, INDEX, MANIFEST):
+            dest.write_bytes(name, (stage / name).read_bytes())
         return manifest
     out = local_path(out)
     old = None

@@ -19,6 +19,7 @@ import json
 import os
 import tarfile
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,28 @@ def read_index(dataset_dir: str | Path, columns: list[str] | None = None) -> pd.
     if not folder.exists(INDEX):
         raise not_a_dataset(dataset_dir, INDEX)
     return pd.read_parquet(io.BytesIO(folder.read_bytes(INDEX)), columns=columns)
+
+
+def group_counts(dataset_dir: str | Path, splits: Iterable[str]) -> tuple[Counter, int]:
+    """Tiles per (cancer_type, tissue_source_site) in `splits` (missing values left out, as a
+    groupby does) and the tiles of those splits, read one row group at a time over three columns:
+    what the stream and the training driver need, without the whole index in memory."""
+    import pyarrow.parquet as pq
+
+    folder = Folder(dataset_dir)
+    if not folder.exists(INDEX):
+        raise not_a_dataset(dataset_dir, INDEX)
+    src = io.BytesIO(folder.read_bytes(INDEX)) if folder.remote else str(local_path(dataset_dir) / INDEX)
+    wanted, counts, tiles = set(splits), Counter(), 0
+    cols = ["split", "cancer_type", "tissue_source_site"]
+    for batch in pq.ParquetFile(src).iter_batches(batch_size=8192, columns=cols):
+        split, t, s = (batch.column(c).to_pylist() for c in cols)
+        for sp, ty, si in zip(split, t, s):
+            if sp in wanted:
+                tiles += 1
+                if ty is not None and si is not None:
+                    counts[(ty, si)] += 1
+    return counts, tiles
 
 
 def local_dataset(dataset_dir: str | Path) -> Path:

@@ -1,7 +1,8 @@
-"""Ray Data stream: dataset shards -> decoded float tiles at model resolution + condition indices.
+"""Ray Data stream: dataset shards -> decoded uint8 tiles at model resolution + condition indices
+(`to_model_range` turns them into the model's float32 [-1, 1] on the consumer).
 
-Reading keeps raw bytes (per-row decoding in the reader is slow); decoding, resizing, condition
-encoding and balancing happen in `map_batches`. A tile that fails to decode, or whose bytes fail the
+Read tasks read slices of our tar shards and do everything in place: checksum, decode, resize,
+condition encoding, balancing (`TileShards`). A tile that fails to decode, or whose bytes fail the
 sha256 written into its json at ingest, is skipped and recorded with its key and shard in a small
 ledger actor; the stream aborts only when the skipped fraction passes `max_bad_fraction`, so one
 corrupt file never stops an hours-long job.
@@ -9,25 +10,29 @@ corrupt file never stops an hours-long job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import json
 import logging
+import mmap
+import os
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import ray
 from PIL import Image
-from ray.data.datasource import FileShuffleConfig
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
-from ..metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec
+from ..metadata import CONDITION_PREFIX, CONTINUOUS_PREFIX, ConditioningSpec, SchemaError
 from ..storage import Folder, is_remote, local_path
-from .shards import load_manifest, read_index, read_vocab, verify_shards
+from .shards import MANIFEST, group_counts, load_manifest, read_vocab, verify_shards
 
 log = logging.getLogger("medi_dist.data")
-IMAGE_COLUMN = "img"
 
 
 @dataclass
@@ -42,6 +47,25 @@ class StreamConfig:
     # Same seed -> same rows in the same order every run: seeded shard shuffle (a new order each
     # epoch, the same epochs every run) and blocks delivered in task order, not completion order.
     deterministic: bool = True
+
+
+def _start_executions_at_full_width(interval_s: float = 0.1) -> None:
+    """Ray Data 2.60 starts every execution (every pass, every epoch) with zero resource limits:
+    the cluster autoscaler's first answer (an async actor call) is not back when the resource
+    manager first reads it, and the manager re-reads it only after `GLOBAL_LIMITS_UPDATE_INTERVAL_S`
+    = 1 s. Until then it admits one read task at a time (timeline of the 3,000-tile benchmark: one
+    task for the first ~1 s of each 2 s pass, on 2 CPUs). Re-reading every 0.1 s costs one small
+    actor call per 0.1 s. Applied wherever this module is imported: the driver, and Ray Train's
+    split coordinator (which imports it to unpickle the TileShards datasource)."""
+    try:
+        from ray.data._internal.execution.resource_manager import ResourceManager
+    except ImportError:  # a Ray without this class: nothing to do
+        return
+    if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > interval_s:
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = interval_s
+
+
+_start_executions_at_full_width()
 
 
 class TooManyBadTiles(RuntimeError):
@@ -75,33 +99,45 @@ def _ledger_on_this_node():
     return BadTileLedger.options(scheduling_strategy=here).remote()
 
 
-def unify_image_member(name: str) -> str:
-    """`key.jpg` / `key.png` -> `key.img`, so jpg and png shards share one column."""
-    stem, _, ext = name.rpartition(".")
-    return f"{stem}.{IMAGE_COLUMN}" if ext in ("jpg", "png") else name
-
-
-def decode_tile(data: bytes, resolution: int) -> np.ndarray:
-    """Encoded tile -> float32 CHW in [-1, 1] at `resolution`."""
+def decode_into(data: bytes, resolution: int, out: np.ndarray) -> None:
+    """Encoded tile -> uint8 CHW at `resolution`, written into `out` (3, resolution, resolution)."""
     with Image.open(io.BytesIO(data)) as im:
         if im.mode != "RGB":
             raise ValueError(f"mode {im.mode}, expected RGB")
         if im.size != (resolution, resolution):
             im = im.resize((resolution, resolution), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+        out[...] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def balance_weights(index: pd.DataFrame, mode: str) -> dict[str, float] | None:
-    """Per-group repetition weights so each group's expected share is equal (mean weight 1)."""
+def to_model_range(images):
+    """The stream's uint8 images (numpy or torch) -> float32 in [-1, 1], as the model takes them.
+    The stream ships uint8 (4x less to pickle, store and batch than float32); the consumer converts."""
+    if isinstance(images, np.ndarray):
+        out = images.astype(np.float32)
+        out /= 127.5
+        out -= 1.0
+        return out
+    return images.float().div_(127.5).sub_(1.0)  # a torch tensor (on its device)
+
+
+def decode_tile(data: bytes, resolution: int) -> np.ndarray:
+    """Encoded tile -> float32 CHW in [-1, 1] at `resolution` (what the stream's consumer gets)."""
+    out = np.empty((3, resolution, resolution), np.uint8)
+    decode_into(data, resolution, out)
+    return to_model_range(out)
+
+
+def balance_weights(groups: Counter, mode: str, tiles: int) -> dict[str, float] | None:
+    """Per-group repetition weights so each group's expected share is equal (mean weight 1), from the
+    tiles per (cancer_type, tissue_source_site) and the tiles in all (shards.group_counts)."""
     if mode == "none":
         return None
-    cols = {"type": ["cancer_type"], "type_site": ["cancer_type", "tissue_source_site"]}.get(mode)
-    if cols is None:
+    if mode not in ("type", "type_site"):
         raise ValueError(f"balance must be none, type or type_site, not {mode!r}")
-    counts = index.groupby(cols).size()
-    w = len(index) / (len(counts) * counts)
-    return {"|".join(map(str, k if isinstance(k, tuple) else (k,))): float(v) for k, v in w.items()}
+    counts: Counter = Counter()
+    for (t, s), n in groups.items():
+        counts[(t, s) if mode == "type_site" else (t,)] += n
+    return {"|".join(map(str, k)): float(tiles / (len(counts) * n)) for k, n in sorted(counts.items())}
 
 
 def _repeats(keys: np.ndarray, weights: np.ndarray, seed: int) -> np.ndarray:
@@ -110,49 +146,202 @@ def _repeats(keys: np.ndarray, weights: np.ndarray, seed: int) -> np.ndarray:
     return (np.floor(weights) + (u < weights - np.floor(weights))).astype(np.int64)
 
 
-class DecodeBatch:
-    """map_batches callable: bytes + json -> image tensor and condition columns."""
+def tar_members(data, path: str) -> list[tuple[str, int, int]]:
+    """(name, offset, size) of each file in an uncompressed tar held in memory (bytes or mmap). Our
+    writers use plain ustar headers; anything else (long-name or pax headers) goes through `tarfile`."""
+    out, pos, end = [], 0, len(data) - 512
+    while pos <= end:
+        hdr = data[pos : pos + 512]
+        if hdr[:1] == b"\0":  # end-of-archive block
+            break
+        if hdr[156:157] not in (b"0", b"\0") or hdr[257:262] != b"ustar":
+            return _tarfile_members(data, path)
+        name = hdr[:100].rstrip(b"\0").decode()
+        prefix = hdr[345:500].rstrip(b"\0").decode()
+        size = int(hdr[124:136].strip(b"\0 ") or b"0", 8)
+        out.append((f"{prefix}/{name}" if prefix else name, pos + 512, size))
+        pos += 512 + (size + 511) // 512 * 512
+    return out
 
-    def __init__(self, spec: ConditioningSpec, cfg: StreamConfig, weights: dict | None, ledger, balance_cols):
-        self.spec, self.cfg, self.weights, self.ledger, self.balance_cols = spec, cfg, weights, ledger, balance_cols
 
-    def __call__(self, batch: dict) -> dict:
-        import json
+def _tarfile_members(data, path: str) -> list[tuple[str, int, int]]:
+    import tarfile
 
-        images, rows, keys, bad = [], [], [], []
-        for key, url, data, meta in zip(batch["__key__"], batch["__url__"], batch[IMAGE_COLUMN], batch["json"]):
-            try:
-                m = json.loads(meta)
-                if "sha256" in m and hashlib.sha256(data).hexdigest() != m["sha256"]:
-                    raise ValueError(
-                        "tile bytes fail the sha256 recorded at ingest (altered or corrupted shard); "
-                        "check it with `medi-dist data stats --verify`"
-                    )
-                images.append(decode_tile(data, self.cfg.resolution))
-                rows.append(m)
-                keys.append(key)
-            except Exception as e:  # corrupt bytes, bad json: skip and count
-                log.warning("skipping tile %s in %s: %s", key, url, e)
-                bad.append({"key": str(key), "shard": str(url), "error": f"{type(e).__name__}: {e}"})
-        seen, nbad = ray.get(self.ledger.report.remote(len(batch["__key__"]), bad))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(bytes(data)), mode="r:") as tar:
+            return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    except tarfile.TarError as e:
+        raise SchemaError(f"shard {path} is not a readable tar ({e}); re-run `medi-dist ingest`") from None
+
+
+# A tile in a shard: key, image (offset, size), json (offset, size); -1 where the member is missing.
+Tile = tuple[str, int, int, int, int]
+
+
+def shard_tiles(data, path: str) -> list[Tile]:
+    """The shard's tiles in shard order. Members of one key must be adjacent (as our writers put
+    them); otherwise we stop naming the shard."""
+    tiles: list[list] = []
+    seen = set()
+    for name, off, size in tar_members(data, path):
+        key, _, ext = name.partition(".")
+        if not tiles or tiles[-1][0] != key:
+            if key in seen:
+                raise SchemaError(
+                    f"shard {path}: the members of key {key!r} are not adjacent; re-run `medi-dist "
+                    f"ingest` (writers must put each key's members next to each other)"
+                )
+            seen.add(key)
+            tiles.append([key, -1, -1, -1, -1])
+        if ext in ("jpg", "png"):
+            tiles[-1][1:3] = off, size
+        elif ext == "json":
+            tiles[-1][3:5] = off, size
+    return [tuple(t) for t in tiles]
+
+
+# Per worker process: each local shard's tile index, parsed once and reused by every later slice of
+# it. Keyed by the file's identity (inode, size, mtime), so a rewritten shard is parsed again.
+_SHARD_INDEX: dict[tuple, list[Tile]] = {}
+
+
+class _ShardBytes:
+    """A shard's bytes for one read task: a local file is memory-mapped (the task touches only its
+    slice's tiles, from the page cache) and its index cached; an object is fetched whole (one GET)
+    and its headers parsed again (an object's identity would cost another request)."""
+
+    def __init__(self, folder: Folder, rel: str):
+        self.map, self.identity = None, None
+        if folder.remote:
+            self.data = folder.read_bytes(rel)
+        else:
+            with open(folder.path(rel), "rb") as f:
+                st = os.fstat(f.fileno())
+                self.identity = (folder.uri, rel, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                self.map = self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+
+
+@dataclass
+class SliceDecoder:
+    """What a read task runs on one slice of a shard: read, check, decode, encode, balance.
+    Kept apart from the shard list so each task pickles only this."""
+
+    folder: Folder  # the driver's: its filesystem's options (endpoint, credentials mode) travel with it
+    spec: ConditioningSpec
+    cfg: StreamConfig
+    weights: dict | None
+    balance_cols: list[str]
+    ledger: ray.actor.ActorHandle
+
+    def tiles(self, folder: Folder, rel: str, n_tiles: int, shard: _ShardBytes) -> list[Tile]:
+        key = shard.identity
+        tiles = _SHARD_INDEX.get(key) if key else None
+        if tiles is None:
+            tiles = shard_tiles(shard.data, folder.uri_of(rel))
+            if len(tiles) != n_tiles:
+                raise SchemaError(
+                    f"shard {folder.uri_of(rel)} holds {len(tiles)} tiles but {MANIFEST} lists {n_tiles}; "
+                    f"copy it again or re-run `medi-dist ingest`"
+                )
+            if key:
+                if len(_SHARD_INDEX) >= 4096:
+                    _SHARD_INDEX.clear()
+                _SHARD_INDEX[key] = tiles
+        return tiles
+
+    def __call__(self, rel: str, n_tiles: int, chunk: np.ndarray):
+        folder = self.folder
+        shard = _ShardBytes(folder, rel)
+        try:
+            images, rows, keys, bad = self.decode(folder, rel, n_tiles, chunk, shard)
+        finally:
+            shard.close()
+        seen, nbad = ray.get(self.ledger.report.remote(len(chunk), bad))
         if seen >= self.cfg.min_rows_for_abort and nbad / seen > self.cfg.max_bad_fraction:
             raise TooManyBadTiles(
                 f"{nbad} of {seen} tiles failed to decode (> max_bad_fraction={self.cfg.max_bad_fraction}); "
                 f"first: {bad[:1] or 'see logs'}. Check the shards with `medi-dist data stats --verify`."
             )
-        out = {"key": np.array(keys, dtype=object)}
-        res = self.cfg.resolution
-        out["image"] = np.stack(images) if images else np.zeros((0, 3, res, res), np.float32)
+        if not rows:  # an empty block would carry no column types
+            return
+        out = {"key": np.array(keys, dtype=object), "image": images}
         enc = [self.spec.encode_row(r) for r in rows]
         for v in self.spec.categorical:
             out[CONDITION_PREFIX + v.name] = np.array([e[CONDITION_PREFIX + v.name] for e in enc], dtype=np.int64)
         for c in self.spec.continuous:
             out[CONTINUOUS_PREFIX + c.name] = np.array([e[CONTINUOUS_PREFIX + c.name] for e in enc], dtype=np.float32)
-        if self.weights is not None and rows:
+        if self.weights is not None:
             w = np.array([self.weights.get("|".join(str(r[c]) for c in self.balance_cols), 1.0) for r in rows])
-            rep = _repeats(out["key"], w, self.cfg.seed)
-            out = {k: np.repeat(v, rep, axis=0) for k, v in out.items()}
-        return out
+            take = np.repeat(np.arange(len(rows)), _repeats(out["key"], w, self.cfg.seed))
+            out = {k: v[take] for k, v in out.items()}
+        yield BlockAccessor.batch_to_block(out)
+
+    def decode(self, folder: Folder, rel: str, n_tiles: int, chunk: np.ndarray, shard: _ShardBytes):
+        tiles, data = self.tiles(folder, rel, n_tiles, shard), shard.data
+        res = self.cfg.resolution
+        images = np.empty((len(chunk), 3, res, res), np.uint8)
+        rows, keys, bad = [], [], []
+        for i in chunk:
+            key, img_off, img_size, meta_off, meta_size = tiles[i]
+            try:
+                if img_off < 0 or meta_off < 0:
+                    raise ValueError("has no image or no json member, expected one of each")
+                img = data[img_off : img_off + img_size]
+                m = json.loads(data[meta_off : meta_off + meta_size])
+                if "sha256" in m and hashlib.sha256(img).hexdigest() != m["sha256"]:
+                    raise ValueError(
+                        "tile bytes fail the sha256 recorded at ingest (altered or corrupted shard); "
+                        "check it with `medi-dist data stats --verify`"
+                    )
+                decode_into(img, res, images[len(rows)])
+                rows.append(m)
+                keys.append(key)
+            except Exception as e:  # corrupt bytes, bad json: skip and count
+                uri = folder.uri_of(rel)
+                log.warning("skipping tile %s in %s: %s", key, uri, e)
+                bad.append({"key": key, "shard": uri, "error": f"{type(e).__name__}: {e}"})
+        return images[: len(rows)], rows, keys, bad
+
+
+class TileShards(Datasource):
+    """Our tar shards, read and decoded inside Ray Data's read tasks.
+
+    Each read task decodes a slice of one shard (`batch_rows` tiles) into a single block. Before,
+    read_webdataset + map_batches made one Arrow row per tar member and moved the raw bytes through
+    the object store to a second stage before decoding (benchmarks/RESULTS.md has the profile).
+    Order: every shard's tiles and the list of slices are shuffled with (seed, execution index), so
+    each epoch has its own order and every run the same epochs; preserve_order keeps that order.
+    """
+
+    def __init__(self, shards: list[tuple[str, int]], decoder: SliceDecoder):
+        super().__init__()
+        self.shards, self.decoder = shards, decoder
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(n for _, n in self.shards) * 3 * self.decoder.cfg.resolution**2  # uint8
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+    ) -> list[ReadTask]:
+        cfg = self.decoder.cfg
+        epoch = getattr(data_context, "_execution_idx", 0)  # Ray counts executions per dataset
+        rng = np.random.default_rng([cfg.seed, epoch] if cfg.deterministic else None)
+        parts = []
+        for path, n in self.shards:
+            parts += [(path, n, chunk) for chunk in np.array_split(rng.permutation(n), -(-n // cfg.batch_rows))]
+        tile_bytes = 3 * cfg.resolution**2  # uint8
+        return [
+            ReadTask(
+                functools.partial(self.decoder, path, n, chunk),
+                BlockMetadata(num_rows=None, size_bytes=len(chunk) * tile_bytes, exec_stats=None, input_files=[path]),
+                per_task_row_limit=per_task_row_limit,
+            )
+            for path, n, chunk in (parts[i] for i in rng.permutation(len(parts)))
+        ]
 
 
 @dataclass
@@ -186,35 +375,24 @@ def tile_stream(
     """
     cfg = cfg or StreamConfig()
     root = dataset_dir if is_remote(dataset_dir) else local_path(dataset_dir)  # object storage: read in place
-    load_manifest(root)
-    paths = verify_shards(root, splits)
-    if not paths:
+    manifest = load_manifest(root)
+    if not verify_shards(root, splits):  # presence and size of each shard, as main checks them
         raise ValueError(f"{root} has no shards for split(s) {list(splits)}")
     data_spec = read_vocab(root)
     if spec is None:
         spec = data_spec
     else:
         spec.check_compatible(data_spec, what=f"dataset {root}")
-    index = read_index(root)
-    index = index[index["split"].isin(list(splits))]
-    weights = balance_weights(index, cfg.balance)
+    counts, tiles = group_counts(root, splits)  # not the whole index: flat in the number of tiles (soak)
+    weights = balance_weights(counts, cfg.balance, tiles)
     balance_cols = ["cancer_type"] + (["tissue_source_site"] if cfg.balance == "type_site" else [])
     ledger = _ledger_on_this_node()
-    ds = ray.data.read_webdataset(
-        [str(p) for p in paths],
-        filesystem=Folder(root).fs if is_remote(root) else None,
-        decoder=None,
-        filerename=unify_image_member,
-        suffixes=[IMAGE_COLUMN, "json"],
-        num_cpus=cfg.num_cpus,
-        shuffle=FileShuffleConfig(seed=cfg.seed) if cfg.deterministic else "files",
-    )
-    # A plain function (not an actor pool) lets Ray Data fuse reading and decoding into one task.
-    ds = ds.map_batches(
-        DecodeBatch(spec, cfg, weights, ledger, balance_cols),
-        batch_size=cfg.batch_rows,
-        batch_format="numpy",
-        num_cpus=cfg.num_cpus,
-    )
+    # (relative path, tiles) in verify_shards' order; read tasks open them through the folder's filesystem
+    shards = [(s["path"], s["tiles"]) for s in manifest["shards"] if s["split"] in set(splits)]
+    decoder = SliceDecoder(Folder(root), spec, cfg, weights, balance_cols, ledger)
+    # One block per read task: without override_num_blocks Ray Data splits each task's block into
+    # ~200 / tasks pieces (SplitBlocks), which costs the driver and the raylet per piece.
+    slices = sum(-(-n // cfg.batch_rows) for _, n in shards)
+    ds = ray.data.read_datasource(TileShards(shards, decoder), num_cpus=cfg.num_cpus, override_num_blocks=slices)
     ds.context.execution_options.preserve_order = cfg.deterministic  # this dataset's own context copy
-    return TileStream(ds, ledger, spec, int(len(index)), cfg.deterministic)
+    return TileStream(ds, ledger, spec, tiles, cfg.deterministic)

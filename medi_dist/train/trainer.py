@@ -14,18 +14,27 @@ from pathlib import Path
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ..data.shards import read_index, verify_shards
+from ..data.shards import group_counts, verify_shards
 from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
 from ..paths import absolute
 from ..ray_setup import check_job_paths, check_resource, ensure_ray
 from ..storage import is_remote, upload_folder
-from ..tracking import RunLogger, find_or_create_run, log_datasets, system_metrics_logged, tracking_uri
+from ..tracking import (
+    RunLogger,
+    TrackingUnavailable,
+    find_or_create_run,
+    log_datasets,
+    system_metrics_logged,
+    tracking_uri,
+    upload_spills,
+)
 from .config import TrainConfig
 from .lease import RunLease
 from .loop import WorkerConfig, train_worker
 from .run_folder import (
     RUN_FILE,
+    SPILL_DIR,
     RunFolder,
     check_same_training,
     finished_at,
@@ -41,7 +50,7 @@ log = logging.getLogger("medi_dist.train")
 class TrainResult:
     model_dir: Path | None  # None when the run stopped early (stop_after); re-run to resume
     metrics: dict
-    mlflow_run_id: str
+    mlflow_run_id: str | None  # None: the server stayed down, calls left in <run folder>/mlflow-spill
     skipped_tiles: int
     finished_before: bool = False  # the run had already reached `steps`: nothing was trained
 
@@ -232,22 +241,21 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
     record = check_resume(folder, cfg.run.name, record, mcfg, spec, cfg)
     uri = tracking_uri(cfg.run.tracking_uri)
     # One MLflow run per Ray run (storage path + name): re-running resumes both together.
-    run_id = find_or_create_run(
-        uri, cfg.run.name, cfg.run.experiment, tags={"medi_dist.kind": "train"}, key=f"{storage}/{cfg.run.name}"
-    )
-    logger = RunLogger(uri, run_id)
+    # A server that is down is waited for (tracking.run_wait_s); past that the training goes on and
+    # every MLflow call goes to the run folder, delivered at its end or by the next run of this name.
+    run_key, spill_dir = f"{storage}/{cfg.run.name}", f"{folder.display}/{SPILL_DIR}"
+    run_id = _mlflow_run(uri, cfg, run_key, spill_dir)
+    logger = RunLogger(uri, run_id, spill_dir)
     logger.params({**asdict(cfg), "model_config": mcfg.to_dict()})
     logger.status("RUNNING")  # again, after an interrupted (KILLED) start
     log_datasets(logger, {"training": cfg.data.dataset})
-    if record.get("mlflow_run_id") != run_id:
+    if run_id and record.get("mlflow_run_id") != run_id:
         record["mlflow_run_id"] = run_id
         folder.write_json(RUN_FILE, record)
     note_steps_raised(folder, cfg.run.name, record, cfg.steps, logger)
     remove_unregistered(folder)
-    index = read_index(cfg.data.dataset)
-    train_rows = index[index["split"].isin(cfg.data.splits)]
-    pairs = sorted(set(zip(train_rows["cancer_type"], train_rows["tissue_source_site"])))
-    worker = WorkerConfig(cfg, mcfg, spec, pairs, uri, run_id)
+    pairs = sorted(group_counts(cfg.data.dataset, cfg.data.splits)[0])  # not the whole index (soak)
+    worker = WorkerConfig(cfg, mcfg, spec, pairs, uri, run_id, spill_dir)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"worker": worker},  # a dict for Ray (it records the config); the worker reads the dataclass
@@ -270,6 +278,7 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
             result = fit(trainer)
     except Interrupted:
         logger.finish("KILLED")
+        _deliver_spills(uri, cfg, run_key, run_id, spill_dir, wait_s=0)
         raise Interrupted(registered_step(folder)) from None
     metrics = dict(result.metrics or {})
     skipped = stream.skipped()["skipped"]
@@ -289,10 +298,57 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
                 tmp.rename(out)
             out = out if is_remote(out) else out.resolve()
             logger.tags({"medi_dist.model_dir": str(out)})
-            if cfg.run.log_model:  # from a local copy: the checkpoint's (object storage) or the output folder
+            # from a local copy: the checkpoint's (object storage) or the output folder, which stays,
+            # so without a run yet (server down at the start) it is logged once the run is made below
+            if cfg.run.log_model and (logger.run_id or is_remote(out)):
                 _log_model(cfg, logger, Path(d) / "model" if is_remote(out) else out, out)
         logger.finish()
         # a re-run with steps <= this step returns at once instead of restarting Ray Train
         record["finished"] = {"step": metrics["step"], "model_dir": str(out)}
         folder.write_json(RUN_FILE, record)
+    else:
+        logger.flush()
+    run_id = _deliver_spills(uri, cfg, run_key, run_id, spill_dir)
+    if run_id and record.get("mlflow_run_id") != run_id:
+        record["mlflow_run_id"] = run_id
+        folder.write_json(RUN_FILE, record)
+    if out is not None and cfg.run.log_model and logger.run_id is None and not is_remote(out):
+        late = RunLogger(uri, run_id, spill_dir)  # still None: _log_model warns that it was not logged
+        _log_model(cfg, late, out, out)
+        late.flush()
     return TrainResult(out, metrics, run_id, skipped)
+
+
+def _mlflow_run(uri: str, cfg: TrainConfig, key: str, spill_dir: str, wait_s: float | None = None) -> str | None:
+    """The training's MLflow run (one per storage path + name: re-running resumes both together),
+    created or found with retries; None when the server stayed down (tracking.run_wait_s). Calls an
+    earlier attempt could not deliver (in the run folder) are delivered now."""
+    try:
+        run_id = find_or_create_run(
+            uri, cfg.run.name, cfg.run.experiment, tags={"medi_dist.kind": "train"}, key=key, wait_s=wait_s
+        )
+        upload_spills(uri, run_id, spill_dir, wait_s)
+        return run_id
+    except TrackingUnavailable as e:
+        log.warning(
+            "%s; training goes on without it: its metrics go to %s and are delivered at its end, or by "
+            "the next run of %r, once the server is back",
+            e,
+            spill_dir,
+            cfg.run.name,
+        )
+        return None
+
+
+def _deliver_spills(
+    uri: str, cfg: TrainConfig, key: str, run_id: str | None, spill_dir: str, wait_s: float | None = None
+) -> str | None:
+    """At the end of a training: the run (created now if the server was down at the start) receives
+    what the workers and the driver spilled into the run folder; left there if the server is still down."""
+    if run_id is None:
+        return _mlflow_run(uri, cfg, key, spill_dir, wait_s)
+    try:
+        upload_spills(uri, run_id, spill_dir, wait_s)
+    except TrackingUnavailable as e:
+        log.warning("%s; the rest stays in %s for the next run of %r", e, spill_dir, cfg.run.name)
+    return run_id
