@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -207,12 +208,30 @@ def page_text(url: str, profiles: Path, screenshot: Path | None = None) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="LOUD SKIP: chromium is not installed, so the MLflow UI browser check "
-    "did not run; `make install` installs it as root (apt-get install -y chromium)",
-)
+def require_chromium() -> None:
+    """Skipped loudly on a machine without chromium; under CI (where `make test` installs it) a failure."""
+    if CHROMIUM is None:
+        why = (
+            "chromium is not installed, so the MLflow UI browser check did not run; `make install` "
+            "installs it as root (apt-get install chromium)"
+        )
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"CI is set: {why}")
+        pytest.skip(f"LOUD SKIP: {why}")
+
+
+def test_missing_chromium_fails_under_ci(monkeypatch):
+    monkeypatch.setitem(globals(), "CHROMIUM", None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set: chromium is not installed"):
+        require_chromium()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="LOUD SKIP"):
+        require_chromium()
+
+
 def test_mlflow_ui_in_a_browser(server, real, tmp_path):
+    require_chromium()
     runs = demo_like_store(server, real, tmp_path)
     profiles, digest = tmp_path / "chromium", tracking.dataset_digest(load_manifest(real))
     profiles.mkdir()
