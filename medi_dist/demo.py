@@ -175,9 +175,10 @@ def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[st
             raise RuntimeError(f"training {name} did not finish; run the demo again to resume it")
     else:  # trained by an earlier run of this demo: its training run joins this demo's parent run
         from .paths import absolute
+        from .registry import link_run_models
         from .tracking import adopt_run
 
-        adopt_run(uri, f"{absolute(tcfg.run.storage_path)}/{name}")
+        link_run_models(uri, adopt_run(uri, f"{absolute(tcfg.run.storage_path)}/{name}"))  # its model too
     return out
 
 

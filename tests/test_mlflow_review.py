@@ -104,6 +104,13 @@ def test_named_job_registered_model_and_generation(ray_cluster, server, real, tm
         "pool": (digest(load_manifest(out)), "generated"),
     }
     assert inputs(c, train.run_id) == {"data": (digest(load_manifest(real)), "training")}
+    # the model: an MLflow logged model made by the train stage, an output of it and of the job
+    (model,) = c.search_logged_models([exp.experiment_id], filter_string="name = 'medi_model'")
+    assert model.source_run_id == train.run_id
+    for run_id in (train.run_id, job.info.run_id):
+        assert [o.model_id for o in c.get_run(run_id).outputs.model_outputs] == [model.model_id]
+    registered = json.loads(model.tags["mlflow.modelVersions"])  # its versions, as the UI reads them
+    assert [(v["name"], str(v["version"])) for v in registered] == [("medi-tiny", version)]
     tags = gen_run.data.tags
     assert tags["medi_dist.model_run_id"] == train.run_id and f"runs/{train.run_id})" in tags["mlflow.note.content"]
     assert gen_run.data.params["model"] == f"models:/medi-tiny/{version}"
@@ -249,6 +256,9 @@ def test_mlflow_ui_in_a_browser(server, real, tmp_path):
     assert {"demo-medi", "generate-synthetic-medi", "evaluate"} <= set(re.split(r"[ ,]+", children.group(1)))
     assert (tmp_path / "parent.png").stat().st_size > 10_000
     assert f"data ({digest}) real" in parent, parent[:1500]
+    # the model its training child made and registered: the parent run lists it (an output) and its version
+    assert re.search(r"Registered models demo-medi v1", parent), parent[:3000]
+    assert "medi_model" in parent, parent[:3000]
 
     train = page_text(tracking.ui_link(server, runs["train"]), profiles)
     assert "Parent run demo-review" in train

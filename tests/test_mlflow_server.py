@@ -289,8 +289,11 @@ def test_model_upload_and_registration_wait_out_an_outage(proc_dataset, tmp_path
         assert logger.flush(120) is None
         c = tracking.client(url)
         assert [v.version for v in c.search_model_versions("name = 'outage-model'")] == ["1"]
-        files = {a.path for a in c.list_artifacts(logger.run_id, MODEL_ARTIFACT)}
-        assert f"{MODEL_ARTIFACT}/MLmodel" in files, files
+        exp = c.get_run(logger.run_id).info.experiment_id
+        (model,) = c.search_logged_models([exp], filter_string=f"name = '{MODEL_ARTIFACT}'")  # one, READY
+        assert model.source_run_id == logger.run_id and str(model.status) == "READY"
+        files = {a.path for a in c.list_logged_model_artifacts(model.model_id)}
+        assert "MLmodel" in files, files
         run = c.get_run(logger.run_id)
         assert run.data.tags["medi_dist.registered_model"] == "outage-model/1"
         assert "medi_dist.model_logging_error" in run.data.tags  # step 1's note, delivered after the outage

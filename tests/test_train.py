@@ -92,7 +92,12 @@ def test_mlflow_run_holds_params_metrics_and_sample_grid(two_worker_run):
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
     (mv,) = c.search_model_versions("name = 'two'")
     assert mv.run_id == res.mlflow_run_id and run.data.tags["medi_dist.registered_model"] == f"two/{mv.version}"
-    assert {"MLmodel", "artifacts"} <= {Path(a.path).name for a in c.list_artifacts(res.mlflow_run_id, "medi_model")}
+    # an MLflow 3 logged model made by the run (its output), the version's source
+    (model,) = c.search_logged_models([run.info.experiment_id], filter_string="name = 'medi_model'")
+    assert model.source_run_id == res.mlflow_run_id and str(model.status) == "READY"
+    assert {"MLmodel", "artifacts"} <= {a.path for a in c.list_logged_model_artifacts(model.model_id)}
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    assert mv.source == model.artifact_location and f'"version": "{mv.version}"' in model.tags["mlflow.modelVersions"]
 
 
 def test_stopped_run_resumes_and_follows_uninterrupted_loss(ray_cluster, proc_dataset, tmp_path):
