@@ -74,7 +74,7 @@ def explain(e: Exception, uri: str) -> StorageError:
             f"point GOOGLE_APPLICATION_CREDENTIALS (now {where}) at a valid service-account key file, "
             "or unset it to use the node's workload identity"
             if where
-            else "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or give the node a workload identity"
+            else "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or give the node workload identity"
         )
         what = f"cannot authenticate ({reason}); {fix}, then re-run"
     elif "NETWORK_CONNECTION" in msg or "Could not connect" in msg or "Couldn't resolve host" in msg:
