@@ -114,9 +114,9 @@ def filesystem(uri: str | Path):
     pyarrow's own `from_uri` ignores STORAGE_EMULATOR_HOST); StorageError for a bad URI or credentials."""
     import pyarrow.fs as pafs
 
-    uri = str(uri).rstrip("/") or "/"
     if not is_remote(uri):
         return pafs.LocalFileSystem(), str(local_path(uri).resolve())
+    uri = str(uri).rstrip("/")
     try:
         if uri.startswith("gs://") and "?" not in uri:
             return _gcs(pafs), uri[len("gs://") :]
@@ -143,7 +143,7 @@ class Folder:
 
         self._pafs = pafs
         self.uri = str(uri).rstrip("/") or "/"
-        self.fs, self.root = filesystem(self.uri)
+        self.fs, self.root = filesystem(uri)
         self.remote = is_remote(uri)
 
     def path(self, rel: str = "") -> str:
