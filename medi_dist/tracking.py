@@ -593,7 +593,9 @@ def _fs(folder: str):
     """(pyarrow filesystem, path) of a local folder or an object-storage URI."""
     import pyarrow.fs as pafs
 
-    return pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+    from .storage import filesystem
+
+    return filesystem(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
 
 
 def write_spill(folder: str | None, name: str, text: str) -> str:

@@ -268,7 +268,10 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
         dataset_config=DataConfig(execution_options=stream.ingest_options()),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=storage,
+            # object storage: the filesystem medi-dist opens (RunFolder), as Ray's own GCS client
+            # ignores STORAGE_EMULATOR_HOST; storage_path is then a path in it
+            storage_path=folder.root if is_remote(storage) else storage,
+            storage_filesystem=folder.fs if is_remote(storage) else None,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
