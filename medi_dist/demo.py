@@ -253,7 +253,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
     from .generate.plan import GenerationPlan
     from .ray_setup import ensure_ray
-    from .tracking import RunLogger, find_or_create_run, tracking_uri
+    from .tracking import tracking_uri
 
     t0 = time.time()
     root = Path(cfg.out).resolve()
@@ -319,17 +319,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     _picture(ds, pools["medi"], picture)
     table = comp.table()
     contrasts = {f"{a} vs {b}": comp.deltas(b)[a] for a, b, _ in CONTRASTS if a in comp.results}
-    run_id = find_or_create_run(uri, f"demo-{int(t0)}", tags={"medi_dist.kind": "demo"})
-    logger = RunLogger(uri, run_id)
-    logger.params(asdict(cfg))
-    for arm, res in comp.results.items():
-        slug = arm.replace("+ ", "").replace(" ", "_").replace("-", "_")
-        logger.metrics({f"{slug}.{k}": v[0] for k, v in res.mean_sem.items()})
-    logger.artifact_bytes(table.encode(), "results.txt")
-    logger.artifact_bytes(picture.read_bytes(), picture.name)
     minutes = (time.time() - t0) / 60
-    logger.metrics({"wall_minutes": minutes})
-    logger.finish()
+    run_id = _log_mlflow(cfg, uri, root, f"demo-{int(t0)}", comp, picture, minutes)
     stages.update()
     stages.close()
     summary = {
@@ -345,6 +336,22 @@ def run_demo(cfg: DemoConfig) -> dict:
     (root / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     (root / "results.txt").write_text(table + "\n")
     return summary
+
+
+def _log_mlflow(cfg: DemoConfig, uri: str, root: Path, name: str, comp, picture: Path, minutes: float) -> str | None:
+    """The demo's own run. A tracking server that is down does not fail the demo: the calls go to
+    <out>/mlflow-spill/<name> and are uploaded when it is back (tracking.open_run)."""
+    from .tracking import close, open_run
+
+    logger = open_run(uri, name, str(root / "mlflow-spill" / name), tags={"medi_dist.kind": "demo"})
+    logger.params(asdict(cfg))
+    for arm, res in comp.results.items():
+        slug = arm.replace("+ ", "").replace(" ", "_").replace("-", "_")
+        logger.metrics({f"{slug}.{k}": v[0] for k, v in res.mean_sem.items()})
+    logger.artifact_bytes(comp.table().encode(), "results.txt")
+    logger.artifact_bytes(picture.read_bytes(), picture.name)
+    logger.metrics({"wall_minutes": minutes})
+    return close(logger)
 
 
 def format_summary(s: dict) -> str:

@@ -327,13 +327,16 @@ def evaluate_fidelity(cfg: FidelityConfig) -> dict:
     return result
 
 
-def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path | str) -> str:
-    from ..tracking import RunLogger, find_or_create_run, tracking_uri
+def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path | str) -> str | None:
+    """Log to the fidelity run; a tracking server that is down does not fail the stage: its calls go
+    to <folder of the results JSON>/mlflow-spill/<run name> and are uploaded when it is back."""
+    from ..tracking import close, open_run, tracking_uri
 
     uri = tracking_uri(cfg.tracking_uri)
     name = cfg.run_name or f"fidelity-{Path(cfg.synthetic).resolve().name}"
-    run_id = find_or_create_run(uri, name, cfg.experiment, tags={"medi_dist.kind": "fidelity"})
-    logger = RunLogger(uri, run_id)
+    folder = str(out.resolve().parent) if isinstance(out, Path) else out.rsplit("/", 1)[0]  # str: a URI
+    spill = f"{folder}/mlflow-spill/{name.replace('/', '_')}"
+    logger = open_run(uri, name, spill, cfg.experiment, tags={"medi_dist.kind": "fidelity"})
     logger.params(
         {
             **{k: v for k, v in asdict(cfg).items() if k not in ("tracking_uri", "log_mlflow")},
@@ -352,5 +355,4 @@ def _log_mlflow(cfg: FidelityConfig, result: dict, out: Path | str) -> str:
         metrics.update({f"fd_group/{g}": v["fd"] for g, v in result["fd"]["groups"].items()})
     logger.metrics(_finite(metrics))
     logger.artifact_bytes(json.dumps(result, indent=2, default=str).encode(), "fidelity.json", "fidelity")
-    logger.finish()
-    return run_id
+    return close(logger)
