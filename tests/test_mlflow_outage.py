@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import requests
@@ -141,29 +140,26 @@ def test_fidelity_goes_on_and_uploads_when_the_server_is_back(server, proc_datas
 
 
 def test_demo_run_survives_a_server_stopped_mid_logging(server, tmp_path, monkeypatch):
-    """The demo's own run: the server dies right after the run is made; the demo's logging goes on,
-    spills into <out>/mlflow-spill/<run name> and delivers each metric once when it is back."""
-    from medi_dist import demo
-
+    """The demo's parent run (tracking.job, as run_demo opens it): the server dies right after the run
+    is made; the demo's logging goes on, spills into <out>/mlflow-spill/<run name> and delivers each
+    metric once when it is back, at the block's end."""
     server.up()
-    real_open = tracking.open_run
-
-    def open_then_kill(*a, **kw):
-        logger = real_open(*a, **kw)
-        server.kill()
-        return logger
-
-    monkeypatch.setattr(tracking, "open_run", open_then_kill)
     back_before(monkeypatch, server, "deliver")
-    res = SimpleNamespace(mean_sem={"balanced_accuracy": (0.6, 0.02), "worst_site_accuracy": (0.4, 0.05)})
-    comp = SimpleNamespace(results={"real only": res, "+ MeDi": res}, table=lambda: "the table")
-    picture = tmp_path / "real_vs_generated.png"
-    picture.write_bytes(b"\x89PNG fake")
-    run_id = demo._log_mlflow(demo.DemoConfig(out=str(tmp_path)), server.url, tmp_path, "demo-1", comp, picture, 1.5)
-    assert run_id and spill_files(tmp_path / "mlflow-spill") == []
+    spill = tmp_path / "mlflow-spill" / "demo-1"
+    with tracking.job(server.url, "demo-1", "demo", spill_dir=str(spill)) as logger:
+        run_id = logger.run_id
+        server.kill()
+        logger.params({"tiles": 800})
+        logger.metrics({"real_only.balanced_accuracy": 0.6, "MeDi.worst_site_accuracy": 0.4})
+        logger.artifact_bytes(b"the table", "results.txt")
+        logger.artifact_bytes(b"\x89PNG fake", "real_vs_generated.png")
+        logger.metrics({"wall_minutes": 1.5})
+    assert run_id and logger.run_id == run_id and spill_files(spill) == []
     assert [r["info"]["run_id"] for r in _runs_named(server.api, "medi-dist", "demo-1")] == [run_id]
     for key in ("real_only.balanced_accuracy", "MeDi.worst_site_accuracy", "wall_minutes"):
         assert len(_history(server.api, run_id, key)) == 1, key
+    run = requests.get(f"{server.api}/runs/get", params={"run_id": run_id}, timeout=10).json()["run"]
+    assert run["info"]["status"] == "FINISHED"
     files = requests.get(f"{server.api}/artifacts/list", params={"run_id": run_id}, timeout=10).json()["files"]
     assert {f["path"] for f in files} == {"results.txt", "real_vs_generated.png"}
 

@@ -45,7 +45,7 @@ def prepare(
 ) -> dict:
     """Warm the feature cache (train, val, pools) once, so parallel trials do not all encode, and
     score real-only on val: the reference for every trial's per-site plot. Returns site -> score."""
-    from ..tracking import WAIT_S, close
+    from ..tracking import WAIT_S, close, log_datasets
 
     AUDIT.reset()
     inputs = load_inputs(base, encoder, [absolute(p) for p in cfg.space.pools])
@@ -54,6 +54,7 @@ def prepare(
     # take is spilled and the study's end (close_children) delivers it.
     log = _baseline_logger(cfg, uri, parent, spill_dir, 0)
     log.params({"ratio": 0.0, "classifier": base.classifier, "seeds": base.seeds})
+    log_datasets(log, {"real": base.real})
     log_result(log, res, "val")
     close(log, wait_s=WAIT_S)
     _audit(audit_dir, "prepare")

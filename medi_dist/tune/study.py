@@ -184,7 +184,7 @@ def _trials_table(grid, n_seeds: int) -> pd.DataFrame:
 
 def run_study(cfg: StudyConfig) -> StudyResult:
     from ..ray_setup import check_job_paths, ensure_ray
-    from ..tracking import close, ensure_run, open_run, run_wait_s, tracking_uri
+    from ..tracking import close, ensure_run, log_datasets, open_run, run_wait_s, tracking_uri
     from .report import close_children, finish_trials, log_test, prepare
 
     check_job_paths(
@@ -209,6 +209,7 @@ def run_study(cfg: StudyConfig) -> StudyResult:
     plog = open_run(uri, cfg.name, f"{spill}/study", cfg.experiment, {"medi_dist.kind": "tune-study"})
     parent = plog.run_id
     plog.params({"study": asdict(cfg)})
+    log_datasets(plog, {"real": absolute(cfg.real), "synthetic": [absolute(p) for p in cfg.space.pools]})
     base = base_config(cfg)
     baseline = prepare(cfg, base, encoder, uri, parent, audit_dir, spill)
     ctx = TrialContext(
