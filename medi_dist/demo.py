@@ -92,6 +92,7 @@ OUTPUTS = {
     "real_vs_generated.png",
     "results.json",
     "results.txt",
+    "mlflow-spill",  # MLflow calls a tracking server that was down did not take (uploaded when it is back)
 }
 
 
@@ -270,7 +271,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     _check_world(cfg, root)
     ensure_ray()  # first: a cluster that cannot be joined is reported before any work, not under the progress bar
-    with job(uri, f"demo-{int(t0)}", "demo") as logger:  # the parent run: every run below is its child
+    # the parent run: every run below is its child; a tracking server that is down does not stop the
+    # demo (tracking.open_run): the calls go to <out>/mlflow-spill/<run> and are uploaded when it is back
+    name = f"demo-{int(t0)}"
+    with job(uri, name, "demo", spill_dir=str(root / "mlflow-spill" / name)) as logger:
         return _run_demo(cfg, t0, uri, logger, root)
 
 
@@ -336,7 +340,7 @@ def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger, root: Path) -> dict:
         allocation="uniform",
         cache_dir=str(root / "cache"),
     )
-    with child_run(uri, "evaluate", "evaluate") as ev:
+    with child_run(uri, "evaluate", "evaluate", spill_dir=str(root / "mlflow-spill" / "evaluate")) as ev:
         log_datasets(ev, {"real": str(ds), "synthetic": [str(p) for p in pools.values()]})
         comp = compare(base, _arms(cfg, pools))
         ev.artifact_bytes(comp.table().encode(), "results.txt")

@@ -28,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("medi_dist.tracking")
+# MLflow's client retries a refused connection itself for about 4 minutes (7 tries, backoff up to
+# 120 s) before a call returns; our retries (retrying, RunLogger) bound the waits, so MLflow's own
+# are kept short (about 5 s) unless the user set them.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
 DEFAULT_EXPERIMENT = "medi-dist"
 RUN_NAME_TAG = "medi_dist.run_name"
@@ -126,20 +130,33 @@ def ui_link(uri: str, run_id: str | None = None, experiment: str = DEFAULT_EXPER
     browser (its GenAI | Model training switch, GenAI until switched) or this URL parameter, not
     from the experiment tag."""
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"  # `mlflow ui` on a local store
-    exp = client(uri).get_experiment_by_name(experiment)
+    try:
+        exp = client(uri).get_experiment_by_name(experiment)
+    except Exception as e:  # a server that is down: the link without the experiment's id, not an error
+        if not transient(e):
+            raise
+        exp = None
     where = f"/runs/{run_id}" if run_id else ""
     return f"{base}/#/experiments/{exp.experiment_id if exp else 0}{where}?workflowType=machine_learning"
 
 
 def adopt_run(uri: str, key: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
     """The run tagged with `key`, made a child of the current job (a stage done by an earlier job
-    that this one reuses, e.g. a demo's finished training); None when there is no such run."""
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    found = exp and c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{key}'", max_results=1)
-    if not found:
+    that this one reuses, e.g. a demo's finished training); None when there is no such run, or the
+    server is down (a warning: the job goes on without it)."""
+    try:
+        c = client(uri)
+        exp = c.get_experiment_by_name(experiment)
+        filt = f"tags.`{RUN_NAME_TAG}` = '{key}'"
+        found = exp and c.search_runs([exp.experiment_id], filter_string=filt, max_results=1)
+        if not found:
+            return None
+        return find_or_create_run(uri, found[0].info.run_name, experiment, key=key, wait_s=WAIT_S)
+    except Exception as e:
+        if not (transient(e) or isinstance(e, TrackingUnavailable)):
+            raise
+        log.warning("MLflow at %s unreachable: run %s not made a child of this job (%s)", uri, key, e)
         return None
-    return find_or_create_run(uri, found[0].info.run_name, experiment, key=key)
 
 
 def current_parent(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
@@ -161,23 +178,37 @@ def current_parent(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None
 
 @contextmanager
 def ended_as(log: RunLogger) -> Iterator[RunLogger]:
-    """End the run with the block: FINISHED, KILLED on Ctrl-C, FAILED on an error."""
+    """End the run with the block: FINISHED, KILLED on Ctrl-C, FAILED on an error (tracking.close:
+    what a server that is down did not take is spilled and uploaded when it is back)."""
     try:
         yield log
     except KeyboardInterrupt:
-        log.finish("KILLED")
+        close(log, "KILLED")
         raise
     except BaseException:
-        log.finish("FAILED")
+        close(log, "FAILED")
         raise
-    log.finish()
+    close(log)
 
 
-def _new_keyed_run(uri: str, name: str, kind: str, experiment: str, parent: Callable[[], str | None]) -> str:
-    """A new run under a key made once (`name`/random), created with find_or_create_run's retries:
-    a create whose answer was lost is found by its key on the next try, not made twice."""
+def _keyed_logger(
+    uri: str, name: str, kind: str, experiment: str, parent: Callable[[], str | None], spill_dir: str | None
+) -> RunLogger:
+    """A logger on a new run under a key made once (`name`/random), created with find_or_create_run's
+    retries: a create whose answer was lost is found by its key on the next try, not made twice. With
+    `spill_dir`, a server that stays down does not stop the job (as open_run: made later, calls spilled)."""
     key = f"{name}/{uuid.uuid4().hex[:8]}"
+    try:
+        return RunLogger(uri, _new_keyed_run(uri, name, kind, experiment, parent, key), spill_dir)
+    except TrackingUnavailable as e:
+        if spill_dir is None:
+            raise
+        _going_on(e, spill_dir)
+        spec = {"run_name": name, "experiment": experiment, "tags": {KIND_TAG: kind}, "parent_run_id": None, "key": key}
+        return RunLogger(uri, None, spill_dir, spec)
 
+
+def _new_keyed_run(uri: str, name: str, kind: str, experiment: str, parent: Callable[[], str | None], key: str) -> str:
     def create() -> str:
         c = client(uri)
         exp = experiment_id(c, experiment)
@@ -190,11 +221,14 @@ def _new_keyed_run(uri: str, name: str, kind: str, experiment: str, parent: Call
 
 
 @contextmanager
-def job(uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[RunLogger]:
+def job(
+    uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT, spill_dir: str | None = None
+) -> Iterator[RunLogger]:
     """A user-level job's parent run, from the start of the block to its end; every run created in
-    this process meanwhile (find_or_create_run, stage) is its child."""
+    this process meanwhile (find_or_create_run, stage) is its child (not those made while the server
+    was down: without a run id then, they are made without a parent)."""
     global _job_parent
-    log = RunLogger(uri, _new_keyed_run(uri, name, kind, experiment, lambda: None))
+    log = _keyed_logger(uri, name, kind, experiment, lambda: None, spill_dir)
     previous, _job_parent = _job_parent, log.run_id
     try:
         with ended_as(log):
@@ -205,10 +239,15 @@ def job(uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT) ->
 
 @contextmanager
 def stage(
-    uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT, system_metrics: bool = False
+    uri: str,
+    name: str,
+    kind: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    system_metrics: bool = False,
+    spill_dir: str | None = None,
 ) -> Iterator[RunLogger]:
     """A new run for one stage (generate, evaluate), lasting as long as the block; a child of the current job."""
-    log = RunLogger(uri, _new_keyed_run(uri, name, kind, experiment, lambda: current_parent(uri, experiment)))
+    log = _keyed_logger(uri, name, kind, experiment, lambda: current_parent(uri, experiment), spill_dir)
     with ended_as(log), system_metrics_logged(log, system_metrics):
         yield log
 
@@ -372,20 +411,23 @@ class RunLogger:
     to drain, then write what is left to a JSON-lines file and say where: in `spill_dir` (a training
     passes its run folder; upload_spills delivers it later), else the temp folder.
 
-    `run_id` None: the run could not be created (server down); every call goes to the spill file."""
+    `run_id` None: the run could not be created (server down). With `spec` (find_or_create_run's
+    arguments, see open_run) the sender creates it once the server answers, and the calls follow;
+    without, every call goes to the spill file."""
 
-    def __init__(self, uri: str, run_id: str | None, spill_dir: str | None = None):
-        self.uri, self.run_id, self.spill_dir, self._c = uri, run_id, spill_dir, None
+    def __init__(self, uri: str, run_id: str | None, spill_dir: str | None = None, spec: dict | None = None):
+        self.uri, self.run_id, self.spill_dir, self.spec, self._c = uri, run_id, spill_dir, spec, None
+        self._making = threading.Lock()  # the sender and ensure_run may both make the run: once
         self._queue: deque[_Call] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self.retries = 0  # failed attempts that were retried (outages seen)
 
     def __getstate__(self):
-        return {"uri": self.uri, "run_id": self.run_id, "spill_dir": self.spill_dir}
+        return {"uri": self.uri, "run_id": self.run_id, "spill_dir": self.spill_dir, "spec": self.spec}
 
     def __setstate__(self, state):
-        self.__init__(state["uri"], state["run_id"], state.get("spill_dir"))
+        self.__init__(state["uri"], state["run_id"], state.get("spill_dir"), state.get("spec"))
 
     @property
     def c(self):
@@ -406,7 +448,7 @@ class RunLogger:
         with self._cv:
             backlog = bool(self._queue)
             self._queue.append(call)
-            if self.run_id is None:  # no run to send to: kept for the spill file
+            if self.run_id is None and self.spec is None:  # no run to send to: kept for the spill file
                 if len(self._queue) == 1:
                     atexit.register(self.flush)
                 return True  # nothing to wait for
@@ -422,8 +464,8 @@ class RunLogger:
         while the server is unreachable (for calls that must finish before the caller goes on, e.g.
         uploading a folder that is removed afterwards): its result, or the error of a server that
         refused it. Past `timeout` (FINAL_WAIT_S) the call is dropped and TrackingUnavailable raised;
-        at once when there is no run (the server was down when it was to be created)."""
-        if self.run_id is None:
+        at once when there is no run (the server was down when it was to be created, and no spec to make it)."""
+        if self.run_id is None and self.spec is None:
             raise TrackingUnavailable(
                 f"MLflow at {self.uri}: no run (the server was down when it was to be created): {what} not done"
             )
@@ -479,6 +521,7 @@ class RunLogger:
         from mlflow.entities import Metric, Param
 
         c = self.c
+        self.make_run()
         if kind == "params":
             existing = c.get_run(self.run_id).data.params
             new = [Param(k, v) for k, v in p["params"].items() if k not in existing]
@@ -486,6 +529,8 @@ class RunLogger:
                 c.log_batch(self.run_id, params=new[i : i + 100])
         elif kind == "metrics":
             c.log_batch(self.run_id, metrics=[Metric(k, v, p["ts"], p["step"]) for k, v in p["metrics"].items()])
+        elif kind == "points":  # several metrics calls joined by upload_spills: (key, value, ts, step)
+            c.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in p["points"]])
         elif kind == "tags":
             for k, v in p["tags"].items():
                 c.set_tag(self.run_id, k, v)
@@ -506,13 +551,21 @@ class RunLogger:
             if parent and c.get_run(parent).data.tags.get(KIND_TAG) == "job":  # a named job ends with its last stage
                 c.set_terminated(parent, p["status"])
 
+    def make_run(self) -> str:
+        """The run, made now (or found, if made by an earlier try) if the server was down when it was
+        opened; one try, errors raise."""
+        with self._making:
+            if self.run_id is None:
+                self.run_id = _find_or_create_run(self.uri, **self.spec)
+            return self.run_id
+
     def flush(self, timeout: float | None = None) -> str | None:
         """Wait for every queued call (up to FINAL_WAIT_S); what is left leaves the queue for a
         JSON-lines file, whose path is returned (None: all delivered). A call in flight at that moment
         may still arrive as well (then it is there twice after upload_spills)."""
         deadline = time.time() + (FINAL_WAIT_S if timeout is None else timeout)
         with self._cv:
-            while self._queue and self.run_id is not None and time.time() < deadline:
+            while self._queue and (self.run_id or self.spec) and time.time() < deadline:
                 self._cv.wait(min(1.0, max(deadline - time.time(), 0.01)))
             left = list(self._queue)
             self._queue.clear()  # spilled below, uploaded later: not also sent (nor waited for at exit)
@@ -520,26 +573,30 @@ class RunLogger:
             call.done.set()
         if not left:
             return None
-        lines = "".join(
-            json.dumps({"run_id": self.run_id, "kind": call.kind, **call.payload}, default=str) + "\n"
-            for call in left
-            if call.kind not in ("artifact", "call")  # artifacts and uploads are counted, not copied
-        )
-        name = f"medi-dist-mlflow-{self.run_id or 'no-run'}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
-        spill = write_spill(self.spill_dir, name, lines)
+        stem = f"medi-dist-mlflow-{self.run_id or 'no-run'}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        lines = []
+        for i, call in enumerate(left):
+            p = call.payload
+            if call.kind == "call":  # a function (an upload whose caller gave up): counted, not copied
+                continue
+            if call.kind == "artifact":  # its bytes in a file beside, written first (the line names it)
+                write_spill(self.spill_dir, f"{stem}.{i}.artifact", p["data"])
+                p = {"file": f"{stem}.{i}.artifact", "name": p["name"], "folder": p["folder"]}
+            lines.append(json.dumps({"run_id": self.run_id, "kind": call.kind, **p}, default=str) + "\n")
+        spill = write_spill(self.spill_dir, f"{stem}.jsonl", "".join(lines))
         why = (
             "unreachable when the run was to be created"
-            if self.run_id is None
+            if self.run_id is None and self.spec is None
             else f"still unreachable after {FINAL_WAIT_S if timeout is None else timeout:.0f} s"
         )
         log.warning(
-            "MLflow at %s %s: %d call(s) of run %s not delivered (%d artifacts dropped); written to %s "
+            "MLflow at %s %s: %d call(s) of run %s not delivered (%d uploads dropped); written to %s "
             "(upload_spills delivers them)",
             self.uri,
             why,
             len(left),
             self.run_id,
-            sum(c.kind in ("artifact", "call") for c in left),
+            sum(c.kind == "call" for c in left),
             spill,
         )
         return spill
@@ -574,9 +631,9 @@ class RunLogger:
         dicts, so a spilled call is JSON and upload_spills sends it as it was."""
         self._send("inputs", datasets=[d.to_dictionary() for d in datasets])
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", timeout: float | None = None) -> None:
         self._send("terminated", status=status)  # a named job's parent run ends with it (see _do)
-        self.flush()
+        self.flush(timeout)
 
 
 def _dataset_input(d: dict):
@@ -598,20 +655,26 @@ def _fs(folder: str):
     return filesystem(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
 
 
-def write_spill(folder: str | None, name: str, text: str) -> str:
-    """Write `text` as `folder`/`name` (default: the temp folder); returns where."""
+def write_spill(folder: str | None, name: str, data: str | bytes) -> str:
+    """Write `data` as `folder`/`name` (default: the temp folder); returns where."""
     folder = folder or tempfile.gettempdir()
     fs, root = _fs(folder)
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{name}") as f:
-        f.write(text.encode())
+        f.write(data.encode() if isinstance(data, str) else data)
     return f"{folder.rstrip('/')}/{name}"
+
+
+MAX_POINTS = 1000  # metric points per log_batch when uploading (MLflow's limit per request)
 
 
 def upload_spills(uri: str, run_id: str, folder: str, wait_s: float | None = None) -> int:
     """Deliver the calls spilled into `folder` (RunLogger.flush) to run `run_id`, oldest file first,
-    each call retried while the server is unreachable (up to `wait_s` per call); a file is removed once
-    all its calls are in. Returns the calls delivered; TrackingUnavailable leaves the rest in place."""
+    each request retried while the server is unreachable (up to `wait_s` each); consecutive metrics
+    calls go as one log_batch of up to MAX_POINTS points. After each request `<file>.sent` records how
+    many lines are in, so an upload cut short (TrackingUnavailable, a killed process) resumes after
+    them instead of sending the file again; a file is removed once all its calls are in. Returns the
+    calls delivered by this upload."""
     import pyarrow.fs as pafs
 
     fs, root = _fs(folder)
@@ -621,14 +684,122 @@ def upload_spills(uri: str, run_id: str, folder: str, wait_s: float | None = Non
     for info in files:
         with fs.open_input_stream(info.path) as f:
             calls = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
-        for call in calls:
-            call.pop("run_id", None)
-            kind = call.pop("kind")
-            retrying(lambda kind=kind, call=call: sender._do(kind, **call), f"uploading spilled {kind}", uri, wait_s)
-            n += 1
+        sent_path = info.path + ".sent"
+        done = start = _read_count(fs, sent_path)
+        while done < len(calls):
+            end, kind, payload = _next_request(calls, done)
+            if kind == "artifact":
+                with fs.open_input_stream(f"{root}/{payload.pop('file')}") as f:
+                    payload["data"] = f.read()
+            retrying(lambda k=kind, p=payload: sender._do(k, **p), f"uploading spilled {kind}", uri, wait_s)
+            n, done = n + end - done, end
+            with fs.open_output_stream(sent_path) as f:  # confirmed: not sent again by a later upload
+                f.write(str(done).encode())
         fs.delete_file(info.path)
-        log.info("MLflow: %d spilled call(s) from %s delivered to run %s", len(calls), info.path, run_id)
+        for call in calls:  # the artifacts' files, once their lines are all in
+            if call["kind"] == "artifact":
+                fs.delete_file(f"{root}/{call['file']}")
+        if done:
+            fs.delete_file(sent_path)
+        log.info("MLflow: %d spilled call(s) from %s delivered to run %s", done - start, info.path, run_id)
     return n
+
+
+def _read_count(fs, path: str) -> int:
+    try:
+        with fs.open_input_stream(path) as f:
+            return int(f.read().decode() or 0)
+    except OSError:  # none yet (pyarrow: FileNotFoundError locally, OSError on object storage)
+        return 0
+
+
+def _next_request(calls: list[dict], i: int) -> tuple[int, str, dict]:
+    """(index after the request, kind, payload) of the request that delivers calls[i:]: one call, or
+    the consecutive metrics calls from i joined into `points` (at most MAX_POINTS, at least one call)."""
+    call = {k: v for k, v in calls[i].items() if k not in ("run_id", "kind")}
+    if calls[i]["kind"] != "metrics":
+        return i + 1, calls[i]["kind"], call
+    points: list = []
+    while i < len(calls) and calls[i]["kind"] == "metrics":
+        c = calls[i]
+        new = [(k, v, c["ts"], c["step"]) for k, v in c["metrics"].items()]
+        if points and len(points) + len(new) > MAX_POINTS:
+            break
+        points += new
+        i += 1
+    return i, "points", {"points": points}
+
+
+# -- commands other than train: open a run that an outage does not stop, deliver its calls at the end ---
+
+
+def open_run(
+    uri: str,
+    run_name: str,
+    spill_dir: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    key: str | None = None,
+    wait_s: float | None = None,
+) -> RunLogger:
+    """A RunLogger on the run find_or_create_run finds or makes (after delivering what an earlier
+    attempt left in `spill_dir`). If the server stays down for `wait_s`, the command goes on: the
+    logger keeps its calls, makes the run and sends them once the server answers, and spills what is
+    left at its end into `spill_dir`; close()/deliver() upload that. `wait_s` 0: nothing is asked
+    now, the first call makes the run (for callers that must not stall, e.g. a Tune trial)."""
+    spec = {"run_name": run_name, "experiment": experiment, "tags": tags, "parent_run_id": parent_run_id, "key": key}
+    if wait_s == 0:
+        return RunLogger(uri, None, spill_dir, spec)
+    try:
+        run_id = find_or_create_run(uri, wait_s=wait_s, **spec)
+        upload_spills(uri, run_id, spill_dir, wait_s)
+    except TrackingUnavailable as e:
+        _going_on(e, spill_dir)
+        return RunLogger(uri, None, spill_dir, spec)
+    return RunLogger(uri, run_id, spill_dir, spec)
+
+
+def _going_on(e: TrackingUnavailable, spill_dir: str) -> None:
+    log.warning(
+        "%s; going on without it: calls are sent when the server is back, else written to %s and "
+        "uploaded at the end (or by upload_spills)",
+        e,
+        spill_dir,
+    )
+
+
+def close(logger: RunLogger, status: str = "FINISHED", wait_s: float | None = None) -> str | None:
+    """End an open_run run: its last calls sent (waiting up to `wait_s`, default run_wait_s(), for a
+    server that is down), what is left spilled, then delivered. Returns the run id (None: never made)."""
+    wait_s = run_wait_s() if wait_s is None else wait_s
+    logger.finish(status, timeout=wait_s)
+    return deliver(logger, wait_s) if logger.spill_dir else logger.run_id
+
+
+def ensure_run(logger: RunLogger, wait_s: float | None = None) -> str | None:
+    """The logger's run id, made now if the server answers within `wait_s`: its queued calls go first
+    (through the sender, which makes the run, so it is made once), what is left is spilled, then a run
+    still missing is found or made here. None: the server stayed down."""
+    logger.flush(wait_s)
+    if logger.run_id is None and logger.spec is not None:
+        try:
+            retrying(logger.make_run, f"creating MLflow run {logger.spec['run_name']!r}", logger.uri, wait_s)
+        except TrackingUnavailable as e:
+            log.warning("%s; MLflow calls left in %s (tracking.upload_spills delivers them)", e, logger.spill_dir)
+    return logger.run_id
+
+
+def deliver(logger: RunLogger, wait_s: float | None = None) -> str | None:
+    """After logger.finish(): the run (made now if the server was down until now) receives what was
+    spilled into logger.spill_dir. A server still down for `wait_s` leaves the files there, with a
+    warning; returns the run id (None: never made)."""
+    if ensure_run(logger, wait_s) is not None:
+        try:
+            upload_spills(logger.uri, logger.run_id, logger.spill_dir, wait_s)
+        except TrackingUnavailable as e:
+            log.warning("%s; MLflow calls left in %s (tracking.upload_spills delivers them)", e, logger.spill_dir)
+    return logger.run_id
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -344,13 +344,17 @@ def _evaluate(cfg: FidelityConfig, enc) -> dict:
 
 def _open_run(cfg: FidelityConfig):
     """The evaluation's MLflow run, opened (or, for a re-evaluation into the same run, set running
-    again) before the work, with its inputs: its duration is the evaluation's."""
-    from ..tracking import RunLogger, find_or_create_run, log_datasets, tracking_uri
+    again) before the work, with its inputs: its duration is the evaluation's. A tracking server that
+    is down does not fail the stage (tracking.open_run): the calls go to <folder of the results
+    JSON>/mlflow-spill/<run name> and are uploaded when it is back."""
+    from ..tracking import log_datasets, open_run, tracking_uri
 
     uri = tracking_uri(cfg.tracking_uri)
     name = cfg.run_name or f"fidelity-{Path(cfg.synthetic).resolve().name}"
-    run_id = find_or_create_run(uri, name, cfg.experiment, tags={"medi_dist.kind": "fidelity"}, key=cfg.run_key)
-    logger = RunLogger(uri, run_id)
+    out = cfg.out or f"{str(cfg.synthetic).rstrip('/')}/fidelity.json"  # as _evaluate writes it
+    folder = out.rsplit("/", 1)[0] if is_remote(out) else str(Path(out).resolve().parent)
+    spill = f"{folder}/mlflow-spill/{name.replace('/', '_')}"
+    logger = open_run(uri, name, spill, cfg.experiment, tags={"medi_dist.kind": "fidelity"}, key=cfg.run_key)
     logger.status("RUNNING")
     gen = load_manifest(cfg.synthetic).get("generation", {})
     logger.params(

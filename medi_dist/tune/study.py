@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class StudyResult:
     trials: pd.DataFrame  # one row per trial: config, objective, seeds done, MLflow run
     best: dict  # the best trial's row
     test: Comparison | None  # holdout: real only vs best
-    parent_run_id: str
+    parent_run_id: str | None  # None: the tracking server stayed down (calls in <path>/mlflow-spill)
     path: str
 
 
@@ -183,8 +184,8 @@ def _trials_table(grid, n_seeds: int) -> pd.DataFrame:
 
 def run_study(cfg: StudyConfig) -> StudyResult:
     from ..ray_setup import check_job_paths, ensure_ray
-    from ..tracking import RunLogger, find_or_create_run, log_datasets, tracking_uri
-    from .report import finish_trials, log_test, prepare
+    from ..tracking import close, ensure_run, log_datasets, open_run, run_wait_s, tracking_uri
+    from .report import close_children, finish_trials, log_test, prepare
 
     check_job_paths(
         {
@@ -202,12 +203,15 @@ def run_study(cfg: StudyConfig) -> StudyResult:
     audit_dir.mkdir(parents=True, exist_ok=True)
     check_same_study(cfg, path)
     ensure_ray()  # RAY_ADDRESS (e.g. set by `ray job submit`) joins an existing cluster
-    parent = find_or_create_run(uri, cfg.name, cfg.experiment, {"medi_dist.kind": "tune-study"})
-    plog = RunLogger(uri, parent)
+    # A tracking server that is down does not stop the study: the runs' calls are kept (spilled into
+    # <study>/mlflow-spill/) and delivered at the end, the runs made then if need be.
+    spill = str(path / "mlflow-spill")
+    plog = open_run(uri, cfg.name, f"{spill}/study", cfg.experiment, {"medi_dist.kind": "tune-study"})
+    parent = plog.run_id
     plog.params({"study": asdict(cfg)})
     log_datasets(plog, {"real": absolute(cfg.real), "synthetic": [absolute(p) for p in cfg.space.pools]})
     base = base_config(cfg)
-    baseline = prepare(cfg, base, encoder, uri, parent, audit_dir)
+    baseline = prepare(cfg, base, encoder, uri, parent, audit_dir, spill)
     ctx = TrialContext(
         base,
         cfg.name,
@@ -219,6 +223,7 @@ def run_study(cfg: StudyConfig) -> StudyResult:
         str(audit_dir),
         baseline,
         threads=max(1, int(cfg.cpus_per_trial)),
+        spill_dir=spill,
     )
     grid = _tuner(cfg, ctx, path).fit()
     trials = _trials_table(grid, len(cfg.seeds))
@@ -226,10 +231,13 @@ def run_study(cfg: StudyConfig) -> StudyResult:
     if done.empty:
         raise RuntimeError(f"no trial of study {cfg.name!r} finished all seeds; see {path} for errors")
     best = done.iloc[0].to_dict()
-    finish_trials(uri, trials, best, plog)
+    deadline = time.time() + run_wait_s()  # one wait for a server that is down, for all runs
+    left = lambda: max(0.0, deadline - time.time())  # noqa: E731
+    parent = ensure_run(plog, left())
+    close_children(cfg, ctx, trials, best, parent, left)
+    finish_trials(trials, best, plog)
     test = log_test(cfg, base, best, encoder, plog, audit_dir) if cfg.final_eval else None
-    plog.finish()
-    return StudyResult(trials, best, test, parent, str(path))
+    return StudyResult(trials, best, test, close(plog, wait_s=left()), str(path))
 
 
 def summary(res: StudyResult, metric: str = "site_balanced_accuracy") -> str:

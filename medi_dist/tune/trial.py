@@ -32,12 +32,29 @@ class TrialContext:
     study: str
     experiment: str
     uri: str
-    parent_run_id: str
+    parent_run_id: str | None  # None: the server was down when the study started
     encoder_name: str
     metric: str
     audit_dir: str
     baseline_sites: dict  # real-only per-val-site scores, for the comparison plot
     threads: int = 1
+    spill_dir: str = ""  # <study>/mlflow-spill: each trial's calls the server did not take, in <trial_id>/
+
+
+def trial_logger(ctx: TrialContext, trial_id: str, parent_run_id: str | None, wait_s: float | None = None):
+    """The trial's MLflow child run (tracking.open_run: a server that is down does not fail the trial;
+    its calls are spilled into <spill_dir>/<trial_id> and the study's end delivers them)."""
+    from ..tracking import open_run
+
+    return open_run(
+        ctx.uri,
+        f"{ctx.study}/{trial_id}",
+        f"{ctx.spill_dir}/{trial_id}",
+        ctx.experiment,
+        {"medi_dist.kind": "tune-trial", "medi_dist.trial_id": trial_id},
+        parent_run_id,
+        wait_s=wait_s,
+    )
 
 
 def trial_config(base: DownstreamConfig, config: dict) -> DownstreamConfig:
@@ -113,20 +130,14 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     import torch
     from ray import tune
 
-    from ..tracking import RunLogger, find_or_create_run, log_datasets
+    from ..tracking import WAIT_S, log_datasets
 
     torch.set_num_threads(ctx.threads)  # several trials share the cores; extra threads only spin
     start, trial_id = time.time(), tune.get_context().get_trial_id()
     AUDIT.reset()
     cfg = trial_config(ctx.base, config)
-    run_id = find_or_create_run(
-        ctx.uri,
-        f"{ctx.study}/{trial_id}",
-        ctx.experiment,
-        {"medi_dist.kind": "tune-trial", "medi_dist.trial_id": trial_id},
-        ctx.parent_run_id,
-    )
-    log = RunLogger(ctx.uri, run_id)
+    # a trial does not stall on a server that is down: its first call waits WAIT_S, then it goes on
+    log = trial_logger(ctx, trial_id, ctx.parent_run_id, wait_s=0)
     pool = cfg.synthetic[0] if cfg.synthetic else ""
     log.params(
         {
@@ -170,7 +181,9 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         log_artifacts(log, res, "val", pd.Series(ctx.baseline_sites), label="this trial")
         if step == 0 and pool:
             log.artifact_bytes(plots.pool_grid(pool), "pool_samples.png")
-        log.flush()  # before tune.report: Tune may stop the trial there (calls queued in an outage would be lost)
+        # before tune.report: Tune may stop the trial there. In an outage the queue goes to the trial's
+        # spill folder after WAIT_S (the study's end delivers it), not after the full wait per seed.
+        log.flush(WAIT_S)
         _write_audit(audit, trial_id, start, runs, computed)
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / RUNS_FILE).write_text(runs_to_json(runs))
@@ -181,7 +194,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                     "seeds_done": len(runs),
                     "n_synthetic": runs[-1].n_synthetic,
                     "effective_ratio": res.effective_ratio,
-                    "mlflow_run_id": run_id,
+                    "mlflow_run_id": log.run_id or "",  # "": not made yet (server down)
                 },
                 checkpoint=tune.Checkpoint.from_directory(d),
             )
