@@ -89,28 +89,28 @@ def _start_executions_at_full_width(interval_s: float = 0.1) -> None:
 _start_executions_at_full_width()
 
 
-def _dispatch_next_task_promptly(wait_s: float = 0.02) -> None:
-    """Ray Data 2.60's scheduling loop notices a finished read task late, and only then hands its
-    CPU to the next task: each loop step waits (`ray.wait`) for *all* running tasks or 0.1 s,
-    and by default it fetches a finished block's metadata on a background thread, so the task
-    counts as done (its CPU free) only at the step after that. With two tasks of ~0.2 s on two
-    CPUs, the workers sat idle 0.02-0.3 s between tasks (1.24 of 2 cores busy at 12,000 tiles).
-    We fetch the metadata inline (one small local object per read task: the stream's tasks make
-    one block each) and wait at most `wait_s` per step. Measured on the quiet 2-core machine
-    (benchmarks/RESULTS.md, 12,000 tiles): 1.3 -> 1.85 cores busy, ~1,250 -> ~1,850 tiles/s, for
-    ~0.05 core more in the driver's loop. Applied wherever this module is imported (the driver,
-    Ray Train's split coordinator); other Ray Data pipelines in these processes get it too."""
+def _free_finished_tasks_promptly() -> None:
+    """Ray Data 2.60's scheduling loop hands a finished read task's CPU to the next task late: by
+    default it fetches a finished block's metadata on a background thread, so the task counts as
+    done (its CPU free) only at the loop step after the one that saw it finish, and each step
+    waits (`ray.wait`) for *all* running tasks or 0.1 s. With two tasks of ~0.2 s on two CPUs the
+    workers sat idle 0.02-0.3 s between tasks (1.3 of 2 cores busy at 12,000 tiles). We fetch the
+    metadata inline (one small local object per read task: the stream's tasks make one block
+    each), so a task's CPU is free in the step that sees it finish. Quiet 2-core machine, 12,000
+    tiles (benchmarks/RESULTS.md): ~1,250 -> ~1,600 tiles/s, 1.3 -> 1.55 cores busy, no more CPU
+    in the driver. Also shortening the step's wait to 0.02 s gave ~1,850 tiles/s but costs the
+    loop ~0.05 core (50 steps/s), also in Ray Train's split coordinator during training; not kept.
+    Applied wherever this module is imported (the driver, Ray Train's split coordinator); other
+    Ray Data pipelines in these processes get it too."""
     try:
-        from ray.data._internal.execution import metadata_fetcher, streaming_executor_state
-    except ImportError:  # a Ray without these modules: nothing to do
+        from ray.data._internal.execution import metadata_fetcher
+    except ImportError:  # a Ray without this module: nothing to do
         return
     if hasattr(metadata_fetcher, "_PREFETCH_ON_THREAD"):
         metadata_fetcher._PREFETCH_ON_THREAD = False
-    if getattr(streaming_executor_state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", 0) > wait_s:
-        streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = wait_s
 
 
-_dispatch_next_task_promptly()
+_free_finished_tasks_promptly()
 
 
 class TooManyBadTiles(RuntimeError):
