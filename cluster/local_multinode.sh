@@ -7,12 +7,9 @@
 #
 #   RAY=.venv/bin/ray cluster/local_multinode.sh start    # head + one worker node
 #   RAY=.venv/bin/ray cluster/local_multinode.sh status
-#   RAY=.venv/bin/ray cluster/local_multinode.sh stop     # = `ray stop` (all Ray of this user here)
+#   RAY=.venv/bin/ray cluster/local_multinode.sh stop     # the Ray processes under TEMP_DIR (default /tmp/ray)
 #
-# Then, from the repo root:
-#   export RAY_AUTH_MODE=token
-#   ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-#       medi-dist train --config jobs/<config>.yaml
+# Then, from the repo root, the README's "Run on a cluster" commands (cluster/README.md).
 #
 # Token: $RAY_AUTH_TOKEN if set, else ~/.ray/auth_token (created by `ray get-auth-token --generate`
 # on first use). Clients need RAY_AUTH_MODE=token and the same token.
@@ -67,10 +64,32 @@ start() {
   echo "Ray cluster up: GCS 127.0.0.1:$GCS_PORT, dashboard/jobs http://127.0.0.1:$DASHBOARD_PORT (token auth)"
 }
 
+# The processes of the Ray sessions under the temp root (their command lines name it) and their
+# children: with TEMP_DIR set, this cluster only (`ray stop` would end every Ray instance here).
+stop() {
+  local root="${TEMP_DIR:-/tmp/ray}" pids=() queue=() p
+  mapfile -t queue < <(pgrep -f -- "$root" | grep -vx "$$" || true)
+  while ((${#queue[@]})); do
+    p="${queue[0]}"; queue=("${queue[@]:1}")
+    [[ " ${pids[*]} " == *" $p "* ]] && continue
+    pids+=("$p")
+    mapfile -t -O "${#queue[@]}" queue < <(pgrep -P "$p" || true)
+  done
+  if ((${#pids[@]} == 0)); then echo "no Ray processes under $root"; return 0; fi
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 20); do
+    local alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.5
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true  # gcs_server ignores SIGTERM
+  echo "stopped ${#pids[@]} Ray process(es) under $root"
+}
+
 case "${1:-}" in
   start) start ;;
   status) "$RAY" status --address "127.0.0.1:$GCS_PORT" ;;
-  # `ray stop` ends every Ray process of this user on this machine, not only these two nodes.
-  stop) "$RAY" stop ;;
+  stop) stop ;;
   *) echo "usage: $0 start|status|stop" >&2; exit 2 ;;
 esac

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split(":")[0] + ": metadata-guided diffusion for histopathology tiles on Ray.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    p.add_argument(
+        "--parent-run",
+        metavar="NAME",
+        help="MLflow: make this command's runs children of the job run NAME (created by the first command that "
+        "names it; same as $MEDI_DIST_PARENT_RUN=NAME)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     add_ingest_parser(sub)
     add_data_parser(sub)
@@ -123,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.parent_run:
+        from .tracking import PARENT_ENV
+
+        os.environ[PARENT_ENV] = args.parent_run
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -55,6 +55,7 @@ class DemoConfig:
     seed: int = 0  # the world (procedural dataset, split) and the generator's training
     threads: int = 2  # torch threads of the single training worker (the demo targets 2 cores)
     tracking_uri: str | None = None
+    system_metrics: bool = True  # MLflow system metrics on the training and generation runs
 
 
 QUICK_DEMO = dict(out="demo-quick", tiles=800, train_steps=60, per_pair=8, sampler_steps=8, seeds=[0, 1])
@@ -164,6 +165,7 @@ def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[st
             f"run.checkpoint_every={max(cfg.train_steps // 4, 1)}",
             "run.log_every=20",
             f"run.threads_per_worker={cfg.threads}",
+            f"run.system_metrics={cfg.system_metrics}",
         ],
     )
     out = output_dir(tcfg)
@@ -171,6 +173,12 @@ def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[st
         res = train(tcfg)
         if res.model_dir is None:
             raise RuntimeError(f"training {name} did not finish; run the demo again to resume it")
+    else:  # trained by an earlier run of this demo: its training run joins this demo's parent run
+        from .paths import absolute
+        from .registry import link_run_models
+        from .tracking import adopt_run
+
+        link_run_models(uri, adopt_run(uri, f"{absolute(tcfg.run.storage_path)}/{name}"))  # its model too
     return out
 
 
@@ -191,6 +199,9 @@ def _generate(
             sampling=SamplingSettings(
                 sampler=cfg.sampler, steps=cfg.sampler_steps, guidance=cfg.guidance, batch_size=64
             ),
+            log_mlflow=True,
+            tracking_uri=cfg.tracking_uri,
+            system_metrics=cfg.system_metrics,
         )
     )
     return res.out
@@ -249,24 +260,32 @@ def _arms(cfg: DemoConfig, pools: dict[str, Path]) -> dict[str, dict]:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    from .ray_setup import ensure_ray
+    from .tracking import job, tracking_uri
+
+    t0 = time.time()
+    uri = tracking_uri(cfg.tracking_uri)
+    root = Path(cfg.out).resolve()
+    check_out(root)  # refusals first: a wrong --out or another world is one line, no FAILED parent run
+    root.mkdir(parents=True, exist_ok=True)
+    _check_world(cfg, root)
+    ensure_ray()  # first: a cluster that cannot be joined is reported before any work, not under the progress bar
+    with job(uri, f"demo-{int(t0)}", "demo") as logger:  # the parent run: every run below is its child
+        return _run_demo(cfg, t0, uri, logger, root)
+
+
+def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger, root: Path) -> dict:
     from .evaluate.downstream import DownstreamConfig, compare
     from .evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
     from .generate.plan import GenerationPlan
-    from .ray_setup import ensure_ray
-    from .tracking import RunLogger, find_or_create_run, tracking_uri
+    from .tracking import log_datasets, ui_link
+    from .tracking import stage as child_run
 
-    t0 = time.time()
-    root = Path(cfg.out).resolve()
-    check_out(root)
-    root.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri(cfg.tracking_uri)
-    ensure_ray()  # first: a cluster that cannot be joined is reported before any work, not under the progress bar
     stages = tqdm(total=6, desc="demo", unit="stage", bar_format="{desc}: {n}/{total} stages |{bar}| {elapsed}")
 
     def stage(text: str) -> None:
         stages.set_description(f"demo: {text}")
 
-    _check_world(cfg, root)
     stage("ingest procedural dataset")
     ds = _ingest(cfg, root)
     index = pd.read_parquet(ds / "index.parquet")
@@ -298,7 +317,13 @@ def run_demo(cfg: DemoConfig) -> dict:
             cfg, class_only, root / "synthetic-class-only", GenerationPlan(mode="explicit", rows=by_type, seed=cfg.seed)
         )
     fidelity = evaluate_fidelity(
-        FidelityConfig(real=str(ds), synthetic=str(pools["medi"]), tracking_uri=uri, run_name="demo-fidelity-medi")
+        FidelityConfig(
+            real=str(ds),
+            synthetic=str(pools["medi"]),
+            tracking_uri=uri,
+            run_name="demo-fidelity-medi",
+            run_key=f"{root}/demo-fidelity-medi/{logger.run_id}",  # each demo its own run (from its work's start)
+        )
     )
     stages.update()
 
@@ -311,7 +336,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         allocation="uniform",
         cache_dir=str(root / "cache"),
     )
-    comp = compare(base, _arms(cfg, pools))
+    with child_run(uri, "evaluate", "evaluate") as ev:
+        log_datasets(ev, {"real": str(ds), "synthetic": [str(p) for p in pools.values()]})
+        comp = compare(base, _arms(cfg, pools))
+        ev.artifact_bytes(comp.table().encode(), "results.txt")
     stages.update()
 
     stage("picture and MLflow")
@@ -319,9 +347,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     _picture(ds, pools["medi"], picture)
     table = comp.table()
     contrasts = {f"{a} vs {b}": comp.deltas(b)[a] for a, b, _ in CONTRASTS if a in comp.results}
-    run_id = find_or_create_run(uri, f"demo-{int(t0)}", tags={"medi_dist.kind": "demo"})
-    logger = RunLogger(uri, run_id)
     logger.params(asdict(cfg))
+    log_datasets(logger, {"real": str(ds), "synthetic": [str(p) for p in pools.values()]})  # the list's Dataset column
     for arm, res in comp.results.items():
         slug = arm.replace("+ ", "").replace(" ", "_").replace("-", "_")
         logger.metrics({f"{slug}.{k}": v[0] for k, v in res.mean_sem.items()})
@@ -329,7 +356,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     logger.artifact_bytes(picture.read_bytes(), picture.name)
     minutes = (time.time() - t0) / 60
     logger.metrics({"wall_minutes": minutes})
-    logger.finish()
     stages.update()
     stages.close()
     summary = {
@@ -337,8 +363,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         "contrasts": contrasts,
         "picture": str(picture),
         "minutes": minutes,
-        "mlflow_run_id": run_id,
+        "mlflow_run_id": logger.run_id,
         "tracking_uri": uri,
+        "ui": ui_link(uri, logger.run_id),
         "fidelity": fidelity.get("calibrated"),
         "held_out_sites": sorted(index.loc[index["split"] == "holdout", "tissue_source_site"].unique()),
     }
@@ -383,6 +410,6 @@ def format_summary(s: dict) -> str:
         f"real vs generated tiles per (type, site): {s['picture']}",
         f"wall time: {s['minutes']:.1f} min",
         f"MLflow: .venv/bin/mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1 "
-        "then open http://127.0.0.1:5000 (experiment medi-dist)",
+        f"then open {s.get('ui', 'http://127.0.0.1:5000')} (the demo's parent run, Model training mode)",
     ]
     return "\n".join(lines)

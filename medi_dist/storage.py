@@ -66,7 +66,18 @@ def _gcs(pafs):
 def explain(e: Exception, uri: str) -> StorageError:
     """A pyarrow/cloud error as one line that says what to do."""
     msg = str(e)
-    if "NETWORK_CONNECTION" in msg or "Could not connect" in msg or "Couldn't resolve host" in msg:
+    if "OAuth2 access token" in msg or "UNAUTHENTICATED" in msg:  # gs://: google-cloud-cpp's credential errors
+        reason = msg.split("The underlying error message was: ", 1)[-1].split(" error_info=")[0]
+        reason = reason.split(". ")[0].split("\n")[0][:300]
+        where = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        fix = (
+            f"point GOOGLE_APPLICATION_CREDENTIALS (now {where}) at a valid service-account key file, "
+            "or unset it to use the node's workload identity"
+            if where
+            else "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or give the node workload identity"
+        )
+        what = f"cannot authenticate ({reason}); {fix}, then re-run"
+    elif "NETWORK_CONNECTION" in msg or "Could not connect" in msg or "Couldn't resolve host" in msg:
         var = "STORAGE_EMULATOR_HOST" if uri.startswith("gs://") else "AWS_ENDPOINT_URL"
         what = (
             f"cannot reach the object store at {_endpoint(uri=uri)}; check {var} (or the network, "
@@ -97,6 +108,33 @@ def explain(e: Exception, uri: str) -> StorageError:
     return StorageError(f"{uri}: {what}")
 
 
+def filesystem(uri: str | Path):
+    """(pyarrow filesystem, path in it) of a local path or an object-storage URI, as every reader and
+    writer here opens it (Ray Train's checkpoints too: trainer.py passes it as storage_filesystem, since
+    pyarrow's own `from_uri` ignores STORAGE_EMULATOR_HOST); StorageError for a bad URI or credentials."""
+    import pyarrow.fs as pafs
+
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), str(local_path(uri).resolve())
+    uri = str(uri).rstrip("/")
+    try:
+        if uri.startswith("gs://") and "?" not in uri:
+            return _gcs(pafs), uri[len("gs://") :]
+        fs, root = pafs.FileSystem.from_uri(uri)
+        if isinstance(fs, pafs.S3FileSystem) and "?" not in uri:
+            # the same bucket region and endpoint, with more patience for busy servers
+            fs = pafs.S3FileSystem(
+                region=fs.region,
+                endpoint_override=_endpoint(None),
+                connect_timeout=10,
+                request_timeout=60,
+                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=4),
+            )
+        return fs, root
+    except Exception as e:  # unknown scheme, bad URI, unreadable credentials
+        raise explain(e, uri) from None
+
+
 class Folder:
     """A folder `uri` on some filesystem; names below it are '/'-separated relative paths."""
 
@@ -105,25 +143,7 @@ class Folder:
 
         self._pafs = pafs
         self.uri = str(uri).rstrip("/") or "/"
-        if is_remote(uri):
-            try:
-                if self.uri.startswith("gs://") and "?" not in self.uri:
-                    self.fs, self.root = _gcs(pafs), self.uri[len("gs://") :]
-                else:
-                    self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
-                if isinstance(self.fs, pafs.S3FileSystem) and "?" not in self.uri:
-                    # the same bucket region and endpoint, with more patience for busy servers
-                    self.fs = pafs.S3FileSystem(
-                        region=self.fs.region,
-                        endpoint_override=_endpoint(None),
-                        connect_timeout=10,
-                        request_timeout=60,
-                        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=4),
-                    )
-            except Exception as e:  # unknown scheme, bad URI
-                raise explain(e, self.uri) from None
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), str(local_path(uri).resolve())
+        self.fs, self.root = filesystem(uri)
         self.remote = is_remote(uri)
 
     def path(self, rel: str = "") -> str:
@@ -135,11 +155,13 @@ class Folder:
     def _call(self, rel: str, fn, *args):
         if not self.remote:  # local errors keep their type and errno (disk full, permissions)
             return fn(*args)
+        from pyarrow import ArrowException
+
         try:
             return fn(*args)
         except FileNotFoundError:
             raise
-        except OSError as e:
+        except (OSError, ArrowException) as e:  # GCS credential errors are ArrowInvalid
             raise explain(e, self.uri_of(rel) if rel else self.uri) from None
 
     def check_bucket(self) -> None:

@@ -1,7 +1,12 @@
-"""MLflow: the default store (a sqlite file in the working directory), run lookup by name, artifacts.
+"""MLflow: the default store (a sqlite file in the working directory), run lookup by name, artifacts,
+parent runs for user-level jobs, dataset inputs and system metrics.
 
 Workers log through `MlflowClient` with an explicit run id, so only rank 0 writes and a resumed job
 keeps writing into the same MLflow run. `MLFLOW_TRACKING_URI` points everything at a server.
+
+A user-level job is one parent run: `job()` (the demo) makes every run created inside its block a
+child; `MEDI_DIST_PARENT_RUN=NAME` (or `--parent-run NAME`) does the same across separate commands
+(train, generate, evaluate), the parent running from its first stage's start to its last stage's end.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,14 @@ log = logging.getLogger("medi_dist.tracking")
 
 DEFAULT_EXPERIMENT = "medi-dist"
 RUN_NAME_TAG = "medi_dist.run_name"
+KIND_TAG = "medi_dist.kind"
+PARENT_TAG = "mlflow.parentRunId"
+PARENT_ENV = "MEDI_DIST_PARENT_RUN"  # name of a user-level job run that the runs of this process join
+# The experiment's kind as MLflow records it: "Model training" (server JS: CUSTOM_MODEL_DEVELOPMENT).
+# MLflow 3.17.2's UI stores it but picks its mode from the browser or ?workflowType= (see ui_link).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+_job_parent: str | None = None  # run id of the job() block this process is in
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -51,9 +67,13 @@ def client(uri: str | None = None):
 
 def experiment_id(c, name: str = DEFAULT_EXPERIMENT) -> str:
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return c.create_experiment(name, artifact_location=artifact_root(c.tracking_uri))
+    if exp is None:
+        return c.create_experiment(
+            name, artifact_location=artifact_root(c.tracking_uri), tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+        )
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made before this tag (or by someone else): a user's choice stays
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return exp.experiment_id
 
 
 def find_or_create_run(
@@ -66,9 +86,10 @@ def find_or_create_run(
     wait_s: float | None = None,
 ) -> str:
     """The run tagged with `key` (default: the run name), so a resumed job keeps its run, or a new one.
-    A server that is down or restarting is retried with backoff for up to `wait_s` (default
-    run_wait_s()); then TrackingUnavailable. Found by its tag on every try, so a create whose answer
-    was lost is not made twice."""
+    Without `parent_run_id` the run joins the current job (`job()` or $MEDI_DIST_PARENT_RUN), if any; a
+    resumed run moves to the job that resumes it. A server that is down or restarting is retried with
+    backoff for up to `wait_s` (default run_wait_s()); then TrackingUnavailable. Found by its tag on
+    every try, so a create whose answer was lost is not made twice."""
     return retrying(
         lambda: _find_or_create_run(uri, run_name, experiment, tags, parent_run_id, key),
         f"creating MLflow run {run_name!r}",
@@ -80,14 +101,202 @@ def find_or_create_run(
 def _find_or_create_run(uri, run_name, experiment, tags, parent_run_id, key) -> str:
     c = client(uri)
     exp = experiment_id(c, experiment)
+    parent_run_id = parent_run_id or current_parent(uri, experiment)
     key = key or run_name
     found = c.search_runs([exp], filter_string=f"tags.`{RUN_NAME_TAG}` = '{key}'", max_results=1)
     if found:
-        return found[0].info.run_id
-    tags = {RUN_NAME_TAG: key, **(tags or {})}
+        run_id = found[0].info.run_id
+        if parent_run_id and parent_run_id != run_id and found[0].data.tags.get(PARENT_TAG) != parent_run_id:
+            c.set_tag(run_id, PARENT_TAG, parent_run_id)
+        return run_id
+    return new_run(c, exp, run_name, {RUN_NAME_TAG: key, **(tags or {})}, parent_run_id)
+
+
+def new_run(c, exp: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """A run with MLflow's context tags (user, source command, git commit), as the fluent API sets them."""
+    from mlflow.tracking.context.registry import resolve_tags
+
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    return c.create_run(exp, run_name=run_name, tags=tags).info.run_id
+        tags = {**tags, PARENT_TAG: parent_run_id}
+    return c.create_run(exp, run_name=run_name, tags=resolve_tags(tags)).info.run_id
+
+
+def ui_link(uri: str, run_id: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """A UI address that opens in "Model training" mode: MLflow 3.17's UI takes the mode from the
+    browser (its GenAI | Model training switch, GenAI until switched) or this URL parameter, not
+    from the experiment tag."""
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"  # `mlflow ui` on a local store
+    exp = client(uri).get_experiment_by_name(experiment)
+    where = f"/runs/{run_id}" if run_id else ""
+    return f"{base}/#/experiments/{exp.experiment_id if exp else 0}{where}?workflowType=machine_learning"
+
+
+def adopt_run(uri: str, key: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
+    """The run tagged with `key`, made a child of the current job (a stage done by an earlier job
+    that this one reuses, e.g. a demo's finished training); None when there is no such run."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    found = exp and c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{key}'", max_results=1)
+    if not found:
+        return None
+    return find_or_create_run(uri, found[0].info.run_name, experiment, key=key)
+
+
+def current_parent(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
+    """The run id of the job this process works for: a `job()` block, else the run named by
+    $MEDI_DIST_PARENT_RUN (created by the first stage, set RUNNING again by each later one)."""
+    if _job_parent:
+        return _job_parent
+    name = os.environ.get(PARENT_ENV)
+    if not name:
+        return None
+    c = client(uri)
+    exp = experiment_id(c, experiment)
+    found = c.search_runs([exp], filter_string=f"tags.`{RUN_NAME_TAG}` = 'job/{name}'", max_results=1)
+    if found:
+        c.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    return new_run(c, exp, name, {RUN_NAME_TAG: f"job/{name}", KIND_TAG: "job"})
+
+
+@contextmanager
+def ended_as(log: RunLogger) -> Iterator[RunLogger]:
+    """End the run with the block: FINISHED, KILLED on Ctrl-C, FAILED on an error."""
+    try:
+        yield log
+    except KeyboardInterrupt:
+        log.finish("KILLED")
+        raise
+    except BaseException:
+        log.finish("FAILED")
+        raise
+    log.finish()
+
+
+def _new_keyed_run(uri: str, name: str, kind: str, experiment: str, parent: Callable[[], str | None]) -> str:
+    """A new run under a key made once (`name`/random), created with find_or_create_run's retries:
+    a create whose answer was lost is found by its key on the next try, not made twice."""
+    key = f"{name}/{uuid.uuid4().hex[:8]}"
+
+    def create() -> str:
+        c = client(uri)
+        exp = experiment_id(c, experiment)
+        found = c.search_runs([exp], filter_string=f"tags.`{RUN_NAME_TAG}` = '{key}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        return new_run(c, exp, name, {RUN_NAME_TAG: key, KIND_TAG: kind}, parent())
+
+    return retrying(create, f"creating MLflow run {name!r}", uri)
+
+
+@contextmanager
+def job(uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[RunLogger]:
+    """A user-level job's parent run, from the start of the block to its end; every run created in
+    this process meanwhile (find_or_create_run, stage) is its child."""
+    global _job_parent
+    log = RunLogger(uri, _new_keyed_run(uri, name, kind, experiment, lambda: None))
+    previous, _job_parent = _job_parent, log.run_id
+    try:
+        with ended_as(log):
+            yield log
+    finally:
+        _job_parent = previous
+
+
+@contextmanager
+def stage(
+    uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT, system_metrics: bool = False
+) -> Iterator[RunLogger]:
+    """A new run for one stage (generate, evaluate), lasting as long as the block; a child of the current job."""
+    log = RunLogger(uri, _new_keyed_run(uri, name, kind, experiment, lambda: current_parent(uri, experiment)))
+    with ended_as(log), system_metrics_logged(log, system_metrics):
+        yield log
+
+
+@contextmanager
+def system_metrics_logged(log: RunLogger, on: bool = True) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk, network, GPU when there is one) of this machine,
+    every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10) while the block runs, and once
+    at its end. MLflow's collectors and names (system/..., its System metrics tab), sent through the
+    run's retrying sender: MLflow's own monitor stops for good at the first request an outage fails."""
+    if not on:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # never started; without a run (server down at creation) its points go to the spill file from 0
+    monitor = SystemMetricsMonitor(log.run_id, resume_logging=log.run_id is not None, tracking_uri=log.uri)
+    stop = threading.Event()
+
+    def sample(step: int) -> None:
+        monitor.collect_metrics()
+        values = monitor.aggregate_metrics()
+        for m in monitor.monitors:
+            m.clear_metrics()
+        try:
+            log.metrics({f"system/{k}": v for k, v in values.items()}, step)
+        except Exception as e:  # noqa: BLE001 - refused by the server: the job goes on
+            logging.getLogger(__name__).warning("system metrics of run %s not logged: %s", log.run_id, e)
+
+    def loop() -> None:
+        step = getattr(monitor, "_logging_step", 0)  # after the points of an earlier (resumed) attempt
+        monitor.collect_metrics()  # CPU use is measured from one sample to the next
+        for m in monitor.monitors:
+            m.clear_metrics()
+        last = time.time()
+        while not stop.wait(monitor.sampling_interval):
+            sample(step)
+            step, last = step + 1, time.time()
+        if time.time() - last >= 1.0:  # the block's last stretch (a short block: its only point)
+            sample(step)
+
+    thread = threading.Thread(target=loop, name="mlflow-system-metrics", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def dataset_digest(manifest: dict) -> str:
+    """A dataset's digest from the shard sha256s its dataset.json records (nothing is re-read)."""
+    import hashlib
+
+    shards = sorted(f"{s['path']}:{s['sha256']}" for s in manifest["shards"])
+    return hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16]  # MLflow keeps 36 characters
+
+
+def log_datasets(log: RunLogger, datasets: dict[str, str | list[str]]) -> None:
+    """Dataset inputs: context (e.g. training, synthetic, evaluation) -> dataset dir(s); each is
+    named by its folder, with its digest, tile count and condition columns."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import ColSpec, Schema
+
+    from .data.shards import load_manifest
+
+    inputs = []
+    for context, roots in datasets.items():
+        for root in [roots] if isinstance(roots, (str, Path)) else roots:
+            m = load_manifest(root)
+            schema = Schema(
+                [ColSpec("string", c) for c in m.get("categorical", [])]
+                + [ColSpec("double", c) for c in m.get("continuous", [])]
+            )
+            path = str(root) if "://" in str(root) else str(Path(root).resolve())
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path, either way
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(path)
+            ds = MetaDataset(source, name=Path(path).name, digest=dataset_digest(m), schema=schema)
+            inputs.append(
+                DatasetInput(
+                    ds._to_mlflow_entity(),
+                    [InputTag("mlflow.data.context", context), InputTag("medi_dist.tiles", str(m["tiles"]))],
+                )
+            )
+    log.inputs(inputs)
 
 
 # Outages: how long a caller waits for a call before leaving it queued, the longest pause between
@@ -100,7 +309,7 @@ TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_E
 
 
 class TrackingUnavailable(RuntimeError):
-    """The tracking server stayed unreachable for the whole wait."""
+    """The tracking server stayed unreachable for the whole wait (run creation, RunLogger.call)."""
 
 
 def run_wait_s() -> float:
@@ -144,6 +353,12 @@ class _Call:
     def __init__(self, kind: str, payload: dict):
         self.kind, self.payload, self.error = kind, payload, None
         self.done = threading.Event()
+        self.result: Any = None  # what the call returned (RunLogger.call)
+        self.cancelled = False  # its caller stopped waiting (RunLogger.call): dropped, not sent
+
+    @property
+    def what(self) -> str:
+        return self.payload.get("what", self.kind)
 
 
 class RunLogger:
@@ -182,20 +397,46 @@ class RunLogger:
 
     def _send(self, kind: str, **payload) -> None:
         call = _Call(kind, payload)
+        backlog = self._enqueue(call)
+        if not backlog and call.done.wait(WAIT_S) and call.error is not None:
+            raise call.error  # refused by a reachable server (a bad value): the caller's mistake, as before
+
+    def _enqueue(self, call: _Call) -> bool:
+        """Queue `call` for the sender; True when calls were waiting before it (an outage)."""
         with self._cv:
             backlog = bool(self._queue)
             self._queue.append(call)
             if self.run_id is None:  # no run to send to: kept for the spill file
                 if len(self._queue) == 1:
                     atexit.register(self.flush)
-                return
+                return True  # nothing to wait for
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
                 self._thread.start()
                 atexit.register(self.flush)  # a process that ends without finish() still delivers
             self._cv.notify()
-        if not backlog and call.done.wait(WAIT_S) and call.error is not None:
-            raise call.error  # refused by a reachable server (a bad value): the caller's mistake, as before
+        return backlog
+
+    def call(self, what: str, fn: Callable[[Any], Any], timeout: float | None = None) -> Any:
+        """`fn(client)` through the sender, after every call queued before it and retried like them
+        while the server is unreachable (for calls that must finish before the caller goes on, e.g.
+        uploading a folder that is removed afterwards): its result, or the error of a server that
+        refused it. Past `timeout` (FINAL_WAIT_S) the call is dropped and TrackingUnavailable raised;
+        at once when there is no run (the server was down when it was to be created)."""
+        if self.run_id is None:
+            raise TrackingUnavailable(
+                f"MLflow at {self.uri}: no run (the server was down when it was to be created): {what} not done"
+            )
+        call = _Call("call", {"what": what, "fn": fn})
+        self._enqueue(call)
+        wait = FINAL_WAIT_S if timeout is None else timeout
+        if not call.done.wait(wait):
+            call.cancelled = True
+            if not call.done.is_set():
+                raise TrackingUnavailable(f"MLflow at {self.uri} unreachable for {wait:.0f} s: {what} not done")
+        if call.error is not None:
+            raise call.error
+        return call.result
 
     def _run(self) -> None:
         delay = 1.0
@@ -204,8 +445,14 @@ class RunLogger:
                 while not self._queue:
                     self._cv.wait()
                 call = self._queue[0]
+            if call.cancelled:  # its caller gave up on it: nothing to deliver
+                with self._cv:
+                    self._queue.popleft()
+                    self._cv.notify_all()
+                call.done.set()
+                continue
             try:
-                self._do(call.kind, **call.payload)
+                call.result = self._do(call.kind, **call.payload)
             except Exception as e:  # noqa: BLE001 - a logging failure must not end the job
                 if transient(e):
                     self.retries += 1
@@ -220,7 +467,7 @@ class RunLogger:
                     delay = min(delay * 2, BACKOFF_MAX_S)
                     continue
                 call.error = e
-                log.warning("MLflow refused %s for run %s: %s", call.kind, self.run_id, e)
+                log.warning("MLflow refused %s for run %s: %s", call.what, self.run_id, e)
             delay = 1.0
             with self._cv:
                 if self._queue and self._queue[0] is call:  # not already spilled by flush()
@@ -228,7 +475,7 @@ class RunLogger:
                 self._cv.notify_all()
             call.done.set()
 
-    def _do(self, kind: str, **p) -> None:
+    def _do(self, kind: str, **p) -> Any:
         from mlflow.entities import Metric, Param
 
         c = self.c
@@ -249,8 +496,15 @@ class RunLogger:
                 c.log_artifact(self.run_id, str(f), p["folder"])
         elif kind == "status":
             c.update_run(self.run_id, status=p["status"])
+        elif kind == "inputs":
+            c.log_inputs(self.run_id, datasets=[_dataset_input(d) for d in p["datasets"]])
+        elif kind == "call":
+            return p["fn"](c)
         elif kind == "terminated":
             c.set_terminated(self.run_id, p["status"])
+            parent = c.get_run(self.run_id).data.tags.get(PARENT_TAG)
+            if parent and c.get_run(parent).data.tags.get(KIND_TAG) == "job":  # a named job ends with its last stage
+                c.set_terminated(parent, p["status"])
 
     def flush(self, timeout: float | None = None) -> str | None:
         """Wait for every queued call (up to FINAL_WAIT_S); what is left leaves the queue for a
@@ -269,7 +523,7 @@ class RunLogger:
         lines = "".join(
             json.dumps({"run_id": self.run_id, "kind": call.kind, **call.payload}, default=str) + "\n"
             for call in left
-            if call.kind != "artifact"  # artifacts are counted, not copied
+            if call.kind not in ("artifact", "call")  # artifacts and uploads are counted, not copied
         )
         name = f"medi-dist-mlflow-{self.run_id or 'no-run'}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         spill = write_spill(self.spill_dir, name, lines)
@@ -285,7 +539,7 @@ class RunLogger:
             why,
             len(left),
             self.run_id,
-            sum(c.kind == "artifact" for c in left),
+            sum(c.kind in ("artifact", "call") for c in left),
             spill,
         )
         return spill
@@ -315,9 +569,21 @@ class RunLogger:
     def status(self, status: str) -> None:
         self._send("status", status=status)
 
+    def inputs(self, datasets: list) -> None:
+        """Dataset inputs (mlflow.entities.DatasetInput), as log_datasets builds them; queued as plain
+        dicts, so a spilled call is JSON and upload_spills sends it as it was."""
+        self._send("inputs", datasets=[d.to_dictionary() for d in datasets])
+
     def finish(self, status: str = "FINISHED") -> None:
-        self._send("terminated", status=status)
+        self._send("terminated", status=status)  # a named job's parent run ends with it (see _do)
         self.flush()
+
+
+def _dataset_input(d: dict):
+    """A DatasetInput from its to_dictionary() form (MLflow's from_dictionary does not read that back)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return DatasetInput(Dataset.from_dictionary(d["dataset"]), [InputTag(k, v) for k, v in d["tags"].items()])
 
 
 # -- calls that could not be delivered: a JSON-lines file each, uploaded when the server is back --------
@@ -327,7 +593,9 @@ def _fs(folder: str):
     """(pyarrow filesystem, path) of a local folder or an object-storage URI."""
     import pyarrow.fs as pafs
 
-    return pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+    from .storage import filesystem
+
+    return filesystem(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
 
 
 def write_spill(folder: str | None, name: str, text: str) -> str:

@@ -21,19 +21,25 @@ def object_store(tmp_path_factory):
 
     store = objstore.start(tmp_path_factory.mktemp("objstore"))
     env = {**store.env(), "MEDI_DIST_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield store
+    with objstore.environment(env):
+        yield store
     store.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(object_store):
+def gcs(tmp_path_factory):
+    """A GCS emulator on 127.0.0.1 (tests/objstore.py) with one bucket, named by
+    STORAGE_EMULATOR_HOST before the session's Ray cluster starts, as on every node of a cluster."""
+    import objstore
+
+    emu = objstore.start_gcs(tmp_path_factory.mktemp("gcs"))
+    with objstore.environment(emu.env()):
+        yield emu
+    emu.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(object_store, gcs):
     import ray
 
     # 4 logical CPUs on 2 cores: Train workers and Ray Data tasks each get an explicit slice.

@@ -1,4 +1,4 @@
-"""`medi-dist demo --out s3://…`: the demo runs in a local staging folder and its output is
+"""`medi-dist demo --out s3://…` (and gs://): the demo runs in a local staging folder and its output is
 uploaded to the bucket at the end, results.json last (medi_dist/demo_storage.py). The demo itself
 is replaced by a stand-in that writes a demo-shaped folder: a real demo takes minutes."""
 
@@ -14,6 +14,7 @@ import medi_dist.demo
 from medi_dist import cli
 from medi_dist.demo_storage import staging_dir
 from medi_dist.storage import Folder
+from objstore import one_line_error as _one_line
 
 
 def _fake_demo(calls: list, tag: str):
@@ -38,15 +39,13 @@ def _fake_demo(calls: list, tag: str):
     return run_demo
 
 
-def _one_line(capsys, *argv) -> str:
-    rc = cli.main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1, err
-    return err
+@pytest.fixture(params=["s3", "gs"])
+def store(request):
+    return request.getfixturevalue("object_store" if request.param == "s3" else "gcs")
 
 
-def test_demo_out_uri_uploads_the_output_markers_last(object_store, monkeypatch, capsys):
-    uri = object_store.uri("demo", "run")
+def test_demo_out_uri_uploads_the_output_markers_last(store, monkeypatch, capsys):
+    uri = store.uri("demo", "run")
     calls: list[Path] = []
     monkeypatch.setattr(medi_dist.demo, "run_demo", _fake_demo(calls, "first"))
     monkeypatch.setattr(medi_dist.demo, "format_summary", lambda s: f"summary {s['tag']}")
@@ -96,17 +95,17 @@ def test_demo_out_uri_uploads_the_output_markers_last(object_store, monkeypatch,
     assert json.loads(Folder(uri).read_bytes("results.json")) == {"tag": "second"}
 
 
-def test_demo_out_uri_refuses_what_is_not_a_demo_output(object_store, monkeypatch, capsys):
+def test_demo_out_uri_refuses_what_is_not_a_demo_output(store, monkeypatch, capsys):
     calls: list[Path] = []
     monkeypatch.setattr(medi_dist.demo, "run_demo", _fake_demo(calls, "x"))
-    ds = object_store.uri("demo", "a-dataset")
+    ds = store.uri("demo", "a-dataset")
     Folder(ds).write_bytes("dataset.json", b"{}")
     assert f"--out {ds} is a dataset directory, not a demo output" in _one_line(capsys, "demo", "--out", ds)
-    other = object_store.uri("demo", "other")
+    other = store.uri("demo", "other")
     Folder(other).write_bytes("notes.txt", b"mine")
     err = _one_line(capsys, "demo", "--out", other)
     assert f"--out {other} holds files that are not the demo's (notes.txt)" in err
-    err = _one_line(capsys, "demo", "--out", "s3://no-such-bucket/demo")
+    err = _one_line(capsys, "demo", "--out", f"{store.scheme}://no-such-bucket/demo")
     assert "bucket 'no-such-bucket' does not exist" in err
     assert calls == [] and Folder(other).files().keys() == {"notes.txt"}
 

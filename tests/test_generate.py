@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -481,8 +482,19 @@ def _cli() -> argparse.ArgumentParser:
     return parser
 
 
-def test_conditional_accuracy_above_chance_after_short_training(ray_cluster, trained_model, proc_dataset, capsys):
+def test_conditional_accuracy_above_chance_after_short_training(
+    ray_cluster, trained_model, proc_dataset, capsys, monkeypatch
+):
+    from medi_dist.evaluate import fidelity_job
     from medi_dist.tracking import client
+
+    reads: list[float] = []  # when the evaluation read tiles: its run must span that work
+
+    def timed_read(*a, **k):
+        reads.append(time.time())
+        return read_tiles(*a, **k)
+
+    monkeypatch.setattr(fidelity_job, "read_tiles", timed_read)
 
     model, tmp = trained_model
     out, fid, uri = tmp / "syn", tmp / "fidelity.json", f"sqlite:///{tmp / 'mlflow.db'}"
@@ -506,6 +518,8 @@ def test_conditional_accuracy_above_chance_after_short_training(ray_cluster, tra
             "64",
             "--batch-size",
             "64",
+            "--tracking-uri",
+            uri,
         ]
     )
     args.func(args)
@@ -547,3 +561,11 @@ def test_conditional_accuracy_above_chance_after_short_training(ray_cluster, tra
     assert run.data.metrics["unseen_type_accuracy"] == pytest.approx(ca["unseen"]["type_accuracy"])
     assert "fd_overall" in run.data.metrics and run.data.params["encoder"] == "random-conv"
     assert [a.path for a in client(uri).list_artifacts(run.info.run_id, "fidelity")] == ["fidelity/fidelity.json"]
+
+    # stage runs last as long as their work: opened before it starts, ended after it is done
+    assert run.info.status == "FINISHED" and len(reads) >= 2
+    assert run.info.start_time <= reads[0] * 1000 and run.info.end_time >= fid.stat().st_mtime * 1000
+    (gen,) = client(uri).search_runs([run.info.experiment_id], "tags.`medi_dist.kind` = 'generate'")
+    shards = sorted(p.stat().st_mtime * 1000 for p in out.glob("shards/*/*.tar"))
+    assert len(shards) == 2 and gen.info.status == "FINISHED"
+    assert gen.info.start_time <= shards[0] and gen.info.end_time >= (out / "dataset.json").stat().st_mtime * 1000

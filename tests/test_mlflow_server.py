@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -78,14 +79,21 @@ def stop_server(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
         proc.wait()
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@contextmanager
+def serve(tmp_path: Path):
+    """A real `mlflow server` on a free loopback port; yields (url, artifacts folder)."""
     port = free_port()
     proc = start_server(tmp_path, port)
     try:
         yield f"http://127.0.0.1:{port}", tmp_path / "server-artifacts"
     finally:
         stop_server(proc)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with serve(tmp_path) as server:
+        yield server
 
 
 def test_study_logs_to_mlflow_server(ray_cluster, mlflow_server, tmp_path, monkeypatch):
@@ -228,6 +236,68 @@ def test_tracking_outage_neither_ends_nor_loses_a_run(ray_cluster, proc_dataset,
         assert any(down * 1000 <= p["timestamp"] <= up * 1000 for p in loss), "no point was logged during the outage"
         info = requests.get(f"{api}/runs/get", params={"run_id": run_id}, timeout=10).json()["run"]["info"]
         assert info["status"] == "FINISHED"
+    finally:
+        stop_server(server)
+
+
+def test_model_upload_and_registration_wait_out_an_outage(proc_dataset, tmp_path, monkeypatch, caplog):
+    """The model logging at a training's end goes through the run's retrying sender: with the server
+    killed, a caller that gives up (FINAL_WAIT_S) gets a warning, not an error, and the queue is not
+    blocked by the dropped upload; a caller that waits sees the model uploaded and registered once
+    the server is back, as one version."""
+    from medi_dist import tracking
+    from medi_dist.config_loader import load_config
+    from medi_dist.metadata import ConditioningSpec
+    from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
+    from medi_dist.registry import MODEL_ARTIFACT, log_model_dir
+    from medi_dist.train.config import TrainConfig
+    from medi_dist.train.trainer import _log_model
+
+    spec = ConditioningSpec.load(proc_dataset / "vocab.json").subset(["cancer_type", "tissue_source_site"])
+    m = ConditionedUNet(ModelConfig.from_preset("tiny"), spec)
+    model = tmp_path / "model"
+    save_model_dir(model, m, EMA(m), extra_info={"name": "tiny", "dataset": str(proc_dataset)})
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # our retries only: fast attempts
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    try:
+        logger = tracking.RunLogger(url, tracking.find_or_create_run(url, "outage-model"))
+        logger.metrics({"loss": 1.0}, 0)
+        stop_server(server, signal.SIGKILL)
+
+        # 1. the trainer's step gives up after FINAL_WAIT_S: a warning naming the model directory
+        cfg = load_config(TrainConfig, None, [f"data.dataset={proc_dataset}", "run.name=outage-model"])
+        with monkeypatch.context() as mp:
+            mp.setattr(tracking, "FINAL_WAIT_S", 2.0)
+            mp.setattr(tracking, "WAIT_S", 1.0)
+            t0 = time.time()
+            _log_model(cfg, logger, model, model)
+            assert time.time() - t0 < 60
+        assert "was not logged to MLflow" in caplog.text and str(model) in caplog.text
+        assert "unreachable" in caplog.text
+
+        # 2. a caller that waits: done once the server is back, one version
+        done: dict = {}
+        t = threading.Thread(target=lambda: done.update(version=log_model_dir(logger, model, "outage-model")))
+        t.start()
+        time.sleep(3)
+        assert t.is_alive() and not done  # waiting for the server, not failed
+        server = start_server(tmp_path, port)
+        t.join(timeout=400)
+        assert done.get("version") == "1", done
+        assert logger.flush(120) is None
+        c = tracking.client(url)
+        assert [v.version for v in c.search_model_versions("name = 'outage-model'")] == ["1"]
+        exp = c.get_run(logger.run_id).info.experiment_id
+        (model,) = c.search_logged_models([exp], filter_string=f"name = '{MODEL_ARTIFACT}'")  # one, READY
+        assert model.source_run_id == logger.run_id and str(model.status) == "READY"
+        files = {a.path for a in c.list_logged_model_artifacts(model.model_id)}
+        assert "MLmodel" in files, files
+        run = c.get_run(logger.run_id)
+        assert run.data.tags["medi_dist.registered_model"] == "outage-model/1"
+        assert "medi_dist.model_logging_error" in run.data.tags  # step 1's note, delivered after the outage
+        assert [p.step for p in c.get_metric_history(logger.run_id, "loss")] == [0]
     finally:
         stop_server(server)
 

@@ -64,20 +64,16 @@ def two_nodes(object_store):
     )
     (Path(temp) / "gcs_port").write_text(env["GCS_PORT"])
     yield f"http://127.0.0.1:{dash}", temp
-    # Stop only this cluster's processes and their children (`ray stop` would also end the test
-    # session's own Ray instance).
+    # `stop` ends the processes of this cluster's temp root only (`ray stop` would also end the
+    # test session's own Ray instance).
+    r = subprocess.run(
+        ["bash", str(REPO / "cluster/local_multinode.sh"), "stop"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
     import psutil
 
-    roots = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
-    procs = {p for r in roots for p in [r, *r.children(recursive=True)] if p.pid != os.getpid()}
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(procs), timeout=10)
-    for p in alive:  # gcs_server ignores SIGTERM
-        p.kill()
+    left = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+    assert not left, left
 
 
 def _submit(address: str, args: list[str], working_dir: bool = False) -> subprocess.CompletedProcess:
@@ -154,8 +150,7 @@ def _readme_cluster_commands() -> list[list[str]]:
 
 
 def test_status_of_the_two_nodes(two_nodes):
-    """`cluster/local_multinode.sh status` (the script's `stop` is `ray stop`, which would end every
-    Ray instance of this user on the machine: the fixture ends only this cluster's processes)."""
+    """`cluster/local_multinode.sh status` (`start` and `stop` run in the fixture)."""
     address, temp = two_nodes
     env = {**os.environ, "RAY": RAY, "GCS_PORT": (Path(temp) / "gcs_port").read_text().strip()}
     env.pop("RAY_ADDRESS", None)

@@ -146,6 +146,8 @@ def _args(command: str, inputs: dict, out: Path) -> list[str]:
             "unseen-pairs",
             "--count",
             "4",
+            "--tracking-uri",
+            db,
         ],
         "tune": [
             "tune",

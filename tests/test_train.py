@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from medi_dist.config_loader import ConfigError, load_config
+from medi_dist.data.shards import load_manifest
 from medi_dist.metadata import UnknownValueError
 from medi_dist.model import encode_conditions, load_model_dir
-from medi_dist.tracking import client
+from medi_dist.tracking import client, dataset_digest
 from medi_dist.train.config import TrainConfig
 from medi_dist.train.trainer import train
 
@@ -42,10 +43,11 @@ def _loss_history(cfg, run_id):
 @pytest.fixture(scope="module")
 def two_worker_run(ray_cluster, proc_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train2")
-    cfg = _cfg(
-        proc_dataset, tmp, "two", steps=60, **{"run.num_workers": 2, "run.checkpoint_every": 30, "run.sample_every": 30}
-    )
-    return cfg, train(cfg)
+    over = {"run.num_workers": 2, "run.checkpoint_every": 30, "run.sample_every": 30, "run.system_metrics": "true"}
+    cfg = _cfg(proc_dataset, tmp, "two", steps=60, **over)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+        return cfg, train(cfg)
 
 
 def test_two_workers_end_in_sync_and_loss_falls(two_worker_run):
@@ -83,6 +85,19 @@ def test_mlflow_run_holds_params_metrics_and_sample_grid(two_worker_run):
         assert m in run.data.metrics, m
     arts = [a.path for a in c.list_artifacts(res.mlflow_run_id, "samples")]
     assert sum(p.endswith(".png") for p in arts) >= 2, arts  # step 30 (workers) and the final grid
+    # review: the dataset it read (digest from dataset.json), system metrics, the model as a registered pyfunc
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.digest == dataset_digest(load_manifest(cfg.data.dataset)) and ds.dataset.name == "proc"
+    assert {t.key: t.value for t in ds.tags}["mlflow.data.context"] == "training"
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+    (mv,) = c.search_model_versions("name = 'two'")
+    assert mv.run_id == res.mlflow_run_id and run.data.tags["medi_dist.registered_model"] == f"two/{mv.version}"
+    # an MLflow 3 logged model made by the run (its output), the version's source
+    (model,) = c.search_logged_models([run.info.experiment_id], filter_string="name = 'medi_model'")
+    assert model.source_run_id == res.mlflow_run_id and str(model.status) == "READY"
+    assert {"MLmodel", "artifacts"} <= {a.path for a in c.list_logged_model_artifacts(model.model_id)}
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    assert mv.source == model.artifact_location and f'"version": "{mv.version}"' in model.tags["mlflow.modelVersions"]
 
 
 def test_stopped_run_resumes_and_follows_uninterrupted_loss(ray_cluster, proc_dataset, tmp_path):
@@ -297,7 +312,7 @@ def test_relative_paths_are_refused_in_a_job_with_working_dir(monkeypatch, tmp_p
     assert (
         main(["generate", "--model", "runs/m/model", "--out", "/mnt/x", "--mode", "unseen-pairs", "--count", "1"]) == 2
     )
-    assert "--model=runs/m/model;" in capsys.readouterr().err
+    assert "--model=runs/m/model, --tracking-uri (default ./mlflow.db);" in capsys.readouterr().err
     assert (
         main(
             ["evaluate", "fidelity", "--real", "/mnt/r", "--synthetic", "syn", "--tracking-uri", "sqlite:///mlflow.db"]

@@ -88,7 +88,7 @@ def _downstream(args: argparse.Namespace) -> None:
 
 
 def _log_downstream(args, cmp, last) -> None:
-    from ..tracking import RunLogger, find_or_create_run, tracking_uri
+    from ..tracking import RunLogger, find_or_create_run, log_datasets, tracking_uri
     from .result_log import log_result
 
     uri = tracking_uri()
@@ -109,6 +109,7 @@ def _log_downstream(args, cmp, last) -> None:
     )
     real = cmp.results["real only"]
     log_result(log, last, "test", baseline=real if last is not real else None)
+    log_datasets(log, {"real": args.real, "synthetic": args.synthetic})
     log.artifact_bytes((cmp.table() + "\n").encode(), "table.txt")
     log.finish()
     print(f"MLflow run {args.mlflow_run!r} in {uri}; open it with `mlflow ui --backend-store-uri {uri}`")

@@ -50,6 +50,7 @@ def plan_from_args(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from ..registry import is_model_uri, resolve_model
     from .job import GenerateConfig, build_tasks, generate
     from .plan import PlanError, describe
     from .writer import SamplingSettings
@@ -60,7 +61,7 @@ def _generate(args: argparse.Namespace) -> None:
             "--dataset DIR (ground truth of a procedural dataset / a noise control)"
         )
     cfg = GenerateConfig(
-        model=args.model,
+        model=resolve_model(args.model, args.model_cache, args.tracking_uri) if args.model else None,
         reference=args.reference,
         out=args.out,
         plan=plan_from_args(args),
@@ -82,6 +83,10 @@ def _generate(args: argparse.Namespace) -> None:
         tiles_per_shard=args.tiles_per_shard,
         max_shards=args.max_shards,
         overwrite=args.overwrite,
+        log_mlflow=not args.no_mlflow,
+        tracking_uri=args.tracking_uri,
+        system_metrics=args.system_metrics,
+        model_uri=args.model if is_model_uri(args.model) else None,
     )
     if args.dry_run:
         tasks, rows, header, _ = build_tasks(cfg)
@@ -107,7 +112,16 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
         "write a synthetic dataset directory (same layout as ingest output, split 'train'). A re-run with the same "
         "arguments skips completed shards.",
     )
-    g.add_argument("--model", help="model directory (from `medi-dist train`)")
+    g.add_argument(
+        "--model",
+        help="model directory (from `medi-dist train`), or an MLflow model: "
+        "models:/NAME/VERSION (or NAME/latest, NAME@ALIAS) or runs:/RUN_ID/medi_model",
+    )
+    g.add_argument(
+        "--model-cache",
+        default="medi-dist-cache/models",
+        help="where models:/ and runs:/ models are downloaded (once; checked against their checksums)",
+    )
     g.add_argument(
         "--reference",
         choices=["oracle", "noise"],
@@ -164,5 +178,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("--max-shards", type=int, help="stop after this many new shards (re-run to finish)")
     g.add_argument("--overwrite", action="store_true", help="replace --out (even another plan's tiles)")
     g.add_argument("--dry-run", action="store_true", help="validate and print the plan; generate nothing")
+    m = g.add_argument_group("MLflow (a generation run: the model, its training run, the training data and the pool)")
+    m.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    m.add_argument("--system-metrics", action="store_true", help="also log CPU, memory and GPU use")
+    m.add_argument("--no-mlflow", action="store_true")
     g.set_defaults(func=_generate)
     return g

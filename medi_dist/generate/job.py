@@ -52,6 +52,10 @@ class GenerateConfig:
     max_shards: int | None = None  # stop after this many new shards (tests, preemption drills)
     overwrite: bool = False
     reference: str | None = None  # oracle | noise: a pool without a model, from `dataset` (reference.py)
+    log_mlflow: bool = False  # a generation run (a child of the current job, if any); the CLI turns it on
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or ./mlflow.db
+    system_metrics: bool = False
+    model_uri: str | None = None  # what the user named (models:/..., runs:/...) when `model` is its download
 
 
 @dataclass
@@ -319,7 +323,10 @@ def _pull(remote: Folder, local: Path) -> None:
 def generate(cfg: GenerateConfig) -> GenerateResult:
     from ..ray_setup import check_job_paths
 
-    check_job_paths({"--model": cfg.model, "--out": cfg.out, "--dataset": cfg.dataset})
+    check_job_paths(
+        {"--model": cfg.model, "--out": cfg.out, "--dataset": cfg.dataset},
+        {"--tracking-uri": cfg.tracking_uri} if cfg.log_mlflow else None,
+    )
     t0 = time.perf_counter()
     # On object storage the output is mirrored in a local folder: actors upload their shards, the
     # driver checks and finalizes the local copy and uploads the dataset files, dataset.json last.
@@ -343,6 +350,89 @@ def _generate(cfg: GenerateConfig, out: Path, remote: Folder | None, t0: float) 
         remote.delete_all()
     _prepare_out(out, header, cfg.overwrite, remote.uri if remote else None)
     pending = [t for t in tasks if not shard_complete(out, t)]
+    if pending and not cfg.reference:  # join Ray first: a cluster that cannot be joined is one line, no MLflow run
+        from ..ray_setup import ensure_ray
+
+        ensure_ray()
+    if not cfg.log_mlflow:
+        return _work(cfg, out, remote, tasks, pending, rows, header, spec, t0)
+    from ..tracking import log_datasets, stage, tracking_uri
+
+    name = remote.uri.rstrip("/").rsplit("/", 1)[-1] if remote else out.resolve().name
+    with stage(
+        tracking_uri(cfg.tracking_uri), f"generate-{name}", "generate", system_metrics=cfg.system_metrics
+    ) as log:
+        _log_start(log, cfg, header)  # the run starts before the first tile: its duration is the generation's
+        res = _work(cfg, out, remote, tasks, pending, rows, header, spec, t0)
+        log.metrics(
+            {
+                "tiles_planned": res.tiles,
+                "shards_generated": len(res.generated),
+                "seconds": res.seconds,
+                **{k: v for k, v in res.stats.items() if v == v},
+            }
+        )  # NaN when nothing was sampled
+        if res.complete:
+            log_datasets(log, {"generated": str(res.out)})
+    return res
+
+
+def _log_start(log, cfg: GenerateConfig, header: dict) -> None:
+    """Params, the model (and the training run that made it, linked in the run's description), the
+    training data the plan was read from."""
+    from ..tracking import log_datasets
+
+    info = read_model_info(local_copy(cfg.model))["info"] if cfg.model else {}  # a reference pool has no model
+    source = cfg.model_uri or header["model"]
+    log.params(
+        {
+            "model": source,
+            "model_id": header["model_id"],
+            "plan": header["plan"],
+            "sampling": header["sampling"],
+            "tiles": header["tiles"],
+            "workers": cfg.workers,
+            "reference": cfg.reference,
+        }
+    )
+    note = (
+        f"Tiles from model `{header['model_id']}` ({source})"
+        if cfg.model
+        else f"Reference pool `{header['model_id']}` ({cfg.reference}) from {source}"
+    )
+    train_run = info.get("mlflow_run_id")
+    if train_run:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            exp = log.c.get_run(train_run).info.experiment_id
+            note += f", trained in run [{train_run}](#/experiments/{exp}/runs/{train_run})"
+        except MlflowException:  # trained against another tracking server: the id alone
+            note += f", trained in run {train_run} (another tracking server)"
+        log.tags({"medi_dist.model_run_id": train_run})
+    log.tags(
+        {
+            "medi_dist.model_id": header["model_id"],
+            "medi_dist.generation": header["generation"],
+            "mlflow.note.content": note,
+        }
+    )
+    dataset = cfg.dataset or info.get("dataset")
+    if dataset and Folder(dataset).exists(MANIFEST):
+        log_datasets(log, {"training": dataset})
+
+
+def _work(
+    cfg: GenerateConfig,
+    out: Path,
+    remote: Folder | None,
+    tasks: list[dict],
+    pending: list[dict],
+    rows: list[PlanRow],
+    header: dict,
+    spec: ConditioningSpec,
+    t0: float,
+) -> GenerateResult:
     todo = pending if cfg.max_shards is None else pending[: cfg.max_shards]
     if pending:  # an incomplete directory must not read as a dataset (e.g. a shard was deleted)
         (out / MANIFEST).unlink(missing_ok=True)

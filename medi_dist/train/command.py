@@ -9,7 +9,7 @@ from .config import TrainConfig
 
 
 def _train(args: argparse.Namespace) -> None:
-    from ..tracking import tracking_uri
+    from ..tracking import tracking_uri, ui_link
 
     cfg = config_from_args(TrainConfig, args)  # fail fast, before heavy imports
     if cfg is None:
@@ -33,7 +33,11 @@ def _train(args: argparse.Namespace) -> None:
         print(f"model directory: {res.model_dir}")
     else:
         print(f"stopped early; run the same command again to resume run {cfg.run.name!r}")
-    print(f"MLflow run {res.mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri(cfg.run.tracking_uri)}`")
+    uri = tracking_uri(cfg.run.tracking_uri)
+    print(
+        f"MLflow run {res.mlflow_run_id}: `mlflow ui --backend-store-uri {uri}`, then "
+        f"{ui_link(uri, res.mlflow_run_id, cfg.run.experiment)}"
+    )
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:

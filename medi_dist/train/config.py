@@ -76,6 +76,9 @@ class RunSection:
     stop_after: int | None = None  # stop early (for tests / preemption drills); re-run to resume
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or ./mlflow.db
     experiment: str = "medi-dist"
+    system_metrics: bool = False  # MLflow system metrics (CPU, memory, GPU) of the driver's machine
+    log_model: bool = True  # the final model directory as an MLflow model (pyfunc) in the run
+    registered_model: str | None = None  # Model Registry name for it; default run.name ("": do not register)
 
 
 @dataclass

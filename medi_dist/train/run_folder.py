@@ -10,6 +10,7 @@ import uuid
 from dataclasses import asdict
 
 from ..paths import absolute, is_uri
+from ..storage import filesystem
 from ..tracking import flatten
 from .config import TrainConfig
 
@@ -52,8 +53,11 @@ class RunFolder:
         import pyarrow.fs as pafs
 
         self._pafs = pafs
-        self.fs, root = pafs.FileSystem.from_uri(storage) if is_uri(storage) else (pafs.LocalFileSystem(), storage)
-        self.path = f"{root.rstrip('/')}/{name}"
+        # the filesystem every medi-dist reader uses (a gs:// emulator, an S3 endpoint), given to Ray
+        # Train too (trainer.py): checkpoints and this record live in the same place
+        self.fs, root = filesystem(storage) if is_uri(storage) else (pafs.LocalFileSystem(), storage)
+        self.root = root.rstrip("/")
+        self.path = f"{self.root}/{name}"
         self.display = f"{storage.rstrip('/')}/{name}"
 
     def _file(self, name: str) -> str:
@@ -78,12 +82,15 @@ class RunFolder:
         self.fs.move(tmp, self._file(name))
 
     def checkpoint_dirs(self) -> list[str]:
-        sel = self._pafs.FileSelector(self.path, allow_not_found=True)
-        return sorted(
-            i.base_name
+        # from a recursive listing: a GCS emulator lists no "directories" (prefixes) one level down
+        sel = self._pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
+        n = len(self.path.rstrip("/")) + 1
+        tops = {
+            i.path[n:].split("/", 1)[0]
             for i in self.fs.get_file_info(sel)
-            if i.type == self._pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-        )
+            if "/" in i.path[n:] or i.type == self._pafs.FileType.Directory
+        }
+        return sorted(t for t in tops if t.startswith("checkpoint_"))
 
     def remove_file(self, name: str) -> None:
         self.fs.delete_file(self._file(name))

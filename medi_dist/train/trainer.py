@@ -20,7 +20,15 @@ from ..model import ModelConfig
 from ..paths import absolute
 from ..ray_setup import check_job_paths, check_resource, ensure_ray
 from ..storage import is_remote, upload_folder
-from ..tracking import RunLogger, TrackingUnavailable, find_or_create_run, tracking_uri, upload_spills
+from ..tracking import (
+    RunLogger,
+    TrackingUnavailable,
+    find_or_create_run,
+    log_datasets,
+    system_metrics_logged,
+    tracking_uri,
+    upload_spills,
+)
 from .config import TrainConfig
 from .lease import RunLease
 from .loop import WorkerConfig, train_worker
@@ -175,6 +183,26 @@ def train(cfg: TrainConfig) -> TrainResult:
         return _train_leased(cfg, storage, folder)
 
 
+def _log_model(cfg: TrainConfig, logger: RunLogger, model_dir: Path, out: Path | str) -> None:
+    """The finished model as an MLflow model of the run, registered as run.registered_model (default
+    run.name). The training is done and its model directory written: a tracking server that stays
+    down (or refuses) costs the MLflow copy only, with a warning that says so."""
+    from ..registry import log_model_dir
+
+    name = cfg.run.name if cfg.run.registered_model is None else cfg.run.registered_model
+    try:
+        log_model_dir(logger, model_dir, name or None)
+    except Exception as e:  # noqa: BLE001 - the model directory is the result; MLflow holds a copy
+        log.warning(
+            "training %r finished, but its model was not logged to MLflow (%s); the model directory "
+            "is complete and usable as --model: %s",
+            cfg.run.name,
+            str(e).splitlines()[0][:300] if str(e) else type(e).__name__,
+            out,
+        )
+        logger.tags({"medi_dist.model_logging_error": str(e)[:500]})
+
+
 def _preflight(cfg: TrainConfig) -> None:
     verify_shards(cfg.data.dataset, cfg.data.splits)  # a wrong path fails before Ray starts
     if ensure_ray():  # a fixed local cluster: check CPUs and GPUs (an autoscaler would add nodes)
@@ -220,6 +248,7 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
     logger = RunLogger(uri, run_id, spill_dir)
     logger.params({**asdict(cfg), "model_config": mcfg.to_dict()})
     logger.status("RUNNING")  # again, after an interrupted (KILLED) start
+    log_datasets(logger, {"training": cfg.data.dataset})
     if run_id and record.get("mlflow_run_id") != run_id:
         record["mlflow_run_id"] = run_id
         folder.write_json(RUN_FILE, record)
@@ -239,13 +268,17 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
         dataset_config=DataConfig(execution_options=stream.ingest_options()),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=storage,
+            # object storage: the filesystem medi-dist opens (RunFolder), as Ray's own GCS client
+            # ignores STORAGE_EMULATOR_HOST; storage_path is then a path in it
+            storage_path=folder.root if is_remote(storage) else storage,
+            storage_filesystem=folder.fs if is_remote(storage) else None,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
     )
     try:
-        result = fit(trainer)
+        with system_metrics_logged(logger, cfg.run.system_metrics):
+            result = fit(trainer)
     except Interrupted:
         logger.finish("KILLED")
         _deliver_spills(uri, cfg, run_key, run_id, spill_dir, wait_s=0)
@@ -266,8 +299,12 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
                 if out.exists():
                     shutil.rmtree(out)
                 tmp.rename(out)
-        out = out if is_remote(out) else out.resolve()
-        logger.tags({"medi_dist.model_dir": str(out)})
+            out = out if is_remote(out) else out.resolve()
+            logger.tags({"medi_dist.model_dir": str(out)})
+            # from a local copy: the checkpoint's (object storage) or the output folder, which stays,
+            # so without a run yet (server down at the start) it is logged once the run is made below
+            if cfg.run.log_model and (logger.run_id or is_remote(out)):
+                _log_model(cfg, logger, Path(d) / "model" if is_remote(out) else out, out)
         logger.finish()
         # a re-run with steps <= this step returns at once instead of restarting Ray Train
         record["finished"] = {"step": metrics["step"], "model_dir": str(out)}
@@ -278,6 +315,10 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
     if run_id and record.get("mlflow_run_id") != run_id:
         record["mlflow_run_id"] = run_id
         folder.write_json(RUN_FILE, record)
+    if out is not None and cfg.run.log_model and logger.run_id is None and not is_remote(out):
+        late = RunLogger(uri, run_id, spill_dir)  # still None: _log_model warns that it was not logged
+        _log_model(cfg, late, out, out)
+        late.flush()
     return TrainResult(out, metrics, run_id, skipped)
 
 

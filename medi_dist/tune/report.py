@@ -31,7 +31,7 @@ def _audit(audit_dir: Path, name: str) -> None:
 def prepare(cfg, base: DownstreamConfig, encoder, uri: str, parent: str, audit_dir: Path) -> dict:
     """Warm the feature cache (train, val, pools) once, so parallel trials do not all encode, and
     score real-only on val: the reference for every trial's per-site plot. Returns site -> score."""
-    from ..tracking import RunLogger, find_or_create_run
+    from ..tracking import RunLogger, find_or_create_run, log_datasets
 
     AUDIT.reset()
     inputs = load_inputs(base, encoder, [absolute(p) for p in cfg.space.pools])
@@ -41,6 +41,7 @@ def prepare(cfg, base: DownstreamConfig, encoder, uri: str, parent: str, audit_d
     )
     log = RunLogger(uri, run)
     log.params({"ratio": 0.0, "classifier": base.classifier, "seeds": base.seeds})
+    log_datasets(log, {"real": base.real})
     log_result(log, res, "val")
     log.finish()
     _audit(audit_dir, "prepare")

@@ -183,7 +183,7 @@ def _trials_table(grid, n_seeds: int) -> pd.DataFrame:
 
 def run_study(cfg: StudyConfig) -> StudyResult:
     from ..ray_setup import check_job_paths, ensure_ray
-    from ..tracking import RunLogger, find_or_create_run, tracking_uri
+    from ..tracking import RunLogger, find_or_create_run, log_datasets, tracking_uri
     from .report import finish_trials, log_test, prepare
 
     check_job_paths(
@@ -205,6 +205,7 @@ def run_study(cfg: StudyConfig) -> StudyResult:
     parent = find_or_create_run(uri, cfg.name, cfg.experiment, {"medi_dist.kind": "tune-study"})
     plog = RunLogger(uri, parent)
     plog.params({"study": asdict(cfg)})
+    log_datasets(plog, {"real": absolute(cfg.real), "synthetic": [absolute(p) for p in cfg.space.pools]})
     base = base_config(cfg)
     baseline = prepare(cfg, base, encoder, uri, parent, audit_dir)
     ctx = TrialContext(

@@ -113,7 +113,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     import torch
     from ray import tune
 
-    from ..tracking import RunLogger, find_or_create_run
+    from ..tracking import RunLogger, find_or_create_run, log_datasets
 
     torch.set_num_threads(ctx.threads)  # several trials share the cores; extra threads only spin
     start, trial_id = time.time(), tune.get_context().get_trial_id()
@@ -139,6 +139,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             **pool_info(pool),
         }
     )
+    log_datasets(log, {"real": cfg.real, "synthetic": cfg.synthetic})
     runs = []
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # resumed: keep the seeds already done
