@@ -54,18 +54,63 @@ def _start_executions_at_full_width(interval_s: float = 0.1) -> None:
     the cluster autoscaler's first answer (an async actor call) is not back when the resource
     manager first reads it, and the manager re-reads it only after `GLOBAL_LIMITS_UPDATE_INTERVAL_S`
     = 1 s. Until then it admits one read task at a time (timeline of the 3,000-tile benchmark: one
-    task for the first ~1 s of each 2 s pass, on 2 CPUs). Re-reading every 0.1 s costs one small
-    actor call per 0.1 s. Applied wherever this module is imported: the driver, and Ray Train's
-    split coordinator (which imports it to unpickle the TileShards datasource)."""
+    task for the first ~1 s of each 2 s pass, on 2 CPUs). Each resource manager re-reads its limits
+    every `interval_s` only until they are first non-zero, then every 1 s as Ray does (a fast
+    refresh for the whole execution asks the autoscaling coordinator actor 10x as often, ~1.5
+    CPU-s in one 8.5 s pass on the shared 2-core machine). Applied wherever this module is
+    imported: the driver, and Ray Train's split coordinator (which imports it to unpickle the
+    TileShards datasource)."""
     try:
         from ray.data._internal.execution.resource_manager import ResourceManager
     except ImportError:  # a Ray without this class: nothing to do
         return
-    if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > interval_s:
-        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = interval_s
+    original = ResourceManager.get_global_limits
+    if getattr(original, "_medi_dist_fast_until_known", False) or not hasattr(
+        ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S"
+    ):
+        return
+
+    @functools.wraps(original)
+    def get_global_limits(self):
+        if self.__dict__.get("_medi_dist_limits_known"):
+            return original(self)
+        # An instance attribute shadows the class's interval while the limits are still unknown.
+        self.GLOBAL_LIMITS_UPDATE_INTERVAL_S = min(interval_s, type(self).GLOBAL_LIMITS_UPDATE_INTERVAL_S)
+        limits = original(self)
+        if limits.cpu > 0 or limits.object_store_memory > 0:
+            self._medi_dist_limits_known = True
+            del self.GLOBAL_LIMITS_UPDATE_INTERVAL_S  # back to Ray's interval for the rest of the execution
+        return limits
+
+    get_global_limits._medi_dist_fast_until_known = True
+    ResourceManager.get_global_limits = get_global_limits
 
 
 _start_executions_at_full_width()
+
+
+def _free_finished_tasks_promptly() -> None:
+    """Ray Data 2.60's scheduling loop hands a finished read task's CPU to the next task late: by
+    default it fetches a finished block's metadata on a background thread, so the task counts as
+    done (its CPU free) only at the loop step after the one that saw it finish, and each step
+    waits (`ray.wait`) for *all* running tasks or 0.1 s. With two tasks of ~0.2 s on two CPUs the
+    workers sat idle 0.02-0.3 s between tasks (1.3 of 2 cores busy at 12,000 tiles). We fetch the
+    metadata inline (one small local object per read task: the stream's tasks make one block
+    each), so a task's CPU is free in the step that sees it finish. Quiet 2-core machine, 12,000
+    tiles (benchmarks/RESULTS.md): ~1,250 -> ~1,600 tiles/s, 1.3 -> 1.55 cores busy, no more CPU
+    in the driver. Also shortening the step's wait to 0.02 s gave ~1,850 tiles/s but costs the
+    loop ~0.05 core (50 steps/s), also in Ray Train's split coordinator during training; not kept.
+    Applied wherever this module is imported (the driver, Ray Train's split coordinator); other
+    Ray Data pipelines in these processes get it too."""
+    try:
+        from ray.data._internal.execution import metadata_fetcher
+    except ImportError:  # a Ray without this module: nothing to do
+        return
+    if hasattr(metadata_fetcher, "_PREFETCH_ON_THREAD"):
+        metadata_fetcher._PREFETCH_ON_THREAD = False
+
+
+_free_finished_tasks_promptly()
 
 
 class TooManyBadTiles(RuntimeError):
@@ -203,6 +248,9 @@ def shard_tiles(data, path: str) -> list[Tile]:
 # Per worker process: each local shard's tile index, parsed once and reused by every later slice of
 # it. Keyed by the file's identity (inode, size, mtime), so a rewritten shard is parsed again.
 _SHARD_INDEX: dict[tuple, list[Tile]] = {}
+# Per worker process: ledgers (actor ids) this process has seen past min_rows_for_abort and within
+# max_bad_fraction (SliceDecoder.report).
+_LEDGER_WITHIN_LIMIT: set[str] = set()
 
 
 class _ShardBytes:
@@ -260,12 +308,7 @@ class SliceDecoder:
             images, rows, keys, bad = self.decode(folder, rel, n_tiles, chunk, shard)
         finally:
             shard.close()
-        seen, nbad = ray.get(self.ledger.report.remote(len(chunk), bad))
-        if seen >= self.cfg.min_rows_for_abort and nbad / seen > self.cfg.max_bad_fraction:
-            raise TooManyBadTiles(
-                f"{nbad} of {seen} tiles failed to decode (> max_bad_fraction={self.cfg.max_bad_fraction}); "
-                f"first: {bad[:1] or 'see logs'}. Check the shards with `medi-dist data stats --verify`."
-            )
+        self.report(len(chunk), bad)
         if not rows:  # an empty block would carry no column types
             return
         out = {"key": np.array(keys, dtype=object), "image": images}
@@ -279,6 +322,27 @@ class SliceDecoder:
             take = np.repeat(np.arange(len(rows)), _repeats(out["key"], w, self.cfg.seed))
             out = {k: v[take] for k, v in out.items()}
         yield BlockAccessor.batch_to_block(out)
+
+    def report(self, n: int, bad: list) -> None:
+        """Count the slice in the ledger; abort once the skipped fraction passes the limit. The task
+        waits for the ledger's answer only while that answer can abort: when the slice had bad
+        tiles, or while this worker process has not yet seen the ledger past `min_rows_for_abort`
+        and within the limit (after that a clean slice only lowers the fraction). A slice with no
+        bad tiles otherwise sends its count without waiting (no round trip at the end of its task)."""
+        ledger_id = self.ledger._actor_id.hex()
+        if not bad and ledger_id in _LEDGER_WITHIN_LIMIT:
+            self.ledger.report.remote(n, bad)
+            return
+        seen, nbad = ray.get(self.ledger.report.remote(n, bad))
+        if seen >= self.cfg.min_rows_for_abort:
+            if nbad / seen > self.cfg.max_bad_fraction:
+                raise TooManyBadTiles(
+                    f"{nbad} of {seen} tiles failed to decode (> max_bad_fraction={self.cfg.max_bad_fraction}); "
+                    f"first: {bad[:1] or 'see logs'}. Check the shards with `medi-dist data stats --verify`."
+                )
+            if len(_LEDGER_WITHIN_LIMIT) >= 4096:
+                _LEDGER_WITHIN_LIMIT.clear()
+            _LEDGER_WITHIN_LIMIT.add(ledger_id)
 
     def decode(self, folder: Folder, rel: str, n_tiles: int, chunk: np.ndarray, shard: _ShardBytes):
         tiles, data = self.tiles(folder, rel, n_tiles, shard), shard.data
