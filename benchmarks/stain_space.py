@@ -139,7 +139,7 @@ def eosin_vector(x: np.ndarray, sigma: float = 1.5, share: float = 30.0) -> np.n
 
 
 def estimate(
-    od: np.ndarray, lines: bool = False, h: str = "contrast", e: str = "axis", rounds: int = 1, hed=None, **kw
+    od: np.ndarray, lines: bool = False, h: str = "contrast", e: str = "axis", rounds: int = 1, hed=None, floor=1.0, **kw
 ) -> Stain:
     """A site's stain from its training tiles (N, H, W, 3) OD: the scanner's fixed line pattern
     (`lines`), the eosin direction (Macenko's eosin extreme), the haematoxylin direction (`h`:
@@ -162,7 +162,9 @@ def estimate(
             hed = mac
         hed = hed if given is None else given
         conc, res = Stain(hed, np.zeros(3), pattern).unmix(od)
-        bg = np.median(res.reshape(-1, 3), 0) + np.percentile(conc[..., 0], 1) * hed[0]
+        bg = np.median(res.reshape(-1, 3), 0)
+        if floor is not None:
+            bg = bg + np.percentile(conc[..., 0], floor) * hed[0]
     return with_top(Stain(hed, bg, pattern), od)
 
 
