@@ -139,13 +139,13 @@ def eosin_vector(x: np.ndarray, sigma: float = 1.5, share: float = 30.0) -> np.n
 
 
 def estimate(
-    od: np.ndarray, lines: bool = False, h: str = "contrast", e: str = "axis", rounds: int = 1, hed=None, floor=1.0, **kw
+    od: np.ndarray, lines: bool = False, h: str = "contrast", e: str = "axis", rounds: int = 1, hed=None, floor=None, **kw
 ) -> Stain:
     """A site's stain from its training tiles (N, H, W, 3) OD: the scanner's fixed line pattern
     (`lines`), the eosin direction (Macenko's eosin extreme), the haematoxylin direction (`h`:
     "contrast", "macenko", or "prior": Ruifrok's vector projected on the stain plane), and the
-    background: the OD off the stain plane, plus the haematoxylin floor (every tissue has pixels
-    without nuclei; not every tissue has pixels without eosin, so the eosin floor stays)."""
+    background: the OD off the stain plane (with `floor`, plus that percentile of the haematoxylin
+    concentration along h: every tissue has pixels without nuclei; measured worse, off by default)."""
     pattern = fixed_pattern(od) if lines else np.zeros(od.shape[1:3])
     x = od - pattern[..., None]
     bg, given = np.zeros(3), hed
