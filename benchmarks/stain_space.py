@@ -139,7 +139,14 @@ def eosin_vector(x: np.ndarray, sigma: float = 1.5, share: float = 30.0) -> np.n
 
 
 def estimate(
-    od: np.ndarray, lines: bool = False, h: str = "contrast", e: str = "axis", rounds: int = 1, hed=None, floor=None, **kw
+    od: np.ndarray,
+    lines: bool = False,
+    h: str = "contrast",
+    e: str = "axis",
+    rounds: int = 1,
+    hed=None,
+    floor=None,
+    **kw,
 ) -> Stain:
     """A site's stain from its training tiles (N, H, W, 3) OD: the scanner's fixed line pattern
     (`lines`), the eosin direction (Macenko's eosin extreme), the haematoxylin direction (`h`:
