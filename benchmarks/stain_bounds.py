@@ -27,6 +27,7 @@ import dataclasses
 import io
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+import stain_space as ss  # noqa: E402
 from generator_curve import world  # noqa: E402
-from stain_space import StainSpace  # noqa: E402
 
 import medi_dist.data.procedural as procedural  # noqa: E402
 from medi_dist.evaluate.encoders import get_encoder  # noqa: E402
@@ -84,6 +85,20 @@ class Transfers:
         return np.clip(256 * np.exp(-od) - 1 + 0.5, 0, 255).astype(np.uint8).reshape(img.shape)
 
 
+def site_files(root: str, index, limit: int = 32) -> dict[str, list[bytes]]:
+    """Up to `limit` stored JPEG files of each site in `index` (to read its scanner's quality)."""
+    want = index.groupby(SITE)["key"].agg(lambda k: list(k)[:limit]).to_dict()
+    key_site = {k: s for s, keys in want.items() for k in keys}
+    out: dict = {s: [] for s in want}
+    for path in sorted(Path(root).glob("shards/*/*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                key, _, ext = m.name.rpartition(".")
+                if ext == "jpg" and key in key_site:
+                    out[key_site[key]].append(tar.extractfile(m).read())
+    return out
+
+
 def render(rows: list[tuple[str, str]], size: int, lines: bool, stains: dict | None = None) -> np.ndarray:
     """JPEG tiles as a site's scanner stores them; `stains` replaces a site's stain per row."""
     out, original = [], procedural.site_stain
@@ -98,6 +113,59 @@ def render(rows: list[tuple[str, str]], size: int, lines: bool, stains: dict | N
         with Image.open(io.BytesIO(jpeg)) as im:
             out.append(np.asarray(im.convert("RGB")))
     return np.stack(out)
+
+
+def stain_spaces(args, tiles: np.ndarray, index) -> dict:
+    """Per-site stains of the training tiles, estimated several ways (and the renderer's own, to
+    check the estimators): name -> (StainSpace, errors against the renderer's stains)."""
+    sites, types = index[SITE].to_numpy().astype(str), index[TYPE].to_numpy().astype(str)
+    owner = {s: str(types[sites == s][0]) for s in sorted(set(sites))}
+    counts = {s: int((sites == s).sum()) for s in owner}
+    od = {s: ss.optical_density(tiles[sites == s]) for s in owner}
+    quality = {s: ss.jpeg_quality(f) for s, f in site_files(args.dataset, index).items()}
+    lines, size = args.scanner_lines, args.size
+
+    def true(s: str, jpeg: bool = True, directions: str = "true") -> ss.Stain:
+        st = ss.true_stain(s, size, lines, od[s])
+        if directions == "prior":  # the true stain plane, Ruifrok's vectors projected on it
+            q, _ = np.linalg.qr(st.hed.T)
+            st.hed = ss.unit(np.stack([q @ q.T @ ss.H_REF, q @ q.T @ ss.E_REF]))
+            ss.with_top(st, od[s])
+        st.quality = quality[s] if jpeg else None
+        return st
+
+    def fitted(s: str, **kw) -> ss.Stain:
+        st = ss.estimate(od[s], lines, **kw)
+        st.quality = quality[s]
+        return st
+
+    variants = {
+        "first cut (Macenko, background 0, 99th percentile intensity, line pattern kept)": lambda s: (
+            ss.estimate_macenko(od[s])
+        ),
+        "true stains (directions, background, line pattern), mean intensity": lambda s: true(s, jpeg=False),
+        "true stains + the site's JPEG quality (read from its files)": true,
+        "true stain plane, Ruifrok directions on it, + JPEG": lambda s: true(s, directions="prior"),
+        "estimated line pattern, background, intensity, JPEG; true directions": lambda s: fitted(s, hed=true(s).hed),
+        "estimated all: Macenko directions": lambda s: fitted(s, h="macenko", e="macenko"),
+        "estimated all: local-contrast haematoxylin, eosin axis": lambda s: fitted(s),
+    }
+    out = {}
+    for name, make in variants.items():
+        stains = {s: make(s) for s in owner}
+        errors: dict = {}
+        for s, st in stains.items():
+            ref = true(s)
+            errors[s] = {
+                "h": round(float(np.abs(st.hed[0] - ref.hed[0]).max()), 3),
+                "e": round(float(np.abs(st.hed[1] - ref.hed[1]).max()), 3),
+                "bg": round(float(np.abs(st.bg - ref.bg).max()), 3),
+                "lines": round(float(np.abs(st.lines - ref.lines).mean()), 3),
+            }
+        summary = {k: round(float(np.mean([e[k] for e in errors.values()])), 3) for k in ("h", "e", "bg", "lines")}
+        print(f"  {name}: mean error {summary}", flush=True)
+        out[name] = (ss.StainSpace(stains, owner, counts), {"mean": summary, "sites": errors})
+    return out
 
 
 def main(argv=None) -> int:
@@ -160,9 +228,11 @@ def main(argv=None) -> int:
     score("ideal factorised (identifiable intensities)", render(rows, args.size, lines, identifiable))
     gt_donor = render([(t, donor[t]) for t, _ in rows], args.size, lines)
     through_transfers("ground truth at donor site", gt_donor)
-    space = StainSpace(tiles, index[SITE].to_numpy().astype(str), index[TYPE].to_numpy().astype(str))
-    x = space.to_model(gt_donor, [donor[t] for t, _ in rows])
-    score("ground truth at donor site, estimated stain space", space.to_rgb(x, want_t, want_s))
+    for name, (space, errors) in stain_spaces(args, tiles, index).items():
+        score(
+            f"ground truth at donor site, {name}", space.transfer(gt_donor, want_t, [donor[t] for t in want_t], want_s)
+        )
+        results[f"ground truth at donor site, {name}"]["estimate_error"] = errors
     if args.model:
         model, _, spec = load_model_dir(args.model)
 
