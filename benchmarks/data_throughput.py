@@ -1,6 +1,7 @@
 """Tiles/s of the Ray Data stream vs a plain PyTorch DataLoader over the same JPEG tiles, same CPUs.
 
     python benchmarks/data_throughput.py [--tiles 3000] [--size 256] [--resolution 128] [--cpus 2] [--repeats 3]
+    python benchmarks/data_throughput.py --decode device [--device cuda]
 
 Builds (once) a procedural dataset of `--size` px JPEG tiles, extracts the same tiles as loose files
 for the DataLoader, then times full passes of each reader (after one warm-up pass each), the two
@@ -9,7 +10,8 @@ max tiles/s, the per-repeat ratio, single-core PIL decode speed, each reader's t
 (all its processes: the DataLoader's workers; the driver, raylet, GCS and Ray workers) and the load
 average (the machine may be shared: compare ratios from one run, not absolute numbers across runs).
 Both readers deliver float32 [-1, 1]: the stream ships uint8 and the loop converts (`to_model_range`).
-`--json PATH` appends every repeat's numbers to PATH.
+`--json PATH` appends every repeat's numbers to PATH. `--decode device [--device cuda]`: the stream
+ships encoded tiles and the benchmark's process decodes each batch there (data.decode=device).
 """
 
 from __future__ import annotations
@@ -126,17 +128,24 @@ def dataloader_passes(files, resolution, workers, batch):
     return timed(one_pass)
 
 
-def stream_passes(ds, resolution, batch):
+def stream_passes(ds, resolution, batch, decode="cpu", device="cpu"):
     from medi_dist.data.stream import StreamConfig, tile_stream, to_model_range
 
-    s = tile_stream(ds, ("train",), StreamConfig(resolution=resolution, balance="none", num_cpus=1.0))
+    s = tile_stream(ds, ("train",), StreamConfig(resolution=resolution, balance="none", num_cpus=1.0, decode=decode))
     for _ in s.dataset.iter_batches(batch_size=batch, batch_format="numpy"):
         pass
 
     def one_pass() -> tuple[int, float]:
         t, n = time.perf_counter(), 0
         for b in s.dataset.iter_batches(batch_size=batch, batch_format="numpy"):
-            n += len(to_model_range(b["image"]))  # uint8 -> float [-1, 1], as the DataLoader's tensors
+            if s.device_decoder is not None:  # --decode device: the consumer decodes on `device`
+                n += len(to_model_range(s.device_decoder(b, device)[0]))
+            else:
+                n += len(to_model_range(b["image"]))  # uint8 -> float [-1, 1], as the DataLoader's tensors
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
         return n, time.perf_counter() - t
 
     return timed(one_pass)
@@ -156,7 +165,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default="benchmarks/.work")
     ap.add_argument("--json", help="append this run's numbers (every repeat) to this JSON file")
+    ap.add_argument(
+        "--decode",
+        choices=["cpu", "device"],
+        default="cpu",
+        help="device: the stream ships encoded tiles and this process decodes them on --device (nvJPEG on CUDA)",
+    )
+    ap.add_argument("--device", default=None, help="for --decode device (default: cuda if available, else cpu)")
     args = ap.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     import ray
 
     root = Path(args.work)
@@ -166,7 +186,7 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     dl_pass = dataloader_passes(files, args.resolution, args.cpus, args.batch)
-    rs_pass = stream_passes(ds, args.resolution, args.batch)
+    rs_pass = stream_passes(ds, args.resolution, args.batch, args.decode, args.device)
     pil, dl, rs, dl_cpu, rs_cpu = [], [], [], [], []
     for i in range(args.repeats):
         pil.append(decode_per_core(files))
@@ -184,7 +204,9 @@ def main() -> None:
     ratios = [r / d for r, d in zip(rs, dl)]
     print(
         f"\n{len(files)} train tiles, {args.size}px JPEG -> {args.resolution}px float, {args.cpus} CPUs, "
-        f"batch {args.batch}, {args.repeats} repeats; 1-min load average {min(load):.1f}-{max(load):.1f} "
+        f"batch {args.batch}, stream decode {args.decode}"
+        f"{f' on {args.device}' if args.decode == 'device' else ''}, {args.repeats} repeats; "
+        f"1-min load average {min(load):.1f}-{max(load):.1f} "
         f"on {os.cpu_count()} cores"
     )
     print(
@@ -213,6 +235,7 @@ def main() -> None:
                 "resolution": args.resolution,
                 "cpus": args.cpus,
                 "batch": args.batch,
+                "decode": args.decode if args.decode == "cpu" else f"device:{args.device}",
                 "load_1min": load,
                 "pil_1core": pil,
                 "dataloader": dl,

@@ -10,6 +10,7 @@
 # windows; the summary at the end reads them. Between runs it stops every Ray process on the
 # machine (a dedicated GPU box). A dry run of the script on CPU, in ~3 minutes:
 #   USE_GPU=false PRESET=tiny RES=16 TILES=300 bash benchmarks/gpu_check.sh
+# NVJPEG=1 adds the data.decode=device (nvJPEG) checks (below).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out=${OUT:-/tmp/gpu_check}
@@ -57,6 +58,18 @@ train() {  # name, time limit (s), overrides
 }
 train eager ${EAGER_LIMIT:-150} optim.batch_size=32
 train fast ${FAST_LIMIT:-240} optim.batch_size=${FAST_BATCH:-64} run.compile=true run.channels_last=true optim.fused=true
+# NVJPEG=1 (~3 more minutes): the eager run again with data.decode=device (the workers decode with
+# nvJPEG), and the stream alone with its CPU decode against nvJPEG on the GPU (data_throughput.py).
+if [ "${NVJPEG:-0}" = 1 ]; then
+  train nvjpeg ${EAGER_LIMIT:-150} optim.batch_size=32 data.decode=device
+  for decode in cpu device; do
+    t0=$SECONDS
+    timeout ${DECODE_LIMIT:-90} python3 benchmarks/data_throughput.py --tiles ${TILES:-3000} --size 256 --resolution $res \
+      --cpus 4 --repeats 2 --decode $decode --work /tmp/gpu_check_plain >"$out/decode_$decode.log" 2>&1
+    echo "stream decode=$decode: exit $?, $((SECONDS - t0)) s"; grep -E "^\| medi-dist|^ratio|Error" "$out/decode_$decode.log" | tail -3
+    ray_stop
+  done
+fi
 
 # Generation: denoiser evaluations/s of the generation job (actor pool, 1 GPU worker, DPM-Solver++
 # 25 steps) on a randomly initialised model of the same architecture: speed only, not quality.
@@ -79,7 +92,7 @@ python3 - "$out" <<'EOF'
 import sqlite3, statistics, sys
 print("| run | windows | last step | img/s (median, windows after step 20) | data wait (median) |")
 print("|---|---|---|---|---|")
-for name in ("eager", "fast"):
+for name in ("eager", "fast", "nvjpeg"):
     try:
         db = sqlite3.connect(f"{sys.argv[1]}/{name}.db")
         rows = db.execute("select key, step, value from metrics where key in ('img_per_s', 'data_wait_fraction')").fetchall()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from medi_dist.data.shards import INDEX, MANIFEST, file_sha256
 from medi_dist.data.stream import StreamConfig, tile_stream, to_model_range
@@ -68,8 +69,10 @@ def test_same_seed_same_order_and_each_epoch_its_own(ray_cluster, proc_dataset):
     )
 
 
-def _corrupt_copy(src: Path, dst: Path, n_bad: int) -> list[str]:
-    """Copy a dataset and overwrite the first n_bad tiles of one shard with garbage bytes."""
+def _corrupt_copy(src: Path, dst: Path, n_bad: int, update_sha256: bool = False) -> list[str]:
+    """Copy a dataset and overwrite the first n_bad tiles of one shard with garbage bytes (with
+    update_sha256 their json carries the garbage's sha256: only decoding can find them)."""
+    import hashlib
     import shutil
 
     shutil.copytree(src, dst)
@@ -78,12 +81,14 @@ def _corrupt_copy(src: Path, dst: Path, n_bad: int) -> list[str]:
     path = dst / shard["path"]
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    bad = []
+    bad, garbage = [], b"\xff\xd8\xff garbage"
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for m, data in members:
             if m.name.endswith(".jpg") and len(bad) < n_bad:
-                data = b"\xff\xd8\xff garbage"
+                data = garbage
                 bad.append(m.name.split(".")[0])
+            elif update_sha256 and m.name.endswith(".json") and m.name.split(".")[0] in bad:
+                data = json.dumps({**json.loads(data), "sha256": hashlib.sha256(garbage).hexdigest()}).encode()
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
     shard["bytes"], shard["sha256"] = path.stat().st_size, file_sha256(path)
@@ -197,3 +202,84 @@ def test_ray_data_frees_a_finished_tasks_cpu_promptly():
     import medi_dist.data.stream  # noqa: F401  (applies the setting on import)
 
     assert isinstance(metadata_fetcher.make_metadata_fetcher(), metadata_fetcher.InlineMetadataFetcher)
+
+
+def _device_batches(stream, device="cpu"):
+    """The stream's batches with the encoded tiles decoded as a training worker does (decode=device)."""
+    out = []
+    for b in _rows(stream):
+        images, kept = stream.device_decoder(b, device)
+        out.append({"image": images.numpy(), **{k: v[kept] for k, v in b.items() if k not in ("encoded", "shard")}})
+    return out
+
+
+@pytest.mark.parametrize("resolution", [32, 16])
+def test_device_decode_gives_the_cpu_paths_tiles(ray_cluster, proc_dataset, resolution):
+    """decode=device with device='cpu' (torchvision's decode_jpeg; nvJPEG on CUDA is not tested here):
+    the same rows in the same order; pixels identical at the tiles' own size (both libjpeg-turbo's
+    default IDCT); resized (32 -> 16 px) within 1 level of 255: torchvision's antialiased bilinear
+    on uint8 and PIL's round differently. On CUDA, nvJPEG's IDCT and the float resize differ more."""
+    cfg = dict(resolution=resolution, balance="type", seed=3, batch_rows=64)
+    cpu = _rows(tile_stream(proc_dataset, ("train",), StreamConfig(**cfg)))
+    dev_stream = tile_stream(proc_dataset, ("train",), StreamConfig(**cfg, decode="device"))
+    assert dev_stream.device_decoder is not None
+    raw = _rows(dev_stream)
+    assert "image" not in raw[0] and raw[0]["encoded"][0][:3] == b"\xff\xd8\xff"
+    dev = _device_batches(tile_stream(proc_dataset, ("train",), StreamConfig(**cfg, decode="device")))
+    a, b = np.concatenate([x["image"] for x in cpu]), np.concatenate([x["image"] for x in dev])
+    assert [k for x in cpu for k in x["key"]] == [k for x in dev for k in x["key"]]
+    for col in ("cond_cancer_type", "cond_tissue_source_site"):
+        assert np.array_equal(np.concatenate([x[col] for x in cpu]), np.concatenate([x[col] for x in dev]))
+    assert a.shape == b.shape == (len(a), 3, resolution, resolution) and b.dtype == np.uint8
+    diff = np.abs(a.astype(int) - b.astype(int))
+    if resolution == 32:
+        assert diff.max() == 0
+    else:
+        assert diff.max() <= 1 and diff.mean() < 0.1, (diff.max(), diff.mean())
+    assert dev_stream.skipped()["skipped"] == 0
+
+
+def test_device_decode_skips_and_counts_a_tile_that_fails_on_the_device(ray_cluster, proc_dataset, tmp_path):
+    bad = _corrupt_copy(proc_dataset, tmp_path / "d", 2, update_sha256=True)
+    cpu = tile_stream(tmp_path / "d", ("train",), StreamConfig(resolution=8, max_bad_fraction=0.05))
+    assert not set(np.concatenate([b["key"] for b in _rows(cpu)])) & set(bad)
+    assert not any("sha256" in b["error"] for b in cpu.skipped()["bad"])  # decoding found them
+    s = tile_stream(tmp_path / "d", ("train",), StreamConfig(resolution=8, max_bad_fraction=0.05, decode="device"))
+    raw_keys = set(np.concatenate([b["key"] for b in _rows(s)]))
+    assert set(bad) <= raw_keys and s.skipped()["skipped"] == 0  # the read tasks passed them on
+    batches = _device_batches(s)
+    keys = np.concatenate([b["key"] for b in batches])
+    assert not set(keys) & set(bad) and len(keys) == len(raw_keys) - 2
+    assert all(len(b["image"]) == len(b["key"]) == len(b["cond_cancer_type"]) for b in batches)
+    summary = s.skipped()
+    assert summary["skipped"] == 2 and {b["key"] for b in summary["bad"]} == set(bad)
+    assert all("shard-" in b["shard"] and b["error"] for b in summary["bad"])
+
+
+def test_device_decode_aborts_past_max_bad_fraction(ray_cluster, proc_dataset, tmp_path):
+    _corrupt_copy(proc_dataset, tmp_path / "d", 40, update_sha256=True)
+    cfg = StreamConfig(resolution=8, max_bad_fraction=0.01, min_rows_for_abort=10, decode="device")
+    with pytest.raises(Exception, match="failed to decode"):
+        _device_batches(tile_stream(tmp_path / "d", ("train",), cfg))
+
+
+def test_train_loop_batches_from_device_decode_match_the_cpu_path(ray_cluster, proc_dataset):
+    """The training loop's batches (torch_batches) with the worker-side decoder on CPU: same float
+    tensors and conditions as from the stream's own decode (32 px: no resize, exact)."""
+    from medi_dist.train.loop import torch_batches
+
+    def batches(decode):
+        s = tile_stream(proc_dataset, ("train",), StreamConfig(resolution=32, seed=1, decode=decode))
+        cols = ["cond_cancer_type", "cond_tissue_source_site"]
+        return list(torch_batches(s.dataset, 16, cols, 0, "cpu", 7, s.device_decoder))
+
+    cpu, dev = batches("cpu"), batches("device")
+    assert len(cpu) == len(dev) > 5
+    for (x0, c0), (x1, c1) in zip(cpu, dev):
+        assert x1.dtype == x0.dtype == torch.float32 and torch.equal(x0, x1)
+        assert all(torch.equal(c0[k], c1[k]) for k in c0)
+
+
+def test_unknown_decode_mode_is_refused(proc_dataset):
+    with pytest.raises(ValueError, match="decode must be one of cpu, device, not 'gpu'"):
+        tile_stream(proc_dataset, ("train",), StreamConfig(decode="gpu"))

@@ -182,6 +182,18 @@ def test_bad_run_names_are_refused(tmp_path, name):
         _cfg(tmp_path / "d", tmp_path, name)
 
 
+def test_device_decode_without_gpus_is_refused_in_one_line(tmp_path):
+    """data.decode=device decodes on the workers' GPUs: asked for on a CPU run it is refused up front
+    (no silent fallback to a slower CPU decode on the training workers)."""
+    with pytest.raises(
+        ConfigError, match=r"data.decode=device .* needs run.use_gpu=true; without GPUs use data.decode=cpu"
+    ) as e:
+        _cfg(tmp_path / "d", tmp_path, "dev", **{"data.decode": "device"})
+    assert "\n" not in str(e.value)
+    cfg = _cfg(tmp_path / "d", tmp_path, "dev", **{"data.decode": "device", "run.use_gpu": "true"})
+    assert cfg.data.decode == "device"
+
+
 def test_resume_with_other_training_settings_is_refused(tmp_path):
     cfg = _cfg(tmp_path / "A", tmp_path, "r", steps=20)
     _record(cfg)

@@ -1,6 +1,11 @@
 """Ray Data stream: dataset shards -> decoded uint8 tiles at model resolution + condition indices
 (`to_model_range` turns them into the model's float32 [-1, 1] on the consumer).
 
+With `StreamConfig.decode="device"` the read tasks do everything but the decode: they ship each
+tile's encoded bytes (column `encoded`, with `shard`), and the consumer decodes and resizes a batch
+on its accelerator with `DeviceDecoder` (torchvision's batched `decode_jpeg`: nvJPEG on a CUDA
+device). Tiles that fail there are skipped and counted in the same ledger.
+
 Read tasks read slices of our tar shards and do everything in place: checksum, decode, resize,
 condition encoding, balancing (`TileShards`). A tile that fails to decode, or whose bytes fail the
 sha256 written into its json at ingest, is skipped and recorded with its key and shard in a small
@@ -35,6 +40,9 @@ from .shards import MANIFEST, group_counts, load_manifest, read_vocab, verify_sh
 log = logging.getLogger("medi_dist.data")
 
 
+DECODE_MODES = ("cpu", "device")
+
+
 @dataclass
 class StreamConfig:
     resolution: int = 64
@@ -47,6 +55,9 @@ class StreamConfig:
     # Same seed -> same rows in the same order every run: seeded shard shuffle (a new order each
     # epoch, the same epochs every run) and blocks delivered in task order, not completion order.
     deterministic: bool = True
+    # cpu: read tasks decode and resize (PIL). device: read tasks ship the encoded bytes and the
+    # consumer decodes them on its accelerator (DeviceDecoder; nvJPEG on CUDA).
+    decode: str = "cpu"
 
 
 def _start_executions_at_full_width(interval_s: float = 0.1) -> None:
@@ -117,6 +128,14 @@ class TooManyBadTiles(RuntimeError):
     pass
 
 
+def check_bad_fraction(seen: int, nbad: int, max_bad_fraction: float, bad: list) -> None:
+    if nbad / seen > max_bad_fraction:
+        raise TooManyBadTiles(
+            f"{nbad} of {seen} tiles failed to decode (> max_bad_fraction={max_bad_fraction}); "
+            f"first: {bad[:1] or 'see logs'}. Check the shards with `medi-dist data stats --verify`."
+        )
+
+
 @ray.remote(num_cpus=0)
 class BadTileLedger:
     """Counts rows seen and tiles skipped across all decode tasks."""
@@ -170,6 +189,100 @@ def decode_tile(data: bytes, resolution: int) -> np.ndarray:
     out = np.empty((3, resolution, resolution), np.uint8)
     decode_into(data, resolution, out)
     return to_model_range(out)
+
+
+@dataclass
+class DeviceDecoder:
+    """The consumer's half of `decode="device"`: a batch's encoded tiles -> uint8 (N, 3, r, r) on
+    `device`. JPEGs go through torchvision's batched `decode_jpeg` (nvJPEG on a CUDA device,
+    libjpeg-turbo on the CPU), other formats (PNG) through `decode_image` on the CPU; then an
+    antialiased bilinear resize (torchvision; uint8 on the CPU follows PIL's, on CUDA it runs in
+    float and rounds). A tile that does not decode, or decodes to other than 3 channels (the CPU
+    path takes RGB only), is skipped and reported to the stream's ledger with its key, shard and
+    error; it counts against `max_bad_fraction` as a read task's would."""
+
+    resolution: int
+    ledger: ray.actor.ActorHandle
+    max_bad_fraction: float
+    min_rows_for_abort: int
+
+    def __call__(self, batch: dict, device, counted: set | None = None):
+        """(images, kept): the decoded tiles and the indices of the batch's rows they are (index the
+        other columns with it). `counted`: (key, shard) pairs already reported in this pass, so a
+        tile repeated by balancing is reported once per pass and consumer."""
+        import torch
+
+        encoded = batch["encoded"]
+        tiles, errors = self._decode(encoded, device)
+        for i, t in enumerate(tiles):
+            if t is not None and t.shape[0] != 3:
+                errors[i], tiles[i] = f"ValueError: {t.shape[0]} channels, expected RGB", None
+        kept = np.array([i for i, t in enumerate(tiles) if t is not None], dtype=np.int64)
+        if errors:
+            self._report(batch, errors, counted, device, all_bad=not len(kept))
+        r = self.resolution
+        images = torch.empty((len(kept), 3, r, r), dtype=torch.uint8, device=device)
+        by_shape: dict[tuple, list[int]] = {}
+        for j, i in enumerate(kept):
+            by_shape.setdefault(tuple(tiles[i].shape[1:]), []).append(j)
+        for shape, js in by_shape.items():
+            x = torch.stack([tiles[kept[j]] for j in js])
+            if shape != (r, r):
+                from torchvision.transforms.v2.functional import InterpolationMode, resize
+
+                x = resize(x, [r, r], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            images[js] = x
+        return images, kept
+
+    @staticmethod
+    def _decode(encoded, device) -> tuple[list, dict[int, str]]:
+        import warnings
+
+        import torch
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in encoded]
+        tiles: list = [None] * len(data)
+        errors: dict[int, str] = {}
+        jpeg = [i for i, b in enumerate(encoded) if bytes(b[:3]) == b"\xff\xd8\xff"]
+        with warnings.catch_warnings():  # torchvision 0.29 announces its decoders' move to TorchCodec
+            warnings.filterwarnings("ignore", message=".*(TorchCodec|deprecated).*")
+            if jpeg:
+                try:  # one call for the batch: nvJPEG's batched decode on CUDA
+                    for i, t in zip(jpeg, decode_jpeg([data[i] for i in jpeg], device=device)):
+                        tiles[i] = t
+                except Exception:  # noqa: BLE001 - one bad tile fails the whole call: find it
+                    for i in jpeg:
+                        try:
+                            tiles[i] = decode_jpeg(data[i], device=device)
+                        except Exception as e:  # noqa: BLE001 - skipped and counted
+                            errors[i] = f"{type(e).__name__}: {e}"
+            for i in sorted(set(range(len(data))) - set(jpeg)):  # PNG and the like: on the CPU
+                try:
+                    tiles[i] = decode_image(data[i], mode=ImageReadMode.UNCHANGED).to(device)
+                except Exception as e:  # noqa: BLE001 - skipped and counted
+                    errors[i] = f"{type(e).__name__}: {e}"
+        return tiles, errors
+
+    def _report(self, batch: dict, errors: dict[int, str], counted: set | None, device, all_bad: bool) -> None:
+        bad = []
+        for i, err in sorted(errors.items()):
+            key, shard = str(batch["key"][i]), str(batch["shard"][i])
+            if counted is not None:
+                if (key, shard) in counted:
+                    continue
+                counted.add((key, shard))
+            log.warning("skipping tile %s in %s (decoding on %s): %s", key, shard, device, err)
+            bad.append({"key": key, "shard": shard, "error": err})
+        if bad:
+            seen, nbad = ray.get(self.ledger.report.remote(0, bad))  # the read task counted the rows
+            if seen >= self.min_rows_for_abort:
+                check_bad_fraction(seen, nbad, self.max_bad_fraction, bad)
+        if all_bad:
+            raise TooManyBadTiles(
+                f"all {len(errors)} tiles of a batch failed to decode on {device}; first: "
+                f"{next(iter(errors.values()))}. Check the shards with `medi-dist data stats --verify`."
+            )
 
 
 def balance_weights(groups: Counter, mode: str, tiles: int) -> dict[str, float] | None:
@@ -311,7 +424,11 @@ class SliceDecoder:
         self.report(len(chunk), bad)
         if not rows:  # an empty block would carry no column types
             return
-        out = {"key": np.array(keys, dtype=object), "image": images}
+        out = {"key": np.array(keys, dtype=object)}
+        if self.cfg.decode == "device":  # the consumer decodes; it names the shard of a tile that fails
+            out["encoded"], out["shard"] = images, np.full(len(rows), folder.uri_of(rel), dtype=object)
+        else:
+            out["image"] = images
         enc = [self.spec.encode_row(r) for r in rows]
         for v in self.spec.categorical:
             out[CONDITION_PREFIX + v.name] = np.array([e[CONDITION_PREFIX + v.name] for e in enc], dtype=np.int64)
@@ -335,19 +452,15 @@ class SliceDecoder:
             return
         seen, nbad = ray.get(self.ledger.report.remote(n, bad))
         if seen >= self.cfg.min_rows_for_abort:
-            if nbad / seen > self.cfg.max_bad_fraction:
-                raise TooManyBadTiles(
-                    f"{nbad} of {seen} tiles failed to decode (> max_bad_fraction={self.cfg.max_bad_fraction}); "
-                    f"first: {bad[:1] or 'see logs'}. Check the shards with `medi-dist data stats --verify`."
-                )
+            check_bad_fraction(seen, nbad, self.cfg.max_bad_fraction, bad)
             if len(_LEDGER_WITHIN_LIMIT) >= 4096:
                 _LEDGER_WITHIN_LIMIT.clear()
             _LEDGER_WITHIN_LIMIT.add(ledger_id)
 
     def decode(self, folder: Folder, rel: str, n_tiles: int, chunk: np.ndarray, shard: _ShardBytes):
         tiles, data = self.tiles(folder, rel, n_tiles, shard), shard.data
-        res = self.cfg.resolution
-        images = np.empty((len(chunk), 3, res, res), np.uint8)
+        res, on_device = self.cfg.resolution, self.cfg.decode == "device"
+        images = [] if on_device else np.empty((len(chunk), 3, res, res), np.uint8)
         rows, keys, bad = [], [], []
         for i in chunk:
             key, img_off, img_size, meta_off, meta_size = tiles[i]
@@ -361,13 +474,20 @@ class SliceDecoder:
                         "tile bytes fail the sha256 recorded at ingest (altered or corrupted shard); "
                         "check it with `medi-dist data stats --verify`"
                     )
-                decode_into(img, res, images[len(rows)])
+                if on_device:
+                    images.append(bytes(img))
+                else:
+                    decode_into(img, res, images[len(rows)])
                 rows.append(m)
                 keys.append(key)
             except Exception as e:  # corrupt bytes, bad json: skip and count
                 uri = folder.uri_of(rel)
                 log.warning("skipping tile %s in %s: %s", key, uri, e)
                 bad.append({"key": key, "shard": uri, "error": f"{type(e).__name__}: {e}"})
+        if on_device:
+            encoded = np.empty(len(images), dtype=object)  # bytes objects, not a fixed-width bytes array
+            encoded[:] = images
+            return encoded, rows, keys, bad
         return images[: len(rows)], rows, keys, bad
 
 
@@ -415,6 +535,8 @@ class TileStream:
     spec: ConditioningSpec
     tiles: int  # tiles in the selected splits (before balancing)
     deterministic: bool = True
+    # decode="device": what the consumer decodes the `encoded` column with (None: the stream decodes)
+    device_decoder: DeviceDecoder | None = None
 
     def skipped(self) -> dict:
         return ray.get(self.ledger.summary.remote())
@@ -438,6 +560,8 @@ def tile_stream(
     it must cover every value in the data, or we stop with the mismatching values named.
     """
     cfg = cfg or StreamConfig()
+    if cfg.decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, not {cfg.decode!r}")
     root = dataset_dir if is_remote(dataset_dir) else local_path(dataset_dir)  # object storage: read in place
     manifest = load_manifest(root)
     if not verify_shards(root, splits):  # presence and size of each shard, as main checks them
@@ -459,4 +583,9 @@ def tile_stream(
     slices = sum(-(-n // cfg.batch_rows) for _, n in shards)
     ds = ray.data.read_datasource(TileShards(shards, decoder), num_cpus=cfg.num_cpus, override_num_blocks=slices)
     ds.context.execution_options.preserve_order = cfg.deterministic  # this dataset's own context copy
-    return TileStream(ds, ledger, spec, tiles, cfg.deterministic)
+    device_decoder = (
+        DeviceDecoder(cfg.resolution, ledger, cfg.max_bad_fraction, cfg.min_rows_for_abort)
+        if cfg.decode == "device"
+        else None
+    )
+    return TileStream(ds, ledger, spec, tiles, cfg.deterministic, device_decoder)

@@ -22,6 +22,9 @@ class DataConfig:
     # The same command and seed give the same weights on the same machine: seeded, ordered data
     # (each epoch its own order) and, on GPU, deterministic cuDNN kernels (no autotuning; slower).
     deterministic: bool = True
+    # For GPU nodes short of CPU: Ray Data's read tasks then ship the encoded bytes and each worker
+    # decodes and resizes its batch on its GPU (torchvision's batched decode_jpeg, i.e. nvJPEG).
+    decode: str = "cpu"  # cpu: read tasks decode (PIL) | device: each GPU worker decodes (nvJPEG; run.use_gpu=true)
 
 
 @dataclass
@@ -98,6 +101,13 @@ class TrainConfig:
             )
         if self.steps <= 0:
             raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.data.decode not in ("cpu", "device"):
+            raise ValueError(f"data.decode must be cpu or device, got {self.data.decode!r}")
+        if self.data.decode == "device" and not self.run.use_gpu:
+            raise ValueError(
+                "data.decode=device decodes tiles on the training workers' GPUs (nvJPEG) and needs "
+                "run.use_gpu=true; without GPUs use data.decode=cpu (Ray Data's read tasks decode)"
+            )
         if self.run.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"run.mixed_precision must be no, fp16 or bf16, got {self.run.mixed_precision!r}")
         positive = {

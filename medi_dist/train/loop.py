@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from ..data.stream import to_model_range
+from ..data.stream import DeviceDecoder, to_model_range
 from ..metadata import ConditioningSpec
 from ..model import EMA, ConditionedUNet, ModelConfig, diffusion_loss, save_model_dir
 from ..model.unet import unwrap
@@ -31,8 +31,19 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
 
-def torch_batches(shard, batch_size: int, columns: list[str], epoch_skip: int, device, shuffle_seed: int | None):
-    """Tensors for the model's columns; the first `epoch_skip` batches were consumed before a resume."""
+def torch_batches(
+    shard,
+    batch_size: int,
+    columns: list[str],
+    epoch_skip: int,
+    device,
+    shuffle_seed: int | None,
+    decoder: DeviceDecoder | None = None,
+):
+    """Tensors for the model's columns; the first `epoch_skip` batches were consumed before a resume.
+    With a `decoder` (data.decode=device) the batches carry encoded tiles, decoded here on `device`;
+    a tile that fails is dropped from its batch (the batch is smaller by it) and counted."""
+    counted: set = set()  # bad tiles reported in this pass
     it = shard.iter_batches(
         batch_size=batch_size,
         batch_format="numpy",
@@ -43,6 +54,10 @@ def torch_batches(shard, batch_size: int, columns: list[str], epoch_skip: int, d
     )
     for i, b in enumerate(it):
         if i < epoch_skip:
+            continue
+        if decoder is not None:
+            x, kept = decoder(b, device, counted)
+            yield to_model_range(x), {c: torch.from_numpy(b[c][kept]).to(device) for c in columns}
             continue
         img = np.ascontiguousarray(b["image"])  # uint8 from the stream
         if torch.device(device).type == "cpu":  # numpy converts ~10x faster than torch's uint8 -> float on CPU
@@ -88,6 +103,7 @@ class WorkerConfig:
     tracking_uri: str
     mlflow_run_id: str | None  # None: the server was down when the run was to be created
     spill_dir: str | None = None  # where calls MLflow did not take are written (the run folder's)
+    decoder: DeviceDecoder | None = None  # data.decode=device: decodes the stream's encoded tiles here
 
 
 @dataclass
@@ -302,7 +318,7 @@ def train_worker(config: dict) -> None:
             else None
         )
         for x, cond in torch_batches(
-            shard, optim.batch_size, columns, pos.batches_in_epoch, parts.accelerator.device, shuffle_seed
+            shard, optim.batch_size, columns, pos.batches_in_epoch, parts.accelerator.device, shuffle_seed, cfg.decoder
         ):
             window.wait += time.perf_counter() - t_wait
             if run.channels_last:

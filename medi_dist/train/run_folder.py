@@ -28,10 +28,18 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered 
 #   optim.batch_size x run.num_workers).
 # - data.cpus_per_decode: a resource slice; data.max_bad_fraction: an abort threshold one raises to
 #   get past a few bad tiles; optim.fused: the same AdamW in another kernel; data.deterministic:
-#   the same data distribution, only reproducible or not.
+#   the same data distribution, only reproducible or not; data.decode: where the tiles are decoded
+#   (read tasks or the GPU), the same tiles up to the resize's rounding.
 # `steps` is checked on its own: it may be raised (continue training), never lowered.
 RUN_ONLY_PREFIXES = ("run.",)
-RUN_ONLY_FIELDS = ("data.cpus_per_decode", "data.max_bad_fraction", "data.deterministic", "optim.fused", "steps")
+RUN_ONLY_FIELDS = (
+    "data.cpus_per_decode",
+    "data.max_bad_fraction",
+    "data.deterministic",
+    "data.decode",
+    "optim.fused",
+    "steps",
+)
 
 
 def training_fields(cfg: TrainConfig) -> dict:

@@ -235,6 +235,7 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
             max_bad_fraction=cfg.data.max_bad_fraction,
             num_cpus=cfg.data.cpus_per_decode,
             deterministic=cfg.data.deterministic,
+            decode=cfg.data.decode,
         ),
     )
     spec = stream.spec.subset(cfg.model.conditions, cfg.model.continuous)
@@ -255,7 +256,7 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
     note_steps_raised(folder, cfg.run.name, record, cfg.steps, logger)
     remove_unregistered(folder)
     pairs = sorted(group_counts(cfg.data.dataset, cfg.data.splits)[0])  # not the whole index (soak)
-    worker = WorkerConfig(cfg, mcfg, spec, pairs, uri, run_id, spill_dir)
+    worker = WorkerConfig(cfg, mcfg, spec, pairs, uri, run_id, spill_dir, stream.device_decoder)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"worker": worker},  # a dict for Ray (it records the config); the worker reads the dataclass
