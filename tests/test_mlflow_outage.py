@@ -287,7 +287,7 @@ def test_generate_goes_on_and_its_run_joins_its_job_when_the_server_is_back(
     assert f"trained in run [{train_run}](#/runs/{train_run})" in tags["mlflow.note.content"]
     run = _run(server, run_id)
     assert run["info"]["status"] == "FINISHED"
-    assert {"model", "plan", "tiles"} <= {p["key"] for p in run["data"]["params"]}
+    assert {"model", "plan.mode", "sampling.steps", "tiles"} <= {p["key"] for p in run["data"]["params"]}
     for key in ("tiles_planned", "shards_generated", "seconds"):
         assert len(_history(server.api, run_id, key)) == 1, key
     assert _history(server.api, run_id, "tiles_planned")[0]["value"] == 48
