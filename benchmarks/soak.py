@@ -25,24 +25,42 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _kind(p) -> str:
+    """A Ray process's kind: a worker's title (ray::IDLE, ray::ReadFiles->..., ray::_StatsActor), else
+    the program (raylet, gcs_server) or the Python script (agent.py, dashboard.py, log_monitor.py)."""
+    cmd = p.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    script = next((Path(a).name for a in cmd[1:] if a.endswith(".py")), None)
+    return script or Path(cmd[0]).name if cmd else p.name()
+
+
 class _RayProcesses:
     """Peak summed RSS of this process's descendants (ray.init here starts the raylet as our child:
-    GCS, raylet and workers are our descendants), sampled every 0.5 s."""
+    GCS, raylet and workers are our descendants), sampled every 0.5 s; at that peak, the count and
+    summed RSS per kind of process (`breakdown`), and the most worker processes seen at once."""
 
     def __enter__(self):
         import psutil
 
         me, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.breakdown: dict[str, list] = {}
+        self.max_workers = 0
 
         def watch() -> None:
             while not self._stop.wait(0.5):
-                rss = 0
+                rss, kinds = 0, {}
                 for p in me.children(recursive=True):
                     try:
-                        rss += p.memory_info().rss
-                    except psutil.NoSuchProcess:
-                        pass
-                self.peak = max(self.peak, rss)
+                        r, k = p.memory_info().rss, _kind(p)
+                    except psutil.Error:
+                        continue
+                    rss += r
+                    n, mb = kinds.get(k, (0, 0.0))
+                    kinds[k] = (n + 1, mb + r / 2**20)
+                self.max_workers = max(self.max_workers, sum(n for k, (n, _) in kinds.items() if k.startswith("ray::")))
+                if rss > self.peak:
+                    self.peak, self.breakdown = rss, {k: [n, round(mb)] for k, (n, mb) in sorted(kinds.items())}
 
         self._t = threading.Thread(target=watch, daemon=True)
         self._t.start()
@@ -100,7 +118,12 @@ def _stream(work: Path, tiles: int, size: int) -> dict:
         s = tile_stream(work / f"ds-{tiles}", ("train",), StreamConfig(resolution=size, num_cpus=1.0))
         n = sum(len(b["image"]) for b in s.dataset.iter_batches(batch_size=256, batch_format="numpy"))
     ray.shutdown()
-    return {"streamed": n, "ray_processes_peak_rss_mb": rp.mb}
+    return {
+        "streamed": n,
+        "ray_processes_peak_rss_mb": rp.mb,
+        "ray_processes_at_peak": rp.breakdown,  # kind -> [processes, MiB]
+        "ray_workers_max": rp.max_workers,
+    }
 
 
 def _plan(work: Path, tiles: int, size: int) -> dict:

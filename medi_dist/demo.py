@@ -326,7 +326,8 @@ def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger, root: Path) -> dict:
             synthetic=str(pools["medi"]),
             tracking_uri=uri,
             run_name="demo-fidelity-medi",
-            run_key=f"{root}/demo-fidelity-medi/{logger.run_id}",  # each demo its own run (from its work's start)
+            # each demo its own run (from its work's start), also when the server is down (no run id yet)
+            run_key=f"{root}/demo-fidelity-medi/{logger.run_id or logger.spec['key']}",
         )
     )
     stages.update()

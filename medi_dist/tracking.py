@@ -34,6 +34,7 @@ log = logging.getLogger("medi_dist.tracking")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
 DEFAULT_EXPERIMENT = "medi-dist"
+SPILL_DIR = "mlflow-spill"  # where calls the server did not take wait (upload_spills delivers them)
 RUN_NAME_TAG = "medi_dist.run_name"
 KIND_TAG = "medi_dist.kind"
 PARENT_TAG = "mlflow.parentRunId"
@@ -42,7 +43,7 @@ PARENT_ENV = "MEDI_DIST_PARENT_RUN"  # name of a user-level job run that the run
 # MLflow 3.17.2's UI stores it but picks its mode from the browser or ?workflowType= (see ui_link).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
-_job_parent: str | None = None  # run id of the job() block this process is in
+_job_parent: RunLogger | None = None  # the job() block this process is in (its run made later if the server was down)
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -90,10 +91,11 @@ def find_or_create_run(
     wait_s: float | None = None,
 ) -> str:
     """The run tagged with `key` (default: the run name), so a resumed job keeps its run, or a new one.
-    Without `parent_run_id` the run joins the current job (`job()` or $MEDI_DIST_PARENT_RUN), if any; a
-    resumed run moves to the job that resumes it. A server that is down or restarting is retried with
-    backoff for up to `wait_s` (default run_wait_s()); then TrackingUnavailable. Found by its tag on
-    every try, so a create whose answer was lost is not made twice."""
+    Without `parent_run_id` (None; "" for no parent) the run joins the current job (`job()` or
+    $MEDI_DIST_PARENT_RUN), if any; a resumed run moves to the job that resumes it. A server that is
+    down or restarting is retried with backoff for up to `wait_s` (default run_wait_s()); then
+    TrackingUnavailable. Found by its tag on every try, so a create whose answer was lost is not made
+    twice."""
     return retrying(
         lambda: _find_or_create_run(uri, run_name, experiment, tags, parent_run_id, key),
         f"creating MLflow run {run_name!r}",
@@ -105,7 +107,8 @@ def find_or_create_run(
 def _find_or_create_run(uri, run_name, experiment, tags, parent_run_id, key) -> str:
     c = client(uri)
     exp = experiment_id(c, experiment)
-    parent_run_id = parent_run_id or current_parent(uri, experiment)
+    if parent_run_id is None:
+        parent_run_id = current_parent(uri, experiment)
     key = key or run_name
     found = c.search_runs([exp], filter_string=f"tags.`{RUN_NAME_TAG}` = '{key}'", max_results=1)
     if found:
@@ -160,10 +163,11 @@ def adopt_run(uri: str, key: str, experiment: str = DEFAULT_EXPERIMENT) -> str |
 
 
 def current_parent(uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:
-    """The run id of the job this process works for: a `job()` block, else the run named by
-    $MEDI_DIST_PARENT_RUN (created by the first stage, set RUNNING again by each later one)."""
-    if _job_parent:
-        return _job_parent
+    """The run id of the job this process works for: a `job()` block's (made now if the server was
+    down when the block began), else the run named by $MEDI_DIST_PARENT_RUN (created by the first
+    stage, set RUNNING again by each later one)."""
+    if _job_parent is not None:
+        return _job_parent.make_run()
     name = os.environ.get(PARENT_ENV)
     if not name:
         return None
@@ -191,21 +195,27 @@ def ended_as(log: RunLogger) -> Iterator[RunLogger]:
     close(log)
 
 
-def _keyed_logger(
-    uri: str, name: str, kind: str, experiment: str, parent: Callable[[], str | None], spill_dir: str | None
-) -> RunLogger:
+def _keyed_logger(uri: str, name: str, kind: str, experiment: str, spill_dir: str | None, top: bool) -> RunLogger:
     """A logger on a new run under a key made once (`name`/random), created with find_or_create_run's
     retries: a create whose answer was lost is found by its key on the next try, not made twice. With
-    `spill_dir`, a server that stays down does not stop the job (as open_run: made later, calls spilled)."""
+    `spill_dir`, a server that stays down does not stop the job (as open_run: made later, calls spilled;
+    a child of the job it was opened in, `top`: of none)."""
     key = f"{name}/{uuid.uuid4().hex[:8]}"
+    parent = (lambda: None) if top else (lambda: current_parent(uri, experiment))
     try:
         return RunLogger(uri, _new_keyed_run(uri, name, kind, experiment, parent, key), spill_dir)
     except TrackingUnavailable as e:
         if spill_dir is None:
             raise
         _going_on(e, spill_dir)
-        spec = {"run_name": name, "experiment": experiment, "tags": {KIND_TAG: kind}, "parent_run_id": None, "key": key}
-        return RunLogger(uri, None, spill_dir, spec)
+        spec = {
+            "run_name": name,
+            "experiment": experiment,
+            "tags": {KIND_TAG: kind},
+            "parent_run_id": "" if top else None,
+            "key": key,
+        }
+        return RunLogger(uri, None, spill_dir, spec, None if top else _job_parent)
 
 
 def _new_keyed_run(uri: str, name: str, kind: str, experiment: str, parent: Callable[[], str | None], key: str) -> str:
@@ -225,11 +235,11 @@ def job(
     uri: str, name: str, kind: str, experiment: str = DEFAULT_EXPERIMENT, spill_dir: str | None = None
 ) -> Iterator[RunLogger]:
     """A user-level job's parent run, from the start of the block to its end; every run created in
-    this process meanwhile (find_or_create_run, stage) is its child (not those made while the server
-    was down: without a run id then, they are made without a parent)."""
+    this process meanwhile (find_or_create_run, stage, open_run) is its child, also one made later
+    because the server was down (the job's run is then made first, if it was not yet)."""
     global _job_parent
-    log = _keyed_logger(uri, name, kind, experiment, lambda: None, spill_dir)
-    previous, _job_parent = _job_parent, log.run_id
+    log = _keyed_logger(uri, name, kind, experiment, spill_dir, top=True)
+    previous, _job_parent = _job_parent, log
     try:
         with ended_as(log):
             yield log
@@ -247,7 +257,7 @@ def stage(
     spill_dir: str | None = None,
 ) -> Iterator[RunLogger]:
     """A new run for one stage (generate, evaluate), lasting as long as the block; a child of the current job."""
-    log = _keyed_logger(uri, name, kind, experiment, lambda: current_parent(uri, experiment), spill_dir)
+    log = _keyed_logger(uri, name, kind, experiment, spill_dir, top=False)
     with ended_as(log), system_metrics_logged(log, system_metrics):
         yield log
 
@@ -413,10 +423,19 @@ class RunLogger:
 
     `run_id` None: the run could not be created (server down). With `spec` (find_or_create_run's
     arguments, see open_run) the sender creates it once the server answers, and the calls follow;
-    without, every call goes to the spill file."""
+    without, every call goes to the spill file. `parent`: the logger of the job the run was opened in
+    (job()); a run made later is its child (the job's run made first if need be)."""
 
-    def __init__(self, uri: str, run_id: str | None, spill_dir: str | None = None, spec: dict | None = None):
+    def __init__(
+        self,
+        uri: str,
+        run_id: str | None,
+        spill_dir: str | None = None,
+        spec: dict | None = None,
+        parent: RunLogger | None = None,
+    ):
         self.uri, self.run_id, self.spill_dir, self.spec, self._c = uri, run_id, spill_dir, spec, None
+        self.parent = parent
         self._making = threading.Lock()  # the sender and ensure_run may both make the run: once
         self._queue: deque[_Call] = deque()
         self._cv = threading.Condition()
@@ -424,10 +443,16 @@ class RunLogger:
         self.retries = 0  # failed attempts that were retried (outages seen)
 
     def __getstate__(self):
-        return {"uri": self.uri, "run_id": self.run_id, "spill_dir": self.spill_dir, "spec": self.spec}
+        return {
+            "uri": self.uri,
+            "run_id": self.run_id,
+            "spill_dir": self.spill_dir,
+            "spec": self.spec,
+            "parent": self.parent,
+        }
 
     def __setstate__(self, state):
-        self.__init__(state["uri"], state["run_id"], state.get("spill_dir"), state.get("spec"))
+        self.__init__(state["uri"], state["run_id"], state.get("spill_dir"), state.get("spec"), state.get("parent"))
 
     @property
     def c(self):
@@ -553,10 +578,14 @@ class RunLogger:
 
     def make_run(self) -> str:
         """The run, made now (or found, if made by an earlier try) if the server was down when it was
-        opened; one try, errors raise."""
+        opened, as a child of `parent` (made first if need be); one try, errors raise. None: no run
+        and no spec to make one."""
         with self._making:
-            if self.run_id is None:
-                self.run_id = _find_or_create_run(self.uri, **self.spec)
+            if self.run_id is None and self.spec is not None:
+                spec = self.spec
+                if spec.get("parent_run_id") is None and self.parent is not None:
+                    spec = {**spec, "parent_run_id": self.parent.make_run() or ""}
+                self.run_id = _find_or_create_run(self.uri, **spec)
             return self.run_id
 
     def flush(self, timeout: float | None = None) -> str | None:
@@ -673,17 +702,21 @@ def upload_spills(uri: str, run_id: str, folder: str, wait_s: float | None = Non
     each request retried while the server is unreachable (up to `wait_s` each); consecutive metrics
     calls go as one log_batch of up to MAX_POINTS points. After each request `<file>.sent` records how
     many lines are in, so an upload cut short (TrackingUnavailable, a killed process) resumes after
-    them instead of sending the file again; a file is removed once all its calls are in. Returns the
-    calls delivered by this upload."""
+    them instead of sending the file again; a file is removed once all its calls are in. A file
+    written when its run existed goes to that run (an earlier attempt's leftovers, e.g. of a stage that
+    makes a new run each time, are not mixed into this one); one written before any run was made goes
+    to `run_id`. Returns the calls delivered by this upload."""
     import pyarrow.fs as pafs
 
     fs, root = _fs(folder)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     files = sorted((i for i in infos if i.base_name.endswith(".jsonl")), key=lambda i: (i.mtime_ns or 0, i.path))
-    sender, n = RunLogger(uri, run_id), 0
+    senders, n = {}, 0
     for info in files:
         with fs.open_input_stream(info.path) as f:
             calls = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        to = (calls[0].get("run_id") if calls else None) or run_id  # one flush of one logger: one run
+        sender = senders.setdefault(to, RunLogger(uri, to))
         sent_path = info.path + ".sent"
         done = start = _read_count(fs, sent_path)
         while done < len(calls):
@@ -691,7 +724,7 @@ def upload_spills(uri: str, run_id: str, folder: str, wait_s: float | None = Non
             if kind == "artifact":
                 with fs.open_input_stream(f"{root}/{payload.pop('file')}") as f:
                     payload["data"] = f.read()
-            retrying(lambda k=kind, p=payload: sender._do(k, **p), f"uploading spilled {kind}", uri, wait_s)
+            retrying(lambda k=kind, p=payload, s=sender: s._do(k, **p), f"uploading spilled {kind}", uri, wait_s)
             n, done = n + end - done, end
             with fs.open_output_stream(sent_path) as f:  # confirmed: not sent again by a later upload
                 f.write(str(done).encode())
@@ -701,7 +734,7 @@ def upload_spills(uri: str, run_id: str, folder: str, wait_s: float | None = Non
                 fs.delete_file(f"{root}/{call['file']}")
         if done:
             fs.delete_file(sent_path)
-        log.info("MLflow: %d spilled call(s) from %s delivered to run %s", done - start, info.path, run_id)
+        log.info("MLflow: %d spilled call(s) from %s delivered to run %s", done - start, info.path, to)
     return n
 
 
@@ -749,15 +782,16 @@ def open_run(
     left at its end into `spill_dir`; close()/deliver() upload that. `wait_s` 0: nothing is asked
     now, the first call makes the run (for callers that must not stall, e.g. a Tune trial)."""
     spec = {"run_name": run_name, "experiment": experiment, "tags": tags, "parent_run_id": parent_run_id, "key": key}
+    parent = _job_parent if parent_run_id is None else None  # a run made later stays the job's child
     if wait_s == 0:
-        return RunLogger(uri, None, spill_dir, spec)
+        return RunLogger(uri, None, spill_dir, spec, parent)
     try:
         run_id = find_or_create_run(uri, wait_s=wait_s, **spec)
         upload_spills(uri, run_id, spill_dir, wait_s)
     except TrackingUnavailable as e:
         _going_on(e, spill_dir)
-        return RunLogger(uri, None, spill_dir, spec)
-    return RunLogger(uri, run_id, spill_dir, spec)
+        return RunLogger(uri, None, spill_dir, spec, parent)
+    return RunLogger(uri, run_id, spill_dir, spec, parent)
 
 
 def _going_on(e: TrackingUnavailable, spill_dir: str) -> None:

@@ -42,12 +42,13 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-def _model_dir(path: Path, dataset: Path, columns=(TYPE, SITE), continuous=()) -> Path:
-    """An untrained tiny 16-px model whose directory records `dataset` (plans and plumbing only)."""
+def _model_dir(path: Path, dataset: Path, columns=(TYPE, SITE), continuous=(), **info) -> Path:
+    """An untrained tiny 16-px model whose directory records `dataset` and `info` (e.g. the
+    mlflow_run_id that trained it; plans and plumbing only)."""
     spec = ConditioningSpec.load(dataset / "vocab.json").subset(list(columns), list(continuous))
     torch.manual_seed(0)
     model = ConditionedUNet(ModelConfig.from_preset("tiny"), spec)
-    save_model_dir(path, model, EMA(model), extra_info={"name": "rand", "dataset": str(dataset)})
+    save_model_dir(path, model, EMA(model), extra_info={"name": "rand", "dataset": str(dataset), **info})
     return path
 
 

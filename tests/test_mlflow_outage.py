@@ -1,9 +1,11 @@
-"""MLflow outages outside `train`: `evaluate fidelity`, `tune` and the demo's run go on while a real
-`mlflow server` is down, spill to their output folder and upload when it is back; an upload cut
-short resumes where it stopped (each point arrives once)."""
+"""MLflow outages outside `train`: `evaluate fidelity`, `evaluate downstream`, `generate`, `tune` and
+the demo's run go on while a real `mlflow server` is down, spill to their output folder and upload
+when it is back, runs made then joining the job they were opened in; an upload cut short resumes
+where it stopped (each point arrives once)."""
 
 from __future__ import annotations
 
+import argparse
 import signal
 from pathlib import Path
 
@@ -56,6 +58,14 @@ def back_before(monkeypatch, server: Server, name: str) -> list:
 
 def spill_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def _run(server: Server, run_id: str) -> dict:
+    return requests.get(f"{server.api}/runs/get", params={"run_id": run_id}, timeout=10).json()["run"]
 
 
 def test_upload_resumes_where_it_was_cut(server, tmp_path, monkeypatch):
@@ -142,13 +152,17 @@ def test_fidelity_goes_on_and_uploads_when_the_server_is_back(server, proc_datas
 def test_demo_run_survives_a_server_stopped_mid_logging(server, tmp_path, monkeypatch):
     """The demo's parent run (tracking.job, as run_demo opens it): the server dies right after the run
     is made; the demo's logging goes on, spills into <out>/mlflow-spill/<run name> and delivers each
-    metric once when it is back, at the block's end."""
+    metric once when it is back, at the block's end. Its evaluate stage, opened while the server is
+    down, is made when it is back, as the demo run's child."""
     server.up()
     back_before(monkeypatch, server, "deliver")
     spill = tmp_path / "mlflow-spill" / "demo-1"
     with tracking.job(server.url, "demo-1", "demo", spill_dir=str(spill)) as logger:
         run_id = logger.run_id
         server.kill()
+        with tracking.stage(server.url, "evaluate", "evaluate", spill_dir=str(tmp_path / "mlflow-spill" / "ev")) as ev:
+            assert ev.run_id is None  # made at the stage's end, when the server is back
+            ev.metrics({"medi.balanced_accuracy": 0.7})
         logger.params({"tiles": 800})
         logger.metrics({"real_only.balanced_accuracy": 0.6, "MeDi.worst_site_accuracy": 0.4})
         logger.artifact_bytes(b"the table", "results.txt")
@@ -162,6 +176,9 @@ def test_demo_run_survives_a_server_stopped_mid_logging(server, tmp_path, monkey
     assert run["info"]["status"] == "FINISHED"
     files = requests.get(f"{server.api}/artifacts/list", params={"run_id": run_id}, timeout=10).json()["files"]
     assert {f["path"] for f in files} == {"results.txt", "real_vs_generated.png"}
+    (child,) = _runs_named(server.api, "medi-dist", "evaluate")
+    assert child["info"]["run_id"] == ev.run_id and _tags(child)[tracking.PARENT_TAG] == run_id
+    assert len(_history(server.api, ev.run_id, "medi.balanced_accuracy")) == 1
 
 
 def test_study_goes_on_while_the_server_is_down(ray_cluster, server, tmp_path, monkeypatch):
@@ -217,3 +234,103 @@ def test_study_goes_on_while_the_server_is_down(ray_cluster, server, tmp_path, m
     assert {"subgroups_val.csv", "site_accuracy_val.png"} <= {f["path"] for f in files}
     parent = requests.get(f"{server.api}/runs/get", params={"run_id": res.parent_run_id}, timeout=10).json()["run"]
     assert "best_val_objective" in {m["key"] for m in parent["data"]["metrics"]}
+
+
+def test_generate_goes_on_and_its_run_joins_its_job_when_the_server_is_back(
+    ray_cluster, server, proc_dataset, tmp_path, monkeypatch, caplog
+):
+    """A model's training run exists, then the server dies. A job (as the demo's parent run) and its
+    `generate` stage both start without it: after the short wait the generation goes on and writes
+    every planned tile exactly once, its calls spilled into <out>/mlflow-spill/generate-<out>. The
+    server is back before the stage's upload, which makes the job's run, then the generate run as its
+    child (once), linked to the training run, with each metric once and both dataset inputs."""
+    import pandas as pd
+
+    from medi_dist.data.shards import verify_shards
+    from medi_dist.generate.job import GenerateConfig, build_tasks, generate
+    from medi_dist.generate.tile_list import task_tiles
+    from test_generate import PLAN, SAMPLING, _model_dir
+
+    server.up()
+    train_run = tracking.find_or_create_run(server.url, "rand-training")
+    model = _model_dir(tmp_path / "model", proc_dataset, mlflow_run_id=train_run)
+    server.kill()
+    seen = back_before(monkeypatch, server, "deliver")
+    out = tmp_path / "gen"
+    cfg = GenerateConfig(
+        model=str(model),
+        out=str(out),
+        plan=PLAN,
+        sampling=SAMPLING,
+        tiles_per_shard=10,
+        workers=1,
+        log_mlflow=True,
+        tracking_uri=server.url,
+    )
+    job_spill = tmp_path / "mlflow-spill" / "chain-gen"
+    with caplog.at_level("WARNING", logger="medi_dist.tracking"):
+        with tracking.job(server.url, "chain-gen", "demo", spill_dir=str(job_spill)) as job:
+            res = generate(cfg)
+    assert seen and res.complete and res.tiles == 48
+    index = pd.read_parquet(out / "index.parquet")
+    tasks, _, _, _ = build_tasks(cfg)
+    planned = [t["key"] for task in tasks for t in task_tiles(task)]
+    assert sorted(index["key"]) == sorted(planned) and not index["key"].duplicated().any()
+    verify_shards(out, checksums=True)
+    spill = out.resolve() / "mlflow-spill" / "generate-gen"
+    assert f"written to {spill}/" in caplog.text  # the stage spilled, and then delivered
+    assert spill_files(spill) == [] and spill_files(job_spill) == []
+    assert [r["info"]["run_id"] for r in _runs_named(server.api, "medi-dist", "chain-gen")] == [job.run_id]
+    (run,) = _runs_named(server.api, "medi-dist", "generate-gen")
+    run_id, tags = run["info"]["run_id"], _tags(run)
+    assert tags[tracking.PARENT_TAG] == job.run_id and tags["medi_dist.model_run_id"] == train_run
+    assert f"trained in run [{train_run}](#/runs/{train_run})" in tags["mlflow.note.content"]
+    run = _run(server, run_id)
+    assert run["info"]["status"] == "FINISHED"
+    assert {"model", "plan.mode", "sampling.steps", "tiles"} <= {p["key"] for p in run["data"]["params"]}
+    for key in ("tiles_planned", "shards_generated", "seconds"):
+        assert len(_history(server.api, run_id, key)) == 1, key
+    assert _history(server.api, run_id, "tiles_planned")[0]["value"] == 48
+    contexts = {
+        t["value"] for d in run["inputs"]["dataset_inputs"] for t in d["tags"] if t["key"] == "mlflow.data.context"
+    }
+    assert contexts == {"training", "generated"}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_downstream_goes_on_and_joins_its_chain_when_the_server_is_back(server, tmp_path, monkeypatch, caplog):
+    """`evaluate downstream --mlflow-run` in a named job ($MEDI_DIST_PARENT_RUN) with no server until
+    its end: the evaluation finishes and writes its results; its calls go to
+    <out>/mlflow-spill/<run> and, the server back before the upload, the run is made once (a child of
+    the job's run, made then too) with each metric once, its params and its table."""
+    from medi_dist.evaluate.command import add_downstream_parser
+    from synthetic_pools import ingest_procedural, make_pool
+
+    real = ingest_procedural(tmp_path / "real", n_types=3, n_sites=12, n_tiles=240, val=0.0)
+    pool = make_pool(real, tmp_path / "pool", per_pair=4)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv(tracking.PARENT_ENV, "chain-ds")
+    seen = back_before(monkeypatch, server, "deliver")
+    parser = argparse.ArgumentParser()
+    add_downstream_parser(parser.add_subparsers(dest="cmd"))
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        ["downstream", "--real", str(real), "--synthetic", str(pool), "--ratio", "1", "--seeds", "0", "1"]
+        + ["--k-sites", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--mlflow-run", "ds-outage"]
+    )
+    with caplog.at_level("WARNING", logger="medi_dist.tracking"):
+        args.func(args)
+    spill = out.resolve() / "mlflow-spill" / "ds-outage"
+    assert seen and (out / "results.json").is_file()
+    assert f"going on without it: calls are sent when the server is back, else written to {spill}" in caplog.text
+    assert f"written to {spill}/" in caplog.text and spill_files(spill) == []
+    (job,) = _runs_named(server.api, "medi-dist", "chain-ds")
+    (run,) = _runs_named(server.api, "medi-dist", "ds-outage")
+    run_id = run["info"]["run_id"]
+    assert _tags(run)[tracking.PARENT_TAG] == job["info"]["run_id"]
+    run = _run(server, run_id)
+    assert run["info"]["status"] == "FINISHED" and {"real", "ratios"} <= {p["key"] for p in run["data"]["params"]}
+    for key in ("test_balanced_accuracy", "test_balanced_accuracy_sem"):
+        assert len(_history(server.api, run_id, key)) == 1, key
+    files = requests.get(f"{server.api}/artifacts/list", params={"run_id": run_id}, timeout=10).json()["files"]
+    assert {"table.txt", "subgroups_test.csv"} <= {f["path"] for f in files}

@@ -22,7 +22,7 @@ ENCODERS_HELP = (
 
 def _downstream(args: argparse.Namespace) -> None:
     from ..ray_setup import check_job_paths
-    from .downstream import DownstreamConfig, baseline, compare, verdict
+    from .downstream import DownstreamConfig, baseline
 
     check_job_paths(
         {
@@ -59,6 +59,20 @@ def _downstream(args: argparse.Namespace) -> None:
         from .downstream import DownstreamError
 
         raise DownstreamError(f"--ratio must be >= 0, got {min(ratios)}")
+    if args.mlflow_run:
+        from ..tracking import ended_as
+
+        with ended_as(_open_downstream_run(args)) as logger:  # FAILED (KILLED on Ctrl-C) if it does not finish
+            cmp = _compare(args, base, arms)
+            _log_downstream(logger, args, cmp)
+    else:
+        _compare(args, base, arms)
+
+
+def _compare(args: argparse.Namespace, base, arms: dict):
+    """The arms compared; the table, the paired differences and the files of --out."""
+    from .downstream import compare, verdict
+
     cmp = compare(base, arms)
     print(f"held-out split {args.test_split!r}, classifier {args.classifier}, seeds {args.seeds} (mean ± SEM)")
     print(cmp.table())
@@ -80,19 +94,23 @@ def _downstream(args: argparse.Namespace) -> None:
         for k, r in cmp.results.items():
             r.subgroups().to_csv(out / f"subgroups_{k.replace(' ', '_').replace('=', '')}.csv", index=False)
         print(f"wrote {out}/results.json, table.txt and per-(type, site) tables")
-    if args.mlflow_run:
-        _log_downstream(args, cmp, last)
-    else:
+    if not args.mlflow_run:
         print(f"per (type, site) on the held-out split, arm {list(arms)[-1]!r}:")
         print(last.subgroups().to_string(index=False, float_format="%.3f"))
+    return cmp
 
 
-def _log_downstream(args, cmp, last) -> None:
-    from ..tracking import RunLogger, find_or_create_run, log_datasets, tracking_uri
-    from .result_log import log_result
+def _open_downstream_run(args: argparse.Namespace):
+    """The --mlflow-run run, opened (found by its name, set running again) before the work, with its
+    params and inputs. A tracking server that is down does not stop the evaluation (as evaluate
+    fidelity, tracking.open_run): the calls go to <--out, else .>/mlflow-spill/<run name> and are
+    uploaded when it is back."""
+    from ..tracking import SPILL_DIR, log_datasets, open_run, tracking_uri
 
     uri = tracking_uri()
-    log = RunLogger(uri, find_or_create_run(uri, args.mlflow_run, tags={"medi_dist.kind": "downstream"}))
+    spill = Path(args.out or ".").resolve() / SPILL_DIR / args.mlflow_run.replace("/", "_")
+    log = open_run(uri, args.mlflow_run, str(spill), tags={"medi_dist.kind": "downstream"})
+    log.status("RUNNING")
     log.params(
         {
             "real": args.real,
@@ -107,12 +125,20 @@ def _log_downstream(args, cmp, last) -> None:
             "test_split": args.test_split,
         }
     )
-    real = cmp.results["real only"]
-    log_result(log, last, "test", baseline=real if last is not real else None)
     log_datasets(log, {"real": args.real, "synthetic": args.synthetic})
+    return log
+
+
+def _log_downstream(log, args: argparse.Namespace, cmp) -> None:
+    from .result_log import log_result
+
+    real, last = cmp.results["real only"], list(cmp.results.values())[-1]
+    log_result(log, last, "test", baseline=real if last is not real else None)
     log.artifact_bytes((cmp.table() + "\n").encode(), "table.txt")
-    log.finish()
-    print(f"MLflow run {args.mlflow_run!r} in {uri}; open it with `mlflow ui --backend-store-uri {uri}`")
+    print(
+        f"MLflow run {args.mlflow_run!r} in {log.uri}; open it with `mlflow ui --backend-store-uri {log.uri}`"
+        + ("" if log.run_id else f" (the server is down: its calls wait in {log.spill_dir})")
+    )
 
 
 def add_downstream_parser(evaluate_subparsers) -> argparse.ArgumentParser:

@@ -356,11 +356,19 @@ def _generate(cfg: GenerateConfig, out: Path, remote: Folder | None, t0: float) 
         ensure_ray()
     if not cfg.log_mlflow:
         return _work(cfg, out, remote, tasks, pending, rows, header, spec, t0)
-    from ..tracking import log_datasets, stage, tracking_uri
+    from ..tracking import SPILL_DIR, log_datasets, stage, tracking_uri
 
     name = remote.uri.rstrip("/").rsplit("/", 1)[-1] if remote else out.resolve().name
+    # A tracking server that is down does not stop the generation (as evaluate fidelity): its run is
+    # made when the server answers, or its calls go to <out>/mlflow-spill/<run name> and are
+    # uploaded at the end (tracking.close, waiting for the server again).
+    spill = f"{remote.uri.rstrip('/') if remote else out.resolve()}/{SPILL_DIR}/generate-{name}"
     with stage(
-        tracking_uri(cfg.tracking_uri), f"generate-{name}", "generate", system_metrics=cfg.system_metrics
+        tracking_uri(cfg.tracking_uri),
+        f"generate-{name}",
+        "generate",
+        system_metrics=cfg.system_metrics,
+        spill_dir=spill,
     ) as log:
         _log_start(log, cfg, header)  # the run starts before the first tile: its duration is the generation's
         res = _work(cfg, out, remote, tasks, pending, rows, header, spec, t0)
@@ -404,11 +412,18 @@ def _log_start(log, cfg: GenerateConfig, header: dict) -> None:
     if train_run:
         from mlflow.exceptions import MlflowException
 
+        from ..tracking import transient
+
         try:
             exp = log.c.get_run(train_run).info.experiment_id
             note += f", trained in run [{train_run}](#/experiments/{exp}/runs/{train_run})"
-        except MlflowException:  # trained against another tracking server: the id alone
-            note += f", trained in run {train_run} (another tracking server)"
+        except Exception as e:
+            if transient(e):  # the server is down: the UI's direct run link, not checked against it
+                note += f", trained in run [{train_run}](#/runs/{train_run})"
+            elif isinstance(e, MlflowException):  # trained against another tracking server: the id alone
+                note += f", trained in run {train_run} (another tracking server)"
+            else:
+                raise
         log.tags({"medi_dist.model_run_id": train_run})
     log.tags(
         {

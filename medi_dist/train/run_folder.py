@@ -17,7 +17,6 @@ from .config import TrainConfig
 log = logging.getLogger("medi_dist.train")
 
 RUN_FILE = "medi-dist-run.json"
-SPILL_DIR = "mlflow-spill"  # MLflow calls the server did not take (tracking.upload_spills delivers them)
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered checkpoints
 
 # Settings that may change between starts of one run: where and how it runs, not what it learns.

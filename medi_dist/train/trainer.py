@@ -21,6 +21,7 @@ from ..paths import absolute
 from ..ray_setup import check_job_paths, check_resource, ensure_ray
 from ..storage import is_remote, upload_folder
 from ..tracking import (
+    SPILL_DIR,
     RunLogger,
     TrackingUnavailable,
     find_or_create_run,
@@ -34,7 +35,6 @@ from .lease import RunLease
 from .loop import WorkerConfig, train_worker
 from .run_folder import (
     RUN_FILE,
-    SPILL_DIR,
     RunFolder,
     check_same_training,
     finished_at,
