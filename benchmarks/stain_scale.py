@@ -58,10 +58,37 @@ def axis_e(x: np.ndarray, scale: float, share: float = 30.0) -> np.ndarray:
     return ss.unit(vecs[:, -1] * np.sign(vecs[:, -1].sum()))
 
 
+def faint_background(x: np.ndarray, share: float = 0.5) -> np.ndarray:
+    """Background OD read from the faintest pixels (the median OD of the `share` % with the least
+    total density): near-white lumen or glass, where there is hardly any stain."""
+    flat = x.reshape(-1, 3)
+    total = flat.sum(1)
+    return np.median(flat[total <= np.percentile(total, share)], 0)
+
+
+def regress_h(x: np.ndarray, e: np.ndarray, sigma: float = 4.0, share: float = 10.0) -> np.ndarray:
+    """Haematoxylin direction given eosin: in the stain plane (Macenko's top two axes), h = n + k e
+    with n the in-plane normal to e; k is the slope of the high-pass OD along e on the high-pass OD
+    along n over the `share` % of pixels with the most high-pass density along n (fine texture that
+    is mostly nuclear, where eosin varies little)."""
+    flat = x.reshape(-1, 3)
+    flat = flat[np.linalg.norm(flat, axis=1) > 0.15]
+    _, vecs = np.linalg.eigh(np.cov(flat.T))
+    plane = vecs[:, [2, 1]]
+    e = ss.unit(plane @ (plane.T @ e))
+    n = np.cross(np.cross(plane[:, 0], plane[:, 1]), e)
+    n = n * np.sign(n[0] - n[1])  # haematoxylin absorbs more red than eosin does
+    hp = x - gaussian_filter(x, (0, sigma, sigma, 0))
+    a, b = (hp @ n).ravel(), (hp @ e).ravel()
+    m = np.abs(a) >= np.percentile(np.abs(a), 100 - share)
+    return ss.unit(n + np.sum(a[m] * b[m]) / np.sum(a[m] ** 2) * e)
+
+
 ESTIMATORS = {  # name -> (h, e) choice
     "Macenko (after removing the line pattern)": ("macenko", "macenko"),
     "local-contrast h, eosin axis": ("contrast", "axis"),
     "local-contrast h, Macenko e": ("contrast", "macenko"),
+    "Macenko e after a faint-pixel background, regression h": ("regress", "macenko-bg"),
 }
 
 
@@ -72,8 +99,14 @@ def directions(od: np.ndarray, lines: bool, how: tuple[str, str], size: int) -> 
     x = od - pattern[..., None]
     scale = size / BASE
     mac = ss.macenko_vectors(x.reshape(-1, 3))
-    h = contrast_h(x, scale) if how[0] == "contrast" else mac[0]
-    e = axis_e(x, scale) if how[1] == "axis" else mac[1]
+    if how[1] == "macenko-bg":  # Macenko's eosin extreme of the OD less the faintest pixels' OD
+        e = ss.macenko_vectors((x - faint_background(x)).reshape(-1, 3), beta=0.2)[1]
+    else:
+        e = axis_e(x, scale) if how[1] == "axis" else mac[1]
+    if how[0] == "regress":
+        h = regress_h(x, e)  # sigma 4 source pixels: the best of 1, 2, 4 at 128 and 256 px
+    else:
+        h = contrast_h(x, scale) if how[0] == "contrast" else mac[0]
     hed = np.stack([h, e])
     _, res = ss.Stain(hed, np.zeros(3), pattern).unmix(od)
     return hed, np.median(res.reshape(-1, 3), 0)
@@ -116,6 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=1 << 23, help="pixels of training tiles per site to estimate on")
     p.add_argument("--per-pair", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--estimator", action="append", choices=sorted(ESTIMATORS), help="default: all")
     p.add_argument("--out", default="benchmarks/results/stain_scale.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -173,6 +207,8 @@ def main(argv=None) -> int:
         refs = {s: ss.true_stain(s, src_size, lines, od[s]) for s in owner}
         print(f"{src_size} px: read {sum(used.values())} tiles ({time.time() - t0:.0f} s)", flush=True)
         for name, how in ESTIMATORS.items():
+            if args.estimator and name not in args.estimator:
+                continue
             t0 = time.time()
             est = {s: directions(od[s], lines, how, src_size) for s in owner}
             src_err = {
