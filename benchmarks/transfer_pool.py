@@ -13,7 +13,10 @@ reference-pool path, with this class as its tile source), so `medi-dist evaluate
 --synthetic DIR` reads it like the demo's pools.
 
     python benchmarks/transfer_pool.py --dataset /tmp/demo17/demo-output/data \
-        --like /tmp/demo17/demo-output/reference-oracle --out /tmp/xfer --source /tmp/stain2/world256
+        --like /tmp/demo17/demo-output/reference-oracle --out /tmp/xfer --kind true est32 est256 \
+        --source /tmp/stain2/world256
+    # then `medi-dist evaluate downstream --synthetic POOL --out RUN` per pool (and the oracle pool), and
+    python benchmarks/transfer_pool.py --summarise oracle=RUN0 true=RUN1 est32=RUN2 --out JSON
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ def summarise(runs: dict[str, str], out: str) -> None:
         r = table["arms"][k]
         print(k, *(f"{c} {m} {r[c][m][0]:+.3f} ± {r[c][m][1]:.3f}" for c in list(r)[:3] for m in names), sep="; ")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
+    for k, d in [("real only", next(iter(runs.values()))), *runs.items()]:  # per held-out (type, site)
+        csv = Path(d) / ("subgroups_real_only.csv" if k == "real only" else "subgroups_r1_uniform.csv")
+        table["arms"][k]["held_out"] = csv.read_text().splitlines() if csv.exists() else None
     Path(out).write_text(json.dumps({"runs": runs, **table}, indent=1))
 
 
