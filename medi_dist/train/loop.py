@@ -22,7 +22,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from ..data.stream import DeviceDecoder, to_model_range
+from ..data.device_decode import DeviceDecoder
+from ..data.stream import to_model_range
 from ..metadata import ConditioningSpec
 from ..model import EMA, ConditionedUNet, ModelConfig, diffusion_loss, save_model_dir
 from ..model.unet import unwrap
