@@ -8,9 +8,11 @@ seed) and moved to the requested site, with per-site stains from (i) the rendere
 (`true`, the ceiling), (ii) the best all-estimated 32-px estimator (`est32`: Macenko e after a
 faint-pixel background, regression h; stain_scale.py), (iii) with --source, the same estimator's
 directions from the world ingested at 256 px (`est256`), the rest at 32 px. Every stain carries its
-site's JPEG quality. The pool goes through the generate job's shard writer and dataset files (the
-reference-pool path, with this class as its tile source), so `medi-dist evaluate downstream
---synthetic DIR` reads it like the demo's pools.
+site's JPEG quality. With --donors POOL the donors are a generated pool's tiles (`medi-dist generate
+--mode explicit` at each type's own training sites), each moved tile its own donor while they last,
+and the pools are OUT/transfer-generated-<kind>. The pool goes through the generate job's shard writer
+and dataset files (the reference-pool path, with this class as its tile source), so `medi-dist
+evaluate downstream --synthetic DIR` reads it like the demo's pools.
 
     python benchmarks/transfer_pool.py --dataset /tmp/demo17/demo-output/data \
         --like /tmp/demo17/demo-output/reference-oracle --out /tmp/xfer --kind true est32 est256 \
@@ -50,12 +52,17 @@ class TransferPool(ShardGenerator):
     tiles: np.ndarray
     sites: np.ndarray
     by_type: dict
+    offset: dict = {}  # plan row -> its first donor among its type's (with --donors)
 
     def __init__(self, kind: str, dataset, out_dir):
         self.kind, self.out, self.s = kind, Path(out_dir), SamplingSettings(sampler=kind, steps=0)
 
     def sample_tiles(self, tiles: list[dict], owners: dict | None = None) -> np.ndarray:
-        idx = [np.random.default_rng(t["seed"]).choice(self.by_type[t["conditions"][TYPE]]) for t in tiles]
+        if self.offset:  # --donors: the type's donors in turn, one per moved tile while they last
+            idx = [self.by_type[t["conditions"][TYPE]] for t in tiles]
+            idx = [d[(self.offset[t["row"]] + t["index"]) % len(d)] for d, t in zip(idx, tiles)]
+        else:
+            idx = [np.random.default_rng(t["seed"]).choice(self.by_type[t["conditions"][TYPE]]) for t in tiles]
         want = [t["conditions"] for t in tiles]
         return self.space.transfer(self.tiles[idx], [c[TYPE] for c in want], self.sites[idx], [c[SITE] for c in want])
 
@@ -74,8 +81,9 @@ def stains(kind: str, od32: dict, lines: bool, size: int, source: str | None, ow
 
 def summarise(runs: dict[str, str], out: str) -> None:
     """Arms from `medi-dist evaluate downstream --out` directories (name -> dir, each real only + one
-    pool; "oracle" among them): mean ± SEM, paired differences vs real only and vs the oracle arm, and
-    the share of the real-only -> oracle gap closed (ratio of the mean paired differences)."""
+    pool; "oracle" among them): mean ± SEM, paired differences vs real only, the oracle arm and a
+    "medi" arm if given, and the share of the real-only -> oracle gap closed (ratio of the mean paired
+    differences)."""
     names = ("balanced_accuracy", "worst_site_accuracy")
     per_seed = lambda r: {x["seed"]: x for x in r["per_seed"]}  # noqa: E731
     res = {k: json.loads((Path(d) / "results.json").read_text()) for k, d in runs.items()}
@@ -90,11 +98,11 @@ def summarise(runs: dict[str, str], out: str) -> None:
         table["arms"][k] = {
             "mean_sem": mean_sem([{m: arms[k][s][m] for m in names} for s in seeds]),
             "vs real only": up,
-            "vs oracle": diff(k, "oracle"),
+            **{f"vs {ref}": diff(k, ref) for ref in ("oracle", "medi") if ref in arms},
             "gap_closed": {m: up[m][0] / gap[m][0] for m in names if gap[m][0]},
         }
         r = table["arms"][k]
-        print(k, *(f"{c} {m} {r[c][m][0]:+.3f} ± {r[c][m][1]:.3f}" for c in list(r)[:3] for m in names), sep="; ")
+        print(k, *(f"{c} {m} {r[c][m][0]:+.3f} ± {r[c][m][1]:.3f}" for c in list(r)[:-1] for m in names), sep="; ")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     for k, d in [("real only", next(iter(runs.values()))), *runs.items()]:  # per held-out (type, site)
         csv = Path(d) / ("subgroups_real_only.csv" if k == "real only" else "subgroups_r1_uniform.csv")
@@ -109,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="pools are written to OUT/transfer-<kind> (the JSON with --summarise)")
     p.add_argument("--kind", nargs="+", default=["true", "est32"], choices=["true", "est32", "est256"])
     p.add_argument("--source", help="the same world at 256 px (for est256)")
+    p.add_argument("--donors", metavar="POOL", help="donors from a generated pool at each type's own sites")
     p.add_argument("--summarise", nargs="+", metavar="NAME=DIR", help="only summarise downstream runs into --out")
     args = p.parse_args(argv)
     if args.summarise:
@@ -125,12 +134,24 @@ def main(argv=None) -> int:
     quality = {s: ss.jpeg_quality(f) for s, f in site_files(args.dataset, index).items()}
     TransferPool.tiles, TransferPool.sites = tiles, sites
     TransferPool.by_type = {t: np.flatnonzero(types == t) for t in sorted(set(types))}
+    if args.donors:  # generated donors (at each type's own sites) instead of the training split
+        tiles, index = read_tiles(args.donors, None, size)
+        sites, types = index[SITE].to_numpy().astype(str), index[TYPE].to_numpy().astype(str)
+        assert all(owner[s] == t for s, t in zip(sites, types)), "donors must be at their type's own sites"
+        TransferPool.tiles, TransferPool.sites = tiles, sites
+        rng = np.random.default_rng(0)  # each requested site gets donors from all of the type's sites
+        TransferPool.by_type = {t: rng.permutation(np.flatnonzero(types == t)) for t in sorted(set(types))}
+        first: dict = {}
+        for i, r in enumerate(header["rows"]):
+            t = r["conditions"][TYPE]
+            TransferPool.offset[i], first[t] = first.get(t, 0), first.get(t, 0) + r["count"]
+        print("donors per type:", {t: len(d) for t, d in TransferPool.by_type.items()}, "moved:", first, flush=True)
     for kind in args.kind:
         st = stains(kind, od32, lines, size, args.source, owner)
         for s in st:
             st[s].quality = quality[s]
         TransferPool.space = ss.StainSpace(st, owner, counts)
-        name = f"transfer-{kind}"
+        name = f"transfer-{'generated-' if args.donors else ''}{kind}"
         # the reference-pool path of the generate job, with this class as the tile source
         reference.KINDS, reference.ReferenceGenerator = (*reference.KINDS, name), TransferPool
         res = generate(
