@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from medi_dist import tracking
-from test_mlflow_server import _history, _runs_named, free_port, start_server, stop_server
+from test_mlflow_server import _history, _runs_named, free_port, start_server, stop_server, two_trial_study
 
 
 class Server:
@@ -186,7 +186,6 @@ def test_study_goes_on_while_the_server_is_down(ray_cluster, server, tmp_path, m
     finishes (none fails on MLflow), spilling into <study>/mlflow-spill/<trial>; the server is back
     at the study's end, which makes the trial runs under the parent and delivers each point once."""
     from medi_dist.tune import report
-    from medi_dist.tune.config import SearchSpace, StudyConfig
     from medi_dist.tune.study import run_study
     from synthetic_pools import ingest_procedural, make_pool
 
@@ -203,20 +202,7 @@ def test_study_goes_on_while_the_server_is_down(ray_cluster, server, tmp_path, m
 
     monkeypatch.setattr(report, "prepare", prepare_then_kill)
     back_before(monkeypatch, server, "ensure_run")
-    cfg = StudyConfig(
-        name="outage-study",
-        real=str(real),
-        space=SearchSpace(ratio=[0.5, 1.0], pools=[str(pool)]),
-        num_samples=2,
-        seeds=[0, 1],
-        k_sites=4,
-        cpus_per_trial=1,
-        max_concurrent_trials=2,
-        storage_path=str(tmp_path / "runs"),
-        cache_dir=str(tmp_path / "cache"),
-        tracking_uri=server.url,
-        final_eval=False,
-    )
+    cfg = two_trial_study("outage-study", real, pool, tmp_path, tracking_uri=server.url, final_eval=False)
     res = run_study(cfg)
     assert (res.trials["error"] == "").all() and (res.trials["seeds_done"] >= 1).all(), res.trials  # none failed
     spill = tmp_path / "runs" / "outage-study" / "mlflow-spill"

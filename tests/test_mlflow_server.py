@@ -96,13 +96,10 @@ def mlflow_server(tmp_path):
         yield server
 
 
-def test_study_logs_to_mlflow_server(ray_cluster, mlflow_server, tmp_path, monkeypatch):
-    url, art = mlflow_server
-    real = ingest_procedural(tmp_path / "real", n_types=3, n_sites=12, n_tiles=300, val=0.2)
-    pool = make_pool(real, tmp_path / "pool", per_pair=4)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    cfg = StudyConfig(
-        name="server-study",
+def two_trial_study(name, real, pool, tmp_path, **kw):
+    """A 2-trial, 2-seed study of one pool at two ratios, both trials at once (the server tests' study)."""
+    return StudyConfig(
+        name=name,
         real=str(real),
         space=SearchSpace(ratio=[0.5, 1.0], pools=[str(pool)]),
         num_samples=2,
@@ -112,8 +109,16 @@ def test_study_logs_to_mlflow_server(ray_cluster, mlflow_server, tmp_path, monke
         max_concurrent_trials=2,
         storage_path=str(tmp_path / "runs"),
         cache_dir=str(tmp_path / "cache"),
-        experiment="server-exp",
+        **kw,
     )
+
+
+def test_study_logs_to_mlflow_server(ray_cluster, mlflow_server, tmp_path, monkeypatch):
+    url, art = mlflow_server
+    real = ingest_procedural(tmp_path / "real", n_types=3, n_sites=12, n_tiles=300, val=0.2)
+    pool = make_pool(real, tmp_path / "pool", per_pair=4)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    cfg = two_trial_study("server-study", real, pool, tmp_path, experiment="server-exp")
     res = run_study(cfg)
     assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
 
