@@ -57,7 +57,7 @@ class TransferPool(ShardGenerator):
     def __init__(self, kind: str, dataset, out_dir):
         self.kind, self.out, self.s = kind, Path(out_dir), SamplingSettings(sampler=kind, steps=0)
 
-    def sample_tiles(self, tiles: list[dict], owners: dict | None = None) -> np.ndarray:
+    def sample_tiles(self, tiles: list[dict], task: dict | None = None) -> np.ndarray:
         if self.offset:  # --donors: the type's donors in turn, one per moved tile while they last
             idx = [self.by_type[t["conditions"][TYPE]] for t in tiles]
             idx = [d[(self.offset[t["row"]] + t["index"]) % len(d)] for d, t in zip(idx, tiles)]

@@ -111,7 +111,7 @@ def test_leakage_catches_owner_morphology(pools, proc_dataset, tmp_path, monkeyp
     owner = idx.groupby(SITE)[TYPE].first().to_dict()
 
     class OwnerMorphology(ReferenceGenerator):
-        def sample_tiles(self, tiles, owners=None):
+        def sample_tiles(self, tiles, task=None):
             pairs = [(owner[t["conditions"][SITE]], t["conditions"][SITE]) for t in tiles]
             return render_tiles(pairs, [t["seed"] for t in tiles], self.size)
 

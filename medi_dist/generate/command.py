@@ -161,9 +161,11 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     s.add_argument(
         "--composition",
         default="joint",
-        choices=["joint", "owner-site"],
+        choices=["joint", "owner-site", "stain"],  # writer.COMPOSITIONS (not imported: --help stays fast)
         help="joint: the model's (type, site) prediction; owner-site: (type, no site) plus the site's "
-        "direction taken at the type that owns the site in training (needs site dropout)",
+        "direction taken at the type that owns the site in training (needs site dropout); stain: the type "
+        "drawn at one of its own training sites, moved to the requested site by the sites' stains "
+        "(estimated from the training dataset at source resolution)",
     )
     s.add_argument("--composition-scale", type=float, default=1.0, help="weight of the owner-site direction")
     s.add_argument("--weights", default="ema", choices=["ema", "raw", "auto"])

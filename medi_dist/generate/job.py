@@ -32,7 +32,7 @@ from ..storage import Folder, is_remote, local_copy, temp_dir, upload_folder
 from .plan import SITE as SITE_COLUMN
 from .plan import GenerationPlan, PlanError, PlanRow, resolve, training_data
 from .tile_list import plan_id, shard_spans, task_tiles
-from .writer import SPLIT, SamplingSettings, ShardGenerator, read_shard, shard_complete, shard_path
+from .writer import COMPOSITIONS, SPLIT, SamplingSettings, ShardGenerator, read_shard, shard_complete, shard_path
 
 log = logging.getLogger("medi_dist.generate")
 GENERATION_FILE = "generation.json"
@@ -80,8 +80,10 @@ def _settings_check(cfg: GenerateConfig, info: dict) -> str:
     if s.precision not in ("fp32", "fp16", "bf16"):
         raise PlanError(f"precision must be fp32, fp16 or bf16, got {s.precision!r}")
     mcfg = ModelConfig.from_dict(info["model"])
-    if s.composition not in ("joint", "owner-site"):
-        raise PlanError(f"composition must be joint or owner-site, got {s.composition!r}")
+    if s.composition not in COMPOSITIONS:
+        raise PlanError(f"composition must be one of {COMPOSITIONS}, got {s.composition!r}")
+    if s.composition == "stain" and cfg.plan.null_site:
+        raise PlanError("stain composition moves tiles between sites: it needs rows with a site (not null_site)")
     if s.composition == "owner-site" and (cfg.plan.null_site or mcfg.dropout_for(SITE_COLUMN) <= 0):
         raise PlanError(
             "owner-site composition needs rows with a site and a model trained with site dropout (its no-site branch)"
@@ -153,6 +155,9 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
         owners.setdefault(site, t)
     # Tasks carry spans of plan rows, not per-tile records; tiles are expanded where they are made.
     extra = {"owners": owners} if meta.get("composition") else {}
+    if s.composition == "stain" and not cfg.reference:
+        extra = _stain_composition(cfg, model, rows, train, spec)
+        meta["site_stains"] = {"from": train.source, "seed": cfg.plan.seed}
     tasks = [
         {
             "shard": i,
@@ -182,6 +187,28 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
         "rows": [asdict(r) for r in rows],
     }
     return tasks, rows, header, spec
+
+
+def _stain_composition(cfg: GenerateConfig, model, rows: list[PlanRow], train, spec) -> dict:
+    """What a stain-composed shard needs: each type's training sites (donors) and the stains of the
+    sites involved, estimated from the training dataset (data/site_stains.py)."""
+    from ..data.site_stains import estimate_site_stains
+
+    if SITE_COLUMN not in spec.categorical_names:
+        raise PlanError(f"stain composition draws each type at its own sites; {cfg.model} has no site condition")
+    if not train.counts_known:
+        raise PlanError(
+            f"stain composition estimates each site's stain from the training tiles, and {train.source} "
+            "cannot be read; pass --dataset DIR (the model's training dataset)"
+        )
+    own: dict[str, list[str]] = {}
+    for t, site in sorted(train.pairs):
+        own.setdefault(t, []).append(site)
+    types = {r.conditions["cancer_type"] for r in rows}
+    wanted = {r.conditions[SITE_COLUMN] for r in rows} | {s for t in types for s in own.get(t, [])}
+    resolution = ModelConfig.from_dict(read_model_info(model)["model"]).sample_size
+    stains = estimate_site_stains(train.source, resolution, sorted(wanted), seed=cfg.plan.seed)
+    return {"own_sites": own, "stains": stains.to_dict()}
 
 
 def _prepare_out(out: Path, header: dict, overwrite: bool, name: str | None = None) -> None:

@@ -89,7 +89,7 @@ class ReferenceGenerator(ShardGenerator):
         self.stains, self.mean, self.std = site_stains(dataset) if kind == "noise" else ({}, None, None)
         self.lines = scanner_lines(dataset)
 
-    def sample_tiles(self, tiles: list[dict], owners: dict | None = None) -> np.ndarray:
+    def sample_tiles(self, tiles: list[dict], task: dict | None = None) -> np.ndarray:
         from ..data.procedural import render_jpeg
 
         out = np.empty((len(tiles), self.size, self.size, 3), np.uint8)

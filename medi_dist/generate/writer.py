@@ -24,6 +24,7 @@ from ..metadata import UNKNOWN, SchemaError
 from .tile_list import task_tiles
 
 SITE = "tissue_source_site"  # a required tile column: `Unknown` for a model not conditioned on it
+COMPOSITIONS = ("joint", "owner-site", "stain")
 SPLIT = "train"  # synthetic tiles are training material: the stream reads split "train" by default
 
 
@@ -37,7 +38,9 @@ class SamplingSettings:
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
     compile: bool = False  # torch.compile the denoiser (GPU)
     # joint: eps(type, site) as trained. owner-site: eps(type, no site) + scale * (eps(owner, site) -
-    # eps(owner, no site)), the site's stain taken at the type that owns the site, where the model saw it
+    # eps(owner, no site)), the site's stain taken at the type that owns the site, where the model saw it.
+    # stain: the type drawn at one of its own training sites, moved to the requested site by the sites'
+    # estimated stains (data/site_stains.py): the network only draws pairs it was trained on
     composition: str = "joint"
     composition_scale: float = 1.0
 
@@ -117,7 +120,7 @@ class ShardGenerator:
         from ..model import encode_conditions
 
         rows = [t["conditions"] for t in chunk]
-        if self.s.composition == "joint":
+        if self.s.composition in ("joint", "stain"):
             return encode_conditions(self.spec, rows, strict=True), []
         enc = lambda rs: encode_conditions(self.spec, rs, strict=True)  # noqa: E731
         no_site = [{k: v for k, v in r.items() if k != SITE} for r in rows]
@@ -130,13 +133,33 @@ class ShardGenerator:
             )
         ]
 
-    def sample_tiles(self, tiles: list[dict], owners: dict | None = None) -> np.ndarray:
+    def sample_tiles(self, tiles: list[dict], task: dict | None = None) -> np.ndarray:
+        """uint8 tiles for `tiles`; `task` holds what a composition needs (owners, site stains)."""
+        if self.s.composition == "stain":
+            return self._restained(tiles, task)
+        return self._sample(tiles, (task or {}).get("owners", {}))
+
+    def _restained(self, tiles: list[dict], task: dict) -> np.ndarray:
+        """Each tile drawn at a training site of its type (the requested one where the pair was
+        trained, else one of the type's sites, chosen by the tile's seed), then moved to the requested site."""
+        from ..data.site_stains import SiteStains
+
+        if getattr(self, "_stains_of", None) != task["generation"]:  # parsed once per plan, not per shard
+            self._stains_of, self._stains = task["generation"], SiteStains.from_dict(task["stains"])
+        own = task["own_sites"]
+        want = [t["conditions"] for t in tiles]
+        sites = [own[c["cancer_type"]] for c in want]
+        donors = [c[SITE] if c[SITE] in s else s[t["seed"] % len(s)] for c, t, s in zip(want, tiles, sites)]
+        drawn = self._sample([{**t, "conditions": {**c, SITE: d}} for t, c, d in zip(tiles, want, donors)], {})
+        return self._stains.transfer(drawn, [c["cancer_type"] for c in want], donors, [c[SITE] for c in want])
+
+    def _sample(self, tiles: list[dict], owners: dict) -> np.ndarray:
         from ..model import sample
 
         out = []
         for i in range(0, len(tiles), self.s.batch_size):  # fixed micro-batches: same on any worker count
             chunk = tiles[i : i + self.s.batch_size]
-            cond, directions = self._conditions(chunk, owners or {})
+            cond, directions = self._conditions(chunk, owners)
             out.append(
                 sample(
                     self.model,
@@ -151,7 +174,7 @@ class ShardGenerator:
             )
         return np.concatenate(out)
 
-    def sample_aligned(self, tiles: list[dict], first: int, owners: dict | None = None) -> np.ndarray:
+    def sample_aligned(self, tiles: list[dict], first: int, task: dict | None = None) -> np.ndarray:
         """`tiles` are consecutive in plan order from plan position `first`. Batched kernels (oneDNN,
         cuDNN) may sum in a batch-size-dependent order, so a tile's bytes would depend on the
         micro-batch it lands in (before: 5 of 64 small-preset DDPM tiles changed between 8 and 256
@@ -164,14 +187,14 @@ class ShardGenerator:
             pos = (first + i) % b
             chunk = tiles[i : i + b - pos]
             padded = [chunk[0]] * pos + chunk + [chunk[-1]] * (b - pos - len(chunk))
-            out.append(self.sample_tiles(padded, owners)[pos : pos + len(chunk)])
+            out.append(self.sample_tiles(padded, task)[pos : pos + len(chunk)])
             i += len(chunk)
         return np.concatenate(out)
 
     def run(self, task: dict) -> dict:
         t0 = time.perf_counter()
         tiles = task_tiles(task)
-        images = self.sample_aligned(tiles, task["first"], task.get("owners"))
+        images = self.sample_aligned(tiles, task["first"], task)
         t_sample = time.perf_counter() - t0
         members = []
         for t, img in zip(tiles, images):
@@ -191,7 +214,7 @@ class ShardGenerator:
             }
             members.append((t["key"], png_bytes(img), meta))
         write_shard(self.out / task["path"], members)
-        per_step = (2 if self.s.guidance != 1.0 else 1) + (2 if self.s.composition != "joint" else 0)
+        per_step = (2 if self.s.guidance != 1.0 else 1) + (2 if self.s.composition == "owner-site" else 0)
         evals = len(images) * self.s.steps * per_step
         return {
             "path": task["path"],

@@ -1,0 +1,273 @@
+"""Each training site's stain (Beer-Lambert), and moving a tile into another site's stain.
+
+A pixel's optical density is OD = C_h * h + C_e * e + bg + P(x, y) * (1, 1, 1): the site gives the
+unit stain directions h and e, the background bg and its scanner's fixed pattern P (in the stored
+tile's frame); the tissue gives the concentrations C. A tile of type t drawn at one of t's own
+sites d is moved to site s by unmixing it with d's stain, rescaling the concentrations, and mixing
+them with s's stain (`SiteStains.transfer`): the stain half of a composed generator whose network
+only ever draws pairs it saw in training (generate/writer.py, composition "stain").
+
+Directions need source resolution: at 32 px a nucleus is 2-3 pixels, blur and JPEG chroma mix the
+stains and every estimator is 0.2-0.8 off per component; at 256 px this one is ~0.05 off
+(benchmarks/RESULTS.md, "Per-site stain estimators at source resolution"). So the directions are
+estimated on tiles as stored (real datasets keep their source tiles; the stream resizes) or, for the
+built-in procedural world, on tiles its renderer draws at SOURCE_PX; pattern, background and
+intensity are read at the model's resolution, where the generator's tiles live.
+
+The confound: where each site holds one type, a site's intensity cannot be told from its type's
+concentrations; only ratios between sites of one type can. Type t moved to site s takes s's intensity
+relative to its own type's sites, times t's (`SiteStains.scale`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+log = logging.getLogger(__name__)
+
+SOURCE_PX = 256  # the built-in world's "scanner" resolution for stain directions
+RELIABLE_PX = 128  # below this, estimated directions are far off (RESULTS.md)
+PER_SITE = 128  # source tiles per site for the directions (2^23 pixels at 256 px, as measured)
+PER_SITE_MODEL = 512  # tiles per site for pattern, background and intensity at the model's resolution
+SITE, TYPE = "tissue_source_site", "cancer_type"
+
+
+def optical_density(images: np.ndarray) -> np.ndarray:
+    return -np.log((images.astype(np.float64) + 1) / 256)
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+@dataclass
+class Stain:
+    """One site: unit OD directions (rows h, e), background OD, fixed pattern (H, W) at the model's
+    resolution, mean concentrations `top` (the site's intensity times its type's), JPEG quality."""
+
+    hed: np.ndarray
+    bg: np.ndarray
+    pattern: np.ndarray
+    top: np.ndarray
+    quality: int | None = None
+
+    def unmix(self, od: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(..., H, W, 3) OD -> concentrations (..., H, W, 2) and the OD they leave unexplained."""
+        x = od - self.bg - self.pattern[..., None]
+        conc = x @ np.linalg.pinv(self.hed)
+        return conc, x - conc @ self.hed
+
+    def mix(self, conc: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        return conc @ self.hed + residual + self.bg + self.pattern[..., None]
+
+    def to_dict(self) -> dict:
+        arrays = {k: np.round(getattr(self, k), 5).tolist() for k in ("hed", "bg", "pattern", "top")}
+        return {**arrays, "quality": self.quality}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Stain:
+        return cls(*(np.asarray(d[k], np.float64) for k in ("hed", "bg", "pattern", "top")), d.get("quality"))
+
+
+# ---------------------------------------------------------------- estimators
+def fixed_pattern(od: np.ndarray) -> np.ndarray:
+    """A scanner's pattern fixed in its frame: the per-pixel mean OD over a site's tiles (the tissue
+    averages out), less its 2nd percentile (the pattern adds density and is zero somewhere)."""
+    m = od.mean(axis=(0, 3))
+    return m - np.percentile(m, 2)
+
+
+def macenko_vectors(od: np.ndarray, beta: float = 0.15, alpha: float = 1.0) -> np.ndarray:
+    """Unit OD vectors of haematoxylin and eosin (rows), from background-free (N, 3) OD pixels."""
+    od = od[np.linalg.norm(od, axis=1) > beta]
+    _, vecs = np.linalg.eigh(np.cov(od.T))
+    plane = vecs[:, [2, 1]]
+    plane *= np.sign(plane.sum(0, keepdims=True))  # OD vectors point into the positive octant
+    proj = od @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, [alpha, 100 - alpha])
+    v1, v2 = plane @ [np.cos(lo), np.sin(lo)], plane @ [np.cos(hi), np.sin(hi)]
+    h, e = (v1, v2) if v1[0] > v2[0] else (v2, v1)  # haematoxylin absorbs more red
+    return np.stack([unit(h), unit(e)])
+
+
+def faint_background(x: np.ndarray, share: float = 0.5) -> np.ndarray:
+    """Background OD of the faintest pixels (median OD of the `share` % with the least density)."""
+    flat = x.reshape(-1, 3)
+    total = flat.sum(1)
+    return np.median(flat[total <= np.percentile(total, share)], 0)
+
+
+def regress_h(x: np.ndarray, e: np.ndarray, sigma: float = 4.0, share: float = 10.0) -> np.ndarray:
+    """Haematoxylin given eosin: in the stain plane, h = n + k e with n the in-plane normal to e; k is
+    the slope of the high-pass OD along e on the high-pass OD along n over the `share` % of pixels
+    with the most high-pass density along n (fine, mostly nuclear texture, where eosin varies little)."""
+    flat = x.reshape(-1, 3)
+    flat = flat[np.linalg.norm(flat, axis=1) > 0.15]
+    _, vecs = np.linalg.eigh(np.cov(flat.T))
+    plane = vecs[:, [2, 1]]
+    e = unit(plane @ (plane.T @ e))
+    n = np.cross(np.cross(plane[:, 0], plane[:, 1]), e)
+    n = n * np.sign(n[0] - n[1])  # haematoxylin absorbs more red than eosin does
+    hp = x - gaussian_filter(x, (0, sigma, sigma, 0))
+    a, b = (hp @ n).ravel(), (hp @ e).ravel()
+    m = np.abs(a) >= np.percentile(np.abs(a), 100 - share)
+    return unit(n + np.sum(a[m] * b[m]) / np.sum(a[m] ** 2) * e)
+
+
+def directions(od: np.ndarray) -> np.ndarray:
+    """Unit h and e rows of one site from its (N, H, W, 3) OD at source resolution: Macenko's eosin
+    extreme of the OD less the faintest pixels' OD, haematoxylin by regression."""
+    x = od - fixed_pattern(od)[..., None]
+    e = macenko_vectors((x - faint_background(x)).reshape(-1, 3), beta=0.2)[1]
+    return np.stack([regress_h(x, e), e])
+
+
+def fit_site(od: np.ndarray, hed: np.ndarray, quality: int | None = None) -> Stain:
+    """The rest of a site's stain at the model's resolution, given its directions: fixed pattern,
+    background (median OD off the stain plane), mean concentrations."""
+    pattern = fixed_pattern(od)
+    _, res = Stain(hed, np.zeros(3), pattern, np.ones(2)).unmix(od)
+    st = Stain(hed, np.median(res.reshape(-1, 3), 0), pattern, np.ones(2), quality)
+    st.top = np.maximum(st.unmix(od)[0].reshape(-1, 2).mean(0), 1e-3)
+    return st
+
+
+def _luma_table(quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "JPEG", quality=quality)
+    with Image.open(buf) as im:
+        return np.array(im.quantization[0])
+
+
+def jpeg_quality(files: list[bytes]) -> int | None:
+    """The JPEG quality a site's scanner stores at (the standard luma table nearest the median one of
+    its files); None where its files are not JPEG."""
+    tables = []
+    for data in files:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG":
+                tables.append(im.quantization[0])
+    if not tables:
+        return None
+    median = np.median(np.array(tables), 0)
+    return min(range(1, 101), key=lambda q: np.abs(_luma_table(q) - median).sum())
+
+
+def store(rgb: np.ndarray, quality: int | None) -> np.ndarray:
+    """Float RGB -> uint8, as a scanner storing JPEG at `quality` (None: no JPEG) would keep it."""
+    rgb = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    if quality is None:
+        return rgb
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=quality)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# ---------------------------------------------------------------- a training set's stains
+class SiteStains:
+    """Per-site stains of a training set and the type -> site moves they allow."""
+
+    def __init__(self, stains: dict[str, Stain], owner: dict[str, str]):
+        self.stains, self.owner = stains, owner
+        by_type: dict = {}
+        for s, t in owner.items():
+            by_type.setdefault(t, []).append(stains[s].top)
+        self.type_top = {t: np.mean(v, 0) for t, v in by_type.items()}
+
+    def scale(self, t: str, s: str) -> np.ndarray:
+        """Concentration scale of type t at site s: s's intensity relative to its own type's sites, times t's."""
+        return self.type_top.get(t, self.type_top[self.owner[s]]) * self.stains[s].top / self.type_top[self.owner[s]]
+
+    def transfer(self, images: np.ndarray, types, donors, sites) -> np.ndarray:
+        """uint8 tiles of type t at site `donor` -> the same tissue in site s's stain, stored at s's JPEG quality."""
+        out = np.empty_like(images)
+        for i, (img, t, d, s) in enumerate(zip(images, types, donors, sites)):
+            if d == s:
+                out[i] = img
+                continue
+            conc, res = self.stains[d].unmix(optical_density(img))
+            rgb = 256 * np.exp(-self.stains[s].mix(conc / self.stains[d].top * self.scale(t, s), res)) - 1
+            out[i] = store(rgb, self.stains[s].quality)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"owner": self.owner, "stains": {s: st.to_dict() for s, st in self.stains.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SiteStains:
+        return cls({s: Stain.from_dict(v) for s, v in d["stains"].items()}, d["owner"])
+
+
+def _site_sample(root, index, site: str, resolution: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """Up to PER_SITE_MODEL of a site's training tiles (seeded) at `resolution`, the first PER_SITE
+    of them as stored, and their files."""
+    rows = index[index[SITE] == site]
+    rows = rows.iloc[np.sort(np.random.default_rng([seed, len(rows)]).permutation(len(rows))[:PER_SITE_MODEL])]
+    want = dict(zip(rows["key"], range(len(rows))))
+    files: list = [None] * len(rows)
+    for shard in sorted(set(rows["shard"])):
+        with tarfile.open(root / shard) as tar:
+            for m in tar.getmembers():
+                key, _, ext = m.name.rpartition(".")
+                if key in want and ext in ("jpg", "png"):
+                    files[want[key]] = tar.extractfile(m).read()
+    if any(f is None for f in files):
+        raise ValueError(f"{root}: site {site}'s indexed tiles are missing from their shards; re-ingest the dataset")
+    stored, small = [], []
+    for data in files:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+            if len(stored) < PER_SITE:
+                stored.append(np.asarray(im))
+            if im.size[0] != resolution:
+                im = im.resize((resolution, resolution), Image.BILINEAR)  # as the stream does
+            small.append(np.asarray(im))
+    return np.stack(stored), np.stack(small), files
+
+
+def estimate_site_stains(dataset, resolution: int, sites: list[str] | None = None, seed: int = 0) -> SiteStains:
+    """Stains of the dataset's training sites (or `sites`): directions at source resolution, the rest
+    at `resolution` (the generator's). A procedural dataset's source tiles are drawn by its renderer
+    at SOURCE_PX (same sites, fresh seeds); other datasets' are their stored tiles."""
+    import json
+
+    import pandas as pd
+
+    from . import procedural
+    from .shards import INDEX, MANIFEST, local_dataset
+
+    root = local_dataset(dataset)
+    renderer = json.loads((root / MANIFEST).read_text()).get("renderer")
+    index = pd.read_parquet(root / INDEX, columns=["key", TYPE, SITE, "split", "shard"])
+    index = index[index["split"] == "train"]
+    counts = index.groupby([SITE, TYPE]).size()
+    owner = {str(s): str(counts[s].idxmax()) for s in counts.index.get_level_values(0).unique()}
+    missing = sorted(set(sites or []) - set(owner))
+    if missing:
+        raise ValueError(f"{dataset}: no training tiles at site(s) {missing}; stains are estimated from training tiles")
+    stains = {}
+    for s in sites or sorted(owner):
+        stored, small, files = _site_sample(root, index, s, resolution, seed)
+        if renderer:
+            seeds = [[seed, procedural._crc(s), 9, i] for i in range(PER_SITE)]
+            stored = procedural.render_tiles([(owner[s], s)] * PER_SITE, seeds, SOURCE_PX, renderer["scanner_lines"])
+        elif stored.shape[1] < RELIABLE_PX:
+            log.warning(
+                "%s: site %s's tiles are %d px; stain directions estimated below %d px are far off (blur and "
+                "JPEG mix the stains): ingest source-resolution tiles (the stream resizes them for training)",
+                dataset,
+                s,
+                stored.shape[1],
+                RELIABLE_PX,
+            )
+        stains[s] = fit_site(optical_density(small), directions(optical_density(stored)), jpeg_quality(files))
+    return SiteStains(stains, {s: owner[s] for s in stains})
