@@ -46,6 +46,10 @@ class DemoConfig:
     type_dropout: float = 0.05  # rarely: a step with the site but no type teaches site -> morphology
     separate_class_only: bool = False  # also train a class-only model, as in the MeDi paper
     per_pair: int = 60  # generated tiles per (type, site) pair (every pool has this plan)
+    # MeDi's pool: stain (each type drawn at its own training sites, moved to the requested site by the
+    # sites' stains, estimated at source resolution) or joint (the network's (type, site) prediction,
+    # which at unseen pairs draws the site's own type: benchmarks/RESULTS.md)
+    composition: str = "stain"
     sampler: str = "dpmsolver++"
     sampler_steps: int = 10
     guidance: float = 1.0
@@ -184,7 +188,13 @@ def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[st
 
 
 def _generate(
-    cfg: DemoConfig, model: Path | None, out: Path, plan, reference: str | None = None, dataset: Path | None = None
+    cfg: DemoConfig,
+    model: Path | None,
+    out: Path,
+    plan,
+    reference: str | None = None,
+    dataset: Path | None = None,
+    **sampling,
 ) -> Path:
     from .generate.job import GenerateConfig, generate
     from .generate.writer import SamplingSettings
@@ -198,7 +208,7 @@ def _generate(
             reference=reference,
             dataset=str(dataset) if dataset else None,
             sampling=SamplingSettings(
-                sampler=cfg.sampler, steps=cfg.sampler_steps, guidance=cfg.guidance, batch_size=64
+                sampler=cfg.sampler, steps=cfg.sampler_steps, guidance=cfg.guidance, batch_size=64, **sampling
             ),
             log_mlflow=True,
             tracking_uri=cfg.tracking_uri,
@@ -240,6 +250,8 @@ CONTRASTS = [
     ("+ MeDi", REAL, "does MeDi help?"),
     ("+ MeDi", "+ site-nulled", "does the site condition add to the same network's class-only tiles?"),
     ("+ MeDi", "HED jitter", "does MeDi beat the standard stain augmentation?"),
+    ("+ MeDi + HED jitter", "HED jitter", "does MeDi add to the standard stain augmentation?"),
+    ("+ MeDi", "re-stained real tiles", "does MeDi beat re-staining the real tiles (no generator)?"),
 ]
 
 
@@ -253,7 +265,9 @@ def _arms(cfg: DemoConfig, pools: dict[str, Path]) -> dict[str, dict]:
         "HED jitter": jitter,
         "Macenko normalisation": {"normalize": "macenko"},
         "+ site-nulled": syn("site-nulled"),
+        "re-stained real tiles": {"augment": "restain", "augment_ratio": cfg.ratio},
         "+ MeDi": syn("medi"),
+        "+ MeDi + HED jitter": {**syn("medi"), **jitter},
     }
     if "class-only" in pools:
         arms["+ class-only model"] = syn("class-only")
@@ -306,7 +320,7 @@ def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger, root: Path) -> dict:
     pairs = GenerationPlan(mode="unseen-pairs", count=cfg.per_pair, seed=cfg.seed)
     by_type = [{"cancer_type": t, "count": per_type} for t in types]
     pools = {
-        "medi": _generate(cfg, medi, root / "synthetic-medi", pairs),
+        "medi": _generate(cfg, medi, root / "synthetic-medi", pairs, composition=cfg.composition),
         "site-nulled": _generate(
             cfg,
             medi,
