@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import stain_space as ss  # noqa: E402
 from stain_bounds import SITE, TYPE, render, site_files  # noqa: E402
 
+from medi_dist.data.site_stains import faint_background, regress_h  # noqa: E402
 from medi_dist.evaluate.encoders import get_encoder  # noqa: E402
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles  # noqa: E402
 
@@ -56,32 +57,6 @@ def axis_e(x: np.ndarray, scale: float, share: float = 30.0) -> np.ndarray:
     px = x.reshape(-1, 3)[near <= np.percentile(near, share)]
     _, vecs = np.linalg.eigh(np.cov(px.T))
     return ss.unit(vecs[:, -1] * np.sign(vecs[:, -1].sum()))
-
-
-def faint_background(x: np.ndarray, share: float = 0.5) -> np.ndarray:
-    """Background OD read from the faintest pixels (the median OD of the `share` % with the least
-    total density): near-white lumen or glass, where there is hardly any stain."""
-    flat = x.reshape(-1, 3)
-    total = flat.sum(1)
-    return np.median(flat[total <= np.percentile(total, share)], 0)
-
-
-def regress_h(x: np.ndarray, e: np.ndarray, sigma: float = 4.0, share: float = 10.0) -> np.ndarray:
-    """Haematoxylin direction given eosin: in the stain plane (Macenko's top two axes), h = n + k e
-    with n the in-plane normal to e; k is the slope of the high-pass OD along e on the high-pass OD
-    along n over the `share` % of pixels with the most high-pass density along n (fine texture that
-    is mostly nuclear, where eosin varies little)."""
-    flat = x.reshape(-1, 3)
-    flat = flat[np.linalg.norm(flat, axis=1) > 0.15]
-    _, vecs = np.linalg.eigh(np.cov(flat.T))
-    plane = vecs[:, [2, 1]]
-    e = ss.unit(plane @ (plane.T @ e))
-    n = np.cross(np.cross(plane[:, 0], plane[:, 1]), e)
-    n = n * np.sign(n[0] - n[1])  # haematoxylin absorbs more red than eosin does
-    hp = x - gaussian_filter(x, (0, sigma, sigma, 0))
-    a, b = (hp @ n).ravel(), (hp @ e).ravel()
-    m = np.abs(a) >= np.percentile(np.abs(a), 100 - share)
-    return ss.unit(n + np.sum(a[m] * b[m]) / np.sum(a[m] ** 2) * e)
 
 
 ESTIMATORS = {  # name -> (h, e) choice

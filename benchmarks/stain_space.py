@@ -15,26 +15,25 @@ uses s's intensity relative to the mean over its own type's sites, times B's mea
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy.ndimage import gaussian_filter
+
+from medi_dist.data.site_stains import (  # noqa: F401  (the product's copies; used here and by other benchmarks)
+    fixed_pattern,
+    jpeg_quality,
+    macenko_vectors,
+    optical_density,
+    store,
+    unit,
+)
 
 H_REF = np.array([0.65, 0.70, 0.29])  # Ruifrok & Johnston haematoxylin OD vector
 E_REF = np.array([0.07, 0.99, 0.11])  # ... and eosin
 RANGE = 1.6  # normalised concentrations in [0, RANGE] map to model range [-1, 1]
 RESIDUAL_GAIN = 4.0
-
-
-def optical_density(images: np.ndarray) -> np.ndarray:
-    return -np.log((images.astype(np.float64) + 1) / 256)
-
-
-def unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
 @dataclass
@@ -63,45 +62,6 @@ def to_uint8(od: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- estimators
-def fixed_pattern(od: np.ndarray) -> np.ndarray:
-    """A scanner's neutral pattern fixed in its frame: the per-pixel mean OD over a site's tiles (the
-    tissue averages out), less its 2nd percentile (the pattern adds density and is zero somewhere)."""
-    m = od.mean(axis=(0, 3))
-    return m - np.percentile(m, 2)
-
-
-def macenko_vectors(od: np.ndarray, beta: float = 0.15, alpha: float = 1.0) -> np.ndarray:
-    """Unit OD vectors of haematoxylin and eosin (rows), from background-free (N, 3) OD pixels."""
-    od = od[np.linalg.norm(od, axis=1) > beta]
-    _, vecs = np.linalg.eigh(np.cov(od.T))
-    plane = vecs[:, [2, 1]]
-    plane *= np.sign(plane.sum(0, keepdims=True))  # OD vectors point into the positive octant
-    proj = od @ plane
-    phi = np.arctan2(proj[:, 1], proj[:, 0])
-    lo, hi = np.percentile(phi, [alpha, 100 - alpha])
-    v1, v2 = plane @ [np.cos(lo), np.sin(lo)], plane @ [np.cos(hi), np.sin(hi)]
-    h, e = (v1, v2) if v1[0] > v2[0] else (v2, v1)  # haematoxylin absorbs more red
-    return np.stack([unit(h), unit(e)])
-
-
-def _luma_table(quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, "JPEG", quality=quality)
-    with Image.open(buf) as im:
-        return np.array(im.quantization[0])
-
-
-def jpeg_quality(files: list[bytes]) -> int:
-    """The JPEG quality a site's scanner stores at, read from its files' luma quantization tables
-    (the quality whose standard table is nearest to the median table)."""
-    tables = []
-    for data in files:
-        with Image.open(io.BytesIO(data)) as im:
-            tables.append(im.quantization[0])
-    median = np.median(np.array(tables), 0)
-    return min(range(1, 101), key=lambda q: np.abs(_luma_table(q) - median).sum())
-
-
 def with_top(stain: Stain, od: np.ndarray, stat: str = "mean") -> Stain:
     """The site's intensity (times its type's): the mean concentration (blur lowers peaks such as the
     99th percentile, which the first cut used, and keeps the mean)."""
@@ -251,17 +211,6 @@ class StainSpace:
             rgb = 256 * np.exp(-self.stains[s].mix(conc / self.stains[d].top * self.scale(t, s), res)) - 1
             out[i] = store(rgb, self.stains[s].quality)
         return out
-
-
-def store(rgb: np.ndarray, quality: int | None) -> np.ndarray:
-    """Float RGB -> uint8, as a scanner storing JPEG at `quality` (None: no JPEG) would keep it."""
-    rgb = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
-    if quality is None:
-        return rgb
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=quality)
-    with Image.open(buf) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 JOINT: set = set()
