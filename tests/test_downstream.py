@@ -40,6 +40,16 @@ def data(tmp_path_factory):
     return {"real": real, "pool": pool, "root": root, "cache": str(root / "cache")}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def few_source_tiles():
+    """restain-sites estimates each site's stain from 32 source tiles here, not 128 (a quarter of the rendering)."""
+    import medi_dist.data.site_stains as site_stains
+
+    per, site_stains.PER_SITE = site_stains.PER_SITE, 32
+    yield
+    site_stains.PER_SITE = per
+
+
 def cfg_for(data, **kw) -> DownstreamConfig:
     return DownstreamConfig(str(data["real"]), synthetic=[str(data["pool"])], cache_dir=data["cache"], **kw)
 
@@ -268,6 +278,13 @@ def test_stain_baselines_do_what_they_say(data):
     moved = restain(X, meta["slide_id"], sites, seed=0)
     own = site_means(X)[np.searchsorted(np.unique(sites), sites)]
     assert np.abs(od(moved) - own).mean() > 2 * np.abs(od(X) - own).mean()
+    # ... and with the sites' stains of MeDi's stain composition (estimated once, shared with the arm below)
+    from medi_dist.data.site_stains import estimate_site_stains
+    from medi_dist.evaluate.stain import restain_sites
+
+    stains = estimate_site_stains(data["real"], 32)
+    moved = restain_sites(X, meta["cancer_type"], meta["slide_id"], sites, stains, 0)
+    assert np.abs(od(moved) - own).mean() > 2 * np.abs(od(X) - own).mean()
     # balancing: each (type, site) the same total weight within its type, types keep their counts
     w = balance_weights(np.array(["a", "a", "a", "b"]), np.array(["s", "s", "t", "u"]))
     assert np.allclose(w, [0.75, 0.75, 1.5, 1.0])
@@ -285,6 +302,7 @@ def test_baseline_arms_in_the_protocol_and_the_cli(data, capsys):
             "real only": {},
             "hed": {"augment": "hed-jitter", "augment_ratio": 0.5},
             "restain": {"augment": "restain"},
+            "restain-sites": {"augment": "restain-sites"},
             "macenko": {"normalize": "macenko"},
             "balanced": {"balance": "type-site"},
         },
@@ -292,7 +310,7 @@ def test_baseline_arms_in_the_protocol_and_the_cli(data, capsys):
     assert all(0 <= r.mean_sem["balanced_accuracy"][0] <= 1 for r in comp.results.values())
     inputs = load_inputs(base)
     real = Part(inputs.train.X[:40], inputs.train.meta.iloc[:40])
-    for augment, ratio in (("hed-jitter", 0.5), ("restain", 2.0)):
+    for augment, ratio in (("hed-jitter", 0.5), ("restain", 2.0), ("restain-sites", 1.0)):
         copies = augmented(replace(base, augment=augment, augment_ratio=ratio), real, seed=0)
         assert len(copies.X) == len(copies.meta) == round(40 * ratio)
         assert not np.array_equal(copies.X, real.X[: len(copies.X)])

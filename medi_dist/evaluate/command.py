@@ -161,8 +161,9 @@ def add_downstream_parser(evaluate_subparsers) -> argparse.ArgumentParser:
         default=[],
         choices=[b for b in BASELINES if b != "none"],
         help="arms without a generator, on the same real tiles (cnn): HED stain jitter (one jittered "
-        "copy per real tile), re-staining into other training sites' stains, Macenko normalisation of "
-        "every slide, (type, site)-balanced sampling",
+        "copy per real tile), re-staining into other training sites' stains (restain: Macenko per site; "
+        "restain-sites: the sites' stains MeDi's stain composition uses), Macenko normalisation of every "
+        "slide, (type, site)-balanced sampling",
     )
     p.add_argument("--jitter", type=float, default=0.05, help="HED jitter strength (0.05 HED-light, 0.2 HED-strong)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -20,7 +20,7 @@ import pandas as pd
 
 from .allocation import ALLOCATIONS, SITE, TYPE, real_subsample, synthetic_subsample
 from .metrics import METRIC_NAMES, all_metrics, balanced_accuracy, format_table, mean_sem
-from .stain import AUGMENTS, NORMALIZERS, hed_jitter, macenko_normalize, restain
+from .stain import AUGMENTS, NORMALIZERS, hed_jitter, macenko_normalize, restain, restain_sites
 from .tile_reader import Inputs, Part, foreign_values, load_inputs, pool_index, read_index
 
 CLASSIFIERS = ("linear", "cnn")
@@ -53,7 +53,7 @@ class DownstreamConfig:
     image_size: int = 32
     cache_dir: str = "medi-dist-cache"
     # Baselines without a generator (stain.py); augment and normalize transform pixels: cnn only.
-    augment: str = "none"  # none | hed-jitter | restain: transformed copies of the real training tiles
+    augment: str = "none"  # none | hed-jitter | restain | restain-sites: transformed copies of the real training tiles
     augment_ratio: float = 1.0  # copies per real training tile
     jitter: float = 0.05  # hed-jitter strength (Tellez's HED-light 0.05, HED-strong 0.2)
     normalize: str = "none"  # none | macenko: every slide, train and test, onto the training tiles' stain
@@ -65,6 +65,7 @@ BASELINES = {
     "none": {},
     "hed-jitter": {"augment": "hed-jitter"},
     "restain": {"augment": "restain"},
+    "restain-sites": {"augment": "restain-sites"},
     "macenko": {"normalize": "macenko"},
     "type-site-balance": {"balance": "type-site"},
 }
@@ -209,6 +210,11 @@ def augmented(cfg: DownstreamConfig, real: Part, seed: int) -> Part:
     X, meta = real.X[idx], real.meta.iloc[idx]
     if cfg.augment == "hed-jitter":
         X = hed_jitter(X, rng, cfg.jitter)
+    elif cfg.augment == "restain-sites":
+        from ..data.site_stains import estimate_site_stains
+
+        stains = estimate_site_stains(cfg.real, X.shape[1])  # once per process: every seed and arm
+        X = restain_sites(X, meta[TYPE], meta["slide_id"], meta[SITE], stains, seed)
     else:  # restain: each slide into another training site's stain, estimated from all real training tiles
         X = restain(
             np.concatenate([X, real.X]),

@@ -6,6 +6,8 @@
   mapped onto one reference stain (fitted on the training tiles), train and test alike.
 - Re-staining: real tiles of one site mapped into another training site's stain (Macenko fitted per
   site): the non-generative twin of MeDi's unseen (type, site) pairs.
+- Re-staining with the sites' stains (`restain-sites`): the same, moved with the per-site stains MeDi's
+  stain composition uses (data/site_stains.py, directions at source resolution): its exact twin.
 
 Stain matrices are estimated per group (a slide or a site), never per 32-px tile, where too few
 pixels make Macenko's angle percentiles noisy: a group's tiles are stacked into one image.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-AUGMENTS = ("none", "hed-jitter", "restain")
+AUGMENTS = ("none", "hed-jitter", "restain", "restain-sites")
 NORMALIZERS = ("none", "macenko")
 
 
@@ -83,4 +85,19 @@ def restain(images: np.ndarray, slides, sites, seed: int) -> np.ndarray:
     for _slide, rows in sorted(_groups(slides).items()):
         others = [s for s in names if s != sites[rows[0]]] or names
         out[rows] = _apply(targets[others[int(rng.integers(len(others)))]], images[rows])
+    return out
+
+
+def restain_sites(images: np.ndarray, types, slides, sites, stains, seed: int) -> np.ndarray:
+    """Each slide's tiles moved into another training site's stain (seeded per slide) with `stains`
+    (a data.site_stains.SiteStains); tiles of a site it does not hold are kept as they are."""
+    types, sites = np.asarray(types).astype(str), np.asarray(sites).astype(str)
+    names = sorted(stains.stains)
+    rng = np.random.default_rng([seed, 6])
+    out = images.copy()
+    for _slide, rows in sorted(_groups(slides).items()):
+        own = sites[rows[0]]
+        if own in stains.stains and len(names) > 1:
+            to = [s for s in names if s != own][int(rng.integers(len(names) - 1))]
+            out[rows] = stains.transfer(images[rows], types[rows], [own] * len(rows), [to] * len(rows))
     return out

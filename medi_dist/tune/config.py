@@ -14,7 +14,8 @@ class SearchSpace:
     pools: list[str] = field(default_factory=list)  # generated dataset dirs
     lr: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])  # classifier: cnn
     C: list[float] = field(default_factory=lambda: [0.1, 1.0])  # classifier: linear
-    # stain baselines, alone or with a pool: none | hed-jitter | restain | macenko (cnn) | type-site-balance
+    # stain baselines, alone or with a pool (cnn for the pixel ones): none | hed-jitter | restain | restain-sites
+    # | macenko | type-site-balance
     baseline: list[str] = field(default_factory=lambda: ["none"])
 
 
