@@ -199,6 +199,8 @@ def _generate(
     dataset: Path | None = None,
     **sampling,
 ) -> Path:
+    import ray
+
     from .generate.job import GenerateConfig, generate
     from .generate.writer import SamplingSettings
 
@@ -206,6 +208,8 @@ def _generate(
         GenerateConfig(
             model=str(model) if model else None,
             out=str(out),
+            # one single-threaded actor per core: tile bytes depend on threads, not on workers
+            workers=max(1, min(cfg.threads, int(ray.cluster_resources().get("CPU", 1)))),
             plan=plan,
             tiles_per_shard=128,
             reference=reference,

@@ -104,6 +104,7 @@ def test_stain_composition_draws_trained_pairs_and_moves_them(ray_cluster, proc_
         made[comp] = (dict(zip(index["key"], tiles)), index)
     header = json.loads((tmp_path / "stain" / "generation.json").read_text())
     assert header["composition"] == "stain" and header["site_stains"]["from"] == str(proc_dataset)
+    assert set(header["site_stains"]["stains"]) == set(header["site_stains"]["owner"])  # every site involved
     joint, index = made["joint"]
     stain, sidx = made["stain"]
     assert sorted(joint) == sorted(stain) and list(sidx[SITE]) == list(index.set_index("key").loc[sidx["key"], SITE])

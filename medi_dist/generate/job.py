@@ -157,7 +157,6 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
     extra = {"owners": owners} if meta.get("composition") else {}
     if s.composition == "stain" and not cfg.reference:
         extra = _stain_composition(cfg, model, rows, train, spec)
-        meta["site_stains"] = {"from": train.source, "seed": cfg.plan.seed}
     tasks = [
         {
             "shard": i,
@@ -186,6 +185,8 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
         "training_pairs_from": train.source,
         "rows": [asdict(r) for r in rows],
     }
+    if "stains" in extra:  # what moved the tiles (the pool's own record, not every tile's)
+        header["site_stains"] = {"from": train.source, "seed": cfg.plan.seed, **extra["stains"]}
     return tasks, rows, header, spec
 
 
