@@ -78,12 +78,25 @@ def test_moved_tiles_take_the_target_sites_hue(stains):
     assert len(before) >= 12 and np.mean(after) < 0.8 * np.mean(before), (before, after)  # measured 0.067 vs 0.103
 
 
-def _model(path, dataset, columns=(TYPE, SITE)):
-    spec = ConditioningSpec.load(dataset / "vocab.json").subset(list(columns))
+def _model(path, data, columns=(TYPE, SITE), **info):
+    spec = ConditioningSpec.load(data / "vocab.json").subset(list(columns))
     torch.manual_seed(0)
     model = ConditionedUNet(ModelConfig.from_preset("tiny"), spec)
-    save_model_dir(path, model, EMA(model), extra_info={"name": "rand", "dataset": str(dataset)})
+    save_model_dir(path, model, EMA(model), extra_info={"name": "rand", "dataset": str(data), **info})
     return path
+
+
+def test_stain_composition_without_its_dataset_names_the_fix(proc_dataset, tmp_path):
+    """A model whose recorded dataset has moved still knows its training pairs, but not the stains."""
+    idx = pd.read_parquet(proc_dataset / "index.parquet")
+    pairs = sorted({(t, s) for t, s in zip(idx[TYPE], idx[SITE])})
+    model = _model(tmp_path / "m", proc_dataset, train_pairs=pairs, dataset=str(tmp_path / "moved"))
+    from medi_dist.generate.job import build_tasks
+
+    cfg = GenerateConfig(model=str(model), out=str(tmp_path / "o"), plan=GenerationPlan(mode="unseen-pairs", count=1))
+    cfg.sampling.composition = "stain"
+    with pytest.raises(PlanError, match="pass --dataset DIR"):
+        build_tasks(cfg)
 
 
 def test_stain_composition_draws_trained_pairs_and_moves_them(ray_cluster, proc_dataset, tmp_path):
