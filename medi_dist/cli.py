@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune_parser(sub)
     demo = sub.add_parser(
         "demo",
-        help="the whole MeDi story on the built-in dataset (about 13 min on 2 cores)",
+        help="the whole MeDi story on the built-in dataset (about 15 min on 2 cores)",
         description="Ingest a procedural H&E dataset with a site<->type confound, train a MeDi model (its "
         "site-nulled branch is the class-only arm), generate unseen (type, site) pairs and reference "
         "pools, and compare classifiers and stain baselines on held-out sites. Re-running continues "
