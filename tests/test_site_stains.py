@@ -59,6 +59,19 @@ def test_estimated_directions_and_quality_match_the_renderers(proc_dataset, stai
     assert all(np.allclose(back.stains[s].hed, stains.stains[s].hed, atol=1e-5) for s in stains.stains)
 
 
+def test_a_dataset_without_a_renderer_uses_its_stored_tiles_and_warns_below_128_px(proc_dataset, tmp_path, caplog):
+    import shutil
+
+    real = shutil.copytree(proc_dataset, tmp_path / "real")  # as if scanned at 32 px: no renderer to ask
+    manifest = json.loads((real / "dataset.json").read_text())
+    del manifest["renderer"]
+    (real / "dataset.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        got = site_stains.estimate_site_stains(real, 32)
+    assert "tiles are 32 px" in caplog.text and "ingest source-resolution tiles" in caplog.text
+    assert sorted(got.stains) == sorted(got.owner) and all(np.isfinite(st.hed).all() for st in got.stains.values())
+
+
 def test_moved_tiles_take_the_target_sites_hue(stains):
     """Ground-truth tiles of a type at its own site, moved to a site of another type, are closer in stain
     hue (mean optical density over its sum) to what the renderer draws for that (type, site) pair than

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 SOURCE_PX = 256  # the built-in world's "scanner" resolution for stain directions
 RELIABLE_PX = 128  # below this, estimated directions are far off (RESULTS.md)
-PER_SITE = 128  # source tiles per site for the directions (2^23 pixels at 256 px, as measured)
+PER_SITE = 128  # source tiles per site for the directions (2^23 pixels at 256 px, as measured) ...
+SOURCE_PIXELS = 1 << 23  # ... and at most this many pixels of them (larger tiles: fewer, same memory)
 PER_SITE_MODEL = 512  # tiles per site for pattern, background and intensity at the model's resolution
 SITE, TYPE = "tissue_source_site", "cancer_type"
 
@@ -212,7 +213,7 @@ class SiteStains:
 
 def _site_sample(root, index, site: str, resolution: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
     """Up to PER_SITE_MODEL of a site's training tiles (seeded) at `resolution`, the first PER_SITE
-    of them as stored, and their files."""
+    of them (at most SOURCE_PIXELS pixels) as stored, and their files."""
     rows = index[index[SITE] == site]
     rows = rows.iloc[np.sort(np.random.default_rng([seed, len(rows)]).permutation(len(rows))[:PER_SITE_MODEL])]
     want = dict(zip(rows["key"], range(len(rows))))
@@ -229,8 +230,9 @@ def _site_sample(root, index, site: str, resolution: int, seed: int) -> tuple[np
     for data in files:
         with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB")
-            if len(stored) < PER_SITE:
-                stored.append(np.asarray(im))
+            size = stored[0].shape[1::-1] if stored else im.size
+            if len(stored) < min(PER_SITE, max(1, SOURCE_PIXELS // (size[0] * size[1]))):
+                stored.append(np.asarray(im if im.size == size else im.resize(size, Image.BILINEAR)))
             if im.size[0] != resolution:
                 im = im.resize((resolution, resolution), Image.BILINEAR)  # as the stream does
             small.append(np.asarray(im))
