@@ -156,7 +156,7 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
     # Tasks carry spans of plan rows, not per-tile records; tiles are expanded where they are made.
     extra = {"owners": owners} if meta.get("composition") else {}
     if s.composition == "stain" and not cfg.reference:
-        extra = _stain_composition(cfg, model, rows, train, spec)
+        extra = _stain_composition(cfg, ModelConfig.from_dict(info["model"]).sample_size, rows, train, spec)
     tasks = [
         {
             "shard": i,
@@ -190,7 +190,7 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
     return tasks, rows, header, spec
 
 
-def _stain_composition(cfg: GenerateConfig, model, rows: list[PlanRow], train, spec) -> dict:
+def _stain_composition(cfg: GenerateConfig, resolution: int, rows: list[PlanRow], train, spec) -> dict:
     """What a stain-composed shard needs: each type's training sites (donors) and the stains of the
     sites involved, estimated from the training dataset (data/site_stains.py)."""
     from ..data.site_stains import estimate_site_stains
@@ -207,7 +207,6 @@ def _stain_composition(cfg: GenerateConfig, model, rows: list[PlanRow], train, s
         own.setdefault(t, []).append(site)
     types = {r.conditions["cancer_type"] for r in rows}
     wanted = {r.conditions[SITE_COLUMN] for r in rows} | {s for t in types for s in own.get(t, [])}
-    resolution = ModelConfig.from_dict(read_model_info(model)["model"]).sample_size
     stains = estimate_site_stains(train.source, resolution, sorted(wanted), seed=cfg.plan.seed)
     return {"own_sites": own, "stains": stains.to_dict()}
 
