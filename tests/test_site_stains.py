@@ -135,8 +135,14 @@ def test_stain_composition_draws_trained_pairs_and_moves_them(ray_cluster, proc_
     stain, sidx = made["stain"]
     assert sorted(joint) == sorted(stain) and list(sidx[SITE]) == list(index.set_index("key").loc[sidx["key"], SITE])
     seen = dict(zip(index["key"], index["seen"]))
-    # a trained pair is drawn as the network draws it; an unseen one is drawn elsewhere and moved
-    assert all(np.array_equal(joint[k], stain[k]) for k in joint if seen[k])
+    # a trained pair is drawn as the network draws it, then rendered in its site's stain (the off-plane
+    # OD dropped, stored at the site's JPEG quality); an unseen one is drawn elsewhere and moved
+    recorded = site_stains.SiteStains.from_dict(header["site_stains"])
+    pair = dict(zip(index["key"], zip(index[TYPE], index[SITE])))
+    for k in (k for k in joint if seen[k]):
+        (t, s) = pair[k]
+        assert np.array_equal(recorded.transfer(joint[k][None], [t], [s], [s], own="render")[0], stain[k])
+        assert np.array_equal(recorded.transfer(joint[k][None], [t], [s], [s])[0], joint[k])  # "keep": untouched
     assert sum(not np.array_equal(joint[k], stain[k]) for k in joint if not seen[k]) == sum(
         not v for v in seen.values()
     )

@@ -16,7 +16,15 @@ intensity are read at the model's resolution, where the generator's tiles live.
 
 The confound: where each site holds one type, a site's intensity cannot be told from its type's
 concentrations; only ratios between sites of one type can. Type t moved to site s takes s's intensity
-relative to its own type's sites, times t's (`SiteStains.scale`).
+relative to its own type's sites, times t's (`SiteStains.scale`). The intensity is read as a high
+percentile of the concentrations at source resolution (`level`): a mean at the model's resolution is
+pulled about by small errors in the directions wherever one stain is faint.
+
+A moved tile is rendered from its concentrations alone (Macenko's reconstruction): the OD off the
+stain plane is dropped, and the target site's scanner stores it. Generated tiles at their own site
+go through the same rendering (`transfer(..., own="render")`): the site's stain replaces the
+network's off-plane colour noise (calibrated stain at seen pairs 0.51 -> 0.71 in the demo's world,
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ def unit(v: np.ndarray) -> np.ndarray:
 @dataclass
 class Stain:
     """One site: unit OD directions (rows h, e), background OD, fixed pattern (H, W) at the model's
-    resolution, mean concentrations `top` (the site's intensity times its type's), JPEG quality."""
+    resolution, concentration level `top` (the site's intensity times its type's: `level`), JPEG quality."""
 
     hed: np.ndarray
     bg: np.ndarray
@@ -134,14 +142,20 @@ def directions(od: np.ndarray) -> np.ndarray:
     return np.stack([regress_h(x, e), e])
 
 
-def fit_site(od: np.ndarray, hed: np.ndarray, quality: int | None = None) -> Stain:
-    """The rest of a site's stain at the model's resolution, given its directions: fixed pattern,
-    background (median OD off the stain plane), mean concentrations."""
+def level(od: np.ndarray, hed: np.ndarray, q: float = 90) -> np.ndarray:
+    """A site's concentration level from its (N, H, W, 3) OD at source resolution: the q-th percentile
+    of each stain's concentration (after the fixed pattern and the faintest pixels' OD)."""
+    x = od - fixed_pattern(od)[..., None]
+    conc = ((x - faint_background(x)).reshape(-1, 3) @ np.linalg.pinv(hed)).astype(np.float64)
+    return np.maximum(np.percentile(conc, q, axis=0), 1e-3)
+
+
+def fit_site(od: np.ndarray, hed: np.ndarray, top: np.ndarray, quality: int | None = None) -> Stain:
+    """The rest of a site's stain at the model's resolution, given its directions and level: fixed
+    pattern, background (median OD off the stain plane)."""
     pattern = fixed_pattern(od)
-    _, res = Stain(hed, np.zeros(3), pattern, np.ones(2)).unmix(od)
-    st = Stain(hed, np.median(res.reshape(-1, 3), 0), pattern, np.ones(2), quality)
-    st.top = np.maximum(st.unmix(od)[0].reshape(-1, 2).mean(0), 1e-3)
-    return st
+    _, res = Stain(hed, np.zeros(3), pattern, top).unmix(od)
+    return Stain(hed, np.median(res.reshape(-1, 3), 0), pattern, top, quality)
 
 
 def _luma_table(quality: int) -> np.ndarray:
@@ -184,23 +198,25 @@ class SiteStains:
         self.stains, self.owner = stains, owner
         by_type: dict = {}
         for s, t in owner.items():
-            by_type.setdefault(t, []).append(stains[s].top)
-        self.type_top = {t: np.mean(v, 0) for t, v in by_type.items()}
+            by_type.setdefault(t, []).append(np.log(stains[s].top))
+        self.type_top = {t: np.exp(np.mean(v, 0)) for t, v in by_type.items()}  # geometric: levels are ratios
 
     def scale(self, t: str, s: str) -> np.ndarray:
         """Concentration scale of type t at site s: s's intensity relative to its own type's sites, times t's."""
         return self.type_top.get(t, self.type_top[self.owner[s]]) * self.stains[s].top / self.type_top[self.owner[s]]
 
-    def transfer(self, images: np.ndarray, types, donors, sites) -> np.ndarray:
-        """uint8 tiles of type t at site `donor` -> the same tissue in site s's stain, stored at s's JPEG quality."""
+    def transfer(self, images: np.ndarray, types, donors, sites, own: str = "keep") -> np.ndarray:
+        """uint8 tiles of type t at site `donor` -> the same tissue in site s's stain (its concentrations
+        only), stored at s's JPEG quality. Tiles already at s: kept (`own="keep"`) or rendered in s's
+        stain all the same (`own="render"`, for generated tiles)."""
         out = np.empty_like(images)
         for i, (img, t, d, s) in enumerate(zip(images, types, donors, sites)):
-            if d == s:
+            if d == s and own == "keep":
                 out[i] = img
                 continue
-            conc, res = self.stains[d].unmix(optical_density(img))
-            rgb = 256 * np.exp(-self.stains[s].mix(conc / self.stains[d].top * self.scale(t, s), res)) - 1
-            out[i] = store(rgb, self.stains[s].quality)
+            conc, _ = self.stains[d].unmix(optical_density(img))
+            scale = 1 if d == s else self.scale(t, s) / self.stains[d].top
+            out[i] = store(256 * np.exp(-self.stains[s].mix(conc * scale, 0)) - 1, self.stains[s].quality)
         return out
 
     def to_dict(self) -> dict:
@@ -286,6 +302,7 @@ def _estimate(root: str, manifest_sha: str, resolution: int, seed: int, per_site
                 stored.shape[1],
                 RELIABLE_PX,
             )
-        hed = directions(optical_density(stored, np.float32)).astype(np.float64)  # float32: half the time
-        stains[s] = fit_site(optical_density(small), hed, jpeg_quality(files))
+        od = optical_density(stored, np.float32)  # float32: half the time
+        hed = directions(od).astype(np.float64)
+        stains[s] = fit_site(optical_density(small), hed, level(od, hed), jpeg_quality(files))
     return SiteStains(stains, owner)

@@ -141,7 +141,8 @@ class ShardGenerator:
 
     def _restained(self, tiles: list[dict], task: dict) -> np.ndarray:
         """Each tile drawn at a training site of its type (the requested one where the pair was
-        trained, else one of the type's sites, chosen by the tile's seed), then moved to the requested site."""
+        trained, else one of the type's sites, chosen by the tile's seed), then rendered in the requested
+        site's stain (moved there, or at its own site with the network's off-plane colour dropped)."""
         from ..data.site_stains import SiteStains
 
         if getattr(self, "_stains_of", None) != task["generation"]:  # parsed once per plan, not per shard
@@ -151,7 +152,8 @@ class ShardGenerator:
         sites = [own[c["cancer_type"]] for c in want]
         donors = [c[SITE] if c[SITE] in s else s[t["seed"] % len(s)] for c, t, s in zip(want, tiles, sites)]
         drawn = self._sample([{**t, "conditions": {**c, SITE: d}} for t, c, d in zip(tiles, want, donors)], {})
-        return self._stains.transfer(drawn, [c["cancer_type"] for c in want], donors, [c[SITE] for c in want])
+        types, sites = [c["cancer_type"] for c in want], [c[SITE] for c in want]
+        return self._stains.transfer(drawn, types, donors, sites, own="render")
 
     def _sample(self, tiles: list[dict], owners: dict) -> np.ndarray:
         from ..model import sample
