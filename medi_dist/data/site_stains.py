@@ -23,7 +23,7 @@ pulled about by small errors in the directions wherever one stain is faint.
 A moved tile is rendered from its concentrations alone (Macenko's reconstruction): the OD off the
 stain plane is dropped, and the target site's scanner stores it. Generated tiles at their own site
 go through the same rendering (`transfer(..., own="render")`): the site's stain replaces the
-network's off-plane colour noise (calibrated stain at seen pairs 0.51 -> 0.71 in the demo's world,
+network's off-plane colour noise (calibrated stain at seen pairs 0.57 -> 0.79 in the demo's world,
 benchmarks/RESULTS.md).
 """
 
