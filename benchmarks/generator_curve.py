@@ -33,6 +33,7 @@ from PIL import Image
 
 from medi_dist import cli
 from medi_dist.data.procedural import render_tiles
+from medi_dist.data.site_stains import estimate_site_stains
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity import frechet_distance
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
@@ -95,12 +96,21 @@ class Scorer:
         lines = args.scanner_lines
         self.gt = self.enc.encode(render_tiles(self.pairs, [[9, i] for i in range(len(self.pairs))], args.size, lines))
 
-    def __call__(self, model, spec, args, owners=None, scale=1.0) -> dict:
+    def __call__(self, model, spec, args, owners=None, scale=1.0, stains=None) -> dict:
+        """`stains` (SiteStains): the stain composition of generate/writer.py instead of the joint draw:
+        each tile drawn at one of its type's own training sites and rendered in the requested site's stain."""
         rows = [{TYPE: t, SITE: s} for t, s in self.pairs]
+        if stains is not None:
+            own = {t: sorted(s for s, o in stains.owner.items() if o == t) for t in self.types}
+            donors = [s if (t, s) in self.trained else own[t][i % len(own[t])] for i, (t, s) in enumerate(self.pairs)]
+            rows = [{TYPE: t, SITE: d} for (t, _), d in zip(self.pairs, donors)]
         nulled = [{TYPE: t} for t in self.types for _ in range(args.per_pair * 2)]  # the site-nulled branch
         model.eval()
         imgs, imgs_nulled = draw(model, spec, rows, args, owners, scale), draw(model, spec, nulled, args)
         model.train()
+        if stains is not None:
+            types = [t for t, _ in self.pairs]
+            imgs = stains.transfer(imgs, types, donors, [s for _, s in self.pairs], own="render")
         want_t, want_s = np.array([t for t, _ in self.pairs]), np.array([s for _, s in self.pairs])
         seen = np.array([p in self.trained for p in self.pairs])
         s = self.probes.score(imgs, want_t, want_s, seen)
@@ -157,6 +167,7 @@ def main(argv=None) -> int:
         default=[1.0],
         help="also score owner-site composition at these direction weights (none: skip)",
     )
+    p.add_argument("--stain-composition", action="store_true", help="also score the stain composition (the demo's)")
     p.add_argument("--out", default="benchmarks/results/generator_curve.json")
     p.add_argument("--grid", help="also write a PNG of generated tiles (rows: unseen pairs) at the end")
     p.add_argument("--save", help="also write the final model directory here (for generate / fidelity / downstream)")
@@ -190,6 +201,7 @@ def main(argv=None) -> int:
     t_scorer = time.perf_counter()
     scorer = Scorer(index, ds, args)
     owners = index.groupby(SITE)[TYPE].agg(lambda v: v.value_counts().index[0]).to_dict()
+    stains = estimate_site_stains(ds, args.size) if args.stain_composition else None
     print(f"probes fit in {time.perf_counter() - t_scorer:.1f} s; ceiling {scorer.probes.ceiling}", flush=True)
     curve, train_s, t0, step, next_eval = [], 0.0, time.perf_counter(), 0, args.eval_minutes
     while True:
@@ -232,6 +244,8 @@ def main(argv=None) -> int:
             for scale in args.composition_scale:
                 key = "owner_site" if scale == 1 else f"owner_site_x{scale:g}"
                 row[key] = scorer(shadow, spec, args, owners, scale)
+            if stains is not None:
+                row["stain_composition"] = scorer(shadow, spec, args, stains=stains)
             row["eval_s"] = time.perf_counter() - te
             curve.append(row)
             print(json.dumps(row, default=lambda v: round(v, 3)), flush=True)

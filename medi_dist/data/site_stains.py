@@ -47,6 +47,7 @@ SOURCE_PX = 256  # the built-in world's "scanner" resolution for stain direction
 RELIABLE_PX = 128  # below this, estimated directions are far off (RESULTS.md)
 PER_SITE = 128  # source tiles per site for the directions (2^23 pixels at 256 px, as measured) ...
 SOURCE_PIXELS = 1 << 23  # ... and at most this many pixels of them (larger tiles: fewer, same memory)
+THREADS = 4  # sites estimated at once
 PER_SITE_MODEL = 512  # tiles per site for pattern, background and intensity at the model's resolution
 SITE, TYPE = "tissue_source_site", "cancer_type"
 
@@ -227,8 +228,10 @@ class SiteStains:
         return cls({s: Stain.from_dict(v) for s, v in d["stains"].items()}, d["owner"])
 
 
-def _site_sample(root, index, site: str, resolution: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
-    """Up to PER_SITE_MODEL of a site's training tiles (seeded) at `resolution`, the first PER_SITE
+def _site_sample(
+    root, index, site: str, resolution: int, seed: int, per_site: int = PER_SITE
+) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """Up to PER_SITE_MODEL of a site's training tiles (seeded) at `resolution`, the first `per_site`
     of them (at most SOURCE_PIXELS pixels) as stored, and their files."""
     rows = index[index[SITE] == site]
     rows = rows.iloc[np.sort(np.random.default_rng([seed, len(rows)]).permutation(len(rows))[:PER_SITE_MODEL])]
@@ -247,7 +250,7 @@ def _site_sample(root, index, site: str, resolution: int, seed: int) -> tuple[np
         with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB")
             size = stored[0].shape[1::-1] if stored else im.size
-            if len(stored) < min(PER_SITE, max(1, SOURCE_PIXELS // (size[0] * size[1]))):
+            if len(stored) < min(per_site, max(1, SOURCE_PIXELS // (size[0] * size[1]))):
                 stored.append(np.asarray(im if im.size == size else im.resize(size, Image.BILINEAR)))
             if im.size[0] != resolution:
                 im = im.resize((resolution, resolution), Image.BILINEAR)  # as the stream does
@@ -275,34 +278,46 @@ def estimate_site_stains(dataset, resolution: int, sites: list[str] | None = Non
 @lru_cache(maxsize=4)
 def _estimate(root: str, manifest_sha: str, resolution: int, seed: int, per_site: int) -> SiteStains:
     import json
+    import os
+    from concurrent.futures import ThreadPoolExecutor
 
     import pandas as pd
 
-    from . import procedural
     from .shards import INDEX, MANIFEST
 
-    root = Path(root)
-    renderer = json.loads((root / MANIFEST).read_text()).get("renderer")
-    index = pd.read_parquet(root / INDEX, columns=["key", TYPE, SITE, "split", "shard"])
+    renderer = json.loads((Path(root) / MANIFEST).read_text()).get("renderer")
+    index = pd.read_parquet(Path(root) / INDEX, columns=["key", TYPE, SITE, "split", "shard"])
     index = index[index["split"] == "train"]
     counts = index.groupby([SITE, TYPE]).size()
     owner = {str(s): str(counts[s].idxmax()) for s in counts.index.get_level_values(0).unique()}
-    stains = {}
-    for s in sorted(owner):
-        stored, small, files = _site_sample(root, index, s, resolution, seed)
-        if renderer:
-            seeds = [[seed, procedural._crc(s), 9, i] for i in range(PER_SITE)]
-            stored = procedural.render_tiles([(owner[s], s)] * PER_SITE, seeds, SOURCE_PX, renderer["scanner_lines"])
-        elif stored.shape[1] < RELIABLE_PX:
+    jobs = [(root, index[index[SITE] == s], s, owner[s], resolution, seed, per_site, renderer) for s in sorted(owner)]
+    # sites are independent, and numpy, scipy and PIL release the GIL in their loops: a thread each,
+    # at most THREADS (a site's source tiles take ~0.5 GB while its directions are fitted)
+    with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1, THREADS)) as pool:
+        fitted = list(pool.map(_fit_one, jobs))
+    for s, _, px in fitted:
+        if not renderer and px < RELIABLE_PX:
             log.warning(
                 "%s: site %s's tiles are %d px; stain directions estimated below %d px are far off (blur and "
                 "JPEG mix the stains): ingest source-resolution tiles (the stream resizes them for training)",
                 root,
                 s,
-                stored.shape[1],
+                px,
                 RELIABLE_PX,
             )
-        od = optical_density(stored, np.float32)  # float32: half the time
-        hed = directions(od).astype(np.float64)
-        stains[s] = fit_site(optical_density(small), hed, level(od, hed), jpeg_quality(files))
-    return SiteStains(stains, owner)
+    return SiteStains({s: st for s, st, _ in fitted}, owner)
+
+
+def _fit_one(job: tuple) -> tuple[str, Stain, int]:
+    """One site's stain and its source tiles' size (a thread pool task): directions and level at
+    source resolution, the rest at the model's resolution."""
+    root, index, s, own, resolution, seed, per_site, renderer = job
+    stored, small, files = _site_sample(Path(root), index, s, resolution, seed, per_site)
+    if renderer:
+        from . import procedural
+
+        seeds = [[seed, procedural._crc(s), 9, i] for i in range(per_site)]
+        stored = procedural.render_tiles([(own, s)] * per_site, seeds, SOURCE_PX, renderer["scanner_lines"])
+    od = optical_density(stored, np.float32)  # float32: half the time
+    hed = directions(od).astype(np.float64)
+    return s, fit_site(optical_density(small), hed, level(od, hed), jpeg_quality(files)), stored.shape[1]

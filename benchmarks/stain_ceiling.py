@@ -1,0 +1,132 @@
+"""How far can moving a tile into another site's stain go? Ground-truth donors, oracle parts swapped in.
+
+The stain composition (`SiteStains.transfer`) draws a tile of type t at one of t's own training
+sites d and renders its concentrations in the requested site s's stain. This benchmark moves
+*ground-truth* donors (the renderer's tiles of t at d), so the generator's own errors are out of the
+picture, and scores the moved tiles with the demo's calibrated probes (fit on ground-truth renderings
+of every (type, training site) pair) at the unseen pairs, swapping the renderer's true stain parts in
+for the estimated ones one at a time:
+
+- estimated: the product as it is (directions, background, pattern and level estimated);
+- identifiable intensity: each site's true intensity, with each type's scale set by the geometric
+  mean of its sites (all the data identify: a site's intensity is confounded with its type's);
+- + true directions and background;
+- + sharp donors and the target's exact blur (the donor rendered without blur, then blurred by the
+  target site's true blur before its scanner stores it): a transfer cannot do this, as blur is not
+  undone, so this bounds what blur transfer could buy;
+- all true, intensity included (not identifiable), with and without the exact blur.
+
+    python benchmarks/stain_ceiling.py --dataset W0/data W1/data --out benchmarks/results/stain_ceiling.json
+
+W: a world as the demo ingests it (`medi-dist demo --seed K` writes K's to DIR/data; so does
+`medi_dist.demo._ingest`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from medi_dist.data import procedural as P
+from medi_dist.data import site_stains as S
+from medi_dist.evaluate.encoders import get_encoder
+from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
+
+SITE = "tissue_source_site"
+
+
+def render(pairs, res: int, blur: float | None = None) -> np.ndarray:
+    """Ground truth with the demo's scanner lines; `blur` replaces every site's blur."""
+    original = P.site_stain
+    if blur is not None:
+        P.site_stain = lambda c: dataclasses.replace(original(c), blur=blur)
+    try:
+        return P.render_tiles(pairs, [[0, 7, i] for i in range(len(pairs))], res, True)
+    finally:
+        P.site_stain = original
+
+
+def move(stains: S.SiteStains, img, ut, ud, us, res: int, target_blur: bool = False) -> np.ndarray:
+    """`SiteStains.transfer`, optionally blurring by the target site's true blur before storing."""
+    out = np.empty_like(img)
+    for i, (x, t, d, s) in enumerate(zip(img, ut, ud, us)):
+        conc, _ = stains.stains[d].unmix(S.optical_density(x))
+        rgb = 256 * np.exp(-stains.stains[s].mix(conc * stains.scale(t, s) / stains.stains[d].top, 0)) - 1
+        sigma = P.site_stain(s).blur * res / 64
+        if target_blur and sigma > 0.05 * res / 64:
+            rgb = gaussian_filter(rgb, (sigma, sigma, 0))
+        out[i] = S.store(rgb, stains.stains[s].quality)
+    return out
+
+
+def world(dataset: str, per_pair: int, seed: int) -> dict:
+    real, r_idx = read_tiles(dataset, ["train"], None)
+    res = real.shape[1]
+    est = S.estimate_site_stains(dataset, res)
+    owner = est.owner
+    probes = CalibratedProbes(get_encoder("random-conv"), dataset, r_idx, seed, res, sorted(owner))
+    rng = np.random.default_rng(seed)
+    ut, us, ud = [], [], []
+    for t in sorted(set(owner.values())):
+        mine = sorted(s for s in owner if owner[s] == t)
+        for s in sorted(s for s in owner if owner[s] != t):
+            ut += [t] * per_pair
+            us += [s] * per_pair
+            ud += [mine[k] for k in rng.integers(len(mine), size=per_pair)]
+    true = {s: P.site_stain(s) for s in owner}
+    intensity = {s: np.array([np.linalg.norm(true[s].h), np.linalg.norm(true[s].e)]) for s in owner}
+    directions = {s: np.stack([S.unit(true[s].h), S.unit(true[s].e)]) for s in owner}
+
+    def replaced(**parts) -> S.SiteStains:
+        return S.SiteStains(
+            {s: dataclasses.replace(est.stains[s], **{k: v[s] for k, v in parts.items()}) for s in owner}, owner
+        )
+
+    identifiable = replaced(top=intensity)
+    true_parts = replaced(top=intensity, hed=directions, bg={s: true[s].bg for s in owner})
+    all_true = replaced(top=intensity, hed=directions, bg={s: true[s].bg for s in owner})
+    all_true.type_top = {t: np.ones(2) for t in all_true.type_top}  # the true intensity itself
+    donors, sharp = render(list(zip(ut, ud)), res), render(list(zip(ut, ud)), res, blur=0.0)
+    arms = {
+        "ground truth at the unseen pairs": render(list(zip(ut, us)), res),
+        "donors not moved": donors,
+        "moved, estimated (the product)": move(est, donors, ut, ud, us, res),
+        "moved, identifiable intensity": move(identifiable, donors, ut, ud, us, res),
+        "moved, identifiable intensity + true directions and background": move(true_parts, donors, ut, ud, us, res),
+        "moved, estimated, sharp donors + exact target blur": move(est, sharp, ut, ud, us, res, True),
+        "moved, identifiable + true directions and background, sharp donors + exact target blur": move(
+            true_parts, sharp, ut, ud, us, res, True
+        ),
+        "moved, all true (intensity not identifiable)": move(all_true, donors, ut, ud, us, res),
+        "moved, all true, sharp donors + exact target blur": move(all_true, sharp, ut, ud, us, res, True),
+    }
+    out = {"dataset": dataset, "sites": owner, "ceiling": probes.ceiling["unseen"], "tiles": len(ut)}
+    for name, img in arms.items():
+        r = probes.score(img, np.array(ut), np.array(us), np.zeros(len(ut), bool))["unseen"]
+        out[name] = {k: round(r[k], 3) for k in ("type_accuracy", "stain_accuracy", "leakage")}
+        print(f"{dataset}: {name:90s} {out[name]}", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", nargs="+", required=True, help="demo worlds (ingested procedural datasets)")
+    p.add_argument("--per-pair", type=int, default=30, help="moved tiles per unseen (type, site) pair")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/stain_ceiling.json")
+    args = p.parse_args()
+    t0 = time.time()
+    result = {"worlds": [world(d, args.per_pair, args.seed) for d in args.dataset]}
+    result.update(seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"), per_pair=args.per_pair)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
