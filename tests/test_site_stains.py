@@ -96,6 +96,14 @@ def test_a_dataset_without_a_renderer_uses_its_stored_tiles_and_warns_below_128_
         got = site_stains.estimate_site_stains(real, 32)
     assert "tiles are 32 px" in caplog.text and "ingest source-resolution tiles" in caplog.text
     assert sorted(got.stains) == sorted(got.owner) and all(np.isfinite(st.hed).all() for st in got.stains.values())
+    # sites are fitted on threads: one at a time gives the same stains
+    threads, site_stains.THREADS = site_stains.THREADS, 1
+    try:
+        site_stains._estimate.cache_clear()
+        serial = site_stains.estimate_site_stains(real, 32)
+    finally:
+        site_stains.THREADS = threads
+    assert json.dumps(serial.to_dict()) == json.dumps(got.to_dict())
 
 
 def test_moved_tiles_take_the_target_sites_hue(stains):
