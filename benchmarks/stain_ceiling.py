@@ -14,7 +14,9 @@ for the estimated ones one at a time:
 - + sharp donors and the target's exact blur (the donor rendered without blur, then blurred by the
   target site's true blur before its scanner stores it): a transfer cannot do this, as blur is not
   undone, so this bounds what blur transfer could buy;
-- all true, intensity included (not identifiable), with and without the exact blur.
+- all true, intensity included (not identifiable), with and without the exact blur;
+- not moved but rendered afresh at the requested site with the intensity the data identify: the
+  ideal factorised generator (clean concentrations through the site's whole scanner chain once).
 
     python benchmarks/stain_ceiling.py --dataset W0/data W1/data --out benchmarks/results/stain_ceiling.json
 
@@ -49,6 +51,28 @@ def render(pairs, res: int, blur: float | None = None) -> np.ndarray:
         return P.render_tiles(pairs, [[0, 7, i] for i in range(len(pairs))], res, True)
     finally:
         P.site_stain = original
+
+
+def render_identifiable(ut, us, owner: dict, res: int) -> np.ndarray:
+    """Ground truth at (t, s) with s's intensity scaled as the data identify it: by the geometric mean
+    intensity of t's sites over that of s's own type's sites."""
+    original = P.site_stain
+
+    def mean(t: str, part: str) -> float:
+        norms = [np.linalg.norm(getattr(original(s), part)) for s in owner if owner[s] == t]
+        return float(np.exp(np.mean(np.log(norms))))
+
+    out = []
+    for i, (t, s) in enumerate(zip(ut, us)):
+        st = original(s)
+        k = {part: mean(t, part) / mean(owner[s], part) for part in ("h", "e")}
+        st = dataclasses.replace(st, h=st.h * k["h"], e=st.e * k["e"])
+        P.site_stain = lambda c, _s=s, _st=st: _st if c == _s else original(c)
+        try:
+            out.append(P.render_tiles([(t, s)], [[0, 7, i]], res, True)[0])
+        finally:
+            P.site_stain = original
+    return np.stack(out)
 
 
 def move(stains: S.SiteStains, img, ut, ud, us, res: int, target_blur: bool = False) -> np.ndarray:
@@ -104,6 +128,7 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
         ),
         "moved, all true (intensity not identifiable)": move(all_true, donors, ut, ud, us, res),
         "moved, all true, sharp donors + exact target blur": move(all_true, sharp, ut, ud, us, res, True),
+        "rendered at the requested site, identifiable intensity": render_identifiable(ut, us, owner, res),
     }
     out = {"dataset": dataset, "sites": owner, "ceiling": probes.ceiling["unseen"], "tiles": len(ut)}
     for name, img in arms.items():
