@@ -201,8 +201,8 @@ def main(argv=None) -> int:
     t_scorer = time.perf_counter()
     scorer = Scorer(index, ds, args)
     owners = index.groupby(SITE)[TYPE].agg(lambda v: v.value_counts().index[0]).to_dict()
-    stains = estimate_site_stains(ds, args.size) if args.stain_composition else None
     print(f"probes fit in {time.perf_counter() - t_scorer:.1f} s; ceiling {scorer.probes.ceiling}", flush=True)
+    stains = estimate_site_stains(ds, args.size) if args.stain_composition else None
     curve, train_s, t0, step, next_eval = [], 0.0, time.perf_counter(), 0, args.eval_minutes
     while True:
         step += 1

@@ -39,8 +39,6 @@ from medi_dist.data import site_stains as S
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
 
-SITE = "tissue_source_site"
-
 
 def render(pairs, res: int, blur: float | None = None) -> np.ndarray:
     """Ground truth with the demo's scanner lines; `blur` replaces every site's blur."""
@@ -75,14 +73,14 @@ def render_identifiable(ut, us, owner: dict, res: int) -> np.ndarray:
     return np.stack(out)
 
 
-def move(stains: S.SiteStains, img, ut, ud, us, res: int, target_blur: bool = False) -> np.ndarray:
-    """`SiteStains.transfer`, optionally blurring by the target site's true blur before storing."""
+def move_and_blur(stains: S.SiteStains, img, ut, ud, us, res: int) -> np.ndarray:
+    """`SiteStains.transfer`, blurring by the target site's true blur before its scanner stores the tile."""
     out = np.empty_like(img)
     for i, (x, t, d, s) in enumerate(zip(img, ut, ud, us)):
         conc, _ = stains.stains[d].unmix(S.optical_density(x))
-        rgb = 256 * np.exp(-stains.stains[s].mix(conc * stains.scale(t, s) / stains.stains[d].top, 0)) - 1
-        sigma = P.site_stain(s).blur * res / 64
-        if target_blur and sigma > 0.05 * res / 64:
+        rgb = 256 * np.exp(-stains.stains[s].mix(conc * (stains.scale(t, s) / stains.stains[d].top), 0)) - 1
+        if P.site_stain(s).blur > 0.05:
+            sigma = P.site_stain(s).blur * res / 64
             rgb = gaussian_filter(rgb, (sigma, sigma, 0))
         out[i] = S.store(rgb, stains.stains[s].quality)
     return out
@@ -112,22 +110,22 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
         )
 
     identifiable = replaced(top=intensity)
-    true_parts = replaced(top=intensity, hed=directions, bg={s: true[s].bg for s in owner})
-    all_true = replaced(top=intensity, hed=directions, bg={s: true[s].bg for s in owner})
+    parts = dict(top=intensity, hed=directions, bg={s: true[s].bg for s in owner})
+    true_parts, all_true = replaced(**parts), replaced(**parts)
     all_true.type_top = {t: np.ones(2) for t in all_true.type_top}  # the true intensity itself
     donors, sharp = render(list(zip(ut, ud)), res), render(list(zip(ut, ud)), res, blur=0.0)
     arms = {
         "ground truth at the unseen pairs": render(list(zip(ut, us)), res),
         "donors not moved": donors,
-        "moved, estimated (the product)": move(est, donors, ut, ud, us, res),
-        "moved, identifiable intensity": move(identifiable, donors, ut, ud, us, res),
-        "moved, identifiable intensity + true directions and background": move(true_parts, donors, ut, ud, us, res),
-        "moved, estimated, sharp donors + exact target blur": move(est, sharp, ut, ud, us, res, True),
-        "moved, identifiable + true directions and background, sharp donors + exact target blur": move(
-            true_parts, sharp, ut, ud, us, res, True
+        "moved, estimated (the product)": est.transfer(donors, ut, ud, us),
+        "moved, identifiable intensity": identifiable.transfer(donors, ut, ud, us),
+        "moved, identifiable intensity + true directions and background": true_parts.transfer(donors, ut, ud, us),
+        "moved, estimated, sharp donors + exact target blur": move_and_blur(est, sharp, ut, ud, us, res),
+        "moved, identifiable + true directions and background, sharp donors + exact target blur": move_and_blur(
+            true_parts, sharp, ut, ud, us, res
         ),
-        "moved, all true (intensity not identifiable)": move(all_true, donors, ut, ud, us, res),
-        "moved, all true, sharp donors + exact target blur": move(all_true, sharp, ut, ud, us, res, True),
+        "moved, all true (intensity not identifiable)": all_true.transfer(donors, ut, ud, us),
+        "moved, all true, sharp donors + exact target blur": move_and_blur(all_true, sharp, ut, ud, us, res),
         "rendered at the requested site, identifiable intensity": render_identifiable(ut, us, owner, res),
     }
     out = {"dataset": dataset, "sites": owner, "ceiling": probes.ceiling["unseen"], "tiles": len(ut)}
