@@ -32,6 +32,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from PIL import Image
 
 from medi_dist import cli
+from medi_dist.data import site_stains as S
 from medi_dist.data.procedural import render_tiles
 from medi_dist.data.site_stains import estimate_site_stains
 from medi_dist.evaluate.encoders import get_encoder
@@ -41,6 +42,31 @@ from medi_dist.metadata import UNKNOWN, ConditioningSpec
 from medi_dist.model import EMA, ConditionedUNet, ModelConfig, diffusion_loss, encode_conditions, sample, save_model_dir
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
+# --stain-normalised: the network draws in one reference stain (Ruifrok & Johnston's h and e, a faint
+# background that keeps slightly negative concentrations inside 0..255); tested and not adopted
+REFERENCE_HED = S.unit(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]]))
+REFERENCE_BG = 0.05
+
+
+def normalise(stains: S.SiteStains, images: np.ndarray, sites) -> np.ndarray:
+    """Training tiles -> the reference stain: each tile's concentrations (its site's pattern, background
+    and off-plane OD dropped) at its type's level, so the network sees no site's stain or pattern."""
+    out = np.empty(images.shape, np.float32)
+    for i, (img, s) in enumerate(zip(images, sites)):
+        conc, _ = stains.stains[s].unmix(S.optical_density(img))
+        conc = conc * (stains.type_top[stains.owner[s]] / stains.stains[s].top)
+        out[i] = np.clip(256 * np.exp(-conc @ REFERENCE_HED - REFERENCE_BG) - 1, 0, 255)
+    return out
+
+
+def render(stains: S.SiteStains, images: np.ndarray, types, sites) -> np.ndarray:
+    """Tiles drawn in the reference stain -> uint8 tiles in site s's stain at type t's scale there."""
+    conc = (S.optical_density(images) - REFERENCE_BG) @ np.linalg.pinv(REFERENCE_HED)
+    out = np.empty(images.shape, np.uint8)
+    for i, (c, t, s) in enumerate(zip(conc, types, sites)):
+        k = stains.scale(t, s) / stains.type_top[t]
+        out[i] = S.store(256 * np.exp(-stains.stains[s].mix(c * k, 0)) - 1, stains.stains[s].quality)
+    return out
 
 
 def world(args) -> Path:
@@ -96,9 +122,10 @@ class Scorer:
         lines = args.scanner_lines
         self.gt = self.enc.encode(render_tiles(self.pairs, [[9, i] for i in range(len(self.pairs))], args.size, lines))
 
-    def __call__(self, model, spec, args, owners=None, scale=1.0, stains=None) -> dict:
+    def __call__(self, model, spec, args, owners=None, scale=1.0, stains=None, normalised=False) -> dict:
         """`stains` (SiteStains): the stain composition of generate/writer.py instead of the joint draw:
-        each tile drawn at one of its type's own training sites and rendered in the requested site's stain."""
+        each tile drawn at one of its type's own training sites and rendered in the requested site's stain
+        (`normalised`: the network draws in the reference stain, `SiteStains.render`)."""
         rows = [{TYPE: t, SITE: s} for t, s in self.pairs]
         if stains is not None:
             own = {t: sorted(s for s, o in stains.owner.items() if o == t) for t in self.types}
@@ -110,7 +137,11 @@ class Scorer:
         model.train()
         if stains is not None:
             types = [t for t, _ in self.pairs]
-            imgs = stains.transfer(imgs, types, donors, [s for _, s in self.pairs], own="render")
+            targets = [s for _, s in self.pairs]
+            if normalised:
+                imgs = render(stains, imgs, types, targets)
+            else:
+                imgs = stains.transfer(imgs, types, donors, targets, own="render")
         want_t, want_s = np.array([t for t, _ in self.pairs]), np.array([s for _, s in self.pairs])
         seen = np.array([p in self.trained for p in self.pairs])
         s = self.probes.score(imgs, want_t, want_s, seen)
@@ -168,6 +199,11 @@ def main(argv=None) -> int:
         help="also score owner-site composition at these direction weights (none: skip)",
     )
     p.add_argument("--stain-composition", action="store_true", help="also score the stain composition (the demo's)")
+    p.add_argument(
+        "--stain-normalised",
+        action="store_true",
+        help="train on tiles in the reference stain (SiteStains.normalise) and score only the stain composition",
+    )
     p.add_argument("--out", default="benchmarks/results/generator_curve.json")
     p.add_argument("--grid", help="also write a PNG of generated tiles (rows: unseen pairs) at the end")
     p.add_argument("--save", help="also write the final model directory here (for generate / fidelity / downstream)")
@@ -177,6 +213,9 @@ def main(argv=None) -> int:
     ds = world(args)
     tiles, index = read_tiles(ds, ["train"], args.size)
     spec = ConditioningSpec.load(ds / "vocab.json").subset([TYPE, SITE])
+    stains = estimate_site_stains(ds, args.size) if args.stain_composition or args.stain_normalised else None
+    if args.stain_normalised:
+        tiles = normalise(stains, tiles, index[SITE])
     x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 127.5 - 1).to(dev)
     cond = {k: v.to(dev) for k, v in encode_conditions(spec, index[[TYPE, SITE]].to_dict("records")).items()}
     # type-balanced, as the trainer
@@ -202,7 +241,6 @@ def main(argv=None) -> int:
     scorer = Scorer(index, ds, args)
     owners = index.groupby(SITE)[TYPE].agg(lambda v: v.value_counts().index[0]).to_dict()
     print(f"probes fit in {time.perf_counter() - t_scorer:.1f} s; ceiling {scorer.probes.ceiling}", flush=True)
-    stains = estimate_site_stains(ds, args.size) if args.stain_composition else None
     curve, train_s, t0, step, next_eval = [], 0.0, time.perf_counter(), 0, args.eval_minutes
     while True:
         step += 1
@@ -239,12 +277,15 @@ def main(argv=None) -> int:
                 "train_minutes": train_s / 60,
                 "images_per_s": step * args.batch / train_s,
                 "loss": float(loss.detach()),
-                **scorer(shadow, spec, args),
             }
-            for scale in args.composition_scale:
+            if args.stain_normalised:
+                row["stain_normalised"] = scorer(shadow, spec, args, stains=stains, normalised=True)
+            else:
+                row.update(scorer(shadow, spec, args))
+            for scale in [] if args.stain_normalised else args.composition_scale:
                 key = "owner_site" if scale == 1 else f"owner_site_x{scale:g}"
                 row[key] = scorer(shadow, spec, args, owners, scale)
-            if stains is not None:
+            if args.stain_composition:
                 row["stain_composition"] = scorer(shadow, spec, args, stains=stains)
             row["eval_s"] = time.perf_counter() - te
             curve.append(row)
