@@ -25,6 +25,11 @@ stain plane is dropped, and the target site's scanner stores it. Generated tiles
 go through the same rendering (`transfer(..., own="render")`): the site's stain replaces the
 network's off-plane colour noise (calibrated stain at seen pairs 0.57 -> 0.79 in the demo's world,
 benchmarks/RESULTS.md).
+
+Each scanner also leaves its own fine detail (blur lowers it, JPEG and sensor noise raise it), and a
+moved tile would bring its donor's; a small network draws too little of it. So a rendered tile's high
+frequencies are scaled to the target's detail (`SiteStains.stored`), estimated like intensity: a
+site's own relative to its type's other sites, times the requested type's.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ PER_SITE = 128  # source tiles per site for the directions (2^23 pixels at 256 p
 SOURCE_PIXELS = 1 << 23  # ... and at most this many pixels of them (larger tiles: fewer, same memory)
 THREADS = 4  # sites estimated at once
 PER_SITE_MODEL = 512  # tiles per site for pattern, background and intensity at the model's resolution
+DETAIL_SIGMA = 0.7  # px at the model's resolution: the scale of "fine detail" (a site's blur acts there)
+GAIN = (0.25, 4.0)  # a tile's detail is scaled by at most this much (a near-empty tile has none to match)
 SITE, TYPE = "tissue_source_site", "cancer_type"
 
 
@@ -63,13 +70,15 @@ def unit(v: np.ndarray) -> np.ndarray:
 @dataclass
 class Stain:
     """One site: unit OD directions (rows h, e), background OD, fixed pattern (H, W) at the model's
-    resolution, concentration level `top` (the site's intensity times its type's: `level`), JPEG quality."""
+    resolution, concentration level `top` (the site's intensity times its type's: `level`), JPEG quality
+    and the fine detail its scanner leaves (`detail`)."""
 
     hed: np.ndarray
     bg: np.ndarray
     pattern: np.ndarray
     top: np.ndarray
     quality: int | None = None
+    detail: float | None = None  # fine-detail energy of its tiles (`detail`)
 
     def unmix(self, od: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(..., H, W, 3) OD -> concentrations (..., H, W, 2) and the OD they leave unexplained."""
@@ -82,11 +91,12 @@ class Stain:
 
     def to_dict(self) -> dict:
         arrays = {k: np.round(getattr(self, k), 5).tolist() for k in ("hed", "bg", "pattern", "top")}
-        return {**arrays, "quality": self.quality}
+        return {**arrays, "quality": self.quality, "detail": self.detail}
 
     @classmethod
     def from_dict(cls, d: dict) -> Stain:
-        return cls(*(np.asarray(d[k], np.float64) for k in ("hed", "bg", "pattern", "top")), d.get("quality"))
+        arrays = (np.asarray(d[k], np.float64) for k in ("hed", "bg", "pattern", "top"))
+        return cls(*arrays, d.get("quality"), d.get("detail"))
 
 
 # ---------------------------------------------------------------- estimators
@@ -151,12 +161,24 @@ def level(od: np.ndarray, hed: np.ndarray, q: float = 90) -> np.ndarray:
     return np.maximum(np.percentile(conc, q, axis=0), 1e-3)
 
 
+def high_pass(rgb: np.ndarray) -> np.ndarray:
+    """The fine detail of (..., H, W, 3) tiles: what a blur of DETAIL_SIGMA px removes."""
+    sigma = [0] * (rgb.ndim - 3) + [DETAIL_SIGMA, DETAIL_SIGMA, 0]
+    return rgb - gaussian_filter(rgb, sigma)
+
+
+def detail(rgb: np.ndarray) -> float:
+    """A site's fine-detail energy: the mean square high-pass of its (N, H, W, 3) tiles' RGB. Its
+    scanner's blur lowers it, JPEG and sensor noise raise it, and so do its stain's contrast."""
+    return float(np.mean(high_pass(rgb.astype(np.float64)) ** 2))
+
+
 def fit_site(od: np.ndarray, hed: np.ndarray, top: np.ndarray, quality: int | None = None) -> Stain:
     """The rest of a site's stain at the model's resolution, given its directions and level: fixed
-    pattern, background (median OD off the stain plane)."""
+    pattern, background (median OD off the stain plane), fine detail."""
     pattern = fixed_pattern(od)
     _, res = Stain(hed, np.zeros(3), pattern, top).unmix(od)
-    return Stain(hed, np.median(res.reshape(-1, 3), 0), pattern, top, quality)
+    return Stain(hed, np.median(res.reshape(-1, 3), 0), pattern, top, quality, detail(256 * np.exp(-od) - 1))
 
 
 def _luma_table(quality: int) -> np.ndarray:
@@ -197,14 +219,35 @@ class SiteStains:
 
     def __init__(self, stains: dict[str, Stain], owner: dict[str, str]):
         self.stains, self.owner = stains, owner
+        self.type_top = self._by_type(lambda st: st.top)  # geometric: levels are ratios
+        with_detail = all(st.detail for st in stains.values())  # stains estimated before it had no detail
+        self.type_detail = self._by_type(lambda st: st.detail) if with_detail else None
+
+    def _by_type(self, part) -> dict:
+        """Each type's geometric mean of a part of its sites' stains."""
         by_type: dict = {}
-        for s, t in owner.items():
-            by_type.setdefault(t, []).append(np.log(stains[s].top))
-        self.type_top = {t: np.exp(np.mean(v, 0)) for t, v in by_type.items()}  # geometric: levels are ratios
+        for s, t in self.owner.items():
+            by_type.setdefault(t, []).append(np.log(part(self.stains[s])))
+        return {t: np.exp(np.mean(v, 0)) for t, v in by_type.items()}
 
     def scale(self, t: str, s: str) -> np.ndarray:
         """Concentration scale of type t at site s: s's intensity relative to its own type's sites, times t's."""
         return self.type_top.get(t, self.type_top[self.owner[s]]) * self.stains[s].top / self.type_top[self.owner[s]]
+
+    def stored(self, rgb: np.ndarray, t: str, s: str) -> np.ndarray:
+        """A float (H, W, 3) tile of type t in s's stain as s's scanner stores it: its fine detail scaled
+        to what that scanner leaves on t (s's detail relative to its own type's sites, times t's, as
+        `scale`: blur, like intensity, is confounded with type where each site holds one), then JPEG at
+        s's quality. JPEG takes some detail back: the gain is corrected once on the stored tile."""
+        st = self.stains[s]
+        if self.type_detail is None:  # stains recorded before the detail was estimated
+            return store(rgb, st.quality)
+        want = self.type_detail.get(t, self.type_detail[self.owner[s]]) * st.detail / self.type_detail[self.owner[s]]
+        hp = high_pass(rgb)
+        gain = np.clip(np.sqrt(want / max(float(np.mean(hp**2)), 1e-12)), *GAIN)
+        first = store(rgb + (gain - 1) * hp, st.quality)
+        gain = np.clip(gain * np.sqrt(want / max(detail(first), 1e-12)), *GAIN)
+        return store(rgb + (gain - 1) * hp, st.quality)
 
     def transfer(self, images: np.ndarray, types, donors, sites, own: str = "keep") -> np.ndarray:
         """uint8 tiles of type t at site `donor` -> the same tissue in site s's stain (its concentrations
@@ -217,7 +260,7 @@ class SiteStains:
                 continue
             conc, _ = self.stains[d].unmix(optical_density(img))
             scale = 1 if d == s else self.scale(t, s) / self.stains[d].top
-            out[i] = store(256 * np.exp(-self.stains[s].mix(conc * scale, 0)) - 1, self.stains[s].quality)
+            out[i] = self.stored(256 * np.exp(-self.stains[s].mix(conc * scale, 0)) - 1, t, s)
         return out
 
     def to_dict(self) -> dict:
