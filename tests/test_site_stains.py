@@ -130,8 +130,6 @@ def test_moved_tiles_take_the_target_sites_fine_detail(tmp_path):
     detail along. Ground-truth tiles of a type moved between two of its own sites (where the detail
     ratio is identifiable) end up with the fine detail the renderer gives that type at the target,
     closer than moved without the detail matching; stains recorded before it (no detail) still load."""
-    import copy
-
     from medi_dist.data import sources
     from medi_dist.data.ingest import ingest
     from medi_dist.data.split import SplitConfig
@@ -139,8 +137,7 @@ def test_moved_tiles_take_the_target_sites_fine_detail(tmp_path):
     cfg = procedural.ProceduralConfig(n_types=2, n_sites=6, n_tiles=300, size=32, seed=3, imbalance="uniform")
     ingest(sources.procedural(cfg), tmp_path / "w", SplitConfig(holdout_fraction=0.15, val_fraction=0.0, seed=1))
     stains = site_stains.estimate_site_stains(tmp_path / "w", 32)
-    flat = copy.copy(stains)
-    flat.type_detail = None
+    flat = stains.without_detail()
     matched, unmatched = [], []
     for d in sorted(stains.owner):
         for s in sorted(stains.owner):

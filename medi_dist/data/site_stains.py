@@ -34,6 +34,7 @@ site's own relative to its type's other sites, times the requested type's.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -248,6 +249,12 @@ class SiteStains:
         first = store(rgb + (gain - 1) * hp, st.quality)
         gain = np.clip(gain * np.sqrt(want / max(detail(first), 1e-12)), *GAIN)
         return store(rgb + (gain - 1) * hp, st.quality)
+
+    def without_detail(self) -> SiteStains:
+        """The same stains, tiles stored at the target's JPEG quality with their detail as it is."""
+        flat = copy.copy(self)
+        flat.type_detail = None
+        return flat
 
     def transfer(self, images: np.ndarray, types, donors, sites, own: str = "keep") -> np.ndarray:
         """uint8 tiles of type t at site `donor` -> the same tissue in site s's stain (its concentrations

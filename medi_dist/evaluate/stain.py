@@ -90,8 +90,11 @@ def restain(images: np.ndarray, slides, sites, seed: int) -> np.ndarray:
 
 def restain_sites(images: np.ndarray, types, slides, sites, stains, seed: int) -> np.ndarray:
     """Each slide's tiles moved into another training site's stain (seeded per slide) with `stains`
-    (a data.site_stains.SiteStains); tiles of a site it does not hold are kept as they are."""
+    (a data.site_stains.SiteStains); tiles of a site it does not hold are kept as they are. Real tiles
+    keep their own scanner's fine detail: rescaling it to the target's (what generated tiles get) cost
+    this baseline 0.017 balanced / 0.068 worst-site accuracy in the demo (benchmarks/RESULTS.md)."""
     types, sites = np.asarray(types).astype(str), np.asarray(sites).astype(str)
+    stains = stains.without_detail()
     names = sorted(stains.stains)
     rng = np.random.default_rng([seed, 6])
     out = images.copy()
