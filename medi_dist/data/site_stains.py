@@ -27,7 +27,7 @@ network's off-plane colour noise (calibrated stain at seen pairs 0.57 -> 0.79 in
 benchmarks/RESULTS.md).
 
 Each scanner also leaves its own fine detail (blur lowers it, JPEG and sensor noise raise it), and a
-moved tile would bring its donor's; a small network draws too little of it. So a rendered tile's high
+moved tile would bring its donor's; a small network draws its own amount. So a rendered tile's high
 frequencies are scaled to the target's detail (`SiteStains.stored`), estimated like intensity: a
 site's own relative to its type's other sites, times the requested type's.
 """
@@ -170,7 +170,7 @@ def high_pass(rgb: np.ndarray) -> np.ndarray:
 
 def detail(rgb: np.ndarray) -> float:
     """A site's fine-detail energy: the mean square high-pass of its (N, H, W, 3) tiles' RGB. Its
-    scanner's blur lowers it, JPEG and sensor noise raise it, and so do its stain's contrast."""
+    scanner's blur lowers it; JPEG, sensor noise and a stronger stain raise it."""
     return float(np.mean(high_pass(rgb.astype(np.float64)) ** 2))
 
 
@@ -258,8 +258,8 @@ class SiteStains:
 
     def transfer(self, images: np.ndarray, types, donors, sites, own: str = "keep") -> np.ndarray:
         """uint8 tiles of type t at site `donor` -> the same tissue in site s's stain (its concentrations
-        only), stored at s's JPEG quality. Tiles already at s: kept (`own="keep"`) or rendered in s's
-        stain all the same (`own="render"`, for generated tiles)."""
+        only), with s's fine detail and JPEG quality (`stored`). Tiles already at s: kept (`own="keep"`)
+        or rendered in s's stain all the same (`own="render"`, for generated tiles)."""
         out = np.empty_like(images)
         for i, (img, t, d, s) in enumerate(zip(images, types, donors, sites)):
             if d == s and own == "keep":
