@@ -60,12 +60,13 @@ def normalise(stains: S.SiteStains, images: np.ndarray, sites) -> np.ndarray:
 
 
 def render(stains: S.SiteStains, images: np.ndarray, types, sites) -> np.ndarray:
-    """Tiles drawn in the reference stain -> uint8 tiles in site s's stain at type t's scale there."""
+    """Tiles drawn in the reference stain -> uint8 tiles in site s's stain at type t's scale there, stored
+    as the stain composition stores them (`SiteStains.stored`)."""
     conc = (S.optical_density(images) - REFERENCE_BG) @ np.linalg.pinv(REFERENCE_HED)
     out = np.empty(images.shape, np.uint8)
     for i, (c, t, s) in enumerate(zip(conc, types, sites)):
         k = stains.scale(t, s) / stains.type_top[t]
-        out[i] = S.store(256 * np.exp(-stains.stains[s].mix(c * k, 0)) - 1, stains.stains[s].quality)
+        out[i] = stains.stored(256 * np.exp(-stains.stains[s].mix(c * k, 0)) - 1, t, s)  # with s's fine detail
     return out
 
 
