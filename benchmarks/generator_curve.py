@@ -43,7 +43,7 @@ from medi_dist.model import EMA, ConditionedUNet, ModelConfig, diffusion_loss, e
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
 # --stain-normalised: the network draws in one reference stain (Ruifrok & Johnston's h and e, a faint
-# background that keeps slightly negative concentrations inside 0..255); tested and not adopted
+# background that keeps slightly negative concentrations inside 0..255); benchmark only, not in the product
 REFERENCE_HED = S.unit(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]]))
 REFERENCE_BG = 0.05
 
@@ -126,7 +126,7 @@ class Scorer:
     def __call__(self, model, spec, args, owners=None, scale=1.0, stains=None, normalised=False) -> dict:
         """`stains` (SiteStains): the stain composition of generate/writer.py instead of the joint draw:
         each tile drawn at one of its type's own training sites and rendered in the requested site's stain
-        (`normalised`: the network draws in the reference stain, `SiteStains.render`)."""
+        (`normalised`: the network draws in the reference stain, `render`)."""
         rows = [{TYPE: t, SITE: s} for t, s in self.pairs]
         if stains is not None:
             own = {t: sorted(s for s, o in stains.owner.items() if o == t) for t in self.types}
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--stain-normalised",
         action="store_true",
-        help="train on tiles in the reference stain (SiteStains.normalise) and score only the stain composition",
+        help="train on tiles in the reference stain (`normalise`) and score only their rendering per site (`render`)",
     )
     p.add_argument("--out", default="benchmarks/results/generator_curve.json")
     p.add_argument("--grid", help="also write a PNG of generated tiles (rows: unseen pairs) at the end")
