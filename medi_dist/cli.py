@@ -24,7 +24,7 @@ def _demo(args: argparse.Namespace) -> None:
     from .storage import is_remote, local_path
 
     cfg = DemoConfig(**QUICK_DEMO) if args.quick else DemoConfig()
-    for name in ("out", "types", "sites", "tiles", "seed", "train_steps", "seeds", "composition"):
+    for name in ("out", "types", "sites", "tiles", "seed", "train_steps", "seeds", "composition", "stain"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.separate_class_only = args.separate_class_only
@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MeDi's pool: stain (default: each type drawn at its own training sites, moved to the requested "
         "site by the sites' estimated stains) or joint (the network's own (type, site) prediction)",
+    )
+    demo.add_argument(
+        "--stain",
+        choices=["reference", "as-stored"],
+        default=None,
+        help="reference (default: the network draws in one reference stain, each tile rendered in its "
+        "site's) or as-stored (the network draws each site's stain itself)",
     )
     demo.add_argument(
         "--stain-only",

@@ -48,6 +48,9 @@ class DemoConfig:
     site_dropout: float = 0.3  # the site-nulled branch is the class-only arm: trained this often
     type_dropout: float = 0.05  # rarely: a step with the site but no type teaches site -> morphology
     separate_class_only: bool = False  # also train a class-only model, as in the MeDi paper
+    # reference: the network draws in one reference stain and each tile is rendered in its site's
+    # (benchmarks/RESULTS.md: calibrated stain at seen pairs up); as-stored: it draws the sites' stains
+    stain: str = "reference"
     per_pair: int = 60  # generated tiles per (type, site) pair (every pool has this plan)
     # MeDi's pool: stain (each type drawn at its own training sites, moved to the requested site by the
     # sites' stains, estimated at source resolution) or joint (the network's (type, site) prediction,
@@ -158,6 +161,7 @@ def _train(cfg: DemoConfig, ds: Path, root: Path, name: str, conditions: list[st
         [
             f"data.dataset={ds}",
             "data.balance=type",
+            f"data.stain={cfg.stain}",
             "model.preset=small",
             f"model.resolution={cfg.size}",
             f"model.conditions={json.dumps(conditions)}",

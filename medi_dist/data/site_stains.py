@@ -68,6 +68,12 @@ def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
+# the stain a reference-stain model draws in: Ruifrok & Johnston's h and e, and a faint background OD
+# that keeps slightly negative concentrations (estimation noise) inside 0..255
+REFERENCE_HED = unit(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]]))
+REFERENCE_BG = 0.05
+
+
 @dataclass
 class Stain:
     """One site: unit OD directions (rows h, e), background OD, fixed pattern (H, W) at the model's
@@ -268,6 +274,28 @@ class SiteStains:
             conc, _ = self.stains[d].unmix(optical_density(img))
             scale = 1 if d == s else self.scale(t, s) / self.stains[d].top
             out[i] = self.stored(256 * np.exp(-self.stains[s].mix(conc * scale, 0)) - 1, t, s)
+        return out
+
+    def to_reference(self, images: np.ndarray, sites) -> np.ndarray:
+        """uint8 training tiles -> float32 RGB in the reference stain: each tile's concentrations (its
+        site's pattern, background and off-plane OD dropped) at its type's level, so the network sees no
+        site's colour, intensity or scanner pattern. A tile of a site without a stain is kept."""
+        out = images.astype(np.float32)
+        for i, s in enumerate(sites):
+            if s in self.stains:
+                conc, _ = self.stains[s].unmix(optical_density(images[i]))
+                conc *= self.type_top[self.owner[s]] / self.stains[s].top
+                out[i] = np.clip(256 * np.exp(-conc @ REFERENCE_HED - REFERENCE_BG) - 1, 0, 255)
+        return out
+
+    def from_reference(self, images: np.ndarray, types, sites) -> np.ndarray:
+        """uint8 tiles drawn in the reference stain -> uint8 tiles of type t in site s's stain at t's
+        scale there, stored with s's fine detail and JPEG quality (`stored`)."""
+        conc = (optical_density(images) - REFERENCE_BG) @ np.linalg.pinv(REFERENCE_HED)
+        out = np.empty(images.shape, np.uint8)
+        for i, (c, t, s) in enumerate(zip(conc, types, sites)):
+            k = self.scale(t, s) / self.type_top.get(t, self.type_top[self.owner[s]])
+            out[i] = self.stored(256 * np.exp(-self.stains[s].mix(c * k, 0)) - 1, t, s)
         return out
 
     def to_dict(self) -> dict:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..data.shards import INDEX, MANIFEST, VOCAB, atomic_write_parquet, atomic_write_text, file_sha256
 from ..data.shards import SPLIT as SPLIT_FILE
-from ..metadata import ConditioningSpec
+from ..metadata import UNKNOWN, ConditioningSpec
 from ..model.config import ModelConfig
 from ..model.model_dir import WEIGHT_FILES, read_model_info, verify_model_dir
 from ..model.sampling import SAMPLERS
@@ -155,7 +155,10 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
         owners.setdefault(site, t)
     # Tasks carry spans of plan rows, not per-tile records; tiles are expanded where they are made.
     extra = {"owners": owners} if meta.get("composition") else {}
-    if s.composition == "stain" and not cfg.reference:
+    recorded = None if cfg.reference else info["info"].get("site_stains")
+    if recorded:  # trained in the reference stain: every tile is rendered in its site's, recorded with the model
+        extra = {**extra, **_reference_rendering(cfg, rows, train, recorded)}
+    elif s.composition == "stain" and not cfg.reference:
         extra = _stain_composition(cfg, ModelConfig.from_dict(info["model"]).sample_size, rows, train, spec)
     tasks = [
         {
@@ -187,7 +190,33 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
     }
     if "stains" in extra:  # what moved the tiles (the pool's own record, not every tile's)
         header["site_stains"] = {"from": train.source, "seed": cfg.plan.seed, **extra["stains"]}
+    if recorded:
+        header["site_stains"] = {"from": f"{absolute(cfg.model)}/config.json", **recorded}
     return tasks, rows, header, spec
+
+
+def _own_sites(train) -> dict[str, list[str]]:
+    own: dict[str, list[str]] = {}
+    for t, site in sorted(train.pairs):
+        own.setdefault(t, []).append(site)
+    return own
+
+
+def _reference_rendering(cfg: GenerateConfig, rows: list[PlanRow], train, recorded: dict) -> dict:
+    """What a reference-stain model's shards need: each type's training sites (where a site-nulled
+    tile is rendered, and a stain-composed one drawn); the stains come with the model."""
+    own = _own_sites(train)
+    asked = {r.conditions.get(SITE_COLUMN) for r in rows} - {None, UNKNOWN}
+    missing = sorted(asked - set(recorded["stains"]))
+    if missing:
+        raise PlanError(
+            f"{cfg.model} renders its tiles in the stains of its training sites, recorded when it was "
+            f"trained; it has none for {missing}: ask for training sites only"
+        )
+    untrained = sorted({r.conditions["cancer_type"] for r in rows} - set(own))
+    if untrained:
+        raise PlanError(f"{cfg.model} was not trained on type(s) {untrained}; it has no site to render them at")
+    return {"own_sites": own}
 
 
 def _stain_composition(cfg: GenerateConfig, resolution: int, rows: list[PlanRow], train, spec) -> dict:
@@ -202,9 +231,7 @@ def _stain_composition(cfg: GenerateConfig, resolution: int, rows: list[PlanRow]
             f"stain composition estimates each site's stain from the training tiles, and {train.source} "
             "cannot be read; pass --dataset DIR (the model's training dataset)"
         )
-    own: dict[str, list[str]] = {}
-    for t, site in sorted(train.pairs):
-        own.setdefault(t, []).append(site)
+    own = _own_sites(train)
     types = {r.conditions["cancer_type"] for r in rows}
     wanted = {r.conditions[SITE_COLUMN] for r in rows} | {s for t in types for s in own.get(t, [])}
     stains = estimate_site_stains(train.source, resolution, sorted(wanted), seed=cfg.plan.seed)

@@ -49,6 +49,13 @@ def shard_path(index: int) -> str:
     return f"{SHARD_DIR}/{SPLIT}/shard-{index:06d}.tar"
 
 
+def _own_site(own: dict[str, list[str]], conditions: dict, tile: dict) -> str:
+    """The requested site where the type was trained there, else one of the type's training sites
+    (by the tile's seed): where a stain-composed tile is drawn."""
+    sites = own[conditions["cancer_type"]]
+    return conditions.get(SITE) if conditions.get(SITE) in sites else sites[tile["seed"] % len(sites)]
+
+
 def png_bytes(tile: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(tile).save(buf, format="PNG")  # lossless: the tile is stored exactly as sampled
@@ -106,7 +113,9 @@ class ShardGenerator:
     def __init__(
         self, model_dir: str, settings: SamplingSettings, out_dir: str, device: str = "cpu", threads: int | None = None
     ):
+        from ..data.site_stains import SiteStains
         from ..model import load_model_dir
+        from ..model.model_dir import read_model_info
 
         if threads:
             torch.set_num_threads(threads)  # pinned, so results do not depend on the host's core count
@@ -115,6 +124,8 @@ class ShardGenerator:
         if settings.compile:
             self.model = torch.compile(self.model)
         self.autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.precision]
+        stains = read_model_info(model_dir)["info"].get("site_stains")  # a model trained in the reference stain
+        self.reference = SiteStains.from_dict(stains) if stains else None
 
     def _conditions(self, chunk: list[dict], owners: dict) -> tuple[dict, list]:
         from ..model import encode_conditions
@@ -135,6 +146,8 @@ class ShardGenerator:
 
     def sample_tiles(self, tiles: list[dict], task: dict | None = None) -> np.ndarray:
         """uint8 tiles for `tiles`; `task` holds what a composition needs (owners, site stains)."""
+        if self.reference is not None:
+            return self._rendered(tiles, task)
         if self.s.composition == "stain":
             return self._restained(tiles, task)
         return self._sample(tiles, (task or {}).get("owners", {}))
@@ -147,13 +160,23 @@ class ShardGenerator:
 
         if getattr(self, "_stains_of", None) != task["generation"]:  # parsed once per plan, not per shard
             self._stains_of, self._stains = task["generation"], SiteStains.from_dict(task["stains"])
-        own = task["own_sites"]
         want = [t["conditions"] for t in tiles]
-        sites = [own[c["cancer_type"]] for c in want]
-        donors = [c[SITE] if c[SITE] in s else s[t["seed"] % len(s)] for c, t, s in zip(want, tiles, sites)]
+        donors = [_own_site(task["own_sites"], c, t) for c, t in zip(want, tiles)]
         drawn = self._sample([{**t, "conditions": {**c, SITE: d}} for t, c, d in zip(tiles, want, donors)], {})
         types, sites = [c["cancer_type"] for c in want], [c[SITE] for c in want]
         return self._stains.transfer(drawn, types, donors, sites, own="render")
+
+    def _rendered(self, tiles: list[dict], task: dict) -> np.ndarray:
+        """A reference-stain model's tiles, each rendered once in the requested site's stain at its type's
+        scale there. Composition stain: drawn at a training site of the type, as in `_restained`. A row
+        without a site (site-nulled) is rendered at one of its type's training sites."""
+        own, want = task["own_sites"], [t["conditions"] for t in tiles]
+        targets = [c[SITE] if c.get(SITE, UNKNOWN) != UNKNOWN else _own_site(own, c, t) for c, t in zip(want, tiles)]
+        if self.s.composition == "stain":
+            donors = [_own_site(own, {**c, SITE: s}, t) for c, t, s in zip(want, tiles, targets)]
+            tiles = [{**t, "conditions": {**c, SITE: d}} for t, c, d in zip(tiles, want, donors)]
+        drawn = self._sample(tiles, task.get("owners", {}))
+        return self.reference.from_reference(drawn, [c["cancer_type"] for c in want], targets)
 
     def _sample(self, tiles: list[dict], owners: dict) -> np.ndarray:
         from ..model import sample

@@ -25,6 +25,9 @@ class DataConfig:
     # For GPU nodes short of CPU: Ray Data's read tasks then ship the encoded bytes and each worker
     # decodes and resizes its batch on its GPU (torchvision's batched decode_jpeg, i.e. nvJPEG).
     decode: str = "cpu"  # cpu: read tasks decode (PIL) | device: each GPU worker decodes (nvJPEG; run.use_gpu=true)
+    # as-stored: the network draws each site's stain | reference: every tile is re-rendered in one reference
+    # stain for training and each generated tile is rendered in the requested site's (data/site_stains.py)
+    stain: str = "as-stored"
 
 
 @dataclass
@@ -107,6 +110,12 @@ class TrainConfig:
             raise ValueError(
                 "data.decode=device decodes tiles on the training workers' GPUs (nvJPEG) and needs "
                 "run.use_gpu=true; without GPUs use data.decode=cpu (Ray Data's read tasks decode)"
+            )
+        if self.data.stain not in ("as-stored", "reference"):
+            raise ValueError(f"data.stain must be as-stored or reference, got {self.data.stain!r}")
+        if self.data.stain == "reference" and self.data.decode == "device":
+            raise ValueError(
+                "data.stain=reference re-renders the decoded tiles on the CPU before each step; use data.decode=cpu"
             )
         if self.run.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"run.mixed_precision must be no, fp16 or bf16, got {self.run.mixed_precision!r}")

@@ -24,12 +24,14 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from ..data.device_decode import DeviceDecoder
 from ..data.stream import to_model_range
-from ..metadata import ConditioningSpec
+from ..metadata import CONDITION_PREFIX, ConditioningSpec
 from ..model import EMA, ConditionedUNet, ModelConfig, diffusion_loss, save_model_dir
 from ..model.unet import unwrap
 from ..tracking import RunLogger
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
+
+SITE_CODES = CONDITION_PREFIX + "tissue_source_site"  # the stream's site column (every tile has one)
 
 
 def torch_batches(
@@ -40,10 +42,12 @@ def torch_batches(
     device,
     shuffle_seed: int | None,
     decoder: DeviceDecoder | None = None,
+    to_reference=None,
 ):
     """Tensors for the model's columns; the first `epoch_skip` batches were consumed before a resume.
     With a `decoder` (data.decode=device) the batches carry encoded tiles, decoded here on `device`;
-    a tile that fails is dropped from its batch (the batch is smaller by it) and counted."""
+    a tile that fails is dropped from its batch (the batch is smaller by it) and counted.
+    `to_reference(images, site codes)`: the tiles re-rendered in the reference stain (data.stain=reference)."""
     counted: set = set()  # bad tiles reported in this pass
     it = shard.iter_batches(
         batch_size=batch_size,
@@ -61,6 +65,8 @@ def torch_batches(
             yield to_model_range(x), {c: torch.from_numpy(b[c][kept]).to(device) for c in columns}
             continue
         img = np.ascontiguousarray(b["image"])  # uint8 from the stream
+        if to_reference is not None:
+            img = to_reference(img, b[SITE_CODES])
         if torch.device(device).type == "cpu":  # numpy converts ~10x faster than torch's uint8 -> float on CPU
             x = torch.from_numpy(to_model_range(img))
         else:  # to float on the accelerator: 4x less to copy there
@@ -105,6 +111,9 @@ class WorkerConfig:
     mlflow_run_id: str | None  # None: the server was down when the run was to be created
     spill_dir: str | None = None  # where calls MLflow did not take are written (the run folder's)
     decoder: DeviceDecoder | None = None  # data.decode=device: decodes the stream's encoded tiles here
+    # data.stain=reference: the training sites' stains (SiteStains.to_dict) and the stream's site vocabulary
+    site_stains: dict | None = None
+    site_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -270,6 +279,7 @@ def checkpoint(
                     config=cfg.model,
                     spec=cfg.spec,
                     extra_info={
+                        **({"stain": "reference", "site_stains": cfg.site_stains} if cfg.site_stains else {}),
                         "name": cfg.train.run.name,
                         "steps": pos.step,
                         "dataset": str(cfg.train.data.dataset),
@@ -309,6 +319,15 @@ def train_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     stop_at = min(steps, run.stop_after or steps)
     window = Window(keep=max(50, run.log_every))
+    to_reference = None
+    if cfg.site_stains:
+        from ..data.site_stains import SiteStains
+
+        stains, names = SiteStains.from_dict(cfg.site_stains), cfg.site_names
+
+        def to_reference(img: np.ndarray, codes: np.ndarray) -> np.ndarray:  # the stream's tiles are (N, 3, H, W)
+            hwc = stains.to_reference(img.transpose(0, 2, 3, 1), [names[c] for c in codes])
+            return np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))
 
     while pos.step < stop_at:
         t_wait = time.perf_counter()
@@ -319,7 +338,14 @@ def train_worker(config: dict) -> None:
             else None
         )
         for x, cond in torch_batches(
-            shard, optim.batch_size, columns, pos.batches_in_epoch, parts.accelerator.device, shuffle_seed, cfg.decoder
+            shard,
+            optim.batch_size,
+            columns,
+            pos.batches_in_epoch,
+            parts.accelerator.device,
+            shuffle_seed,
+            cfg.decoder,
+            to_reference,
         ):
             window.wait += time.perf_counter() - t_wait
             if run.channels_last:
