@@ -50,7 +50,7 @@ class DemoConfig:
     separate_class_only: bool = False  # also train a class-only model, as in the MeDi paper
     # reference: the network draws in one reference stain and each tile is rendered in its site's
     # (benchmarks/RESULTS.md: calibrated stain at seen pairs up); as-stored: it draws the sites' stains
-    stain: str = "reference"
+    stain: str = "as-stored"
     per_pair: int = 60  # generated tiles per (type, site) pair (every pool has this plan)
     # MeDi's pool: stain (each type drawn at its own training sites, moved to the requested site by the
     # sites' stains, estimated at source resolution) or joint (the network's (type, site) prediction,

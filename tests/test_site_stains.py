@@ -125,18 +125,25 @@ def test_moved_tiles_take_the_target_sites_hue(stains):
     assert len(before) >= 12 and np.mean(after) < 0.8 * np.mean(before), (before, after)  # measured 0.067 vs 0.103
 
 
-def test_moved_tiles_take_the_target_sites_fine_detail(tmp_path):
-    """Each scanner blurs (and compresses) its tiles its own way, and a moved tile brings its donor's
-    detail along. Ground-truth tiles of a type moved between two of its own sites (where the detail
-    ratio is identifiable) end up with the fine detail the renderer gives that type at the target,
-    closer than moved without the detail matching; stains recorded before it (no detail) still load."""
+@pytest.fixture(scope="module")
+def three_sites_a_type(tmp_path_factory) -> site_stains.SiteStains:
+    """Stains of a world where each of 2 types has several training sites."""
     from medi_dist.data import sources
     from medi_dist.data.ingest import ingest
     from medi_dist.data.split import SplitConfig
 
+    out = tmp_path_factory.mktemp("w") / "w"
     cfg = procedural.ProceduralConfig(n_types=2, n_sites=6, n_tiles=300, size=32, seed=3, imbalance="uniform")
-    ingest(sources.procedural(cfg), tmp_path / "w", SplitConfig(holdout_fraction=0.15, val_fraction=0.0, seed=1))
-    stains = site_stains.estimate_site_stains(tmp_path / "w", 32)
+    ingest(sources.procedural(cfg), out, SplitConfig(holdout_fraction=0.15, val_fraction=0.0, seed=1))
+    return site_stains.estimate_site_stains(out, 32)
+
+
+def test_moved_tiles_take_the_target_sites_fine_detail(three_sites_a_type):
+    """Each scanner blurs (and compresses) its tiles its own way, and a moved tile brings its donor's
+    detail along. Ground-truth tiles of a type moved between two of its own sites (where the detail
+    ratio is identifiable) end up with the fine detail the renderer gives that type at the target,
+    closer than moved without the detail matching; stains recorded before it (no detail) still load."""
+    stains = three_sites_a_type
     flat = stains.without_detail()
     matched, unmatched = [], []
     for d in sorted(stains.owner):
@@ -227,5 +234,79 @@ def test_stain_composition_draws_trained_pairs_and_moves_them(ray_cluster, proc_
                 out=str(tmp_path / "y"),
                 plan=GenerationPlan(rows=[{TYPE: "GLAND", "count": 1}]),
                 sampling=SamplingSettings(composition="stain"),
+            )
+        )
+
+
+def test_the_reference_stain_removes_each_sites_stain_and_renders_it_back(three_sites_a_type):
+    """The same tissue (concentrations) stored at two sites of one type is the same tile in the reference
+    stain (what a data.stain=reference network trains on). Ground truth rendered back at its own site
+    (what generation does) is closer to that site's tiles than the type's other site's tiles are."""
+    stains = three_sites_a_type
+    mean_od = lambda x: site_stains.optical_density(x).mean((0, 1, 2))  # noqa: E731
+    same, apart, back, other = [], [], [], []
+    for t in sorted(set(stains.owner.values())):
+        own = sorted(s for s, o in stains.owner.items() if o == t)
+        tiles = {s: procedural.render_tiles([(t, s)] * 24, [[7, i] for i in range(24)], 32) for s in own}
+        conc, _ = stains.stains[own[0]].unmix(site_stains.optical_density(tiles[own[0]]))
+        conc = np.maximum(conc / stains.stains[own[0]].top, 0)  # tissue at unit intensity
+        at = {s: np.clip(256 * np.exp(-stains.stains[s].mix(conc * stains.stains[s].top, 0)) - 1, 0, 255) for s in own}
+        normal = [stains.to_reference(np.rint(at[s]).astype(np.uint8), [s] * 24) for s in own]
+        same.append(np.abs(normal[0] - normal[1]).mean())
+        apart.append(np.abs(at[own[0]] - at[own[1]]).mean())
+        for a in own:
+            reference = np.rint(stains.to_reference(tiles[a], [a] * 24)).astype(np.uint8)
+            back.append(np.abs(mean_od(stains.from_reference(reference, [t] * 24, [a] * 24)) - mean_od(tiles[a])).sum())
+            other += [np.abs(mean_od(tiles[b]) - mean_od(tiles[a])).sum() for b in own if b != a]
+    assert len(same) == 2 and max(same) < 0.1 * min(apart), (same, apart)  # grey levels 0.31-0.34 vs 8.6-15.2
+    assert np.mean(back) < 0.3 * np.mean(other), (back, other)  # mean |OD difference| 0.026 vs 0.227
+
+
+def test_a_reference_stain_model_records_its_stains_and_renders_every_tile(ray_cluster, proc_dataset, tmp_path):
+    """data.stain=reference: the trainer estimates the training sites' stains and records them in the
+    model directory; generation renders each drawn tile in the requested site's stain (a site-nulled row
+    at one of its type's training sites), and refuses a site it has no stain for."""
+    from medi_dist.config_loader import load_config
+    from medi_dist.generate.writer import ShardGenerator
+    from medi_dist.model.model_dir import read_model_info
+    from medi_dist.train.config import TrainConfig
+    from medi_dist.train.trainer import train
+
+    over = ["model.preset=tiny", "model.resolution=16", "optim.batch_size=16", "run.cpus_per_worker=1"]
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [f"data.dataset={proc_dataset}", "data.stain=reference", "steps=4", "run.name=ref", *over]
+        + [f"run.storage_path={tmp_path / 'runs'}", f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+    )
+    model = train(cfg).model_dir
+    info = read_model_info(model)["info"]
+    idx = pd.read_parquet(proc_dataset / "index.parquet")
+    train_sites = set(idx.loc[idx["split"] == "train", SITE])
+    assert info["stain"] == "reference" and set(info["site_stains"]["stains"]) == train_sites
+
+    recorded = site_stains.SiteStains.from_dict(info["site_stains"])
+    own = {}
+    for t, s in sorted({(t, s) for t, s in zip(idx[TYPE], idx[SITE]) if s in train_sites}):
+        own.setdefault(t, []).append(s)
+    gen = ShardGenerator(str(model), SamplingSettings(sampler="ddim", steps=2, batch_size=8), str(tmp_path / "g"))
+    rows = [(t, s) for t in sorted(own)[:2] for s in (own[t][0], None, sorted(train_sites - set(own[t]))[0], None)]
+    tiles = [{"seed": i, "conditions": {TYPE: t, **({SITE: s} if s else {})}} for i, (t, s) in enumerate(rows)]
+    targets = [s or own[t][i % len(own[t])] for i, (t, s) in enumerate(rows)]
+    drawn = gen._sample(tiles, {})  # as the network draws them: in the reference stain
+    got = gen.sample_tiles(tiles, {"own_sites": own})
+    assert np.array_equal(got, recorded.from_reference(drawn, [t for t, _ in rows], targets))
+
+    plan = GenerationPlan(mode="unseen-pairs", count=1, seed=3)
+    res = generate(GenerateConfig(model=str(model), out=str(tmp_path / "pool"), plan=plan, tiles_per_shard=64))
+    header = json.loads((res.out / "generation.json").read_text())
+    assert header["site_stains"]["from"] == f"{model}/config.json"
+    held_out = sorted(set(idx[SITE]) - train_sites)[0]
+    with pytest.raises(PlanError, match=rf"has none for \['{held_out}'\]: ask for training sites only"):
+        generate(
+            GenerateConfig(
+                model=str(model),
+                out=str(tmp_path / "x"),
+                plan=GenerationPlan(rows=[{TYPE: "GLAND", SITE: held_out, "count": 1}]),
             )
         )

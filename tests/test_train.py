@@ -192,6 +192,11 @@ def test_device_decode_without_gpus_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
     cfg = _cfg(tmp_path / "d", tmp_path, "dev", **{"data.decode": "device", "run.use_gpu": "true"})
     assert cfg.data.decode == "device"
+    with pytest.raises(ConfigError, match=r"data.stain=reference re-renders .* on the CPU .*; use data.decode=cpu"):
+        gpu = {"data.decode": "device", "run.use_gpu": "true"}
+        _cfg(tmp_path / "d", tmp_path, "dev", **gpu, **{"data.stain": "reference"})
+    with pytest.raises(ConfigError, match=r"data.stain must be as-stored or reference, got 'macenko'"):
+        _cfg(tmp_path / "d", tmp_path, "dev", **{"data.stain": "macenko"})
 
 
 def test_resume_with_other_training_settings_is_refused(tmp_path):
