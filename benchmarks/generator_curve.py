@@ -32,7 +32,6 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from PIL import Image
 
 from medi_dist import cli
-from medi_dist.data import site_stains as S
 from medi_dist.data.procedural import render_tiles
 from medi_dist.data.site_stains import estimate_site_stains
 from medi_dist.evaluate.encoders import get_encoder
@@ -42,32 +41,6 @@ from medi_dist.metadata import UNKNOWN, ConditioningSpec
 from medi_dist.model import EMA, ConditionedUNet, ModelConfig, diffusion_loss, encode_conditions, sample, save_model_dir
 
 TYPE, SITE = "cancer_type", "tissue_source_site"
-# --stain-normalised: the network draws in one reference stain (Ruifrok & Johnston's h and e, a faint
-# background that keeps slightly negative concentrations inside 0..255); benchmark only, not in the product
-REFERENCE_HED = S.unit(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]]))
-REFERENCE_BG = 0.05
-
-
-def normalise(stains: S.SiteStains, images: np.ndarray, sites) -> np.ndarray:
-    """Training tiles -> the reference stain: each tile's concentrations (its site's pattern, background
-    and off-plane OD dropped) at its type's level, so the network sees no site's stain or pattern."""
-    out = np.empty(images.shape, np.float32)
-    for i, (img, s) in enumerate(zip(images, sites)):
-        conc, _ = stains.stains[s].unmix(S.optical_density(img))
-        conc = conc * (stains.type_top[stains.owner[s]] / stains.stains[s].top)
-        out[i] = np.clip(256 * np.exp(-conc @ REFERENCE_HED - REFERENCE_BG) - 1, 0, 255)
-    return out
-
-
-def render(stains: S.SiteStains, images: np.ndarray, types, sites) -> np.ndarray:
-    """Tiles drawn in the reference stain -> uint8 tiles in site s's stain at type t's scale there, stored
-    as the stain composition stores them (`SiteStains.stored`)."""
-    conc = (S.optical_density(images) - REFERENCE_BG) @ np.linalg.pinv(REFERENCE_HED)
-    out = np.empty(images.shape, np.uint8)
-    for i, (c, t, s) in enumerate(zip(conc, types, sites)):
-        k = stains.scale(t, s) / stains.type_top[t]
-        out[i] = stains.stored(256 * np.exp(-stains.stains[s].mix(c * k, 0)) - 1, t, s)  # with s's fine detail
-    return out
 
 
 def world(args) -> Path:
@@ -126,7 +99,7 @@ class Scorer:
     def __call__(self, model, spec, args, owners=None, scale=1.0, stains=None, normalised=False) -> dict:
         """`stains` (SiteStains): the stain composition of generate/writer.py instead of the joint draw:
         each tile drawn at one of its type's own training sites and rendered in the requested site's stain
-        (`normalised`: the network draws in the reference stain, `render`)."""
+        (`normalised`: the network draws in the reference stain, `SiteStains.from_reference`)."""
         rows = [{TYPE: t, SITE: s} for t, s in self.pairs]
         if stains is not None:
             own = {t: sorted(s for s, o in stains.owner.items() if o == t) for t in self.types}
@@ -140,7 +113,7 @@ class Scorer:
             types = [t for t, _ in self.pairs]
             targets = [s for _, s in self.pairs]
             if normalised:
-                imgs = render(stains, imgs, types, targets)
+                imgs = stains.from_reference(imgs, types, targets)
             else:
                 imgs = stains.transfer(imgs, types, donors, targets, own="render")
         want_t, want_s = np.array([t for t, _ in self.pairs]), np.array([s for _, s in self.pairs])
@@ -203,7 +176,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--stain-normalised",
         action="store_true",
-        help="train on tiles in the reference stain (`normalise`) and score only their rendering per site (`render`)",
+        help="train on tiles in the reference stain (SiteStains.to_reference) and score their rendering per site",
     )
     p.add_argument("--out", default="benchmarks/results/generator_curve.json")
     p.add_argument("--grid", help="also write a PNG of generated tiles (rows: unseen pairs) at the end")
@@ -216,7 +189,7 @@ def main(argv=None) -> int:
     spec = ConditioningSpec.load(ds / "vocab.json").subset([TYPE, SITE])
     stains = estimate_site_stains(ds, args.size) if args.stain_composition or args.stain_normalised else None
     if args.stain_normalised:
-        tiles = normalise(stains, tiles, index[SITE])
+        tiles = stains.to_reference(tiles, index[SITE])  # as data.stain=reference trains
     x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 127.5 - 1).to(dev)
     cond = {k: v.to(dev) for k, v in encode_conditions(spec, index[[TYPE, SITE]].to_dict("records")).items()}
     # type-balanced, as the trainer

@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stain",
         choices=["reference", "as-stored"],
         default=None,
-        help="reference (default: the network draws in one reference stain, each tile rendered in its "
-        "site's) or as-stored (the network draws each site's stain itself)",
+        help="as-stored (default: the network draws each site's stain itself) or reference (it draws in one "
+        "reference stain and each tile is rendered in its site's: data.stain=reference)",
     )
     demo.add_argument(
         "--stain-only",

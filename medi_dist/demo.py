@@ -50,8 +50,8 @@ class DemoConfig:
     site_dropout: float = 0.3  # the site-nulled branch is the class-only arm: trained this often
     type_dropout: float = 0.05  # rarely: a step with the site but no type teaches site -> morphology
     separate_class_only: bool = False  # also train a class-only model, as in the MeDi paper
-    # reference: the network draws in one reference stain and each tile is rendered in its site's
-    # (benchmarks/RESULTS.md: calibrated stain at seen pairs up); as-stored: it draws the sites' stains
+    # as-stored: the network draws the sites' stains; reference: it draws in one reference stain and each
+    # tile is rendered in its site's (measured: seen-pair stain up, unseen pairs and classifiers down)
     stain: str = "as-stored"
     per_pair: int = 60  # generated tiles per (type, site) pair (every pool has this plan)
     # MeDi's pool: stain (each type drawn at its own training sites, moved to the requested site by the

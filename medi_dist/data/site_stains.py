@@ -68,8 +68,7 @@ def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
-# the stain a reference-stain model draws in: Ruifrok & Johnston's h and e, and a faint background OD
-# that keeps slightly negative concentrations (estimation noise) inside 0..255
+# a reference-stain model's stain: Ruifrok & Johnston's h and e, a faint background (keeps noise >= 0)
 REFERENCE_HED = unit(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]]))
 REFERENCE_BG = 0.05
 
