@@ -59,10 +59,10 @@ class DemoConfig:
     # which at unseen pairs draws the site's own type: benchmarks/RESULTS.md)
     composition: str = "stain"
     sampler: str = "dpmsolver++"
-    # guidance 1.5 at 6 steps (12 denoiser calls a tile, 10 before): at 800 steps it lifted every calibrated
-    # probe of the MeDi pool (benchmarks/results/demo_guidance_800_2026-12-01.json); 2.0 over-stains
-    sampler_steps: int = 6
-    guidance: float = 1.5
+    # guidance 1.5 at 6 steps lifts the calibrated probes but lowered the classifiers' gain and took 17.7
+    # min (benchmarks/results/demo_guidance_800_2026-12-01.json)
+    sampler_steps: int = 10
+    guidance: float = 1.0
     ratio: float = 1.0  # synthetic tiles per real training tile
     classifier: str = "cnn"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
@@ -72,7 +72,7 @@ class DemoConfig:
     system_metrics: bool = True  # MLflow system metrics on the training and generation runs
 
 
-QUICK_DEMO = dict(out="demo-quick", tiles=800, train_steps=60, per_pair=8, sampler_steps=4, seeds=[0, 1])
+QUICK_DEMO = dict(out="demo-quick", tiles=800, train_steps=60, per_pair=8, sampler_steps=8, seeds=[0, 1])
 # what the ingested dataset depends on
 WORLD = ("types", "sites", "tiles", "size", "holdout_fraction", "scanner_lines", "seed")
 
