@@ -43,8 +43,8 @@ class DemoConfig:
     size: int = 32
     holdout_fraction: float = 0.3
     scanner_lines: bool = True  # a site shortcut besides stain, which stain augmentation cannot remove
-    # the smallest budget measured to show the effect within 15 minutes on 2 cores (14.2 min; 1,200 steps:
-    # 16.4 min, better calibrated probes): benchmarks/RESULTS.md "The demo's budget"
+    # within 15 minutes on 2 cores with the effect shown (measured 14.2 min; 1,200 steps: 16.4 min, better
+    # calibrated probes): benchmarks/RESULTS.md "The demo's budget"
     train_steps: int = 800
     batch_size: int = 32
     site_dropout: float = 0.3  # the site-nulled branch is the class-only arm: trained this often
