@@ -158,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--prediction-type", default="v_prediction")
+    p.add_argument(
+        "--min-snr", type=float, default=0.0, help="Min-SNR loss weighting gamma (optim.min_snr_gamma; 0: off)"
+    )
     p.add_argument("--site-dropout", type=float, default=0.3)
     p.add_argument("--type-dropout", type=float, default=0.05)
     p.add_argument("--late-site", type=int, default=0, help="condition the site only in the last N up blocks (0: all)")
@@ -221,7 +224,7 @@ def main(argv=None) -> int:
         ts = time.perf_counter()
         i = torch.multinomial(w, args.batch, replacement=True, generator=g)
         with amp:
-            loss = diffusion_loss(model, x[i], {k: v[i] for k, v in cond.items()}, g)
+            loss = diffusion_loss(model, x[i], {k: v[i] for k, v in cond.items()}, g, min_snr_gamma=args.min_snr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -24,7 +24,7 @@ def _demo(args: argparse.Namespace) -> None:
     from .storage import is_remote, local_path
 
     cfg = DemoConfig(**QUICK_DEMO) if args.quick else DemoConfig()
-    for name in ("out", "types", "sites", "tiles", "seed", "train_steps", "seeds", "composition", "stain"):
+    for name in "out types sites tiles seed train_steps seeds composition stain min_snr_gamma".split():
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.separate_class_only = args.separate_class_only
@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None, help="the world (tiles, split) and the generator's training")
     demo.add_argument(
         "--train-steps", type=int, default=None, help="generator training steps (default 800; 1200 draws better tiles)"
+    )
+    demo.add_argument(
+        "--min-snr",
+        dest="min_snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR loss weighting gamma of the generator's training (default 5; 0: plain loss)",
     )
     demo.add_argument("--seeds", type=int, nargs="+", default=None, help="classifier seeds (default 0 1 2 3 4)")
     demo.add_argument(

@@ -164,6 +164,32 @@ def test_loss_decreases(spec, prediction_type):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_each_sample_by_its_timestep(spec, prediction_type):
+    """Min-SNR: each sample's squared error times min(SNR, 5) / SNR (ε) or / (SNR + 1) (v), replayed
+    from the same generator (eval mode: no condition dropout draws before t and noise)."""
+    from medi_dist.model import noise_scheduler
+
+    m = tiny(spec, prediction_type=prediction_type).eval()
+    x0 = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    cond = encode_conditions(spec, ROWS)
+    got = diffusion_loss(m, x0, cond, torch.Generator().manual_seed(3), min_snr_gamma=5.0)
+    g = torch.Generator().manual_seed(3)
+    sched = noise_scheduler(m.config)
+    t = torch.randint(0, sched.config.num_train_timesteps, (4,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    xt = sched.add_noise(x0, noise, t)
+    target = noise if prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+    with torch.no_grad():
+        err = (m(xt, t, cond) - target).pow(2).mean(dim=(1, 2, 3))
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    weight = snr.clamp(max=5.0) / (snr if prediction_type == "epsilon" else snr + 1)
+    assert torch.allclose(got, (weight * err).mean(), rtol=1e-5)
+    assert not torch.allclose(got, err.mean(), rtol=1e-2)  # the weights are not all 1
+    unweighted = diffusion_loss(m, x0, cond, torch.Generator().manual_seed(3))
+    assert torch.allclose(unweighted, err.mean(), rtol=1e-5)
+
+
 def test_ema_warmup_and_state(spec):
     m = tiny(spec)
     ema = EMA(m, decay=0.999)

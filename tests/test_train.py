@@ -197,6 +197,8 @@ def test_device_decode_without_gpus_is_refused_in_one_line(tmp_path):
         _cfg(tmp_path / "d", tmp_path, "dev", **gpu, **{"data.stain": "reference"})
     with pytest.raises(ConfigError, match=r"data.stain must be as-stored or reference, got 'macenko'"):
         _cfg(tmp_path / "d", tmp_path, "dev", **{"data.stain": "macenko"})
+    with pytest.raises(ConfigError, match=r"optim.min_snr_gamma must be >= 0 \(0: off; 5 is usual\), got -1.0"):
+        _cfg(tmp_path / "d", tmp_path, "dev", **{"optim.min_snr_gamma": "-1"})
 
 
 def test_resume_with_other_training_settings_is_refused(tmp_path):

@@ -1,4 +1,5 @@
-"""Noise schedule and the training loss (DDPM, linear betas, ε- or v-prediction, MSE)."""
+"""Noise schedule and the training loss (DDPM, linear betas, ε- or v-prediction, MSE, optionally
+min-SNR weighted)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,13 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     *,
     drop_conditions: bool = True,
+    min_snr_gamma: float = 0.0,
 ) -> torch.Tensor:
     """MSE between the model's prediction and ε (or v) at a uniformly drawn timestep.
+
+    min_snr_gamma > 0: each sample's error weighted by min(SNR, γ) / SNR (ε) or / (SNR + 1) (v), Hang
+    et al. 2023 ("Min-SNR"): the nearly clean timesteps, whose targets are easy and whose gradients
+    fight the noisy ones', count less.
 
     x0: clean images in [-1, 1], (B, C, H, W). `model` may be wrapped (DDP/Accelerate/compile); it is
     called through the wrapper so gradient sync and autocast still apply. While the model is in
@@ -66,4 +72,9 @@ def diffusion_loss(
     xt = sched.add_noise(x0, noise, t)
     target = noise if base.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
     pred = model(xt, t, cond)
-    return F.mse_loss(pred.float(), target.float())
+    if min_snr_gamma <= 0:
+        return F.mse_loss(pred.float(), target.float())
+    abar = sched.alphas_cumprod.to(x0.device)[t]
+    snr = abar / (1 - abar)
+    weight = snr.clamp(max=min_snr_gamma) / (snr if base.config.prediction_type == "epsilon" else snr + 1)
+    return (weight * (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))).mean()

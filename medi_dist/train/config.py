@@ -59,6 +59,7 @@ class OptimConfig:
     batch_size: int = 32  # per worker
     grad_accum: int = 1
     ema_decay: float = 0.999
+    min_snr_gamma: float = 0.0  # > 0: Min-SNR loss weighting (model/diffusion.py), e.g. 5
     fused: bool = False  # fused AdamW (GPU)
 
 
@@ -141,6 +142,8 @@ class TrainConfig:
                 f"model.resolution must be at least {MIN_TILE_PX} px (leave it out for the preset's "
                 f"size), got {self.model.resolution}"
             )
+        if not self.optim.min_snr_gamma >= 0:
+            raise ValueError(f"optim.min_snr_gamma must be >= 0 (0: off; 5 is usual), got {self.optim.min_snr_gamma}")
         if not 0 <= self.model.cond_dropout <= 1:
             raise ValueError(f"model.cond_dropout must be in [0, 1], got {self.model.cond_dropout}")
         if not isinstance(self.model.column_dropout, dict):

@@ -214,12 +214,12 @@ def prepare(parts: Parts, cfg: WorkerConfig) -> None:
     parts.ema.shadow = {k: v.to(acc.device) for k, v in parts.ema.shadow.items()}
 
 
-def train_step(parts: Parts, x: torch.Tensor, cond: dict, grad_clip: float) -> torch.Tensor:
+def train_step(parts: Parts, x: torch.Tensor, cond: dict, grad_clip: float, min_snr_gamma: float = 0.0) -> torch.Tensor:
     """One micro-batch: loss, backward and (when gradients sync) the optimizer step."""
     acc = parts.accelerator
     with acc.accumulate(parts.model):
         with acc.autocast():
-            loss = diffusion_loss(parts.model, x, cond, parts.gen)
+            loss = diffusion_loss(parts.model, x, cond, parts.gen, min_snr_gamma=min_snr_gamma)
         acc.backward(loss)
         if acc.sync_gradients and grad_clip > 0:
             acc.clip_grad_norm_(parts.model.parameters(), grad_clip)
@@ -350,7 +350,7 @@ def train_worker(config: dict) -> None:
             window.wait += time.perf_counter() - t_wait
             if run.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss = train_step(parts, x, cond, optim.grad_clip)
+            loss = train_step(parts, x, cond, optim.grad_clip, optim.min_snr_gamma)
             pos.batches_in_epoch += 1
             window.add(loss, x.shape[0])
             if parts.accelerator.sync_gradients:
