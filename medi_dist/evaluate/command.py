@@ -73,7 +73,7 @@ def _compare(args: argparse.Namespace, base, arms: dict):
     """The arms compared; the table, the paired differences and the files of --out."""
     from .downstream import compare, verdict
 
-    cmp = compare(base, arms)
+    cmp = compare(base, arms, parallel=args.parallel)
     print(f"held-out split {args.test_split!r}, classifier {args.classifier}, seeds {args.seeds} (mean ± SEM)")
     print(cmp.table())
     for label, d in cmp.deltas().items():
@@ -167,6 +167,12 @@ def add_downstream_parser(evaluate_subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--jitter", type=float, default=0.05, help="HED jitter strength (0.05 HED-light, 0.2 HED-strong)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="fit every (arm, seed) as a Ray task of one CPU and one torch thread, as many at once as the "
+        "cluster has CPUs (the same predictions whichever worker runs a fit; not those of a multi-thread fit)",
+    )
     p.add_argument("--k-sites", type=int, default=None, help="train on k random real sites (low-data regime)")
     p.add_argument("--max-per-class", type=int, default=None, help="at most m real tiles per class")
     p.add_argument("--test-split", default="holdout", help="split to test on (holdout; val for selection)")
