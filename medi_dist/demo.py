@@ -47,8 +47,8 @@ class DemoConfig:
     # calibrated probes): benchmarks/RESULTS.md "The demo's budget"
     train_steps: int = 800
     batch_size: int = 32
-    # Min-SNR loss weighting: at 800 steps seen-pair stain 0.68 -> 0.85, unseen type 0.71 -> 0.81 in the
-    # demo's world (benchmarks/RESULTS.md "Min-SNR"); 0 trains with the plain v-prediction loss
+    # Min-SNR loss weighting: at 800 steps unseen type 0.71 -> 0.81 and seen stain 0.68 -> 0.85 in the demo's
+    # world (type up in two others too, stain not): benchmarks/RESULTS.md "Min-SNR"; 0: the plain loss
     min_snr_gamma: float = 5.0
     site_dropout: float = 0.3  # the site-nulled branch is the class-only arm: trained this often
     type_dropout: float = 0.05  # rarely: a step with the site but no type teaches site -> morphology

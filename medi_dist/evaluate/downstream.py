@@ -385,8 +385,8 @@ def _seed_task(cfg: DownstreamConfig, inputs: Inputs, seed: int, stains) -> Seed
 
 def run_parallel(cfgs: dict[str, DownstreamConfig], inputs: Inputs) -> dict[str, DownstreamResult]:
     """Every (arm, seed) fit as a Ray task of one CPU and one torch thread, as many at once as the
-    cluster has CPUs: on 2 cores the demo's 40 CNN fits take ~0.7x the time of one after the other with
-    2 threads each. Each fit is the same whichever worker runs it (not the same as a 2-thread fit)."""
+    cluster has CPUs (a small CNN on 2 threads leaves much of the second core idle). Each fit is the
+    same whichever worker runs it, and not the same as a fit on more threads."""
     import ray
 
     from ..ray_setup import ensure_ray
