@@ -96,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--tiles", type=int, default=None, help="procedural tiles to ingest (default 3000)")
     demo.add_argument("--seed", type=int, default=None, help="the world (tiles, split) and the generator's training")
-    demo.add_argument(
-        "--train-steps", type=int, default=None, help="generator training steps (default 800; 1200 draws better tiles)"
-    )
+    demo.add_argument("--train-steps", type=int, default=None, help="generator training steps (default 800)")
     demo.add_argument(
         "--min-snr",
         dest="min_snr_gamma",
