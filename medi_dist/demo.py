@@ -314,6 +314,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger, root: Path) -> dict:
     from .evaluate.downstream import DownstreamConfig, compare
     from .evaluate.fidelity_job import FidelityConfig, evaluate_fidelity
+    from .evaluate.ray_fits import run_parallel
     from .generate.plan import GenerationPlan
     from .tracking import log_datasets, ui_link
     from .tracking import stage as child_run
@@ -376,7 +377,7 @@ def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger, root: Path) -> dict:
     )
     with child_run(uri, "evaluate", "evaluate", spill_dir=str(root / "mlflow-spill" / "evaluate")) as ev:
         log_datasets(ev, {"real": str(ds), "synthetic": [str(p) for p in pools.values()]})
-        comp = compare(base, _arms(cfg, pools), parallel=True)  # fits as Ray tasks, one per core
+        comp = compare(base, _arms(cfg, pools), run_parallel)  # fits as Ray tasks, one per core
         ev.artifact_bytes(comp.table().encode(), "results.txt")
     stages.update()
 

@@ -291,7 +291,7 @@ def test_stain_baselines_do_what_they_say(data):
 
 
 def test_fits_as_ray_tasks_equal_the_fits_one_after_the_other(data, ray_cluster):
-    """parallel=True: every (arm, seed) CNN fit runs in a Ray worker with one torch thread, and gives
+    """ray_fits.run_parallel: every (arm, seed) CNN fit runs in a Ray worker with one torch thread, and gives
     what the same fit gives in this process with one thread. The workers get the driver's site stains
     (here from 32 source tiles per site, not the 128 a worker would estimate with)."""
     base = cfg_for(data, classifier="cnn", seeds=[0, 1], epochs=1, width=8, max_per_class=30)
@@ -300,7 +300,9 @@ def test_fits_as_ray_tasks_equal_the_fits_one_after_the_other(data, ray_cluster)
         "pool": {"ratio": 1.0, "allocation": "uniform"},
         "restain-sites": {"ratio": 0.0, "augment": "restain-sites"},
     }
-    one_by_one, tasks = compare(base, arms), compare(base, arms, parallel=True)
+    from medi_dist.evaluate.ray_fits import run_parallel
+
+    one_by_one, tasks = compare(base, arms), compare(base, arms, run_parallel)
     for arm in arms:
         a, b = one_by_one.results[arm], tasks.results[arm]
         assert [r.seed for r in b.runs] == [0, 1]

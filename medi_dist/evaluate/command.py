@@ -72,8 +72,9 @@ def _downstream(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace, base, arms: dict):
     """The arms compared; the table, the paired differences and the files of --out."""
     from .downstream import compare, verdict
+    from .ray_fits import run_parallel
 
-    cmp = compare(base, arms, parallel=args.parallel)
+    cmp = compare(base, arms, run_parallel if args.parallel else None)
     print(f"held-out split {args.test_split!r}, classifier {args.classifier}, seeds {args.seeds} (mean ± SEM)")
     print(cmp.table())
     for label, d in cmp.deltas().items():

@@ -376,36 +376,11 @@ class Comparison:
         }
 
 
-def _seed_task(cfg: DownstreamConfig, inputs: Inputs, seed: int, stains) -> SeedRun:
-    import torch
-
-    torch.set_num_threads(1)  # a fit's predictions depend on its thread count: pinned, not the host's
-    return run_seed(cfg, inputs, seed, stains)
-
-
-def run_parallel(cfgs: dict[str, DownstreamConfig], inputs: Inputs) -> dict[str, DownstreamResult]:
-    """Every (arm, seed) fit as a Ray task of one CPU and one torch thread, as many at once as the
-    cluster has CPUs (a small CNN on 2 threads leaves much of the second core idle). Each fit is the
-    same whichever worker runs it, and not the same as a fit on more threads."""
-    import ray
-
-    from ..ray_setup import ensure_ray
-
-    ensure_ray()
-    stains = None
-    if any(c.augment == "restain-sites" for c in cfgs.values()):  # estimated once, not once per worker
-        from ..data.site_stains import estimate_site_stains
-
-        stains = estimate_site_stains(next(iter(cfgs.values())).real, inputs.train.X.shape[1])
-    task, shared = ray.remote(num_cpus=1)(_seed_task), ray.put(inputs)
-    pending = {label: [task.remote(c, shared, seed, stains) for seed in c.seeds] for label, c in cfgs.items()}
-    return {label: DownstreamResult(cfgs[label], ray.get(refs)) for label, refs in pending.items()}
-
-
-def compare(base: DownstreamConfig, arms: dict[str, dict], parallel: bool = False) -> Comparison:
+def compare(base: DownstreamConfig, arms: dict[str, dict], run=None) -> Comparison:
     """Several arms (config overrides of `base`, e.g. {"real only": {"ratio": 0}, "MeDi":
-    {"synthetic": [dir], "ratio": 1}}) on the same real tiles and seeds, loaded once. `parallel`:
-    the fits as Ray tasks (`run_parallel`)."""
+    {"synthetic": [dir], "ratio": 1}}) on the same real tiles and seeds, loaded once. `run`: what
+    fits them, {label: config}, inputs -> {label: DownstreamResult} (default: one after the other here;
+    `ray_fits.run_parallel`: as Ray tasks)."""
     fixed = DATA_FIELDS & {k for over in arms.values() for k in over}
     if fixed:
         raise DownstreamError(f"arms share the real data and classifier; set {sorted(fixed)} in the base config")
@@ -415,6 +390,6 @@ def compare(base: DownstreamConfig, arms: dict[str, dict], parallel: bool = Fals
     encoder = validate(base)
     pools = list(dict.fromkeys(p for c in cfgs.values() for p in c.synthetic))
     inputs = load_inputs(base, encoder, pools)
-    if parallel:
-        return Comparison(run_parallel(cfgs, inputs))
+    if run is not None:
+        return Comparison(run(cfgs, inputs))
     return Comparison({label: run_downstream(c, inputs) for label, c in cfgs.items()})
