@@ -26,6 +26,7 @@ from medi_dist.evaluate.downstream import (
     validate,
     verdict,
 )
+from medi_dist.evaluate.ray_fits import run_parallel
 from medi_dist.evaluate.tile_reader import AUDIT, FeatureCache, Part, load_tiles, pool_index, read_index
 from synthetic_pools import empty_pool, ingest_procedural, make_pool
 
@@ -300,19 +301,14 @@ def test_fits_as_ray_tasks_equal_the_fits_one_after_the_other(data, ray_cluster)
         "pool": {"ratio": 1.0, "allocation": "uniform"},
         "restain-sites": {"ratio": 0.0, "augment": "restain-sites"},
     }
-    from medi_dist.evaluate.ray_fits import run_parallel
-
     one_by_one, tasks = compare(base, arms), compare(base, arms, run_parallel)
     for arm in arms:
         a, b = one_by_one.results[arm], tasks.results[arm]
         assert [r.seed for r in b.runs] == [0, 1]
         for ra, rb in zip(a.runs, b.runs):
             assert ra.predictions.equals(rb.predictions), arm
-    assert (
-        not one_by_one.results["restain-sites"]
-        .runs[0]
-        .predictions.equals(one_by_one.results["real only"].runs[0].predictions)
-    )
+    restained, real = (one_by_one.results[k].runs[0].predictions for k in ("restain-sites", "real only"))
+    assert not restained.equals(real)  # the re-stained copies change the fit
 
 
 def test_baseline_arms_in_the_protocol_and_the_cli(data, capsys):

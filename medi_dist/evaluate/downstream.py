@@ -214,7 +214,8 @@ def augmented(cfg: DownstreamConfig, real: Part, seed: int, stains=None) -> Part
     elif cfg.augment == "restain-sites":
         from ..data.site_stains import estimate_site_stains
 
-        stains = stains or estimate_site_stains(cfg.real, X.shape[1])  # once per process: every seed and arm
+        if stains is None:
+            stains = estimate_site_stains(cfg.real, X.shape[1])  # once per process: every seed and arm
         X = restain_sites(X, meta[TYPE], meta["slide_id"], meta[SITE], stains, seed)
     else:  # restain: each slide into another training site's stain, estimated from all real training tiles
         X = restain(
