@@ -53,7 +53,7 @@ def world(args) -> Path:
     return ds
 
 
-def draw(model, spec, rows, args, owners=None, scale=1.0) -> np.ndarray:
+def draw(model, spec, rows, args, owners=None, scale=1.0, guidance=1.0) -> np.ndarray:
     """Tiles for rows; with `owners`, the owner-site composition of generate/writer.py."""
     imgs = []
     for i in range(0, len(rows), 64):
@@ -77,6 +77,7 @@ def draw(model, spec, rows, args, owners=None, scale=1.0) -> np.ndarray:
                 sampler=args.sampler,
                 steps=args.sampler_steps,
                 directions=directions,
+                guidance_scale=guidance,
                 autocast_dtype=torch.bfloat16 if args.device != "cpu" else None,
             )
         )
@@ -96,7 +97,7 @@ class Scorer:
         lines = args.scanner_lines
         self.gt = self.enc.encode(render_tiles(self.pairs, [[9, i] for i in range(len(self.pairs))], args.size, lines))
 
-    def __call__(self, model, spec, args, owners=None, scale=1.0, stains=None, normalised=False) -> dict:
+    def __call__(self, model, spec, args, owners=None, scale=1.0, stains=None, normalised=False, guidance=1.0) -> dict:
         """`stains` (SiteStains): the stain composition of generate/writer.py instead of the joint draw:
         each tile drawn at one of its type's own training sites and rendered in the requested site's stain
         (`normalised`: the network draws in the reference stain, `SiteStains.from_reference`)."""
@@ -107,7 +108,8 @@ class Scorer:
             rows = [{TYPE: t, SITE: d} for (t, _), d in zip(self.pairs, donors)]
         nulled = [{TYPE: t} for t in self.types for _ in range(args.per_pair * 2)]  # the site-nulled branch
         model.eval()
-        imgs, imgs_nulled = draw(model, spec, rows, args, owners, scale), draw(model, spec, nulled, args)
+        imgs = draw(model, spec, rows, args, owners, scale, guidance)
+        imgs_nulled = draw(model, spec, nulled, args, guidance=guidance)
         model.train()
         if stains is not None:
             types = [t for t, _ in self.pairs]
@@ -176,6 +178,9 @@ def main(argv=None) -> int:
         help="also score owner-site composition at these direction weights (none: skip)",
     )
     p.add_argument("--stain-composition", action="store_true", help="also score the stain composition (the demo's)")
+    p.add_argument(
+        "--guidance", type=float, nargs="+", default=[1.0], help="guidance scales to draw the stain composition at"
+    )
     p.add_argument(
         "--stain-normalised",
         action="store_true",
@@ -262,8 +267,9 @@ def main(argv=None) -> int:
             for scale in [] if args.stain_normalised else args.composition_scale:
                 key = "owner_site" if scale == 1 else f"owner_site_x{scale:g}"
                 row[key] = scorer(shadow, spec, args, owners, scale)
-            if args.stain_composition:
-                row["stain_composition"] = scorer(shadow, spec, args, stains=stains)
+            for g in args.guidance if args.stain_composition else []:
+                key = "stain_composition" if g == 1 else f"stain_composition_guidance{g:g}"
+                row[key] = scorer(shadow, spec, args, stains=stains, guidance=g)
             row["eval_s"] = time.perf_counter() - te
             curve.append(row)
             print(json.dumps(row, default=lambda v: round(v, 3)), flush=True)

@@ -39,7 +39,7 @@ import hashlib
 import io
 import logging
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -261,16 +261,24 @@ class SiteStains:
         flat.type_detail = None
         return flat
 
-    def transfer(self, images: np.ndarray, types, donors, sites, own: str = "keep") -> np.ndarray:
+    def transfer(
+        self, images: np.ndarray, types, donors, sites, own: str = "keep", patterned: bool = True
+    ) -> np.ndarray:
         """uint8 tiles of type t at site `donor` -> the same tissue in site s's stain (its concentrations
-        only), with s's fine detail and JPEG quality (`stored`). Tiles already at s: kept (`own="keep"`)
-        or rendered in s's stain all the same (`own="render"`, for generated tiles)."""
+        only), with s's fixed pattern, fine detail and JPEG quality (`stored`). Tiles already at s: kept
+        (`own="keep"`) or rendered in s's stain all the same (`own="render"`, for generated tiles).
+        `patterned=False`: the tiles carry no scanner pattern to unmix away. A network's draws do not: a
+        convolutional network cannot place a pattern fixed in the scanner's frame, so it draws none, and
+        subtracting the donor's would leave its negative in the moved tile (RESULTS.md "scanner pattern")."""
         out = np.empty_like(images)
+        # the pattern's mean density is drawn with the tissue's colour: only its lines are not
+        flat = {d: replace(st, pattern=np.full_like(st.pattern, st.pattern.mean())) for d, st in self.stains.items()}
+        source = self.stains if patterned else flat
         for i, (img, t, d, s) in enumerate(zip(images, types, donors, sites)):
             if d == s and own == "keep":
                 out[i] = img
                 continue
-            conc, _ = self.stains[d].unmix(optical_density(img))
+            conc, _ = source[d].unmix(optical_density(img))
             scale = 1 if d == s else self.scale(t, s) / self.stains[d].top
             out[i] = self.stored(256 * np.exp(-self.stains[s].mix(conc * scale, 0)) - 1, t, s)
         return out

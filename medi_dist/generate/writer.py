@@ -164,7 +164,7 @@ class ShardGenerator:
         donors = [_own_site(task["own_sites"], c, t) for c, t in zip(want, tiles)]
         drawn = self._sample([{**t, "conditions": {**c, SITE: d}} for t, c, d in zip(tiles, want, donors)], {})
         types, sites = [c["cancer_type"] for c in want], [c[SITE] for c in want]
-        return self._stains.transfer(drawn, types, donors, sites, own="render")
+        return self._stains.transfer(drawn, types, donors, sites, own="render", patterned=False)
 
     def _rendered(self, tiles: list[dict], task: dict) -> np.ndarray:
         """A reference-stain model's tiles, each rendered once in the requested site's stain at its type's
