@@ -117,7 +117,7 @@ class Scorer:
             if normalised:
                 imgs = stains.from_reference(imgs, types, targets)
             else:
-                imgs = stains.transfer(imgs, types, donors, targets, own="render")
+                imgs = stains.transfer(imgs, types, donors, targets, own="render", patterned=False)
         want_t, want_s = np.array([t for t, _ in self.pairs]), np.array([s for _, s in self.pairs])
         seen = np.array([p in self.trained for p in self.pairs])
         s = self.probes.score(imgs, want_t, want_s, seen)
