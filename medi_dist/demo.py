@@ -62,9 +62,9 @@ class DemoConfig:
     # which at unseen pairs draws the site's own type: benchmarks/RESULTS.md)
     composition: str = "stain"
     sampler: str = "dpmsolver++"
-    # guidance 1.5 at 6 steps lifts the calibrated probes but lowered the classifiers' gain and took 17.7
-    # min (benchmarks/results/demo_guidance_800_2026-12-01.json)
     sampler_steps: int = 10
+    # guidance 1.25 lifts seen stain 0.86 -> 0.90 and unseen type 0.83 -> 0.91 but doubles the sampling: 16.3
+    # min instead of 14-15 (benchmarks/RESULTS.md "scanner pattern"); `--guidance 1.25` for those tiles
     guidance: float = 1.0
     ratio: float = 1.0  # synthetic tiles per real training tile
     classifier: str = "cnn"
