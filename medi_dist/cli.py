@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Min-SNR loss weighting gamma of the generator's training (default 5; 0: plain loss)",
     )
     demo.add_argument(
-        "--guidance", type=float, default=None, help="classifier-free guidance of both model pools (default 1; 1.25: better tiles, ~1.5 min more)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance of both model pools (default 1; 1.25: better tiles, ~1.5 min more)",
     )
     demo.add_argument("--seeds", type=int, nargs="+", default=None, help="classifier seeds (default 0 1 2 3 4)")
     demo.add_argument(
