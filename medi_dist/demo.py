@@ -43,8 +43,8 @@ class DemoConfig:
     size: int = 32
     holdout_fraction: float = 0.3
     scanner_lines: bool = True  # a site shortcut besides stain, which stain augmentation cannot remove
-    # within 15 minutes on 2 cores with the effect shown (measured 14.3 min; with Min-SNR, 1,200 steps drew no
-    # better tiles in the benchmark): benchmarks/RESULTS.md "The demo's budget", "Min-SNR"
+    # within 15 minutes on 2 cores with the effect shown (measured 14.3-15.4 min; with Min-SNR, 1,200 steps drew
+    # no better tiles in the benchmark): benchmarks/RESULTS.md "The demo's budget", "Min-SNR"
     train_steps: int = 800
     batch_size: int = 32
     # Min-SNR loss weighting: at 800 steps unseen type 0.71 -> 0.81 and seen stain 0.68 -> 0.85 in the demo's

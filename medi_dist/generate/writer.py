@@ -155,7 +155,8 @@ class ShardGenerator:
     def _restained(self, tiles: list[dict], task: dict) -> np.ndarray:
         """Each tile drawn at a training site of its type (the requested one where the pair was
         trained, else one of the type's sites, chosen by the tile's seed), then rendered in the requested
-        site's stain (moved there, or at its own site with the network's off-plane colour dropped)."""
+        site's stain (moved there, or at its own site with the network's off-plane colour dropped) with the
+        site's scanner pattern, which the network does not draw (`patterned=False`)."""
         from ..data.site_stains import SiteStains
 
         if getattr(self, "_stains_of", None) != task["generation"]:  # parsed once per plan, not per shard
