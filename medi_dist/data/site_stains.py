@@ -271,9 +271,9 @@ class SiteStains:
         convolutional network cannot place a pattern fixed in the scanner's frame, so it draws none, and
         subtracting the donor's would leave its negative in the moved tile (RESULTS.md "scanner pattern")."""
         out = np.empty_like(images)
-        # the pattern's mean density is drawn with the tissue's colour: only its lines are not
-        flat = {d: replace(st, pattern=np.full_like(st.pattern, st.pattern.mean())) for d, st in self.stains.items()}
-        source = self.stains if patterned else flat
+        source = self.stains
+        if not patterned:  # the pattern's mean density is drawn with the tissue's colour: only its lines are not
+            source = {d: replace(st, pattern=np.full_like(st.pattern, st.pattern.mean())) for d, st in source.items()}
         for i, (img, t, d, s) in enumerate(zip(images, types, donors, sites)):
             if d == s and own == "keep":
                 out[i] = img
