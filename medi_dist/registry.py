@@ -17,8 +17,7 @@ import warnings
 from pathlib import Path
 
 from .model.model_dir import ModelDirError, read_model_info, verify_checksums
-from .run_logger import RunLogger
-from .tracking import PARENT_TAG, client
+from .tracking import PARENT_TAG, RunLogger, client
 
 MODEL_ARTIFACT = "medi_model"  # the MLflow model's path in its run
 MODEL_ID_TAG = "medi_dist.model_id"  # the model directory's id (model_info.json), on run, logged model, version
@@ -30,7 +29,7 @@ DEFAULT_CACHE = "medi-dist-cache/models"
 def log_model_dir(log: RunLogger, model_dir: str | Path, registered_name: str | None = None) -> str | None:
     """Log `model_dir` (a local folder) as an MLflow pyfunc under the run; register it as
     `registered_name` (returns the new version) when given. Upload and registration go through the
-    run's retrying sender: a server that is briefly down delays them (up to run_logger.FINAL_WAIT_S,
+    run's retrying sender: a server that is briefly down delays them (up to tracking.FINAL_WAIT_S,
     then TrackingUnavailable); a registration retried after a lost answer does not add a version."""
     import mlflow.pyfunc
 

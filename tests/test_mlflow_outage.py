@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from medi_dist import run_logger, tracking
+from medi_dist import tracking
 from test_mlflow_server import _history, _runs_named, free_port, start_server, stop_server, two_trial_study
 
 
@@ -75,7 +75,7 @@ def test_upload_resumes_where_it_was_cut(server, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     spill = tmp_path / "spill"
-    pending = run_logger.RunLogger(server.url, None, str(spill))  # the server is down: all spilled
+    pending = tracking.RunLogger(server.url, None, str(spill))  # the server is down: all spilled
     pending.params({"lr": 0.1})
     for i in range(30):
         pending.metrics({"x": float(i), "y": -float(i)}, i)
@@ -85,7 +85,7 @@ def test_upload_resumes_where_it_was_cut(server, tmp_path, monkeypatch):
     server.up()
     run_id = tracking.find_or_create_run(server.url, "resumed")
 
-    monkeypatch.setattr(run_logger, "MAX_POINTS", 10)  # 5 calls of 2 points per batch: 6 batches
+    monkeypatch.setattr(tracking, "MAX_POINTS", 10)  # 5 calls of 2 points per batch: 6 batches
     real, points, cut = MlflowClient.log_batch, [], {"after": 3}
 
     def log_batch(self, run_id, **kw):
@@ -98,12 +98,12 @@ def test_upload_resumes_where_it_was_cut(server, tmp_path, monkeypatch):
         return real(self, run_id, **kw)
 
     monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
-    with pytest.raises(run_logger.TrackingUnavailable):
-        run_logger.upload_spills(server.url, run_id, str(spill), wait_s=0)
+    with pytest.raises(tracking.TrackingUnavailable):
+        tracking.upload_spills(server.url, run_id, str(spill), wait_s=0)
     (sent,) = spill.glob("*.jsonl.sent")
     assert sent.read_text() == "16"  # params + 3 batches of 5 calls
     cut["after"] = None
-    assert run_logger.upload_spills(server.url, run_id, str(spill), wait_s=30) == 33 - 16  # of 33 calls
+    assert tracking.upload_spills(server.url, run_id, str(spill), wait_s=30) == 33 - 16  # of 33 calls
     assert points == [10] * 6  # 60 points, each sent once
     assert spill_files(spill) == []
     for key, sign in (("x", 1), ("y", -1)):

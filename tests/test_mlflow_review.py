@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from medi_dist import run_logger, tracking
+from medi_dist import tracking
 from medi_dist.cli import main
 from medi_dist.data.shards import load_manifest
 from medi_dist.metadata import ConditioningSpec
@@ -61,7 +61,7 @@ def test_named_job_registered_model_and_generation(ray_cluster, server, real, tm
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     c = tracking.client(server)
     # the train stage as trainer.py records it (test_train.py runs the real one): dataset, model, registry
-    train = run_logger.RunLogger(
+    train = tracking.RunLogger(
         server, tracking.find_or_create_run(server, "tiny-train", tags={"medi_dist.kind": "train"})
     )
     tracking.log_datasets(train, {"training": str(real)})
@@ -167,9 +167,7 @@ def demo_like_store(uri: str, real: Path, tmp: Path) -> dict[str, str]:
     with train / generate / evaluate children, dataset inputs, a registered model."""
     pool = make_pool(real, tmp / "synthetic-medi", per_pair=2)
     with tracking.job(uri, "demo-review", "demo") as parent:
-        train = run_logger.RunLogger(
-            uri, tracking.find_or_create_run(uri, "demo-medi", tags={"medi_dist.kind": "train"})
-        )
+        train = tracking.RunLogger(uri, tracking.find_or_create_run(uri, "demo-medi", tags={"medi_dist.kind": "train"}))
         tracking.log_datasets(train, {"training": str(real)})
         for step, loss in enumerate([0.9, 0.5, 0.3]):
             train.metrics({"loss": loss}, step)

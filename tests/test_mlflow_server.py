@@ -166,7 +166,7 @@ def test_tracking_outage_neither_ends_nor_loses_a_run(ray_cluster, proc_dataset,
     """The real server is killed and restarted: a RunLogger keeps going (a caller waits at most
     WAIT_S, later calls queue at once) and delivers its queue when the server is back; a training
     whose server dies after its first loss point ends at the requested step with every loss point."""
-    from medi_dist import run_logger, tracking
+    from medi_dist import tracking
     from medi_dist.config_loader import load_config
     from medi_dist.train.config import TrainConfig
     from medi_dist.train.trainer import train
@@ -178,9 +178,9 @@ def test_tracking_outage_neither_ends_nor_loses_a_run(ray_cluster, proc_dataset,
         # 1. our retry layer alone (MLflow's own HTTP retries off): never blocks past WAIT_S
         with monkeypatch.context() as m:
             m.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            m.setattr(run_logger, "WAIT_S", 1.0)
+            m.setattr(tracking, "WAIT_S", 1.0)
             run_id = tracking.find_or_create_run(url, "outage-direct")
-            logger = run_logger.RunLogger(url, run_id)
+            logger = tracking.RunLogger(url, run_id)
             logger.metrics({"x": 0.0}, 0)
             stop_server(server, signal.SIGKILL)
             t0 = time.time()
@@ -250,7 +250,7 @@ def test_model_upload_and_registration_wait_out_an_outage(proc_dataset, tmp_path
     killed, a caller that gives up (FINAL_WAIT_S) gets a warning, not an error, and the queue is not
     blocked by the dropped upload; a caller that waits sees the model uploaded and registered once
     the server is back, as one version."""
-    from medi_dist import run_logger, tracking
+    from medi_dist import tracking
     from medi_dist.config_loader import load_config
     from medi_dist.metadata import ConditioningSpec
     from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
@@ -267,15 +267,15 @@ def test_model_upload_and_registration_wait_out_an_outage(proc_dataset, tmp_path
     url = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
     try:
-        logger = run_logger.RunLogger(url, tracking.find_or_create_run(url, "outage-model"))
+        logger = tracking.RunLogger(url, tracking.find_or_create_run(url, "outage-model"))
         logger.metrics({"loss": 1.0}, 0)
         stop_server(server, signal.SIGKILL)
 
         # 1. the trainer's step gives up after FINAL_WAIT_S: a warning naming the model directory
         cfg = load_config(TrainConfig, None, [f"data.dataset={proc_dataset}", "run.name=outage-model"])
         with monkeypatch.context() as mp:
-            mp.setattr(run_logger, "FINAL_WAIT_S", 2.0)
-            mp.setattr(run_logger, "WAIT_S", 1.0)
+            mp.setattr(tracking, "FINAL_WAIT_S", 2.0)
+            mp.setattr(tracking, "WAIT_S", 1.0)
             t0 = time.time()
             _log_model(cfg, logger, model, model)
             assert time.time() - t0 < 60
@@ -319,13 +319,13 @@ def _runs_named(api: str, experiment: str, name: str) -> list[dict]:
 def test_run_creation_retries_until_the_server_is_back(tmp_path, monkeypatch):
     """No server yet: creating a run retries with backoff. A short wait ends in TrackingUnavailable
     (never a raw connection error); a long one gets the run once the server comes up, made once."""
-    from medi_dist import run_logger, tracking
+    from medi_dist import tracking
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # our retry layer alone
     port = free_port()
     url, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api/2.0/mlflow"
     t0 = time.time()
-    with pytest.raises(run_logger.TrackingUnavailable, match="creating MLflow run 'early'.*unreachable"):
+    with pytest.raises(tracking.TrackingUnavailable, match="creating MLflow run 'early'.*unreachable"):
         tracking.find_or_create_run(url, "early", wait_s=2)
     assert time.time() - t0 < 30
     got: dict = {}
@@ -347,14 +347,14 @@ def test_spilled_calls_are_uploaded_when_the_server_is_back(tmp_path, monkeypatc
     """Calls that could not be delivered go to the given folder (not the temp folder): those of a
     logger without a run (server down at creation) and those left after flush's wait. upload_spills
     delivers them to the run, timestamps and steps kept, and removes the files."""
-    from medi_dist import run_logger, tracking
+    from medi_dist import tracking
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setattr(run_logger, "WAIT_S", 1.0)
+    monkeypatch.setattr(tracking, "WAIT_S", 1.0)
     port = free_port()
     url, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api/2.0/mlflow"
     spill = tmp_path / "run" / "mlflow-spill"
-    pending = run_logger.RunLogger(url, None, str(spill))  # no run: the server was down
+    pending = tracking.RunLogger(url, None, str(spill))  # no run: the server was down
     pending.params({"lr": 0.1})
     pending.metrics({"x": 1.0}, 1)
     pending.metrics({"x": 2.0}, 2)
@@ -363,18 +363,18 @@ def test_spilled_calls_are_uploaded_when_the_server_is_back(tmp_path, monkeypatc
     server = start_server(tmp_path, port)
     try:
         run_id = tracking.find_or_create_run(url, "spilled")
-        live = run_logger.RunLogger(url, run_id, str(spill))
+        live = tracking.RunLogger(url, run_id, str(spill))
         live.metrics({"x": 3.0}, 3)
         stop_server(server, signal.SIGKILL)
         ts = time.time()
         live.metrics({"x": 4.0}, 4)  # queued: the server is down
         second = live.flush(timeout=2)
         assert second and Path(second).parent == spill and len(list(spill.glob("*.jsonl"))) == 2
-        with pytest.raises(run_logger.TrackingUnavailable):
-            run_logger.upload_spills(url, run_id, str(spill), wait_s=1)
+        with pytest.raises(tracking.TrackingUnavailable):
+            tracking.upload_spills(url, run_id, str(spill), wait_s=1)
         assert len(list(spill.glob("*.jsonl"))) == 2  # nothing delivered, nothing lost
         server = start_server(tmp_path, port)
-        assert run_logger.upload_spills(url, run_id, str(spill)) == 4
+        assert tracking.upload_spills(url, run_id, str(spill)) == 4
         assert list(spill.glob("*.jsonl")) == []
         hist = _history(api, run_id, "x")
         assert sorted((p["step"], p["value"]) for p in hist) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]

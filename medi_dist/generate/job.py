@@ -463,7 +463,7 @@ def _log_start(log, cfg: GenerateConfig, header: dict) -> None:
     if train_run:
         from mlflow.exceptions import MlflowException
 
-        from ..run_logger import transient
+        from ..tracking import transient
 
         try:
             exp = log.c.get_run(train_run).info.experiment_id

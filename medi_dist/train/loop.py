@@ -27,7 +27,7 @@ from ..data.stream import to_model_range
 from ..metadata import CONDITION_PREFIX, ConditioningSpec
 from ..model import EMA, ConditionedUNet, ModelConfig, diffusion_loss, save_model_dir
 from ..model.unet import unwrap
-from ..run_logger import RunLogger
+from ..tracking import RunLogger
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 

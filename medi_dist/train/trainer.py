@@ -19,9 +19,17 @@ from ..data.stream import StreamConfig, tile_stream
 from ..model import ModelConfig
 from ..paths import absolute
 from ..ray_setup import check_job_paths, check_resource, ensure_ray
-from ..run_logger import RunLogger, TrackingUnavailable, upload_spills
 from ..storage import is_remote, upload_folder
-from ..tracking import SPILL_DIR, find_or_create_run, log_datasets, system_metrics_logged, tracking_uri
+from ..tracking import (
+    SPILL_DIR,
+    RunLogger,
+    TrackingUnavailable,
+    find_or_create_run,
+    log_datasets,
+    system_metrics_logged,
+    tracking_uri,
+    upload_spills,
+)
 from .config import TrainConfig
 from .lease import RunLease
 from .loop import WorkerConfig, train_worker
@@ -234,7 +242,7 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
     record = check_resume(folder, cfg.run.name, record, mcfg, spec, cfg)
     uri = tracking_uri(cfg.run.tracking_uri)
     # One MLflow run per Ray run (storage path + name): re-running resumes both together.
-    # A server that is down is waited for (run_logger.run_wait_s); past that the training goes on and
+    # A server that is down is waited for (tracking.run_wait_s); past that the training goes on and
     # every MLflow call goes to the run folder, delivered at its end or by the next run of this name.
     run_key, spill_dir = f"{storage}/{cfg.run.name}", f"{folder.display}/{SPILL_DIR}"
     run_id = _mlflow_run(uri, cfg, run_key, spill_dir)
@@ -322,7 +330,7 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
 
 def _mlflow_run(uri: str, cfg: TrainConfig, key: str, spill_dir: str, wait_s: float | None = None) -> str | None:
     """The training's MLflow run (one per storage path + name: re-running resumes both together),
-    created or found with retries; None when the server stayed down (run_logger.run_wait_s). Calls an
+    created or found with retries; None when the server stayed down (tracking.run_wait_s). Calls an
     earlier attempt could not deliver (in the run folder) are delivered now."""
     try:
         run_id = find_or_create_run(

@@ -184,8 +184,7 @@ def _trials_table(grid, n_seeds: int) -> pd.DataFrame:
 
 def run_study(cfg: StudyConfig) -> StudyResult:
     from ..ray_setup import check_job_paths, ensure_ray
-    from ..run_logger import run_wait_s
-    from ..tracking import close, ensure_run, log_datasets, open_run, tracking_uri
+    from ..tracking import close, ensure_run, log_datasets, open_run, run_wait_s, tracking_uri
     from .report import close_children, finish_trials, log_test, prepare
 
     check_job_paths(
