@@ -175,8 +175,9 @@ def test_drawn_tiles_get_the_scanners_lines_which_a_network_cannot_place(tmp_pat
     """Each scanner leaves a line pattern fixed in its frame, which a convolutional network does not draw
     (it cannot place it: RESULTS.md "scanner pattern"). Tiles without the lines (the renderer's, as a
     network would draw them) rendered at their own site or moved to another with `patterned=False` carry
-    the site's lines as strongly as its stored tiles; unmixed as stored tiles (the pattern subtracted),
-    they keep only what of the pattern lies off the stain plane, and moved ones the donor's lines too."""
+    nearly the lines of the site's stored tiles; unmixed as stored tiles (the pattern subtracted),
+    they keep only what of the pattern lies off the stain plane, and moved ones gain the negative of the
+    donor's lines."""
     from medi_dist.data import sources
     from medi_dist.data.ingest import ingest
     from medi_dist.data.split import SplitConfig
