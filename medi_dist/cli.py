@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance of both model pools (default 1; 1.25: better tiles, ~1.5 min more)",
+        help="classifier-free guidance of both model pools (default 1; 1.25: better tiles, ~1 min more)",
     )
     demo.add_argument("--seeds", type=int, nargs="+", default=None, help="classifier seeds (default 0 1 2 3 4)")
     demo.add_argument(
