@@ -304,6 +304,22 @@ def test_sampling_reproducible_across_batches(spec, sampler, guidance):
     assert np.abs(one(0, **kw).astype(int) - other_seed).max() > 8
 
 
+def test_guidance_interval_guides_only_the_steps_it_covers(spec):
+    m = tiny(spec).eval()
+    cond = encode_conditions(spec, ROWS[:3])
+    rows = []
+    m.register_forward_pre_hook(lambda _m, args: rows.append(len(args[0])))  # rows per denoiser call
+    run = lambda **kw: sample(m, cond, seeds=[1, 2, 3], sampler="dpmsolver++", steps=4, return_tensor=True, **kw)  # noqa: E731
+    plain, full = run(), run(guidance_scale=2.0)
+    rows.clear()
+    # DPM-Solver++ at 4 steps visits t = 999, 749, 499, 249 (of 1000): (0.45, 1) covers the first three
+    half = run(guidance_scale=2.0, guidance_interval=(0.45, 1.0))
+    assert rows == [6, 6, 6, 3]  # [cond; uncond] where guided, cond alone after: the cost is the interval's
+    assert torch.equal(run(guidance_scale=2.0, guidance_interval=(0.0, 1.0)), full)
+    assert torch.equal(run(guidance_scale=2.0, guidance_interval=(0.0, 0.2)), plain)  # covers no step: unguided
+    assert (half - plain).abs().max() > 1e-3 and (half - full).abs().max() > 1e-3
+
+
 def test_reference_deep_parameter_count(spec):
     with torch.device("meta"):  # no memory, no init cost
         m = ConditionedUNet(ModelConfig.from_preset("reference-deep"), spec)

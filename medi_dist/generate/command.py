@@ -70,6 +70,7 @@ def _generate(args: argparse.Namespace) -> None:
             sampler=args.sampler,
             steps=args.steps,
             guidance=args.guidance,
+            guidance_interval=tuple(args.guidance_interval),
             weights=args.weights,
             batch_size=args.batch_size,
             precision=args.precision,
@@ -158,6 +159,14 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="dpmsolver++", choices=["ddpm", "ddim", "dpmsolver++"])
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    s.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=(0.0, 1.0),
+        metavar=("LO", "HI"),
+        help="guide only at diffusion times t/T in [LO, HI] (1: pure noise); the other steps cost one pass",
+    )
     s.add_argument(
         "--composition",
         default="joint",

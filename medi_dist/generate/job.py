@@ -77,6 +77,9 @@ def _settings_check(cfg: GenerateConfig, info: dict) -> str:
         raise PlanError(f"unknown sampler {s.sampler!r}; choose from {SAMPLERS}")
     if s.steps < 1 or s.batch_size < 1 or cfg.workers < 1 or s.guidance < 0:
         raise PlanError("steps, batch size and workers must be >= 1 and guidance >= 0")
+    lo, hi = s.guidance_interval
+    if not 0 <= lo <= hi <= 1:
+        raise PlanError(f"--guidance-interval {lo} {hi}: want 0 <= LO <= HI <= 1 (diffusion time, 1: pure noise)")
     if s.precision not in ("fp32", "fp16", "bf16"):
         raise PlanError(f"precision must be fp32, fp16 or bf16, got {s.precision!r}")
     mcfg = ModelConfig.from_dict(info["model"])
@@ -147,6 +150,8 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
         }
         if s.composition != "joint":
             meta.update(composition=s.composition, composition_scale=s.composition_scale)
+        if s.guidance != 1.0 and tuple(s.guidance_interval) != (0.0, 1.0):
+            meta["guidance_interval"] = "{:g}-{:g}".format(*s.guidance_interval)
     train = training_data(model, cfg.dataset)
     rows = resolve(cfg.plan, spec, train)
     pid = plan_id(rows, cfg.plan.seed, meta)

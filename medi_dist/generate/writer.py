@@ -33,6 +33,7 @@ class SamplingSettings:
     sampler: str = "dpmsolver++"
     steps: int = 25
     guidance: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guided where lo <= t / T <= hi (model.sampling)
     weights: str = "ema"  # ema | raw | auto
     batch_size: int = 32  # tiles per denoiser call (GPU memory bound)
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
@@ -110,12 +111,15 @@ def shard_complete(root: Path, task: dict) -> bool:
 class ShardGenerator:
     """Loads the model once (per worker); `run(task)` samples one shard and writes it."""
 
+    guided_steps = 0  # sampling steps that take the unconditional pass too (none without a model)
+
     def __init__(
         self, model_dir: str, settings: SamplingSettings, out_dir: str, device: str = "cpu", threads: int | None = None
     ):
         from ..data.site_stains import SiteStains
-        from ..model import load_model_dir
+        from ..model import load_model_dir, make_sampler
         from ..model.model_dir import read_model_info
+        from ..model.sampling import guided
 
         if threads:
             torch.set_num_threads(threads)  # pinned, so results do not depend on the host's core count
@@ -124,6 +128,10 @@ class ShardGenerator:
         if settings.compile:
             self.model = torch.compile(self.model)
         self.autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.precision]
+        sched = make_sampler(self.config, settings.sampler)
+        sched.set_timesteps(settings.steps)
+        on = guided(sched.timesteps, settings.guidance_interval, self.config.num_train_timesteps)
+        self.guided_steps = sum(on) if settings.guidance != 1.0 else 0
         stains = read_model_info(model_dir)["info"].get("site_stains")  # a model trained in the reference stain
         self.reference = SiteStains.from_dict(stains) if stains else None
 
@@ -194,6 +202,7 @@ class ShardGenerator:
                     sampler=self.s.sampler,
                     steps=self.s.steps,
                     guidance_scale=self.s.guidance,
+                    guidance_interval=tuple(self.s.guidance_interval),
                     autocast_dtype=self.autocast,
                     directions=directions,
                 )
@@ -240,8 +249,8 @@ class ShardGenerator:
             }
             members.append((t["key"], png_bytes(img), meta))
         write_shard(self.out / task["path"], members)
-        per_step = (2 if self.s.guidance != 1.0 else 1) + (2 if self.s.composition == "owner-site" else 0)
-        evals = len(images) * self.s.steps * per_step
+        per_step = 1 + (2 if self.s.composition == "owner-site" else 0)  # + the unconditional pass where guided
+        evals = len(images) * (self.s.steps * per_step + self.guided_steps)
         return {
             "path": task["path"],
             "tiles": len(images),

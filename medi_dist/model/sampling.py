@@ -42,6 +42,12 @@ def make_sampler(config: ModelConfig, sampler: str):
     raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
 
 
+def guided(timesteps, interval: tuple[float, float], total: int) -> list[bool]:
+    """Which sampling steps a guidance interval (lo, hi) in diffusion time t / total covers."""
+    lo, hi = interval
+    return [lo <= float(t) / total <= hi for t in timesteps]
+
+
 def encode_conditions(
     spec: ConditioningSpec, rows: Sequence[Mapping[str, Any]], *, strict: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -93,6 +99,7 @@ def sample(
     sampler: str = "dpmsolver++",
     steps: int = 25,
     guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
     size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     per_tile: bool = False,
@@ -103,7 +110,9 @@ def sample(
 
     seeds: one integer per tile (preferred; reproducible across batchings) or generators: one CPU
     torch.Generator per tile. guidance_scale s: eps = eps_u + s (eps_c - eps_u), eps_u with every
-    column null; s == 1 skips the unconditional pass. per_tile=True: bitwise batch-independent
+    column null; s == 1 skips the unconditional pass. guidance_interval (lo, hi): guided only at timesteps
+    t with lo <= t / T <= hi (T the training timesteps, 1 pure noise; Kynkäänniemi et al. 2024), one pass
+    at the others: guidance costs a second pass only where it is on. per_tile=True: bitwise batch-independent
     pixels (one denoiser call per tile and step). Returns uint8 (B, H, W, 3), or the float
     tensor in [-1, 1] with return_tensor=True.
 
@@ -131,36 +140,40 @@ def sample(
 
     # one forward pass over [cond; plus_1; minus_1; ...; uncond]
     sets = [full(cond)] + [full(d) for plus, minus, _ in directions for d in (plus, minus)]
-    guided = guidance_scale != 1.0
-    if guided:
+    guiding = guidance_scale != 1.0
+    if guiding:
         sets.append(base.null_conditions(b, device))
     c = {k: torch.cat([s_[k] for s_ in sets]) for k in sets[0]}
 
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     reps = len(sets)
 
-    def predict(xin: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Model output for [cond; uncond] rows (just cond when unguided)."""
+    def predict(xin: torch.Tensor, t: torch.Tensor, n: int) -> torch.Tensor:
+        """Model output for the first n condition sets' rows ([cond; ...; uncond], uncond left out
+        where a step is not guided)."""
         if not per_tile:
             with amp:
-                return model(xin.repeat(reps, 1, 1, 1), t, c).float()
+                return model(xin.repeat(n, 1, 1, 1), t, {k: v[: n * b] for k, v in c.items()}).float()
         outs = []
         for i in range(b):  # every call sees the same shapes whatever the batch: [tile] or [tile; tile]
             with amp:
-                outs.append(model(xin[i : i + 1].repeat(reps, 1, 1, 1), t, {k: v[i::b] for k, v in c.items()}).float())
-        return torch.cat([o[j : j + 1] for j in range(reps) for o in outs])
+                outs.append(model(xin[i : i + 1].repeat(n, 1, 1, 1), t, {k: v[i::b][:n] for k, v in c.items()}).float())
+        return torch.cat([o[j : j + 1] for j in range(n) for o in outs])
 
     shape = (base.config.in_channels, size, size)
     x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device) * sched.init_noise_sigma
     was_training = base.training
     base.eval()
     try:
-        for t in sched.timesteps:
-            parts = predict(sched.scale_model_input(x, t), t).chunk(reps)
+        on = guided(sched.timesteps, guidance_interval, base.config.num_train_timesteps)
+        for t, guide in zip(sched.timesteps, on):
+            guide = guide and guiding
+            n = reps - (guiding and not guide)  # the unconditional rows only where this step is guided
+            parts = predict(sched.scale_model_input(x, t), t, n).chunk(n)
             out = parts[0]
             for i, (_, _, w) in enumerate(directions):
                 out = out + w * (parts[1 + 2 * i] - parts[2 + 2 * i])
-            if guided:
+            if guide:
                 out = parts[-1] + guidance_scale * (out - parts[-1])
             if sampler == "ddpm":  # stochastic: per-tile step noise from each tile's own generator
                 x = torch.cat(
