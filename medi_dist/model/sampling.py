@@ -168,7 +168,7 @@ def sample(
         on = guided(sched.timesteps, guidance_interval, base.config.num_train_timesteps)
         for t, guide in zip(sched.timesteps, on):
             guide = guide and guiding
-            n = reps - (guiding and not guide)  # the unconditional rows only where this step is guided
+            n = reps - (guiding and not guide)  # the unconditional rows are last: left out where unguided
             parts = predict(sched.scale_model_input(x, t), t, n).chunk(n)
             out = parts[0]
             for i, (_, _, w) in enumerate(directions):
