@@ -29,7 +29,7 @@ DEFAULT_CACHE = "medi-dist-cache/models"
 def log_model_dir(log: RunLogger, model_dir: str | Path, registered_name: str | None = None) -> str | None:
     """Log `model_dir` (a local folder) as an MLflow pyfunc under the run; register it as
     `registered_name` (returns the new version) when given. Upload and registration go through the
-    run's retrying sender: a server that is briefly down delays them (up to tracking.FINAL_WAIT_S,
+    run's retrying sender: a server that is briefly down delays them (up to run_logger.FINAL_WAIT_S,
     then TrackingUnavailable); a registration retried after a lost answer does not add a version."""
     import mlflow.pyfunc
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from medi_dist import tracking
+from medi_dist import run_delivery, tracking
 from test_mlflow_server import _history, _runs_named, free_port, start_server, stop_server, two_trial_study
 
 
@@ -43,16 +43,16 @@ def server(tmp_path, monkeypatch):
 
 
 def back_before(monkeypatch, server: Server, name: str) -> list:
-    """tracking.<name> brings the server up (if down) before it runs: the command was down until its
-    end. Returns the list of calls seen."""
-    real, seen = getattr(tracking, name), []
+    """run_delivery.<name> (deliver, ensure_run: where close and the study look them up) brings the
+    server up (if down) before it runs: the command was down until its end. Returns the list of calls seen."""
+    real, seen = getattr(run_delivery, name), []
 
     def wrapped(*a, **kw):
         server.up()
         seen.append(a)
         return real(*a, **kw)
 
-    monkeypatch.setattr(tracking, name, wrapped)
+    monkeypatch.setattr(run_delivery, name, wrapped)
     return seen
 
 
@@ -85,7 +85,7 @@ def test_upload_resumes_where_it_was_cut(server, tmp_path, monkeypatch):
     server.up()
     run_id = tracking.find_or_create_run(server.url, "resumed")
 
-    monkeypatch.setattr(tracking, "MAX_POINTS", 10)  # 5 calls of 2 points per batch: 6 batches
+    monkeypatch.setattr(run_delivery, "MAX_POINTS", 10)  # 5 calls of 2 points per batch: 6 batches
     real, points, cut = MlflowClient.log_batch, [], {"after": 3}
 
     def log_batch(self, run_id, **kw):

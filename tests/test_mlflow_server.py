@@ -166,7 +166,7 @@ def test_tracking_outage_neither_ends_nor_loses_a_run(ray_cluster, proc_dataset,
     """The real server is killed and restarted: a RunLogger keeps going (a caller waits at most
     WAIT_S, later calls queue at once) and delivers its queue when the server is back; a training
     whose server dies after its first loss point ends at the requested step with every loss point."""
-    from medi_dist import tracking
+    from medi_dist import run_logger, tracking
     from medi_dist.config_loader import load_config
     from medi_dist.train.config import TrainConfig
     from medi_dist.train.trainer import train
@@ -178,7 +178,7 @@ def test_tracking_outage_neither_ends_nor_loses_a_run(ray_cluster, proc_dataset,
         # 1. our retry layer alone (MLflow's own HTTP retries off): never blocks past WAIT_S
         with monkeypatch.context() as m:
             m.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            m.setattr(tracking, "WAIT_S", 1.0)
+            m.setattr(run_logger, "WAIT_S", 1.0)
             run_id = tracking.find_or_create_run(url, "outage-direct")
             logger = tracking.RunLogger(url, run_id)
             logger.metrics({"x": 0.0}, 0)
@@ -250,7 +250,7 @@ def test_model_upload_and_registration_wait_out_an_outage(proc_dataset, tmp_path
     killed, a caller that gives up (FINAL_WAIT_S) gets a warning, not an error, and the queue is not
     blocked by the dropped upload; a caller that waits sees the model uploaded and registered once
     the server is back, as one version."""
-    from medi_dist import tracking
+    from medi_dist import run_logger, tracking
     from medi_dist.config_loader import load_config
     from medi_dist.metadata import ConditioningSpec
     from medi_dist.model import EMA, ConditionedUNet, ModelConfig, save_model_dir
@@ -274,8 +274,8 @@ def test_model_upload_and_registration_wait_out_an_outage(proc_dataset, tmp_path
         # 1. the trainer's step gives up after FINAL_WAIT_S: a warning naming the model directory
         cfg = load_config(TrainConfig, None, [f"data.dataset={proc_dataset}", "run.name=outage-model"])
         with monkeypatch.context() as mp:
-            mp.setattr(tracking, "FINAL_WAIT_S", 2.0)
-            mp.setattr(tracking, "WAIT_S", 1.0)
+            mp.setattr(run_logger, "FINAL_WAIT_S", 2.0)
+            mp.setattr(run_logger, "WAIT_S", 1.0)
             t0 = time.time()
             _log_model(cfg, logger, model, model)
             assert time.time() - t0 < 60
@@ -347,10 +347,10 @@ def test_spilled_calls_are_uploaded_when_the_server_is_back(tmp_path, monkeypatc
     """Calls that could not be delivered go to the given folder (not the temp folder): those of a
     logger without a run (server down at creation) and those left after flush's wait. upload_spills
     delivers them to the run, timestamps and steps kept, and removes the files."""
-    from medi_dist import tracking
+    from medi_dist import run_logger, tracking
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setattr(tracking, "WAIT_S", 1.0)
+    monkeypatch.setattr(run_logger, "WAIT_S", 1.0)
     port = free_port()
     url, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api/2.0/mlflow"
     spill = tmp_path / "run" / "mlflow-spill"

@@ -45,7 +45,8 @@ def prepare(
 ) -> dict:
     """Warm the feature cache (train, val, pools) once, so parallel trials do not all encode, and
     score real-only on val: the reference for every trial's per-site plot. Returns site -> score."""
-    from ..tracking import WAIT_S, close, log_datasets
+    from ..run_logger import WAIT_S
+    from ..tracking import close, log_datasets
 
     AUDIT.reset()
     inputs = load_inputs(base, encoder, [absolute(p) for p in cfg.space.pools])
@@ -128,7 +129,8 @@ def log_test(cfg, base: DownstreamConfig, best: dict, encoder, plog, audit_dir: 
 def _study_tags(plog) -> dict:
     """The study run's tags; {} if it has none yet or the server is down (then the holdout is scored:
     the run may hold the tag of an earlier look, which is then not checked, and the log says so)."""
-    from ..tracking import WAIT_S, TrackingUnavailable, client, retrying
+    from ..run_logger import WAIT_S
+    from ..tracking import TrackingUnavailable, client, retrying
 
     if plog.run_id is None:
         return {}

@@ -184,7 +184,8 @@ def _trials_table(grid, n_seeds: int) -> pd.DataFrame:
 
 def run_study(cfg: StudyConfig) -> StudyResult:
     from ..ray_setup import check_job_paths, ensure_ray
-    from ..tracking import close, ensure_run, log_datasets, open_run, run_wait_s, tracking_uri
+    from ..run_delivery import ensure_run
+    from ..tracking import close, log_datasets, open_run, run_wait_s, tracking_uri
     from .report import close_children, finish_trials, log_test, prepare
 
     check_job_paths(

@@ -130,7 +130,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     import torch
     from ray import tune
 
-    from ..tracking import WAIT_S, log_datasets
+    from ..run_logger import WAIT_S
+    from ..tracking import log_datasets
 
     torch.set_num_threads(ctx.threads)  # several trials share the cores; extra threads only spin
     start, trial_id = time.time(), tune.get_context().get_trial_id()
