@@ -3,7 +3,8 @@ file, not a pickle). `mlflow.pyfunc.load_model("models:/NAME/VERSION").predict(d
 per row of conditions:
 
     df columns: cancer_type, tissue_source_site, ... (the model's conditions), optional `seed`
-    params:     sampler (dpmsolver++), steps (25), guidance (1.0), weights (ema)
+    params:     sampler (dpmsolver++), steps (25), guidance (1.0), guidance_lo / guidance_hi (0, 1: guided
+                at diffusion times t/T in [lo, hi], as `medi-dist generate --guidance-interval`), weights (ema)
     returns:    the conditions, seed and `png` (the tile as PNG bytes)
 
 The model directory is an artifact of the MLflow model (artifacts/model_dir); loading it checks its
@@ -17,7 +18,14 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 MODEL_DIR_ARTIFACT = "model_dir"  # key in the pyfunc's artifacts: artifacts/<model dir name>
-DEFAULT_PARAMS = {"sampler": "dpmsolver++", "steps": 25, "guidance": 1.0, "weights": "auto"}
+DEFAULT_PARAMS = {
+    "sampler": "dpmsolver++",
+    "steps": 25,
+    "guidance": 1.0,
+    "guidance_lo": 0.0,
+    "guidance_hi": 1.0,
+    "weights": "auto",
+}
 
 
 def signature(spec):
@@ -50,6 +58,9 @@ class MeDiTileGenerator(PythonModel):
         from medi_dist.visual import png_bytes  # as a module of its own
 
         p = {**DEFAULT_PARAMS, **(params or {})}
+        interval = float(p["guidance_lo"]), float(p["guidance_hi"])
+        if not 0 <= interval[0] <= interval[1] <= 1:
+            raise ValueError(f"guidance_lo {interval[0]}, guidance_hi {interval[1]}: want 0 <= lo <= hi <= 1 (t/T)")
         if self.model is None or self.model.weights_kind != p["weights"]:
             self.model, _, self.spec = load_model_dir(self.path, p["weights"])
         df = model_input.reset_index(drop=True)
@@ -63,6 +74,7 @@ class MeDiTileGenerator(PythonModel):
             sampler=p["sampler"],
             steps=int(p["steps"]),
             guidance_scale=float(p["guidance"]),
+            guidance_interval=interval,
         )
         return df.assign(seed=seeds, png=[png_bytes(Image.fromarray(t)) for t in tiles])
 
