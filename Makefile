@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install browser demo test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # Headless Chromium (Debian package) for the MLflow UI browser test: nothing to do when installed;
