@@ -124,16 +124,14 @@ def test_named_job_registered_model_and_generation(ray_cluster, server, real, tm
     from PIL import Image
 
     rows = pd.read_parquet(real / "index.parquet")[["cancer_type", "tissue_source_site"]].drop_duplicates()[:2]
-    got = mlflow.pyfunc.load_model(f"models:/medi-tiny/{version}").predict(
-        rows.assign(seed=[7, 8]), params={"steps": 2}
-    )
+    generator = mlflow.pyfunc.load_model(f"models:/medi-tiny/{version}")
+    seeded = rows.assign(seed=[7, 8])
+    got = generator.predict(seeded, params={"steps": 2})
     assert got["seed"].tolist() == [7, 8] and got["cancer_type"].tolist() == rows["cancer_type"].tolist()
     tiles = [Image.open(io.BytesIO(b)) for b in got["png"]]
     px = ModelConfig.from_preset("tiny").sample_size
     assert [t.size for t in tiles] == [(px, px)] * 2 and tiles[0].tobytes() != tiles[1].tobytes()
     # guidance on an interval covering neither of the 2 steps (t/T ~1 and ~0.5) draws the unguided tiles
-    generator = mlflow.pyfunc.load_model(f"models:/medi-tiny/{version}")
-    seeded = rows.assign(seed=[7, 8])
     unguided = generator.predict(seeded, params={"steps": 2, "guidance": 3.0, "guidance_lo": 0.0, "guidance_hi": 0.4})
     guided = generator.predict(seeded, params={"steps": 2, "guidance": 3.0})
     assert unguided["png"].tolist() == got["png"].tolist() != guided["png"].tolist()
