@@ -55,12 +55,11 @@ class MeDiTileGenerator(PythonModel):
         from PIL import Image
 
         from medi_dist.model import encode_conditions, load_model_dir, sample  # absolute: MLflow runs this file
+        from medi_dist.model.sampling import check_interval
         from medi_dist.visual import png_bytes  # as a module of its own
 
         p = {**DEFAULT_PARAMS, **(params or {})}
-        interval = float(p["guidance_lo"]), float(p["guidance_hi"])
-        if not 0 <= interval[0] <= interval[1] <= 1:
-            raise ValueError(f"guidance_lo {interval[0]}, guidance_hi {interval[1]}: want 0 <= lo <= hi <= 1 (t/T)")
+        interval = check_interval((p["guidance_lo"], p["guidance_hi"]))  # before loading the weights
         if self.model is None or self.model.weights_kind != p["weights"]:
             self.model, _, self.spec = load_model_dir(self.path, p["weights"])
         df = model_input.reset_index(drop=True)

@@ -135,7 +135,7 @@ def test_named_job_registered_model_and_generation(ray_cluster, server, real, tm
     unguided = generator.predict(seeded, params={"steps": 2, "guidance": 3.0, "guidance_lo": 0.0, "guidance_hi": 0.4})
     guided = generator.predict(seeded, params={"steps": 2, "guidance": 3.0})
     assert unguided["png"].tolist() == got["png"].tolist() != guided["png"].tolist()
-    with pytest.raises(ValueError, match="guidance_lo 0.6, guidance_hi 0.4"):
+    with pytest.raises(ValueError, match="guidance interval 0.6 0.4: want 0 <= lo <= hi <= 1"):
         generator.predict(seeded, params={"guidance_lo": 0.6, "guidance_hi": 0.4})
 
     # runs:/ resolves too; a tampered download or an unknown name is one line, not a traceback

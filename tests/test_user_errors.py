@@ -112,7 +112,7 @@ def test_plans_malformed_with_stray_rows_or_absurd_counts_are_refused(model, tmp
     with pytest.raises(PlanError, match="more than"):
         resolve(GenerationPlan(rows=[{TYPE: t, SITE: s, "count": float(MAX_TILES + 1)}]), spec, train)
     line = _one_line(capsys, *gen[:3], *gen[5:], "--mode", "unseen-pairs", "--guidance-interval", "0.8", "0.2")
-    assert "--guidance-interval 0.8 0.2: want 0 <= LO <= HI <= 1" in line
+    assert "--guidance-interval: guidance interval 0.8 0.2: want 0 <= lo <= hi <= 1" in line
     assert not out.exists()
 
 

@@ -26,7 +26,7 @@ from ..data.shards import SPLIT as SPLIT_FILE
 from ..metadata import UNKNOWN, ConditioningSpec
 from ..model.config import ModelConfig
 from ..model.model_dir import WEIGHT_FILES, read_model_info, verify_model_dir
-from ..model.sampling import SAMPLERS
+from ..model.sampling import SAMPLERS, check_interval
 from ..paths import absolute
 from ..storage import Folder, is_remote, local_copy, temp_dir, upload_folder
 from .plan import SITE as SITE_COLUMN
@@ -77,9 +77,10 @@ def _settings_check(cfg: GenerateConfig, info: dict) -> str:
         raise PlanError(f"unknown sampler {s.sampler!r}; choose from {SAMPLERS}")
     if s.steps < 1 or s.batch_size < 1 or cfg.workers < 1 or s.guidance < 0:
         raise PlanError("steps, batch size and workers must be >= 1 and guidance >= 0")
-    lo, hi = s.guidance_interval
-    if not 0 <= lo <= hi <= 1:
-        raise PlanError(f"--guidance-interval {lo} {hi}: want 0 <= LO <= HI <= 1 (diffusion time, 1: pure noise)")
+    try:
+        check_interval(s.guidance_interval)
+    except ValueError as e:
+        raise PlanError(f"--guidance-interval: {e}") from None
     if s.precision not in ("fp32", "fp16", "bf16"):
         raise PlanError(f"precision must be fp32, fp16 or bf16, got {s.precision!r}")
     mcfg = ModelConfig.from_dict(info["model"])

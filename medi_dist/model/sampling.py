@@ -42,9 +42,17 @@ def make_sampler(config: ModelConfig, sampler: str):
     raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
 
 
+def check_interval(interval) -> tuple[float, float]:
+    """A guidance interval (lo, hi) in diffusion time t / T (1: pure noise), or a one-line ValueError."""
+    lo, hi = (float(v) for v in interval)
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"guidance interval {lo:g} {hi:g}: want 0 <= lo <= hi <= 1 (diffusion time t/T, 1: noise)")
+    return lo, hi
+
+
 def guided(timesteps, interval: tuple[float, float], total: int) -> list[bool]:
     """Which sampling steps a guidance interval (lo, hi) in diffusion time t / total covers."""
-    lo, hi = interval
+    lo, hi = check_interval(interval)
     return [lo <= float(t) / total <= hi for t in timesteps]
 
 

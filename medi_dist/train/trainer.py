@@ -1,10 +1,11 @@
-"""Ray Train wiring: the dataset stream, a TorchTrainer around `train_worker`, resume by run name,
-and the final model directory copied out of the last checkpoint."""
+"""Ray Train wiring: the dataset stream, a TorchTrainer around `loop.train_worker` (started through
+entry.py), resume by run name, and the final model directory copied out of the last checkpoint."""
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 import signal
 import threading
@@ -31,8 +32,9 @@ from ..tracking import (
     upload_spills,
 )
 from .config import TrainConfig
+from .entry import run_worker
 from .lease import RunLease
-from .loop import WorkerConfig, train_worker
+from .loop import WorkerConfig
 from .run_folder import (
     RUN_FILE,
     RunFolder,
@@ -263,8 +265,8 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
         worker.site_stains = estimate_site_stains(cfg.data.dataset, mcfg.sample_size, seed=cfg.seed).to_dict()
         worker.site_names = list(stream.spec.vocab("tissue_source_site").values)
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"worker": worker},  # a dict for Ray (it records the config); the worker reads the dataclass
+        run_worker,
+        train_loop_config={"worker": pickle.dumps(worker)},  # the controller does not import the loop (entry.py)
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers,
             use_gpu=cfg.run.use_gpu,
