@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import shutil
 import signal
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -266,7 +266,7 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
         worker.site_names = list(stream.spec.vocab("tissue_source_site").values)
     trainer = TorchTrainer(
         run_worker,
-        train_loop_config={"worker": pickle.dumps(worker)},  # the controller does not import the loop (entry.py)
+        train_loop_config={"worker": ray.put(worker)},  # the controller does not import the loop (entry.py)
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers,
             use_gpu=cfg.run.use_gpu,
