@@ -86,6 +86,47 @@ def move_and_blur(stains: S.SiteStains, img, ut, ud, us, res: int) -> np.ndarray
     return out
 
 
+def clean(pairs, res: int) -> np.ndarray:
+    """The same tissue as `render` (same seeds), drawn as a generator of clean concentrations would hand it
+    to a site model: in its site's true stain with the mean density of the site's scanner lines (which a
+    network draws with the tissue), but without blur, lines, sensor noise or JPEG. Float RGB."""
+    out = np.empty((len(pairs), res, res, 3))
+    for i, (t, s) in enumerate(pairs):
+        h, e = P.concentrations(t, np.random.default_rng([0, 7, i]), res)
+        st = P.site_stain(s)
+        out[i] = 255 * np.exp(-(h[..., None] * st.h + e[..., None] * st.e + st.bg + st.lines[2] / 2))
+    return out
+
+
+def move_clean(
+    stains: S.SiteStains, img, ut, ud, us, noise: float, seed: int, true_lines: bool = False, true_blur: bool = False
+) -> np.ndarray:
+    """`SiteStains.transfer(..., patterned=False)` of clean tiles, with the renderer's sensor noise (sigma,
+    grey levels) added before the target's scanner stores them (`stored`: fine detail, JPEG).
+    `true_lines`: the target's true scanner lines instead of its estimated pattern; `true_blur`: its true
+    blur before the noise, and JPEG at its quality, instead of the detail matching."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(img.shape, np.uint8)
+    res = img.shape[1]
+    yy, xx = P._grid(res)
+    for i, (x, t, d, s) in enumerate(zip(np.clip(img + 0.5, 0, 255).astype(np.uint8), ut, ud, us)):
+        src, dst, true = stains.stains[d], stains.stains[s], P.site_stain(s)
+        src = dataclasses.replace(src, pattern=np.full_like(src.pattern, src.pattern.mean()))
+        if true_lines:
+            period, angle, amp = true.lines
+            lines = amp * (1 + np.sin(2 * np.pi * (yy * np.cos(angle) + xx * np.sin(angle)) / period)) / 2
+            dst = dataclasses.replace(dst, pattern=lines)
+        conc, _ = src.unmix(S.optical_density(x))
+        rgb = 256 * np.exp(-dst.mix(conc * (stains.scale(t, s) / src.top), 0)) - 1
+        if true_blur:
+            if true.blur > 0.05:
+                rgb = gaussian_filter(rgb, (true.blur * res / 64, true.blur * res / 64, 0))
+            out[i] = S.store(rgb + rng.normal(0, noise, rgb.shape), dst.quality)
+        else:
+            out[i] = stains.stored(rgb + rng.normal(0, noise, rgb.shape), t, s)
+    return out
+
+
 def world(dataset: str, per_pair: int, seed: int) -> dict:
     real, r_idx = read_tiles(dataset, ["train"], None)
     res = real.shape[1]
@@ -114,6 +155,7 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
     true_parts, all_true = replaced(**parts), replaced(**parts)
     all_true.type_top = {t: np.ones(2) for t in all_true.type_top}  # the true intensity itself
     donors, sharp = render(list(zip(ut, ud)), res), render(list(zip(ut, ud)), res, blur=0.0)
+    clean_donors = clean(list(zip(ut, ud)), res)
     arms = {
         "ground truth at the unseen pairs": render(list(zip(ut, us)), res),
         "donors not moved": donors,
@@ -127,6 +169,19 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
         "moved, all true (intensity not identifiable)": all_true.transfer(donors, ut, ud, us),
         "moved, all true, sharp donors + exact target blur": move_and_blur(all_true, sharp, ut, ud, us, res),
         "rendered at the requested site, identifiable intensity": render_identifiable(ut, us, owner, res),
+        "clean donors moved, estimated, no sensor noise": move_clean(est, clean_donors, ut, ud, us, 0, seed),
+        "clean donors moved, estimated, + sensor noise": move_clean(est, clean_donors, ut, ud, us, 2, seed),
+        "clean donors moved, identifiable + true directions and background, + sensor noise": move_clean(
+            true_parts, clean_donors, ut, ud, us, 2, seed
+        ),
+        "... + the target's true scanner lines": move_clean(true_parts, clean_donors, ut, ud, us, 2, seed, True),
+        "... + the target's true blur (no detail matching)": move_clean(
+            true_parts, clean_donors, ut, ud, us, 2, seed, False, True
+        ),
+        "... + true lines and true blur": move_clean(true_parts, clean_donors, ut, ud, us, 2, seed, True, True),
+        "clean donors moved, estimated, + true lines and true blur": move_clean(
+            est, clean_donors, ut, ud, us, 2, seed, True, True
+        ),
     }
     out = {"dataset": dataset, "sites": owner, "ceiling": probes.ceiling["unseen"], "tiles": len(ut)}
     for name, img in arms.items():

@@ -292,16 +292,23 @@ def _noise(rng, n, sigma):
     return x / (x.std() + 1e-6)
 
 
+def concentrations(cancer_type: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A tile's haematoxylin and eosin concentrations (size x size each): the type's tissue, before any
+    site. `render_tile`'s first draws from `rng`."""
+    draw, f = _parse_type(cancer_type)
+    h, e = draw(rng, size, f)
+    h = np.clip(h, 0, 1.6) * np.clip(0.85 + 0.25 * _noise(rng, size, 0.6), 0.3, None)  # chromatin grain
+    e = np.clip(e * (1 + 0.12 * _noise(rng, size, 3.0)), 0, None)  # uneven eosin uptake
+    return h, e
+
+
 def render_tile(
     cancer_type: str, site: str, rng: np.random.Generator, size: int = 64, scanner_lines: bool = False
 ) -> np.ndarray:
     """One HxWx3 uint8 tile (before JPEG): the type draws the stain concentrations, the site stains,
     blurs them (and, with scanner_lines, adds its scanner's line pattern). Every random draw comes
     from `rng`."""
-    draw, f = _parse_type(cancer_type)
-    h, e = draw(rng, size, f)
-    h = np.clip(h, 0, 1.6) * np.clip(0.85 + 0.25 * _noise(rng, size, 0.6), 0.3, None)  # chromatin grain
-    e = np.clip(e * (1 + 0.12 * _noise(rng, size, 3.0)), 0, None)  # uneven eosin uptake
+    h, e = concentrations(cancer_type, rng, size)
     st = site_stain(site)
     od = h[..., None] * st.h + e[..., None] * st.e + st.bg
     if scanner_lines:  # neutral density (no colour), fixed in the scanner's frame: the same on every tile
