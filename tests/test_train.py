@@ -100,10 +100,19 @@ def test_mlflow_run_holds_params_metrics_and_sample_grid(two_worker_run):
     assert mv.source == model.artifact_location and f'"version": "{mv.version}"' in model.tags["mlflow.modelVersions"]
 
 
-def test_stopped_run_resumes_and_follows_uninterrupted_loss(ray_cluster, proc_dataset, tmp_path):
-    full_cfg = _cfg(proc_dataset, tmp_path, "full", steps=40, **{"run.checkpoint_every": 20})
-    full = train(full_cfg)
-    cut_cfg = _cfg(proc_dataset, tmp_path, "cut", steps=40, **{"run.checkpoint_every": 20, "run.stop_after": 20})
+ONE_WORKER = {"steps": 40, "seed": 3, "run.checkpoint_every": 20}  # crosses an epoch (~440 rows / 16)
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(ray_cluster, proc_dataset, tmp_path_factory):
+    """An uninterrupted one-worker run: the resume test's reference and the bit-identical test's first run."""
+    cfg = _cfg(proc_dataset, tmp_path_factory.mktemp("train1"), "full", **ONE_WORKER)
+    return cfg, train(cfg)
+
+
+def test_stopped_run_resumes_and_follows_uninterrupted_loss(one_worker_run, proc_dataset, tmp_path):
+    full_cfg, full = one_worker_run
+    cut_cfg = _cfg(proc_dataset, tmp_path, "cut", **ONE_WORKER, **{"run.stop_after": 20})
     first = train(cut_cfg)
     assert first.model_dir is None and first.metrics["step"] == 20
     cut_cfg.run.stop_after = None
@@ -128,7 +137,7 @@ def test_stopped_run_resumes_and_follows_uninterrupted_loss(ray_cluster, proc_da
     assert run.data.params["steps"] == "40" and run.data.tags["medi_dist.steps_raised"] == "40 -> 45"
     assert run.info.status == "FINISHED"
     # The same run name with other conditions cannot resume those checkpoints: one line, before any work.
-    other = _cfg(proc_dataset, tmp_path, "cut", steps=60, **{"model.conditions": "[cancer_type]"})
+    other = _cfg(proc_dataset, tmp_path, "cut", **{**ONE_WORKER, "steps": 60, "model.conditions": "[cancer_type]"})
     with pytest.raises(
         ValueError,
         match=r"run.name='cut' was started with other training settings: model.conditions "
@@ -139,20 +148,20 @@ def test_stopped_run_resumes_and_follows_uninterrupted_loss(ray_cluster, proc_da
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_same_seed_trains_bit_identical_weights(ray_cluster, proc_dataset, tmp_path, workers):
+def test_same_seed_trains_bit_identical_weights(one_worker_run, proc_dataset, tmp_path, workers):
     """Issue 12: the same command and seed give the same weights (data order through Ray Data and
     streaming_split, local shuffle, noise, init). ~440 balanced train rows / 16 per batch: the
-    steps cross an epoch boundary, so the second epoch's (reseeded) order is compared too."""
-    steps = 32 if workers == 1 else 18
-    runs = [
-        train(_cfg(proc_dataset, tmp_path, f"rep{i}", steps=steps, seed=3, **{"run.num_workers": workers}))
-        for i in range(2)
-    ]
-    a, b = (r.model_dir for r in runs)
+    steps cross an epoch boundary, so the second epoch's (reseeded) order is compared too.
+    One worker: the module's uninterrupted run is the first of the two."""
+    over = ONE_WORKER if workers == 1 else {"steps": 18, "seed": 3, "run.num_workers": 2}
+    runs = [one_worker_run] if workers == 1 else []
+    while len(runs) < 2:
+        cfg = _cfg(proc_dataset, tmp_path, f"rep{len(runs)}", **over)
+        runs.append((cfg, train(cfg)))
+    (ca, a), (cb, b) = runs
     for f in ("model.safetensors", "ema.safetensors"):
-        assert (a / f).read_bytes() == (b / f).read_bytes(), f"{f} differs between two identical runs"
-    cfg = _cfg(proc_dataset, tmp_path, "rep0")
-    assert _loss_history(cfg, runs[0].mlflow_run_id) == _loss_history(cfg, runs[1].mlflow_run_id)
+        assert (a.model_dir / f).read_bytes() == (b.model_dir / f).read_bytes(), f"{f} differs: two identical runs"
+    assert _loss_history(ca, a.mlflow_run_id) == _loss_history(cb, b.mlflow_run_id)
 
 
 def test_resources_a_local_cluster_lacks_are_refused_up_front(ray_cluster, proc_dataset, tmp_path):
