@@ -115,14 +115,11 @@ def move_clean(
     rng = np.random.default_rng(seed)
     out = np.empty(img.shape, np.uint8)
     res = img.shape[1]
-    yy, xx = P._grid(res)
     for i, (x, t, d, s) in enumerate(zip(np.clip(img + 0.5, 0, 255).astype(np.uint8), ut, ud, us)):
         src, dst, true = stains.stains[d], stains.stains[s], P.site_stain(s)
         src = dataclasses.replace(src, pattern=np.full_like(src.pattern, src.pattern.mean()))
         if true_lines:
-            period, angle, amp = true.lines
-            lines = amp * (1 + np.sin(2 * np.pi * (yy * np.cos(angle) + xx * np.sin(angle)) / period)) / 2
-            dst = dataclasses.replace(dst, pattern=lines)
+            dst = dataclasses.replace(dst, pattern=P.line_pattern(true, res))
         conc, _ = src.unmix(S.optical_density(x))
         rgb = 256 * np.exp(-dst.mix(conc * (stains.scale(t, s) / src.top), 0)) - 1
         if true_blur:

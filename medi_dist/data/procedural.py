@@ -292,6 +292,13 @@ def _noise(rng, n, sigma):
     return x / (x.std() + 1e-6)
 
 
+def line_pattern(st: SiteStain, size: int) -> np.ndarray:
+    """A site's scanner lines (size x size OD, 0 to the amplitude)."""
+    yy, xx = _grid(size)
+    period, angle, amp = st.lines
+    return amp * (1 + np.sin(2 * np.pi * (yy * np.cos(angle) + xx * np.sin(angle)) / period)) / 2
+
+
 def concentrations(cancer_type: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A tile's haematoxylin and eosin concentrations (size x size each): the type's tissue, before any
     site. `render_tile`'s first draws from `rng`."""
@@ -312,9 +319,7 @@ def render_tile(
     st = site_stain(site)
     od = h[..., None] * st.h + e[..., None] * st.e + st.bg
     if scanner_lines:  # neutral density (no colour), fixed in the scanner's frame: the same on every tile
-        yy, xx = _grid(size)
-        period, angle, amp = st.lines
-        od = od + (amp * (1 + np.sin(2 * np.pi * (yy * np.cos(angle) + xx * np.sin(angle)) / period)) / 2)[..., None]
+        od = od + line_pattern(st, size)[..., None]
     rgb = 255 * np.exp(-od)
     if st.blur > 0.05:
         rgb = gaussian_filter(rgb, (st.blur * size / 64, st.blur * size / 64, 0))
