@@ -79,7 +79,8 @@ stop() {
   kill -TERM "${pids[@]}" 2>/dev/null || true
   for _ in $(seq 20); do
     local alive=0
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    # a zombie (stat Z) has ended; where PID 1 does not reap, it stays listed
+    for p in "${pids[@]}"; do [[ "$(ps -o stat= -p "$p" 2>/dev/null)" == [^Z]* ]] && alive=1; done
     ((alive)) || break
     sleep 0.5
   done

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from local_ray import free_port, processes_under
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -32,24 +34,18 @@ def _free_block(n: int) -> int:
     raise RuntimeError("no free port block")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_nodes(object_store):
     """The nodes start with the session's object-store endpoint and credentials in their environment,
     as cluster nodes get them from their pod spec or instance profile."""
     temp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's socket paths have a length limit
-    dash = _free_port()
+    dash = free_port()
     env = {
         **os.environ,
         "RAY": RAY,
-        "GCS_PORT": str(_free_port()),
+        "GCS_PORT": str(free_port()),
         "DASHBOARD_PORT": str(dash),
-        "HEAD_AGENT_PORT": str(_free_port()),
+        "HEAD_AGENT_PORT": str(free_port()),
         "CPUS_PER_NODE": "3",
         "TEMP_DIR": temp,
         "NODE2_PORT_BASE": str(_free_block(4)),
@@ -70,9 +66,7 @@ def two_nodes(object_store):
         ["bash", str(REPO / "cluster/local_multinode.sh"), "stop"], env=env, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
-    import psutil
-
-    left = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+    left = processes_under(temp)
     assert not left, left
 
 

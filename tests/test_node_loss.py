@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,15 +23,11 @@ import pandas as pd
 import psutil
 import pytest
 
+from local_ray import free_port, processes_under
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 TOKEN = "medi-dist-node-loss-token-0123456789abcdef"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:
@@ -50,7 +45,7 @@ class LocalCluster:
             "RAY_health_check_period_ms": "1000",
             "RAY_health_check_failure_threshold": "3",
         }
-        port = _free_port()
+        port = free_port()
         self._ray(
             "--head",
             "--port",
@@ -83,7 +78,7 @@ class LocalCluster:
         )
 
     def processes(self) -> list[psutil.Process]:
-        return [p for p in psutil.process_iter(["cmdline"]) if self.tmp in " ".join(p.info["cmdline"] or [])]
+        return processes_under(self.tmp)
 
     def add_node(self) -> None:
         before = {p.pid for p in self.processes()}
@@ -93,13 +88,13 @@ class LocalCluster:
             "--num-cpus",
             "2",
             "--dashboard-agent-listen-port",
-            str(_free_port()),
+            str(free_port()),
             "--dashboard-agent-grpc-port",
-            str(_free_port()),
+            str(free_port()),
             "--runtime-env-agent-port",
-            str(_free_port()),
+            str(free_port()),
             "--metrics-export-port",
-            str(_free_port()),
+            str(free_port()),
         )
         # the new node's roots: its raylet and log monitor (workers and agents are the raylet's children)
         self.nodes.append([p.pid for p in self.processes() if p.pid not in before and self._is_root(p)])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from local_ray import free_port, processes_under
 from medi_dist import cli
 from synthetic_pools import ingest_procedural
 
@@ -26,12 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 TOKEN = "medi-dist-test-token-0123456789abcdef"
 LIMIT_S = 15
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -45,7 +39,7 @@ class Head:
     def __init__(self):
         self.tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
         self.env = _clean_env(RAY_TMPDIR=self.tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
-        port, dash = _free_port(), _free_port()
+        port, dash = free_port(), free_port()
         self.job_api = f"http://127.0.0.1:{dash}"
         subprocess.run(
             [
@@ -59,7 +53,7 @@ class Head:
                 "--dashboard-port",
                 str(dash),
                 "--dashboard-agent-listen-port",
-                str(_free_port()),
+                str(free_port()),
                 "--num-cpus",
                 "1",
                 "--object-store-memory",
@@ -74,9 +68,7 @@ class Head:
         self.address = (Path(self.tmp) / "ray" / "ray_current_cluster").read_text().strip()
 
     def processes(self):
-        import psutil
-
-        return [p for p in psutil.process_iter(["cmdline"]) if self.tmp in " ".join(p.info["cmdline"] or [])]
+        return processes_under(self.tmp)
 
     def kill(self) -> None:
         """SIGKILL, no `ray stop`: the record in RAY_TMPDIR/ray/ray_current_cluster stays."""
@@ -183,7 +175,7 @@ def test_unreachable_ray_address(command, inputs, tmp_path, monkeypatch, capsys)
     import ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `medi-dist` process
-    closed = f"127.0.0.1:{_free_port()}"
+    closed = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", closed)
     t0 = time.time()
     rc = cli.main(_args(command, inputs, tmp_path))
@@ -222,7 +214,7 @@ sys.exit(rc)
 
 
 def test_check_ray_on_a_closed_port(capsys):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     assert cli.main(["check-ray", "--address", url]) == 2
     line = _error_line(capsys.readouterr().err)
     assert line.startswith(
