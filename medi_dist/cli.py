@@ -20,7 +20,8 @@ USER_ERRORS = (SchemaError, UnknownValueError, ConfigError, OSError, ValueError)
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import QUICK_DEMO, DemoConfig, format_summary, run_demo
+    from .demo import QUICK_DEMO, DemoConfig, run_demo
+    from .demo_report import format_summary
     from .storage import is_remote, local_path
 
     cfg = DemoConfig(**QUICK_DEMO) if args.quick else DemoConfig()

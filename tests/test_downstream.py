@@ -369,9 +369,10 @@ def test_baseline_arms_in_the_protocol_and_the_cli(data, capsys):
 
 def test_every_demo_contrast_names_two_of_its_arms():
     """The demo reads a contrast only where both arms ran: a renamed arm would drop it silently."""
-    from medi_dist.demo import CONTRASTS, DemoConfig, _arms
+    from medi_dist.demo import DemoConfig
+    from medi_dist.demo_report import CONTRASTS, arms
 
     pools = {k: f"/pools/{k}" for k in ("medi", "site-nulled", "oracle", "noise")}
-    arms = _arms(DemoConfig(), pools)
-    assert all(a in arms and b in arms for a, b, _ in CONTRASTS)
-    assert arms["+ MeDi + HED jitter"] == {**arms["+ MeDi"], **arms["HED jitter"]}
+    got = arms(DemoConfig(), pools)
+    assert all(a in got and b in got for a, b, _ in CONTRASTS)
+    assert got["+ MeDi + HED jitter"] == {**got["+ MeDi"], **got["HED jitter"]}
