@@ -329,7 +329,7 @@ def _run_demo(cfg: DemoConfig, t0: float, uri: str, logger, root: Path) -> dict:
     )
     with child_run(uri, "evaluate", "evaluate", spill_dir=str(root / "mlflow-spill" / "evaluate")) as ev:
         log_datasets(ev, {"real": str(ds), "synthetic": [str(p) for p in pools.values()]})
-        comp = compare(base, arms(cfg, pools), run_parallel)  # fits as Ray tasks, one per core
+        comp = compare(base, arms(cfg.ratio, pools), run_parallel)  # fits as Ray tasks, one per core
         ev.artifact_bytes(comp.table().encode(), "results.txt")
     stages.update()
 

@@ -4,12 +4,8 @@ the real-vs-generated picture and the printed summary."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .demo import DemoConfig
 
 
 def save_picture(ds: Path, pool: Path, path: Path) -> None:
@@ -49,9 +45,10 @@ CONTRASTS = [
 ]
 
 
-def arms(cfg: DemoConfig, pools: dict[str, Path]) -> dict[str, dict]:
-    syn = lambda name: {"synthetic": [str(pools[name])], "ratio": cfg.ratio}  # noqa: E731
-    jitter = {"augment": "hed-jitter", "augment_ratio": cfg.ratio}
+def arms(ratio: float, pools: dict[str, Path]) -> dict[str, dict]:
+    """The downstream arms, each adding `ratio` x the real tiles' count of synthetic or augmented tiles."""
+    syn = lambda name: {"synthetic": [str(pools[name])], "ratio": ratio}  # noqa: E731
+    jitter = {"augment": "hed-jitter", "augment_ratio": ratio}
     arms = {
         REAL: {"ratio": 0.0},
         "+ noise control": syn("noise"),
@@ -59,7 +56,7 @@ def arms(cfg: DemoConfig, pools: dict[str, Path]) -> dict[str, dict]:
         "HED jitter": jitter,
         "+ site-nulled": syn("site-nulled"),
         # the non-generative twin: real tiles moved with the same sites' stains as MeDi's composition
-        "re-stained real tiles": {"augment": "restain-sites", "augment_ratio": cfg.ratio},
+        "re-stained real tiles": {"augment": "restain-sites", "augment_ratio": ratio},
         "+ MeDi": syn("medi"),
         "+ MeDi + HED jitter": {**syn("medi"), **jitter},
     }

@@ -373,6 +373,6 @@ def test_every_demo_contrast_names_two_of_its_arms():
     from medi_dist.demo_report import CONTRASTS, arms
 
     pools = {k: f"/pools/{k}" for k in ("medi", "site-nulled", "oracle", "noise")}
-    got = arms(DemoConfig(), pools)
+    got = arms(DemoConfig().ratio, pools)
     assert all(a in got and b in got for a, b, _ in CONTRASTS)
     assert got["+ MeDi + HED jitter"] == {**got["+ MeDi"], **got["HED jitter"]}
