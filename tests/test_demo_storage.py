@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import medi_dist.demo
+import medi_dist.demo_report
 from medi_dist import cli
 from medi_dist.demo_storage import staging_dir
 from medi_dist.storage import Folder
@@ -48,7 +49,7 @@ def test_demo_out_uri_uploads_the_output_markers_last(store, monkeypatch, capsys
     uri = store.uri("demo", "run")
     calls: list[Path] = []
     monkeypatch.setattr(medi_dist.demo, "run_demo", _fake_demo(calls, "first"))
-    monkeypatch.setattr(medi_dist.demo, "format_summary", lambda s: f"summary {s['tag']}")
+    monkeypatch.setattr(medi_dist.demo_report, "format_summary", lambda s: f"summary {s['tag']}")
     order: list[str] = []
     write = Folder.write_bytes
     monkeypatch.setattr(Folder, "write_bytes", lambda self, rel, data: (order.append(rel), write(self, rel, data)))
@@ -114,6 +115,6 @@ def test_demo_out_uri_refuses_what_is_not_a_demo_output(store, monkeypatch, caps
 def test_demo_out_local_and_file_uri_run_in_place(prefix, tmp_path, monkeypatch, capsys):
     calls: list[Path] = []
     monkeypatch.setattr(medi_dist.demo, "run_demo", _fake_demo(calls, "x"))
-    monkeypatch.setattr(medi_dist.demo, "format_summary", lambda s: "summary")
+    monkeypatch.setattr(medi_dist.demo_report, "format_summary", lambda s: "summary")
     assert cli.main(["demo", "--out", f"{prefix}{tmp_path}/d"]) == 0
     assert calls == [tmp_path / "d"] and "uploaded" not in capsys.readouterr().out
