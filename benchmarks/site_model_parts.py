@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
-from stain_ceiling import render
+from stain_ceiling import render, unseen_moves
 
 from medi_dist.data import procedural as P
 from medi_dist.data import site_stains as S
@@ -103,14 +103,7 @@ def world(dataset: str, fracs: list[float], per_pair: int, seed: int) -> dict:
     today = estimate(dataset, res)
     owner = today.owner
     lines = {s: P.line_pattern(P.site_stain(s), res) for s in owner}
-    rng = np.random.default_rng(seed)
-    ut, us, ud = [], [], []
-    for t in sorted(set(owner.values())):
-        mine = sorted(s for s in owner if owner[s] == t)
-        for s in sorted(s for s in owner if owner[s] != t):
-            ut += [t] * per_pair
-            us += [s] * per_pair
-            ud += [mine[k] for k in rng.integers(len(mine), size=per_pair)]
+    ut, us, ud = unseen_moves(owner, per_pair, seed)
 
     def swap(base: S.SiteStains, **parts) -> S.SiteStains:
         stains = {s: dataclasses.replace(base.stains[s], **{k: v[s] for k, v in parts.items()}) for s in owner}

@@ -149,12 +149,9 @@ def neutral_patterns(stains: S.SiteStains, dataset: str, res: int) -> dict:
     return out
 
 
-def world(dataset: str, per_pair: int, seed: int) -> dict:
-    real, r_idx = read_tiles(dataset, ["train"], None)
-    res = real.shape[1]
-    est = S.estimate_site_stains(dataset, res)
-    owner = est.owner
-    probes = CalibratedProbes(get_encoder("random-conv"), dataset, r_idx, seed, res, sorted(owner))
+def unseen_moves(owner: dict, per_pair: int, seed: int) -> tuple[list, list, list]:
+    """Types, target sites and donor sites (one of the type's own, at random) of `per_pair` moves to
+    each unseen (type, site) pair."""
     rng = np.random.default_rng(seed)
     ut, us, ud = [], [], []
     for t in sorted(set(owner.values())):
@@ -163,6 +160,16 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
             ut += [t] * per_pair
             us += [s] * per_pair
             ud += [mine[k] for k in rng.integers(len(mine), size=per_pair)]
+    return ut, us, ud
+
+
+def world(dataset: str, per_pair: int, seed: int) -> dict:
+    real, r_idx = read_tiles(dataset, ["train"], None)
+    res = real.shape[1]
+    est = S.estimate_site_stains(dataset, res)
+    owner = est.owner
+    probes = CalibratedProbes(get_encoder("random-conv"), dataset, r_idx, seed, res, sorted(owner))
+    ut, us, ud = unseen_moves(owner, per_pair, seed)
     true = {s: P.site_stain(s) for s in owner}
     intensity = {s: np.array([np.linalg.norm(true[s].h), np.linalg.norm(true[s].e)]) for s in owner}
     directions = {s: np.stack([S.unit(true[s].h), S.unit(true[s].e)]) for s in owner}
