@@ -26,6 +26,11 @@ go through the same rendering (`transfer(..., own="render")`): the site's stain 
 network's off-plane colour noise (calibrated stain at seen pairs 0.57 -> 0.79 in the demo's world,
 benchmarks/RESULTS.md).
 
+A small network draws a site's tissue a little too light, too dark or too flat. Before a generated
+tile is rendered, its concentrations are mapped quantile by quantile onto those of the real tiles of
+the site it was drawn at (`SiteStains.calibrated`): that pair was trained, so its real tiles are the
+ground truth, and the map is measured on a few draws there (generate/writer.py).
+
 Each scanner also leaves its own fine detail (blur lowers it, JPEG and sensor noise raise it), and a
 moved tile would bring its donor's; a small network draws its own amount. So a rendered tile's high
 frequencies are scaled to the target's detail (`SiteStains.stored`), estimated like intensity: a
@@ -57,6 +62,7 @@ THREADS = 4  # sites estimated at once
 PER_SITE_MODEL = 512  # tiles per site for pattern, background and intensity at the model's resolution
 DETAIL_SIGMA = 0.7  # px at the model's resolution: the scale of "fine detail" (a site's blur acts there)
 GAIN = (0.25, 4.0)  # a tile's detail is scaled by at most this much (a near-empty tile has none to match)
+QUANTILES = np.linspace(0.5, 99.5, 100)  # of a site's concentrations: what a network's draws are mapped onto
 SITE, TYPE = "tissue_source_site", "cancer_type"
 
 
@@ -85,6 +91,7 @@ class Stain:
     top: np.ndarray
     quality: int | None = None
     detail: float | None = None  # fine-detail energy of its tiles (`detail`)
+    quantiles: np.ndarray | None = None  # (QUANTILES, 2) of its tiles' concentrations at the model's resolution
 
     def unmix(self, od: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(..., H, W, 3) OD -> concentrations (..., H, W, 2) and the OD they leave unexplained."""
@@ -97,12 +104,14 @@ class Stain:
 
     def to_dict(self) -> dict:
         arrays = {k: np.round(getattr(self, k), 5).tolist() for k in ("hed", "bg", "pattern", "top")}
-        return {**arrays, "quality": self.quality, "detail": self.detail}
+        q = None if self.quantiles is None else np.round(self.quantiles, 5).tolist()
+        return {**arrays, "quality": self.quality, "detail": self.detail, "quantiles": q}
 
     @classmethod
     def from_dict(cls, d: dict) -> Stain:
         arrays = (np.asarray(d[k], np.float64) for k in ("hed", "bg", "pattern", "top"))
-        return cls(*arrays, d.get("quality"), d.get("detail"))
+        q = None if d.get("quantiles") is None else np.asarray(d["quantiles"], np.float64)
+        return cls(*arrays, d.get("quality"), d.get("detail"), q)
 
 
 # ---------------------------------------------------------------- estimators
@@ -179,12 +188,18 @@ def detail(rgb: np.ndarray) -> float:
     return float(np.mean(high_pass(rgb.astype(np.float64)) ** 2))
 
 
+def concentration_quantiles(conc: np.ndarray) -> np.ndarray:
+    """(QUANTILES, 2): the distribution of each stain's concentration over (..., 2) pixels."""
+    return np.percentile(conc.reshape(-1, 2), QUANTILES, axis=0)
+
+
 def fit_site(od: np.ndarray, hed: np.ndarray, top: np.ndarray, quality: int | None = None) -> Stain:
     """The rest of a site's stain at the model's resolution, given its directions and level: fixed
-    pattern, background (median OD off the stain plane), fine detail."""
+    pattern, background (median OD off the stain plane), fine detail, its concentrations' quantiles."""
     pattern = fixed_pattern(od)
     _, res = Stain(hed, np.zeros(3), pattern, top).unmix(od)
-    return Stain(hed, np.median(res.reshape(-1, 3), 0), pattern, top, quality, detail(256 * np.exp(-od) - 1))
+    st = Stain(hed, np.median(res.reshape(-1, 3), 0), pattern, top, quality, detail(256 * np.exp(-od) - 1))
+    return replace(st, quantiles=concentration_quantiles(st.unmix(od)[0]))
 
 
 def _luma_table(quality: int) -> np.ndarray:
@@ -261,24 +276,43 @@ class SiteStains:
         flat.type_detail = None
         return flat
 
+    def _unpatterned(self) -> dict[str, Stain]:
+        """The stains as a network's draws carry them: a convolutional network cannot place a pattern
+        fixed in the scanner's frame, so it draws only the pattern's mean density, in the tissue's colour."""
+        return {d: replace(st, pattern=np.full_like(st.pattern, st.pattern.mean())) for d, st in self.stains.items()}
+
+    def drawn_quantiles(self, images: np.ndarray, sites) -> dict[str, np.ndarray]:
+        """Per site, the quantiles of the concentrations in a network's uint8 draws there (`calibrated`)."""
+        sites, stains = np.asarray(sites), self._unpatterned()
+        return {d: concentration_quantiles(stains[d].unmix(optical_density(images[sites == d]))[0]) for d in set(sites)}
+
+    def calibrated(self, conc: np.ndarray, site: str, drawn: np.ndarray) -> np.ndarray:
+        """A network's concentrations at `site` mapped, quantile by quantile and stain by stain, onto the
+        site's real ones: what it draws too light, too dark or too flat there is put right before a
+        tile is moved (at its own site, a seen pair, the real tiles are the ground truth)."""
+        real = self.stains[site].quantiles
+        return np.stack([np.interp(conc[..., k], drawn[:, k], real[:, k]) for k in range(2)], -1)
+
     def transfer(
-        self, images: np.ndarray, types, donors, sites, own: str = "keep", patterned: bool = True
+        self, images: np.ndarray, types, donors, sites, own: str = "keep", patterned: bool = True, drawn=None
     ) -> np.ndarray:
         """uint8 tiles of type t at site `donor` -> the same tissue in site s's stain (its concentrations
         only), with s's fixed pattern, fine detail and JPEG quality (`stored`). Tiles already at s: kept
         (`own="keep"`) or rendered in s's stain all the same (`own="render"`, for generated tiles).
         `patterned=False`: the tiles carry no scanner pattern to unmix away. A network's draws do not: a
         convolutional network cannot place a pattern fixed in the scanner's frame, so it draws none, and
-        subtracting the donor's would leave its negative in the moved tile (RESULTS.md "scanner pattern")."""
+        subtracting the donor's would leave its negative in the moved tile (RESULTS.md "scanner pattern").
+        `drawn`: donor site -> the network's concentration quantiles there (`drawn_quantiles`): each
+        tile's concentrations are `calibrated` onto the donor's real ones first."""
         out = np.empty_like(images)
-        source = self.stains
-        if not patterned:  # the pattern's mean density is drawn with the tissue's colour: only its lines are not
-            source = {d: replace(st, pattern=np.full_like(st.pattern, st.pattern.mean())) for d, st in source.items()}
+        source = self.stains if patterned else self._unpatterned()
         for i, (img, t, d, s) in enumerate(zip(images, types, donors, sites)):
             if d == s and own == "keep":
                 out[i] = img
                 continue
             conc, _ = source[d].unmix(optical_density(img))
+            if drawn is not None:
+                conc = self.calibrated(conc, d, drawn[d])
             scale = 1 if d == s else self.scale(t, s) / self.stains[d].top
             out[i] = self.stored(256 * np.exp(-self.stains[s].mix(conc * scale, 0)) - 1, t, s)
         return out

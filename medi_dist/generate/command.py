@@ -77,6 +77,7 @@ def _generate(args: argparse.Namespace) -> None:
             compile=args.compile,
             composition=args.composition,
             composition_scale=args.composition_scale,
+            calibration_tiles=args.calibration_tiles,
         ),
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
@@ -177,6 +178,13 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
         "(estimated from the training dataset at source resolution)",
     )
     s.add_argument("--composition-scale", type=float, default=1.0, help="weight of the owner-site direction")
+    s.add_argument(
+        "--calibration-tiles",
+        type=int,
+        default=32,  # writer.SamplingSettings.calibration_tiles
+        help="stain composition: tiles the network draws per training site to map its stain concentrations "
+        "onto the site's real ones before moving tiles (0: no mapping)",
+    )
     s.add_argument("--weights", default="ema", choices=["ema", "raw", "auto"])
     s.add_argument("--batch-size", type=int, default=32, help="tiles per denoiser call")
     s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])

@@ -42,8 +42,8 @@ def _settings_check(cfg: GenerateConfig, info: dict) -> str:
     s = cfg.sampling
     if s.sampler not in SAMPLERS:
         raise PlanError(f"unknown sampler {s.sampler!r}; choose from {SAMPLERS}")
-    if s.steps < 1 or s.batch_size < 1 or cfg.workers < 1 or s.guidance < 0:
-        raise PlanError("steps, batch size and workers must be >= 1 and guidance >= 0")
+    if s.steps < 1 or s.batch_size < 1 or cfg.workers < 1 or s.guidance < 0 or s.calibration_tiles < 0:
+        raise PlanError("steps, batch size and workers must be >= 1, guidance and calibration tiles >= 0")
     try:
         check_interval(s.guidance_interval)
     except ValueError as e:
@@ -118,6 +118,8 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
         }
         if s.composition != "joint":
             meta.update(composition=s.composition, composition_scale=s.composition_scale)
+        if s.composition == "stain":
+            meta["calibration_tiles"] = s.calibration_tiles
         if s.guidance != 1.0 and tuple(s.guidance_interval) != (0.0, 1.0):
             meta["guidance_interval"] = "{:g}-{:g}".format(*s.guidance_interval)
     train = training_data(model, cfg.dataset)
@@ -201,8 +203,8 @@ def _stain_composition(cfg: GenerateConfig, resolution: int, rows: list[PlanRow]
             f"stain composition estimates each site's stain from the training tiles, and {train.source} "
             "cannot be read; pass --dataset DIR (the model's training dataset)"
         )
-    own = _own_sites(train)
     types = {r.conditions["cancer_type"] for r in rows}
-    wanted = {r.conditions[SITE_COLUMN] for r in rows} | {s for t in types for s in own.get(t, [])}
+    own = {t: sites for t, sites in _own_sites(train).items() if t in types}  # the donors (and calibration)
+    wanted = {r.conditions[SITE_COLUMN] for r in rows} | {s for sites in own.values() for s in sites}
     stains = estimate_site_stains(train.source, resolution, sorted(wanted), seed=cfg.plan.seed)
     return {"own_sites": own, "stains": stains.to_dict()}
