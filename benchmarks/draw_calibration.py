@@ -67,9 +67,8 @@ def world(demo: str, per_pair: int, calibration: int, seed: int) -> dict:
     own: dict = {}
     for s, t in sorted(owner.items()):
         own.setdefault(t, []).append(s)
-    gen._stains = est
     t0 = time.time()
-    quantiles = gen._calibration({"own_sites": own, "plan_seed": seed})
+    quantiles = gen._calibration({"own_sites": own, "plan_seed": seed}, est)
     out = {"demo": demo, "ceiling": probes.ceiling, "draw_seconds": round(drawn_s, 1)}
     out["calibration_seconds"] = round(time.time() - t0, 1)
 

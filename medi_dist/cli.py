@@ -25,7 +25,10 @@ def _demo(args: argparse.Namespace) -> None:
     from .storage import is_remote, local_path
 
     cfg = DemoConfig(**QUICK_DEMO) if args.quick else DemoConfig()
-    given = "out types sites tiles seed train_steps seeds composition stain min_snr_gamma guidance guidance_interval"
+    given = (
+        "out types sites tiles seed train_steps seeds composition calibration_tiles stain min_snr_gamma guidance "
+        "guidance_interval"
+    )
     for name in given.split():
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
@@ -127,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MeDi's pool: stain (default: each type drawn at its own training sites, moved to the requested "
         "site by the sites' estimated stains) or joint (the network's own (type, site) prediction)",
+    )
+    demo.add_argument(
+        "--calibration-tiles",
+        type=int,
+        default=None,
+        help="stain composition: the network's draws per training site that map its stain concentrations onto "
+        "the site's real ones (e.g. 32: closer stains, less downstream gain in the demo's world; default 0)",
     )
     demo.add_argument(
         "--stain",

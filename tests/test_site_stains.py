@@ -3,6 +3,7 @@ composition of generation: each type drawn at its own training sites, moved to t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -130,8 +131,6 @@ def test_a_networks_concentrations_are_calibrated_onto_the_sites_real_ones(stain
     renderer's tiles without the scanner's lines, as a network draws them, at 1.4x haematoxylin and 0.7x
     eosin). Quantiles measured on 32 such draws map 32 others, rendered at their own site, onto the
     concentrations of the site's real tiles: much closer to them than not calibrated."""
-    import dataclasses
-
     err = {True: [], False: []}
     true_stain = procedural.site_stain
     for d, t in sorted(stains.owner.items())[:4]:
@@ -299,13 +298,16 @@ def test_stain_composition_draws_trained_pairs_and_moves_them(ray_cluster, proc_
 
     calibrated = made["calibrated"][0]
     task = build_tasks(cfgs["calibrated"])[0][0]
-    drawn = ShardGenerator(str(model), cfgs["calibrated"].sampling, str(tmp_path / "unused"))._calibration(task)
+    sampler = ShardGenerator(str(model), cfgs["calibrated"].sampling, str(tmp_path / "unused"))
+    drawn = sampler._calibration(task, recorded)
     assert sorted(drawn) == sorted(recorded.owner)  # every type of the plan, at each of its training sites
     for k in (k for k in joint if seen[k]):
         (t, s) = pair[k]
         want = recorded.transfer(joint[k][None], [t], [s], [s], own="render", patterned=False, drawn=drawn)
         assert np.array_equal(want[0], calibrated[k])
     assert sum(not np.array_equal(calibrated[k], stain[k]) for k in joint) > len(joint) // 2
+    with pytest.raises(PlanError, match="use them with --composition stain"):
+        generate(dataclasses.replace(cfgs["joint"], sampling=SamplingSettings(calibration_tiles=8)))
     with pytest.raises(PlanError, match="needs rows with a site"):
         generate(
             GenerateConfig(

@@ -181,9 +181,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     s.add_argument(
         "--calibration-tiles",
         type=int,
-        default=32,  # writer.SamplingSettings.calibration_tiles
+        default=0,  # writer.SamplingSettings.calibration_tiles
         help="stain composition: tiles the network draws per training site to map its stain concentrations "
-        "onto the site's real ones before moving tiles (0: no mapping)",
+        "onto the site's real ones before moving tiles (e.g. 32; default 0: no mapping)",
     )
     s.add_argument("--weights", default="ema", choices=["ema", "raw", "auto"])
     s.add_argument("--batch-size", type=int, default=32, help="tiles per denoiser call")

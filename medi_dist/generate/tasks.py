@@ -53,6 +53,11 @@ def _settings_check(cfg: GenerateConfig, info: dict) -> str:
     mcfg = ModelConfig.from_dict(info["model"])
     if s.composition not in COMPOSITIONS:
         raise PlanError(f"composition must be one of {COMPOSITIONS}, got {s.composition!r}")
+    if s.calibration_tiles and (s.composition != "stain" or info["info"].get("site_stains")):
+        raise PlanError(
+            "calibration tiles calibrate stain-composed tiles of a model that draws the sites' stains: use them "
+            "with --composition stain and a model not trained in the reference stain"
+        )
     if s.composition == "stain" and cfg.plan.null_site:
         raise PlanError("stain composition moves tiles between sites: it needs rows with a site (not null_site)")
     if s.composition == "owner-site" and (cfg.plan.null_site or mcfg.dropout_for(SITE_COLUMN) <= 0):
@@ -118,7 +123,7 @@ def build_tasks(cfg: GenerateConfig) -> tuple[list[dict], list[PlanRow], dict, C
         }
         if s.composition != "joint":
             meta.update(composition=s.composition, composition_scale=s.composition_scale)
-        if s.composition == "stain":
+        if s.calibration_tiles:  # (not recorded when off: the plan ids of earlier pools stay as they were)
             meta["calibration_tiles"] = s.calibration_tiles
         if s.guidance != 1.0 and tuple(s.guidance_interval) != (0.0, 1.0):
             meta["guidance_interval"] = "{:g}-{:g}".format(*s.guidance_interval)

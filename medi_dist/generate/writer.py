@@ -46,8 +46,9 @@ class SamplingSettings:
     composition: str = "joint"
     composition_scale: float = 1.0
     # stain composition: the network's draws per training site that measure its concentrations there, which
-    # are then mapped onto the site's real ones (data/site_stains.py `calibrated`); 0: not calibrated
-    calibration_tiles: int = 32
+    # are then mapped onto the site's real ones (data/site_stains.py `calibrated`); 0: not calibrated. Off by
+    # default: closer stains at every pair, but in the demo's world the classifiers gained less (RESULTS.md)
+    calibration_tiles: int = 0
 
 
 def shard_path(index: int) -> str:
@@ -173,25 +174,25 @@ class ShardGenerator:
 
         if getattr(self, "_stains_of", None) != task["generation"]:  # parsed once per plan, not per shard
             self._stains_of, self._stains = task["generation"], SiteStains.from_dict(task["stains"])
-            self._drawn = self._calibration(task)
+            self._drawn = self._calibration(task, self._stains)
         want = [t["conditions"] for t in tiles]
         donors = [_own_site(task["own_sites"], c, t) for c, t in zip(want, tiles)]
         drawn = self._sample([{**t, "conditions": {**c, SITE: d}} for t, c, d in zip(tiles, want, donors)], {})
         types, sites = [c["cancer_type"] for c in want], [c[SITE] for c in want]
         return self._stains.transfer(drawn, types, donors, sites, own="render", patterned=False, drawn=self._drawn)
 
-    def _calibration(self, task: dict) -> dict | None:
+    def _calibration(self, task: dict, site_stains) -> dict | None:
         """The network's concentration quantiles at each training site of the plan's types, from
         `calibration_tiles` draws there with seeds of their own: every worker draws the same, so the
         pool's bytes do not depend on how many there are."""
-        k, stains = self.s.calibration_tiles, self._stains.stains
+        k, stains = self.s.calibration_tiles, site_stains.stains
         pairs = [(t, d) for t, sites in sorted(task["own_sites"].items()) for d in sites if d in stains]
         if not k or not pairs or any(stains[d].quantiles is None for _, d in pairs):
             return None  # or stains recorded before their quantiles were
         seed = zlib.crc32(f"calibration/{task['plan_seed']}".encode())
         at = [(t, d) for t, d in pairs for _ in range(k)]
         tiles = [{"conditions": {"cancer_type": t, SITE: d}, "seed": seed + i} for i, (t, d) in enumerate(at)]
-        return self._stains.drawn_quantiles(self._sample(tiles, {}), [d for _, d in at])
+        return site_stains.drawn_quantiles(self._sample(tiles, {}), [d for _, d in at])
 
     def _rendered(self, tiles: list[dict], task: dict) -> np.ndarray:
         """A reference-stain model's tiles, each rendered once in the requested site's stain at its type's
