@@ -19,11 +19,10 @@ Seen pairs: each type's tiles drawn at its own sites and rendered there; unseen:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
-from stain_ceiling import render, unseen_moves
+from stain_ceiling import render, unseen_moves, write_worlds
 
 from medi_dist.data import site_stains as S
 from medi_dist.demo import DemoConfig
@@ -104,11 +103,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/draw_calibration.json")
     args = p.parse_args()
     t0 = time.time()
-    result = {"worlds": [world(d, args.per_pair, args.calibration, args.seed) for d in args.demo]}
-    result.update(seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"), per_pair=args.per_pair)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", args.out)
+    write_worlds([world(d, args.per_pair, args.calibration, args.seed) for d in args.demo], t0, args.per_pair, args.out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
-from stain_ceiling import render, unseen_moves
+from stain_ceiling import render, unseen_moves, write_worlds
 
 from medi_dist.data import procedural as P
 from medi_dist.data import site_stains as S
@@ -148,11 +148,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/site_model_parts.json")
     args = p.parse_args()
     t0 = time.time()
-    result = {"worlds": [world(d, args.fine, args.per_pair, args.seed) for d in args.dataset]}
-    result.update(seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"), per_pair=args.per_pair)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", args.out)
+    write_worlds([world(d, args.fine, args.per_pair, args.seed) for d in args.dataset], t0, args.per_pair, args.out)
 
 
 if __name__ == "__main__":

@@ -229,6 +229,14 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
     return out
 
 
+def write_worlds(worlds, t0: float, per_pair: int, out: str) -> None:
+    """The benchmarks' raw JSON: one entry per world, with the seconds they took and the date."""
+    result = {"worlds": worlds, "seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d")}
+    with open(out, "w") as f:
+        json.dump({**result, "per_pair": per_pair}, f, indent=2)
+    print("wrote", out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", nargs="+", required=True, help="demo worlds (ingested procedural datasets)")
@@ -237,11 +245,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/stain_ceiling.json")
     args = p.parse_args()
     t0 = time.time()
-    result = {"worlds": [world(d, args.per_pair, args.seed) for d in args.dataset]}
-    result.update(seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"), per_pair=args.per_pair)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", args.out)
+    write_worlds([world(d, args.per_pair, args.seed) for d in args.dataset], t0, args.per_pair, args.out)
 
 
 if __name__ == "__main__":
