@@ -63,8 +63,8 @@ class DemoConfig:
     # which at unseen pairs draws the site's own type: benchmarks/RESULTS.md)
     composition: str = "stain"
     # the network's draws per training site that calibrate its stain concentrations onto the site's real ones:
-    # unseen stain 0.62 -> 0.71 and seen 0.91 -> 0.97, but unseen type 0.93 -> 0.90 and MeDi's worst site
-    # 0.970 -> 0.849 (benchmarks/RESULTS.md "calibrated draws"): off
+    # unseen stain 0.62 -> 0.71 and seen 0.91 -> 0.97, but unseen type 0.93 -> 0.896 (bar 0.9) and MeDi's worst site
+    # 0.970 -> 0.849 (benchmarks/RESULTS.md "Calibrated draws"): off
     calibration_tiles: int = 0
     sampler: str = "dpmsolver++"
     sampler_steps: int = 10

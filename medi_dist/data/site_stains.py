@@ -26,10 +26,10 @@ go through the same rendering (`transfer(..., own="render")`): the site's stain 
 network's off-plane colour noise (calibrated stain at seen pairs 0.57 -> 0.79 in the demo's world,
 benchmarks/RESULTS.md).
 
-A small network draws a site's tissue a little too light, too dark or too flat. Before a generated
-tile is rendered, its concentrations are mapped quantile by quantile onto those of the real tiles of
-the site it was drawn at (`SiteStains.calibrated`): that pair was trained, so its real tiles are the
-ground truth, and the map is measured on a few draws there (generate/writer.py).
+A small network draws a site's tissue a little too light, too dark or too flat. Optionally
+(generation's `calibration_tiles`), a generated tile's concentrations are mapped quantile by quantile
+onto those of the real tiles of the site it was drawn at before it is rendered (`SiteStains.calibrated`):
+that pair was trained, so its real tiles are the ground truth; the map is measured on a few draws there.
 
 Each scanner also leaves its own fine detail (blur lowers it, JPEG and sensor noise raise it), and a
 moved tile would bring its donor's; a small network draws its own amount. So a rendered tile's high

@@ -47,7 +47,8 @@ class SamplingSettings:
     composition_scale: float = 1.0
     # stain composition: the network's draws per training site that measure its concentrations there, which
     # are then mapped onto the site's real ones (data/site_stains.py `calibrated`); 0: not calibrated. Off by
-    # default: closer stains at every pair, but in the demo's world the classifiers gained less (RESULTS.md)
+    # default: closer stains at every pair, but in the demo's world the classifiers gained less (RESULTS.md
+    # "Calibrated draws")
     calibration_tiles: int = 0
 
 
