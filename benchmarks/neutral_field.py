@@ -30,8 +30,6 @@ W: a world as the demo ingests it (`medi-dist demo --seed K` writes K's to DIR/d
 
 from __future__ import annotations
 
-import argparse
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,7 +38,7 @@ import pandas as pd
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 from site_model_parts import estimate
-from stain_ceiling import render, unseen_moves, write_worlds
+from stain_ceiling import render, run_worlds, unseen_moves
 
 from medi_dist.data import procedural as P
 from medi_dist.data import site_stains as S
@@ -162,14 +160,7 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", nargs="+", required=True, help="demo worlds (ingested procedural datasets)")
-    p.add_argument("--per-pair", type=int, default=30, help="moved tiles per unseen (type, site) pair")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/neutral_field.json")
-    args = p.parse_args()
-    t0 = time.time()
-    write_worlds([world(d, args.per_pair, args.seed) for d in args.dataset], t0, args.per_pair, args.out)
+    run_worlds(world, __doc__.split("\n")[0], "benchmarks/results/neutral_field.json")
 
 
 if __name__ == "__main__":

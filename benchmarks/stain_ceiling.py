@@ -237,15 +237,20 @@ def write_worlds(worlds, t0: float, per_pair: int, out: str) -> None:
     print("wrote", out)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_worlds(world_fn, description: str, out: str) -> None:
+    """A benchmark's command line: `world_fn(dataset, per_pair, seed)` for each world, one JSON."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--dataset", nargs="+", required=True, help="demo worlds (ingested procedural datasets)")
     p.add_argument("--per-pair", type=int, default=30, help="moved tiles per unseen (type, site) pair")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/stain_ceiling.json")
+    p.add_argument("--out", default=out)
     args = p.parse_args()
     t0 = time.time()
-    write_worlds([world(d, args.per_pair, args.seed) for d in args.dataset], t0, args.per_pair, args.out)
+    write_worlds([world_fn(d, args.per_pair, args.seed) for d in args.dataset], t0, args.per_pair, args.out)
+
+
+def main() -> None:
+    run_worlds(world, __doc__.split("\n")[0], "benchmarks/results/stain_ceiling.json")
 
 
 if __name__ == "__main__":
