@@ -4,7 +4,7 @@
 at a time and report the mean over the unseen pairs. This one reports each unseen (type, site) pair
 (so a part that mends some pairs and breaks others shows as such), for joint swaps of the *neutral
 field* (the background OD and the scanner's lines: what a site adds whatever the tissue) and the
-intensity, and for three estimates of the neutral field from the data:
+intensity, and for estimates of the neutral field and the level from the data:
 
 - fine: the fixed pattern less its Gaussian blur of 1/8 of the tile (the type's layout is coarse),
   zero at its 2nd percentile, or with that blur's mean added back (the density the background and
@@ -77,13 +77,13 @@ def off_plane(st: S.Stain, od: np.ndarray) -> S.Stain:
     return replace(new, quantiles=S.concentration_quantiles(new.unmix(od)[0]))
 
 
+BLUR, LEVEL = 8.0, S.level  # px at source resolution; today's level, read after the blur
+
+
 def blurred_level(od: np.ndarray, hed: np.ndarray, q: float = 90) -> np.ndarray:
     """`S.level` of the source tiles blurred by BLUR px in RGB (every site's blur is then near the same)."""
     rgb = 256 * np.exp(-od.astype(np.float64)) - 1
     return LEVEL(S.optical_density(gaussian_filter(rgb, (0, BLUR, BLUR, 0))), hed, q)
-
-
-BLUR, LEVEL = 8.0, S.level
 
 
 def world(dataset: str, per_pair: int, seed: int) -> dict:
