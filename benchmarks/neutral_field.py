@@ -80,10 +80,10 @@ def off_plane(st: S.Stain, od: np.ndarray) -> S.Stain:
 BLUR, LEVEL = 8.0, S.level  # px at source resolution; today's level, read after the blur
 
 
-def blurred_level(od: np.ndarray, hed: np.ndarray, q: float = 90) -> np.ndarray:
-    """`S.level` of the source tiles blurred by BLUR px in RGB (every site's blur is then near the same)."""
+def blurred_level(od: np.ndarray, hed: np.ndarray, q: float = 90, blur: float = BLUR) -> np.ndarray:
+    """`S.level` of the source tiles blurred by `blur` px in RGB (every site's blur is then near the same)."""
     rgb = 256 * np.exp(-od.astype(np.float64)) - 1
-    return LEVEL(S.optical_density(gaussian_filter(rgb, (0, BLUR, BLUR, 0))), hed, q)
+    return LEVEL(S.optical_density(gaussian_filter(rgb, (0, blur, blur, 0))), hed, q)
 
 
 def world(dataset: str, per_pair: int, seed: int) -> dict:
