@@ -24,7 +24,7 @@ import time
 import numpy as np
 from stain_ceiling import render, unseen_moves, write_worlds
 
-from medi_dist.data import site_stains as S
+from medi_dist.data import stain_estimation as E
 from medi_dist.demo import DemoConfig
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
@@ -37,7 +37,7 @@ def world(demo: str, per_pair: int, calibration: int, seed: int) -> dict:
     data = f"{demo}/data"
     real, r_idx = read_tiles(data, ["train"], None)
     res = real.shape[1]
-    est = S.estimate_site_stains(data, res)
+    est = E.estimate_site_stains(data, res)
     owner = est.owner
     probes = CalibratedProbes(get_encoder("random-conv"), data, r_idx, seed, res, sorted(owner))
     ut, us, ud = unseen_moves(owner, per_pair, seed)

@@ -33,7 +33,7 @@ from PIL import Image
 
 from medi_dist import cli
 from medi_dist.data.procedural import render_tiles
-from medi_dist.data.site_stains import estimate_site_stains
+from medi_dist.data.stain_estimation import estimate_site_stains
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity import frechet_distance
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles

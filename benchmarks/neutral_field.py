@@ -42,6 +42,7 @@ from stain_ceiling import render, run_worlds, unseen_moves
 
 from medi_dist.data import procedural as P
 from medi_dist.data import site_stains as S
+from medi_dist.data import stain_estimation as E
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles, stain_features, tile_size
 
@@ -89,7 +90,7 @@ def blurred_level(od: np.ndarray, hed: np.ndarray, q: float = 90, blur: float = 
 def world(dataset: str, per_pair: int, seed: int) -> dict:
     real, r_idx = read_tiles(dataset, ["train"], None)
     res, native = real.shape[1], tile_size(dataset)
-    est = S.estimate_site_stains(dataset, res)
+    est = E.estimate_site_stains(dataset, res)
     owner = est.owner
     probes = CalibratedProbes(get_encoder("random-conv"), dataset, r_idx, seed, res, sorted(owner))
     ut, us, ud = unseen_moves(owner, per_pair, seed)
@@ -113,7 +114,7 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
         return cls({s: replace(base.stains[s], **{k: v[s] for k, v in parts.items()}) for s in owner}, owner)
 
     def od(s: str) -> np.ndarray:
-        return S.optical_density(S._site_sample(Path(dataset), idx[idx[S.SITE] == s], s, res, 0)[1])
+        return S.optical_density(E._site_sample(Path(dataset), idx[idx[S.SITE] == s], s, res, 0)[1])
 
     top = {s: np.array([np.linalg.norm(true[s].h), np.linalg.norm(true[s].e)]) for s in owner}
     field = dict(bg={s: true[s].bg for s in owner}, pattern={s: lines(s) for s in owner})

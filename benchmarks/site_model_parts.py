@@ -30,6 +30,7 @@ from stain_ceiling import render, unseen_moves, write_worlds
 
 from medi_dist.data import procedural as P
 from medi_dist.data import site_stains as S
+from medi_dist.data import stain_estimation as E
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
 
@@ -66,20 +67,20 @@ def estimate(dataset: str, res: int, pattern=None, level=None) -> S.SiteStains:
     (None: today's)."""
     today = S.fixed_pattern, S.level
     S.fixed_pattern, S.level = pattern or today[0], level or today[1]
-    S._estimate.cache_clear()
+    E._estimate.cache_clear()
     try:
-        return S.estimate_site_stains(dataset, res)
+        return E.estimate_site_stains(dataset, res)
     finally:
         S.fixed_pattern, S.level = today
-        S._estimate.cache_clear()
+        E._estimate.cache_clear()
 
 
 def level_errors(owner: dict, est: S.SiteStains) -> dict:
     """Mean |log-ratio error| (h, e) over types of each level statistic, estimated and true directions."""
     conc = {}
     for s in sorted(owner):
-        seeds = [[0, P._crc(s), 9, i] for i in range(S.PER_SITE)]  # the estimator's own source tiles
-        od = S.optical_density(P.render_tiles([(owner[s], s)] * S.PER_SITE, seeds, S.SOURCE_PX, True), np.float32)
+        seeds = [[0, P._crc(s), 9, i] for i in range(E.PER_SITE)]  # the estimator's own source tiles
+        od = S.optical_density(P.render_tiles([(owner[s], s)] * E.PER_SITE, seeds, E.SOURCE_PX, True), np.float32)
         x = od - S.fixed_pattern(od)[..., None]
         x = (x - S.faint_background(x)).reshape(-1, 3)
         st = P.site_stain(s)

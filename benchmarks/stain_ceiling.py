@@ -43,6 +43,7 @@ from scipy.ndimage import gaussian_filter
 
 from medi_dist.data import procedural as P
 from medi_dist.data import site_stains as S
+from medi_dist.data import stain_estimation as E
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
 
@@ -140,7 +141,7 @@ def neutral_patterns(stains: S.SiteStains, dataset: str, res: int) -> dict:
     idx = idx[idx["split"] == "train"]
     out = {}
     for s, st in stains.stains.items():
-        _, small, _ = S._site_sample(Path(dataset), idx[idx[S.SITE] == s], s, res, 0)
+        _, small, _ = E._site_sample(Path(dataset), idx[idx[S.SITE] == s], s, res, 0)
         n = S.unit(np.cross(st.hed[0], st.hed[1]))
         d = (S.optical_density(small) @ n).mean(0) / n.sum()
         A = np.stack([d.ravel(), np.ones(d.size)], 1)
@@ -166,7 +167,7 @@ def unseen_moves(owner: dict, per_pair: int, seed: int) -> tuple[list, list, lis
 def world(dataset: str, per_pair: int, seed: int) -> dict:
     real, r_idx = read_tiles(dataset, ["train"], None)
     res = real.shape[1]
-    est = S.estimate_site_stains(dataset, res)
+    est = E.estimate_site_stains(dataset, res)
     owner = est.owner
     probes = CalibratedProbes(get_encoder("random-conv"), dataset, r_idx, seed, res, sorted(owner))
     ut, us, ud = unseen_moves(owner, per_pair, seed)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from medi_dist.data import procedural as P
-from medi_dist.data import site_stains as S
+from medi_dist.data import stain_estimation as E
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
 from medi_dist.model import encode_conditions, sample
@@ -46,7 +46,7 @@ def main() -> None:
     t0 = time.time()
     real, idx = read_tiles(args.dataset, ["train"], None)
     res = real.shape[1]
-    est = S.estimate_site_stains(args.dataset, res)
+    est = E.estimate_site_stains(args.dataset, res)
     flat = est.without_detail()  # the composition as it was
     owner = est.owner
     probes = CalibratedProbes(get_encoder("random-conv"), args.dataset, idx, 0, res, sorted(owner))

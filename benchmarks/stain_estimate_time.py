@@ -2,7 +2,7 @@
 
 `estimate_site_stains` fits each training site independently (render or read its source tiles,
 directions, level, the rest at the model's resolution); numpy, scipy and PIL release the GIL in their
-loops, so sites run on threads (`site_stains.THREADS`). Side by side, alternating, `--repeats` times,
+loops, so sites run on threads (`stain_estimation.THREADS`). Side by side, alternating, `--repeats` times,
 with the in-process cache cleared before each run; the two results must be identical.
 
     python benchmarks/stain_estimate_time.py --dataset D/data --out benchmarks/results/stain_estimate_time.json
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from medi_dist.data import site_stains as S
+from medi_dist.data import stain_estimation as E
 
 
 def main() -> None:
@@ -27,15 +27,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/stain_estimate_time.json")
     args = p.parse_args()
-    many = S.THREADS
+    many = E.THREADS
     seconds: dict = {1: [], many: []}
     results = {}
     for r in range(args.repeats):
         for threads in (1, many) if r % 2 == 0 else (many, 1):
-            S.THREADS = threads
-            S._estimate.cache_clear()
+            E.THREADS = threads
+            E._estimate.cache_clear()
             t0 = time.perf_counter()
-            results[threads] = json.dumps(S.estimate_site_stains(args.dataset, args.resolution).to_dict())
+            results[threads] = json.dumps(E.estimate_site_stains(args.dataset, args.resolution).to_dict())
             seconds[threads].append(time.perf_counter() - t0)
             print(f"repeat {r}: {threads} thread(s) {seconds[threads][-1]:.1f} s", flush=True)
     assert len(set(results.values())) == 1, "threaded and serial estimates differ"

@@ -32,6 +32,7 @@ import numpy as np
 
 from medi_dist.data import procedural
 from medi_dist.data import site_stains as S
+from medi_dist.data import stain_estimation as E
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
 
@@ -77,7 +78,7 @@ def main() -> None:
     data = Path(args.demo) / "data"
     real, r_idx = read_tiles(data, ["train"], None)
     res = real.shape[1]
-    now = S.estimate_site_stains(data, res)
+    now = E.estimate_site_stains(data, res)
     owner = now.owner
     small = {s: real[(r_idx[SITE] == s).to_numpy()] for s in owner}
     before = Before(now, small)

@@ -44,11 +44,11 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def few_source_tiles():
     """restain-sites estimates each site's stain from 32 source tiles here, not 128 (a quarter of the rendering)."""
-    import medi_dist.data.site_stains as site_stains
+    import medi_dist.data.stain_estimation as stain_estimation
 
-    per, site_stains.PER_SITE = site_stains.PER_SITE, 32
+    per, stain_estimation.PER_SITE = stain_estimation.PER_SITE, 32
     yield
-    site_stains.PER_SITE = per
+    stain_estimation.PER_SITE = per
 
 
 def cfg_for(data, **kw) -> DownstreamConfig:
@@ -280,7 +280,7 @@ def test_stain_baselines_do_what_they_say(data):
     own = site_means(X)[np.searchsorted(np.unique(sites), sites)]
     assert np.abs(od(moved) - own).mean() > 2 * np.abs(od(X) - own).mean()
     # ... and with the sites' stains of MeDi's stain composition (estimated once, shared with the arm below)
-    from medi_dist.data.site_stains import estimate_site_stains
+    from medi_dist.data.stain_estimation import estimate_site_stains
     from medi_dist.evaluate.stain import restain_sites
 
     stains = estimate_site_stains(data["real"], 32)

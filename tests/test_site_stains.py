@@ -1,5 +1,6 @@
-"""Per-site stains (data/site_stains.py) checked against the renderer's ground truth, and the stain
-composition of generation: each type drawn at its own training sites, moved to the requested site."""
+"""Per-site stains (data/site_stains.py, estimated by data/stain_estimation.py) checked against the
+renderer's ground truth, and the stain composition of generation: each type drawn at its own training
+sites, moved to the requested site."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 import medi_dist.data.procedural as procedural
 import medi_dist.data.site_stains as site_stains
+import medi_dist.data.stain_estimation as stain_estimation
 from medi_dist.evaluate.fidelity_job import read_tiles
 from medi_dist.generate.job import GenerateConfig, generate
 from medi_dist.generate.plan import GenerationPlan, PlanError
@@ -26,15 +28,15 @@ TYPE, SITE = "cancer_type", "tissue_source_site"
 @pytest.fixture(scope="module", autouse=True)
 def few_source_tiles():
     """64 source tiles per site instead of 128 (half the rendering; the errors below hold at 64)."""
-    per = site_stains.PER_SITE
-    site_stains.PER_SITE = 64
+    per = stain_estimation.PER_SITE
+    stain_estimation.PER_SITE = 64
     yield
-    site_stains.PER_SITE = per
+    stain_estimation.PER_SITE = per
 
 
 @pytest.fixture(scope="module")
 def stains(proc_dataset) -> site_stains.SiteStains:
-    return site_stains.estimate_site_stains(proc_dataset, 32)
+    return stain_estimation.estimate_site_stains(proc_dataset, 32)
 
 
 def _truth(site: str) -> np.ndarray:
@@ -52,7 +54,7 @@ def test_estimated_directions_and_quality_match_the_renderers(proc_dataset, stai
         s: procedural.site_stain(s).quality for s in stains.stains
     }
     # the same estimator on the stored 32-px tiles is far worse: why directions come from source resolution
-    tiles, _, _ = site_stains._site_sample(proc_dataset, idx[idx["split"] == "train"], train_sites[0], 32, 0)
+    tiles, _, _ = stain_estimation._site_sample(proc_dataset, idx[idx["split"] == "train"], train_sites[0], 32, 0)
     low = site_stains.directions(site_stains.optical_density(tiles))
     assert np.abs(low - _truth(train_sites[0])).max() > err[train_sites[0]].max()
     # JSON round trip: what generation tasks carry
@@ -94,16 +96,16 @@ def test_a_dataset_without_a_renderer_uses_its_stored_tiles_and_warns_below_128_
     del manifest["renderer"]
     (real / "dataset.json").write_text(json.dumps(manifest))
     with caplog.at_level("WARNING"):
-        got = site_stains.estimate_site_stains(real, 32)
+        got = stain_estimation.estimate_site_stains(real, 32)
     assert "tiles are 32 px" in caplog.text and "ingest source-resolution tiles" in caplog.text
     assert sorted(got.stains) == sorted(got.owner) and all(np.isfinite(st.hed).all() for st in got.stains.values())
     # sites are fitted on threads: one at a time gives the same stains
-    threads, site_stains.THREADS = site_stains.THREADS, 1
+    threads, stain_estimation.THREADS = stain_estimation.THREADS, 1
     try:
-        site_stains._estimate.cache_clear()
-        serial = site_stains.estimate_site_stains(real, 32)
+        stain_estimation._estimate.cache_clear()
+        serial = stain_estimation.estimate_site_stains(real, 32)
     finally:
-        site_stains.THREADS = threads
+        stain_estimation.THREADS = threads
     assert json.dumps(serial.to_dict()) == json.dumps(got.to_dict())
 
 
@@ -164,7 +166,7 @@ def three_sites_a_type(tmp_path_factory) -> site_stains.SiteStains:
     out = tmp_path_factory.mktemp("w") / "w"
     cfg = procedural.ProceduralConfig(n_types=2, n_sites=6, n_tiles=300, size=32, seed=3, imbalance="uniform")
     ingest(sources.procedural(cfg), out, SplitConfig(holdout_fraction=0.15, val_fraction=0.0, seed=1))
-    return site_stains.estimate_site_stains(out, 32)
+    return stain_estimation.estimate_site_stains(out, 32)
 
 
 def test_moved_tiles_take_the_target_sites_fine_detail(three_sites_a_type):
@@ -215,7 +217,7 @@ def test_drawn_tiles_get_the_scanners_lines_which_a_network_cannot_place(tmp_pat
         n_types=2, n_sites=5, n_tiles=300, size=32, seed=3, scanner_lines=True, imbalance="uniform"
     )
     ingest(sources.procedural(cfg), tmp_path / "w", SplitConfig(holdout_fraction=0.2, val_fraction=0.0, seed=1))
-    stains = site_stains.estimate_site_stains(tmp_path / "w", 32)
+    stains = stain_estimation.estimate_site_stains(tmp_path / "w", 32)
     ratios = {True: [], False: []}
     own = []
     for d, t in sorted(stains.owner.items()):

@@ -212,7 +212,7 @@ def augmented(cfg: DownstreamConfig, real: Part, seed: int, stains=None) -> Part
     if cfg.augment == "hed-jitter":
         X = hed_jitter(X, rng, cfg.jitter)
     elif cfg.augment == "restain-sites":
-        from ..data.site_stains import estimate_site_stains
+        from ..data.stain_estimation import estimate_site_stains
 
         if stains is None:
             stains = estimate_site_stains(cfg.real, X.shape[1])  # once per process: every seed and arm

@@ -25,7 +25,7 @@ def run_parallel(cfgs: dict[str, DownstreamConfig], inputs: Inputs) -> dict[str,
     ensure_ray()
     stains = None
     if any(c.augment == "restain-sites" for c in cfgs.values()):  # estimated once, not once per worker
-        from ..data.site_stains import estimate_site_stains
+        from ..data.stain_estimation import estimate_site_stains
 
         stains = estimate_site_stains(next(iter(cfgs.values())).real, inputs.train.X.shape[1])
     task, shared = ray.remote(num_cpus=1)(_seed_task), ray.put(inputs)

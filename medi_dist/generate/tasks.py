@@ -198,8 +198,8 @@ def _reference_rendering(cfg: GenerateConfig, rows: list[PlanRow], train, record
 
 def _stain_composition(cfg: GenerateConfig, resolution: int, rows: list[PlanRow], train, spec) -> dict:
     """What a stain-composed shard needs: each type's training sites (donors) and the stains of the
-    sites involved, estimated from the training dataset (data/site_stains.py)."""
-    from ..data.site_stains import estimate_site_stains
+    sites involved, estimated from the training dataset (data/stain_estimation.py)."""
+    from ..data.stain_estimation import estimate_site_stains
 
     if SITE_COLUMN not in spec.categorical_names:
         raise PlanError(f"stain composition draws each type at its own sites; {cfg.model} has no site condition")

@@ -260,7 +260,7 @@ def _train_leased(cfg: TrainConfig, storage: str, folder: RunFolder) -> TrainRes
     pairs = sorted(group_counts(cfg.data.dataset, cfg.data.splits)[0])  # not the whole index (soak)
     worker = WorkerConfig(cfg, mcfg, spec, pairs, uri, run_id, spill_dir, stream.device_decoder)
     if cfg.data.stain == "reference":  # estimated once, here: every worker renders with the same stains
-        from ..data.site_stains import estimate_site_stains
+        from ..data.stain_estimation import estimate_site_stains
 
         worker.site_stains = estimate_site_stains(cfg.data.dataset, mcfg.sample_size, seed=cfg.seed).to_dict()
         worker.site_names = list(stream.spec.vocab("tissue_source_site").values)
