@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter
 
+from medi_dist.data import morphology as M
 from medi_dist.data import procedural as P
 from medi_dist.data import site_stains as S
 from medi_dist.data import stain_estimation as E
@@ -100,7 +101,7 @@ def clean(pairs, res: int) -> np.ndarray:
     network draws with the tissue), but without blur, lines, sensor noise or JPEG. Float RGB."""
     out = np.empty((len(pairs), res, res, 3))
     for i, (t, s) in enumerate(pairs):
-        h, e = P.concentrations(t, np.random.default_rng([0, 7, i]), res)
+        h, e = M.concentrations(t, np.random.default_rng([0, 7, i]), res)
         st = P.site_stain(s)
         out[i] = 255 * np.exp(-(h[..., None] * st.h + e[..., None] * st.e + st.bg + st.lines[2] / 2))
     return out

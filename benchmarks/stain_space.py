@@ -138,11 +138,12 @@ def estimate(
 def true_stain(site: str, size: int, lines: bool, od: np.ndarray) -> Stain:
     """The renderer's own stain for a site (for checking estimators; not available on real data)."""
     import medi_dist.data.procedural as procedural
+    from medi_dist.data.morphology import _grid
 
     st = procedural.site_stain(site)
     pattern = np.zeros((size, size))
     if lines:
-        yy, xx = procedural._grid(size)
+        yy, xx = _grid(size)
         period, angle, amp = st.lines
         pattern = amp * (1 + np.sin(2 * np.pi * (yy * np.cos(angle) + xx * np.sin(angle)) / period)) / 2
     out = Stain(np.stack([unit(st.h), unit(st.e)]), st.bg.copy(), pattern)

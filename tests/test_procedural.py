@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medi_dist.data.morphology import cancer_types
 from medi_dist.data.procedural import (
     ProceduralConfig,
-    cancer_types,
     generate,
     plan_counts,
     render_tile,
