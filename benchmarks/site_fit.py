@@ -41,6 +41,7 @@ from stain_ceiling import render, run_worlds, unseen_moves
 
 from medi_dist.data import procedural as P
 from medi_dist.data import site_stains as S
+from medi_dist.data import stain_estimation as E
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles, stain_features, tile_size
 
@@ -91,11 +92,11 @@ def level_error(est: S.SiteStains) -> list[float]:
 def world(dataset: str, per_pair: int, seed: int) -> dict:
     real, r_idx = read_tiles(dataset, ["train"], None)
     res, native = real.shape[1], tile_size(dataset)
-    est = S.estimate_site_stains(dataset, res)
+    est = E.estimate_site_stains(dataset, res)
     owner = est.owner
     idx = pd.read_parquet(Path(dataset) / "index.parquet")
     idx = idx[idx["split"] == "train"]
-    od = {s: S.optical_density(S._site_sample(Path(dataset), idx[idx[S.SITE] == s], s, res, 0)[1]) for s in owner}
+    od = {s: S.optical_density(E._site_sample(Path(dataset), idx[idx[S.SITE] == s], s, res, 0)[1]) for s in owner}
     levels = {"today": level_error(est)}
     levels |= {
         f"after {px} px": level_error(estimate(dataset, res, level=partial(blurred_level, blur=px)))

@@ -65,13 +65,13 @@ def fine_level(frac: float):
 def estimate(dataset: str, res: int, pattern=None, level=None) -> S.SiteStains:
     """The site model fitted afresh, with `pattern` for `S.fixed_pattern` and `level` for `S.level`
     (None: today's)."""
-    today = S.fixed_pattern, S.level
-    S.fixed_pattern, S.level = pattern or today[0], level or today[1]
+    today = S.fixed_pattern, E.level  # site_stains' functions call the first; the estimator the second
+    S.fixed_pattern, E.level = pattern or today[0], level or today[1]
     E._estimate.cache_clear()
     try:
         return E.estimate_site_stains(dataset, res)
     finally:
-        S.fixed_pattern, S.level = today
+        S.fixed_pattern, E.level = today
         E._estimate.cache_clear()
 
 
