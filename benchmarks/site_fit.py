@@ -13,7 +13,9 @@ plane). Two tables, three worlds:
 2. ground-truth donors moved to every unseen pair (the demo's calibrated stain probe), the true lines
    and the identifiable intensity held fixed: the true background, the background as far as the data
    identify it (in-plane part less its type's mean, plus the mean over all sites), its off-plane part
-   alone, the estimate, the estimate refitted against the true lines or the fine pattern (1/8);
+   alone, the estimate, the estimate refitted against the true lines or the fine pattern (1/8); and
+   the true directions with the background refitted and the level re-read with them (the rest as
+   estimated: session 22's direction swap kept the background fitted against the estimated ones);
 3. the level (`S.level`, a q90 of the source tiles' concentrations) against the renderer: the mean
    |log-ratio error| (h, e) of the two sites of each type against their true intensity ratio (all the
    data identify), today's and read after a 4, 8 or 16 px blur of the source tiles (session 22's
@@ -36,7 +38,7 @@ import pandas as pd
 from neutral_field import blurred_level
 from PIL import Image
 from scipy.ndimage import gaussian_filter
-from site_model_parts import estimate
+from site_model_parts import estimate, source_od
 from stain_ceiling import render, run_worlds, unseen_moves
 
 from medi_dist.data import procedural as P
@@ -119,13 +121,17 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
         f = p - gaussian_filter(p, res / 8, mode="wrap")
         return f - np.percentile(f, 2)
 
-    def refit(s: str, pattern: np.ndarray) -> np.ndarray:
-        _, r = S.Stain(est.stains[s].hed, np.zeros(3), pattern, est.stains[s].top).unmix(od[s])
+    def refit(s: str, pattern: np.ndarray, hed: np.ndarray | None = None) -> np.ndarray:
+        hed = est.stains[s].hed if hed is None else hed
+        _, r = S.Stain(hed, np.zeros(3), pattern, est.stains[s].top).unmix(od[s])
         return np.median(r.reshape(-1, 3), 0)
 
     top = {s: np.array([np.linalg.norm(true[s].h), np.linalg.norm(true[s].e)]) for s in owner}
     pattern, fine_pattern = {s: lines(s) for s in owner}, {s: fine(s) for s in owner}
     true_bg, ident_bg, off_bg = identifiable_backgrounds(owner)
+    dirs = {s: np.stack([S.unit(true[s].h), S.unit(true[s].e)]) for s in owner}
+    dirs_level = {s: S.level(source_od(owner[s], s), dirs[s]) for s in owner}
+    dirs_bg = {s: refit(s, est.stains[s].pattern, dirs[s]) for s in owner}
 
     def swapped(**parts) -> S.SiteStains:
         return S.SiteStains({s: replace(est.stains[s], **{k: v[s] for k, v in parts.items()}) for s in owner}, owner)
@@ -141,6 +147,13 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
         ),
         "fine pattern (1/8), background refitted, ident. intensity": swapped(
             bg={s: refit(s, fine_pattern[s]) for s in owner}, pattern=fine_pattern, top=top
+        ),
+        "true directions, the background refitted and the level re-read with them": swapped(
+            hed=dirs, bg=dirs_bg, top=dirs_level
+        ),
+        "... ident. intensity": swapped(hed=dirs, bg=dirs_bg, top=top),
+        "... and true lines (background refitted against them too)": swapped(
+            hed=dirs, pattern=pattern, top=top, bg={s: refit(s, pattern[s], dirs[s]) for s in owner}
         ),
     }
     ut, us, ud = unseen_moves(owner, per_pair, seed)

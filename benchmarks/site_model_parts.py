@@ -75,12 +75,17 @@ def estimate(dataset: str, res: int, pattern=None, level=None) -> S.SiteStains:
         E._estimate.cache_clear()
 
 
+def source_od(t: str, s: str) -> np.ndarray:
+    """The OD of the estimator's own source tiles of site s (holding type t), as `_fit_one` renders them."""
+    seeds = [[0, P._crc(s), 9, i] for i in range(E.PER_SITE)]
+    return S.optical_density(P.render_tiles([(t, s)] * E.PER_SITE, seeds, E.SOURCE_PX, True), np.float32)
+
+
 def level_errors(owner: dict, est: S.SiteStains) -> dict:
     """Mean |log-ratio error| (h, e) over types of each level statistic, estimated and true directions."""
     conc = {}
     for s in sorted(owner):
-        seeds = [[0, P._crc(s), 9, i] for i in range(E.PER_SITE)]  # the estimator's own source tiles
-        od = S.optical_density(P.render_tiles([(owner[s], s)] * E.PER_SITE, seeds, E.SOURCE_PX, True), np.float32)
+        od = source_od(owner[s], s)
         x = od - S.fixed_pattern(od)[..., None]
         x = (x - S.faint_background(x)).reshape(-1, 3)
         st = P.site_stain(s)
