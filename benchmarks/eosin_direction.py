@@ -11,7 +11,9 @@ haematoxylin on it again. Two tables, three worlds:
    the product's (`site_stains.directions`: Macenko's eosin extreme of the OD less the faintest
    pixels' OD, haematoxylin by regression) and the candidate's, on the estimator's own source tiles;
 2. unseen stain of ground-truth donors moved to every unseen pair (each world's calibrated stain
-   probe) with the whole site model estimated both ways (background, level and the rest refitted).
+   probe) with the whole site model estimated both ways (background, level and the rest refitted);
+   and seen stain of ground-truth tiles at every training site rendered through its own stain
+   (`transfer(..., own="render")`, as the generator's own-site tiles are).
 
     python benchmarks/eosin_direction.py --dataset W0/data W1/data W2/data
 
@@ -91,11 +93,18 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
     ut, us, ud = unseen_moves(owner, per_pair, seed)
     probes = CalibratedProbes(get_encoder("random-conv"), dataset, r_idx, seed, res, sorted(owner))
     donors, us = render(list(zip(ut, ud)), res), np.array(us)
-    out = {"dataset": dataset, "sites": table, "mean_angle": mean, "unseen_stain": {}}
+    own = np.array([s for s in sorted(owner) for _ in range(per_pair * 2)])
+    tiles = render([(owner[s], s) for s in own], res)
+    out = {"dataset": dataset, "sites": table, "mean_angle": mean, "unseen_stain": {}, "seen_stain_rendered": {}}
     for name, stains in (("product", now), ("eosin axis", estimated(dataset, res, candidate))):
         hit = probes.stain_probe.predict(stain_features(stains.transfer(donors, ut, ud, us))) == us
         out["unseen_stain"][name] = round(float(hit.mean()), 3)
         print(f"{dataset}: unseen stain, moved ground-truth donors, {name}: {hit.mean():.3f}", flush=True)
+        types = [owner[s] for s in own]
+        hit = probes.stain_probe.predict(stain_features(stains.transfer(tiles, types, own, own, own="render"))) == own
+        by_site = {s: round(float(hit[own == s].mean()), 2) for s in sorted(owner)}
+        out["seen_stain_rendered"][name] = {"all": round(float(hit.mean()), 3), "by_site": by_site}
+        print(f"{dataset}: seen stain, ground truth rendered at its own site, {name}: {hit.mean():.3f} {by_site}")
     return out
 
 
