@@ -61,21 +61,27 @@ def estimators(st: S.Stain, od: np.ndarray, true: P.SiteStain) -> dict:
     return {k: round(float(v), 4) for k, v in (out | leak).items()}
 
 
+def intensity(site: str) -> np.ndarray:
+    """The renderer's (h, e) intensity of a site: the norms of its stain vectors."""
+    st = P.site_stain(site)
+    return np.array([np.linalg.norm(st.h), np.linalg.norm(st.e)])
+
+
 def identifiable_backgrounds(owner: dict) -> tuple[dict, dict, dict]:
     """The true backgrounds, as far as the data identify them, and their off-plane parts alone."""
     true = {s: P.site_stain(s) for s in owner}
-    intensity = {s: np.array([np.linalg.norm(true[s].h), np.linalg.norm(true[s].e)]) for s in owner}
+    norms = {s: intensity(s) for s in owner}
     basis = {
-        s: np.stack([true[s].h / intensity[s][0], true[s].e / intensity[s][1], S.unit(np.cross(true[s].h, true[s].e))])
+        s: np.stack([true[s].h / norms[s][0], true[s].e / norms[s][1], S.unit(np.cross(true[s].h, true[s].e))])
         for s in owner
     }
     coords = {s: true[s].bg @ np.linalg.inv(basis[s]) for s in owner}  # (h, e, normal)
-    inplane = {s: coords[s][:2] / intensity[s] for s in owner}  # in tissue units: a type's offset is a shift
+    inplane = {s: coords[s][:2] / norms[s] for s in owner}  # in tissue units: a type's offset is a shift
     every = np.mean(list(inplane.values()), 0)
     by_type = {t: np.mean([inplane[s] for s in owner if owner[s] == t], 0) for t in set(owner.values())}
 
     def bg(s: str, part: np.ndarray) -> np.ndarray:
-        return np.concatenate([part * intensity[s], coords[s][2:]]) @ basis[s]
+        return np.concatenate([part * norms[s], coords[s][2:]]) @ basis[s]
 
     ident = {s: bg(s, inplane[s] - by_type[owner[s]] + every) for s in owner}
     return {s: true[s].bg for s in owner}, ident, {s: bg(s, np.zeros(2)) for s in owner}
@@ -86,7 +92,7 @@ def level_error(est: S.SiteStains) -> list[float]:
     errors = []
     for t in sorted(set(est.owner.values())):
         a, b = sorted(s for s in est.owner if est.owner[s] == t)[:2]
-        truth = [np.array([np.linalg.norm(P.site_stain(s).h), np.linalg.norm(P.site_stain(s).e)]) for s in (a, b)]
+        truth = [intensity(s) for s in (a, b)]
         errors.append(np.log(est.stains[a].top / est.stains[b].top) - np.log(truth[0] / truth[1]))
     return np.round(np.abs(errors).mean(0), 3).tolist()
 
@@ -126,7 +132,7 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
         _, r = S.Stain(hed, np.zeros(3), pattern, est.stains[s].top).unmix(od[s])
         return np.median(r.reshape(-1, 3), 0)
 
-    top = {s: np.array([np.linalg.norm(true[s].h), np.linalg.norm(true[s].e)]) for s in owner}
+    top = {s: intensity(s) for s in owner}
     pattern, fine_pattern = {s: lines(s) for s in owner}, {s: fine(s) for s in owner}
     true_bg, ident_bg, off_bg = identifiable_backgrounds(owner)
     dirs = {s: np.stack([S.unit(true[s].h), S.unit(true[s].e)]) for s in owner}
