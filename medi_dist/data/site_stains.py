@@ -31,6 +31,10 @@ A small network draws a site's tissue a little too light, too dark or too flat. 
 onto those of the real tiles of the site it was drawn at before it is rendered (`SiteStains.calibrated`):
 that pair was trained, so its real tiles are the ground truth; the map is measured on a few draws there.
 
+What a move gets wrong (directions a few degrees off, a background carrying the leak, the level) is
+known where the truth is: between two sites of one type. Each site's share of what such moves miss
+corrects every move there (`SiteStains.with_move_corrections`), to a site of another type too.
+
 Each scanner also leaves its own fine detail (blur lowers it, JPEG and sensor noise raise it), and a
 moved tile would bring its donor's; a small network draws its own amount. So a rendered tile's high
 frequencies are scaled to the target's detail (`SiteStains.stored`), estimated like intensity: a
@@ -79,6 +83,7 @@ class Stain:
     quality: int | None = None
     detail: float | None = None  # fine-detail energy of its tiles (`detail`)
     quantiles: np.ndarray | None = None  # (QUANTILES, 2) of its tiles' concentrations at the model's resolution
+    move: np.ndarray | None = None  # (2, 3): tiles moved here are off by (`SiteStains.with_move_corrections`)
 
     def unmix(self, od: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(..., H, W, 3) OD -> concentrations (..., H, W, 2) and the OD they leave unexplained."""
@@ -91,14 +96,14 @@ class Stain:
 
     def to_dict(self) -> dict:
         arrays = {k: np.round(getattr(self, k), 5).tolist() for k in ("hed", "bg", "pattern", "top")}
-        q = None if self.quantiles is None else np.round(self.quantiles, 5).tolist()
-        return {**arrays, "quality": self.quality, "detail": self.detail, "quantiles": q}
+        q, move = (None if v is None else np.round(v, 5).tolist() for v in (self.quantiles, self.move))
+        return {**arrays, "quality": self.quality, "detail": self.detail, "quantiles": q, "move": move}
 
     @classmethod
     def from_dict(cls, d: dict) -> Stain:
         arrays = (np.asarray(d[k], np.float64) for k in ("hed", "bg", "pattern", "top"))
-        q = None if d.get("quantiles") is None else np.asarray(d["quantiles"], np.float64)
-        return cls(*arrays, d.get("quality"), d.get("detail"), q)
+        q, move = (None if d.get(k) is None else np.asarray(d[k], np.float64) for k in ("quantiles", "move"))
+        return cls(*arrays, d.get("quality"), d.get("detail"), q, move)
 
 
 # ---------------------------------------------------------------- estimators
@@ -187,6 +192,12 @@ def fit_site(od: np.ndarray, hed: np.ndarray, top: np.ndarray, quality: int | No
     _, res = Stain(hed, np.zeros(3), pattern, top).unmix(od)
     st = Stain(hed, np.median(res.reshape(-1, 3), 0), pattern, top, quality, detail(256 * np.exp(-od) - 1))
     return replace(st, quantiles=concentration_quantiles(st.unmix(od)[0]))
+
+
+def _od_stats(rgb: np.ndarray) -> np.ndarray:
+    """(2, 3): the mean OD and the log of its spread, per channel, over (N, H, W, 3) uint8 tiles."""
+    od = optical_density(rgb).reshape(-1, 3)
+    return np.stack([od.mean(0), np.log(od.std(0))])
 
 
 def _luma_table(quality: int) -> np.ndarray:
@@ -301,8 +312,42 @@ class SiteStains:
             if drawn is not None:
                 conc = self.calibrated(conc, d, drawn[d])
             scale = 1 if d == s else self.scale(t, s) / self.stains[d].top
-            out[i] = self.stored(256 * np.exp(-self.stains[s].mix(conc * scale, 0)) - 1, t, s)
+            od = self.stains[s].mix(conc * scale, 0)
+            out[i] = self.stored(256 * np.exp(-(od if d == s else self._corrected(od, d, s))) - 1, t, s)
         return out
+
+    def _corrected(self, od: np.ndarray, d: str, s: str) -> np.ndarray:
+        """A tile's (H, W, 3) OD moved from d to s with the moves' measured errors taken out: its mean
+        shifted by s's correction less d's, its spread about its mean scaled likewise."""
+        to, of = self.stains[s].move, self.stains[d].move
+        if to is None or of is None:  # stains recorded before the corrections
+            return od
+        m = od.mean((0, 1))
+        return np.exp(to[1] - of[1]) * (od - m) + m + to[0] - of[0]
+
+    def with_move_corrections(self, tiles: dict[str, np.ndarray], n: int = 256) -> SiteStains:
+        """The same stains with each site's move correction (`Stain.move`), from its real uint8 tiles
+        (`tiles`, at the model's resolution): a type's tiles moved between its own sites, where the
+        truth is known. A move q -> s misses s's real tiles' mean OD and log spread by c[q -> s] (per
+        channel); read as u_s - u_q, least squares with u summing to zero over the type's sites (the
+        confound leaves a type's common part unknown) gives u_s = sum_q (c[q -> s] - c[s -> q]) / 2k.
+        A move d -> s is then corrected by u_s - u_d, whatever the types; a type's only site gets 0.
+        Unseen stain of moved ground-truth donors 0.74 / 0.60 / 0.35 -> 0.79 / 0.74 / 0.45 in three
+        worlds, seen pairs untouched (benchmarks/RESULTS.md, session 24)."""
+        plain = SiteStains({s: replace(st, move=None) for s, st in self.stains.items()}, self.owner)
+        stats = {s: _od_stats(tiles[s][:n]) for s in self.owner}
+        move = {s: np.zeros((2, 3)) for s in self.owner}
+        for t in sorted(set(self.owner.values())):
+            mine = sorted(s for s in self.owner if self.owner[s] == t)
+            miss = {}
+            for q in mine:
+                for s in mine:
+                    if q != s:
+                        k = min(n, len(tiles[q]))
+                        miss[q, s] = stats[s] - _od_stats(plain.transfer(tiles[q][:k], [t] * k, [q] * k, [s] * k))
+            for s in mine:
+                move[s] += sum((miss[q, s] - miss[s, q]) / (2 * len(mine)) for q in mine if q != s)
+        return SiteStains({s: replace(st, move=move[s]) for s, st in self.stains.items()}, self.owner)
 
     def to_reference(self, images: np.ndarray, sites) -> np.ndarray:
         """uint8 training tiles -> float32 RGB in the reference stain: each tile's concentrations (its

@@ -98,7 +98,7 @@ def _estimate(root: str, manifest_sha: str, resolution: int, seed: int, per_site
     # at most THREADS (a site's source tiles take ~0.5 GB while its directions are fitted)
     with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1, THREADS)) as pool:
         fitted = list(pool.map(_fit_one, jobs))
-    for s, _, px in fitted:
+    for s, _, px, _ in fitted:
         if not renderer and px < RELIABLE_PX:
             log.warning(
                 "%s: site %s's tiles are %d px; stain directions estimated below %d px are far off (blur and "
@@ -108,12 +108,13 @@ def _estimate(root: str, manifest_sha: str, resolution: int, seed: int, per_site
                 px,
                 RELIABLE_PX,
             )
-    return SiteStains({s: st for s, st, _ in fitted}, owner)
+    stains = SiteStains({s: st for s, st, _, _ in fitted}, owner)
+    return stains.with_move_corrections({s: small for s, _, _, small in fitted})
 
 
-def _fit_one(job: tuple) -> tuple[str, Stain, int]:
-    """One site's stain and its source tiles' size (a thread pool task): directions and level at
-    source resolution, the rest at the model's resolution."""
+def _fit_one(job: tuple) -> tuple[str, Stain, int, np.ndarray]:
+    """One site's stain, its source tiles' size and its tiles at the model's resolution (a thread pool
+    task): directions and level at source resolution, the rest at the model's resolution."""
     root, index, s, own, resolution, seed, per_site, renderer = job
     stored, small, files = _site_sample(Path(root), index, s, resolution, seed, per_site)
     if renderer:
@@ -123,4 +124,4 @@ def _fit_one(job: tuple) -> tuple[str, Stain, int]:
         stored = procedural.render_tiles([(own, s)] * per_site, seeds, SOURCE_PX, renderer["scanner_lines"])
     od = optical_density(stored, np.float32)  # float32: half the time
     hed = directions(od).astype(np.float64)
-    return s, fit_site(optical_density(small), hed, level(od, hed), jpeg_quality(files)), stored.shape[1]
+    return s, fit_site(optical_density(small), hed, level(od, hed), jpeg_quality(files)), stored.shape[1], small
