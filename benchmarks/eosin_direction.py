@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 from site_model_parts import source_od
-from stain_ceiling import render, run_worlds, unseen_moves
+from stain_ceiling import moved_and_rendered, run_worlds
 
 from medi_dist.data import procedural as P
 from medi_dist.data import site_stains as S
 from medi_dist.data import stain_estimation as E
 from medi_dist.evaluate.encoders import get_encoder
-from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles, stain_features
+from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
 
 
 def eosin_axis(x: np.ndarray, hed: np.ndarray, share: float = 5.0) -> np.ndarray:
@@ -90,22 +90,10 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
         for k in ("product (h, e)", "eosin axis (h, e)")
     }
     print(f"{dataset}: mean angle (h, e) {mean}", flush=True)
-    ut, us, ud = unseen_moves(owner, per_pair, seed)
     probes = CalibratedProbes(get_encoder("random-conv"), dataset, r_idx, seed, res, sorted(owner))
-    donors, us = render(list(zip(ut, ud)), res), np.array(us)
-    own = np.array([s for s in sorted(owner) for _ in range(per_pair * 2)])
-    tiles = render([(owner[s], s) for s in own], res)
-    out = {"dataset": dataset, "sites": table, "mean_angle": mean, "unseen_stain": {}, "seen_stain_rendered": {}}
-    for name, stains in (("product", now), ("eosin axis", estimated(dataset, res, candidate))):
-        hit = probes.stain_probe.predict(stain_features(stains.transfer(donors, ut, ud, us))) == us
-        out["unseen_stain"][name] = round(float(hit.mean()), 3)
-        print(f"{dataset}: unseen stain, moved ground-truth donors, {name}: {hit.mean():.3f}", flush=True)
-        types = [owner[s] for s in own]
-        hit = probes.stain_probe.predict(stain_features(stains.transfer(tiles, types, own, own, own="render"))) == own
-        by_site = {s: round(float(hit[own == s].mean()), 2) for s in sorted(owner)}
-        out["seen_stain_rendered"][name] = {"all": round(float(hit.mean()), 3), "by_site": by_site}
-        print(f"{dataset}: seen stain, ground truth rendered at its own site, {name}: {hit.mean():.3f} {by_site}")
-    return out
+    models = {"product": now, "eosin axis": estimated(dataset, res, candidate)}
+    out = {"dataset": dataset, "sites": table, "mean_angle": mean}
+    return {**out, **moved_and_rendered(dataset, models, owner, probes, res, per_pair, seed)}
 
 
 def main() -> None:

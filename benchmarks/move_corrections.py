@@ -20,12 +20,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from stain_ceiling import render, run_worlds, unseen_moves
+from stain_ceiling import moved_and_rendered, run_worlds
 
 from medi_dist.data import site_stains as S
 from medi_dist.data import stain_estimation as E
 from medi_dist.evaluate.encoders import get_encoder
-from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles, stain_features
+from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
 
 
 def world(dataset: str, per_pair: int, seed: int) -> dict:
@@ -44,24 +44,9 @@ def world(dataset: str, per_pair: int, seed: int) -> dict:
     }
     for s in sorted(owner):
         print(f"{dataset}: {s} ({owner[s]}) correction {np.round(est.stains[s].move, 3).tolist()}", flush=True)
-    ut, us, ud = unseen_moves(owner, per_pair, seed)
     probes = CalibratedProbes(get_encoder("random-conv"), dataset, r_idx, seed, res, sorted(owner))
-    donors, us = render(list(zip(ut, ud)), res), np.array(us)
-    own = np.array([s for s in sorted(owner) for _ in range(per_pair * 2)])
-    tiles = render([(owner[s], s) for s in own], res)
-    types = [owner[s] for s in own]
-    out = {"dataset": dataset, "unseen_stain": {}, "seen_stain_rendered": {}}
-    out["corrections"] = {s: np.round(st.move, 4).tolist() for s, st in est.stains.items()}
-    for name, stains in models.items():
-        hit = probes.stain_probe.predict(stain_features(stains.transfer(donors, ut, ud, us))) == us
-        by_site = {s: round(float(hit[us == s].mean()), 2) for s in sorted(owner)}
-        out["unseen_stain"][name] = {"all": round(float(hit.mean()), 3), "by_site": by_site}
-        print(f"{dataset}: unseen stain, moved ground-truth donors, {name}: {hit.mean():.3f} {by_site}", flush=True)
-        hit = probes.stain_probe.predict(stain_features(stains.transfer(tiles, types, own, own, own="render"))) == own
-        by_site = {s: round(float(hit[own == s].mean()), 2) for s in sorted(owner)}
-        out["seen_stain_rendered"][name] = {"all": round(float(hit.mean()), 3), "by_site": by_site}
-        print(f"{dataset}: seen stain, ground truth rendered at its own site, {name}: {hit.mean():.3f} {by_site}")
-    return out
+    out = {"dataset": dataset, "corrections": {s: np.round(st.move, 4).tolist() for s, st in est.stains.items()}}
+    return {**out, **moved_and_rendered(dataset, models, owner, probes, res, per_pair, seed)}
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ from medi_dist.data import procedural as P
 from medi_dist.data import site_stains as S
 from medi_dist.data import stain_estimation as E
 from medi_dist.evaluate.encoders import get_encoder
-from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
+from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles, stain_features
 
 
 def render(pairs, res: int, blur: float | None = None) -> np.ndarray:
@@ -163,6 +163,28 @@ def unseen_moves(owner: dict, per_pair: int, seed: int) -> tuple[list, list, lis
             us += [s] * per_pair
             ud += [mine[k] for k in rng.integers(len(mine), size=per_pair)]
     return ut, us, ud
+
+
+def moved_and_rendered(dataset: str, models: dict, owner: dict, probes, res: int, per_pair: int, seed: int) -> dict:
+    """Each site model's unseen stain of ground-truth donors moved to every unseen pair and seen stain of
+    ground-truth tiles rendered through their own site's stain (`transfer(..., own="render")`), per
+    target site, on the world's calibrated stain probe."""
+    ut, us, ud = unseen_moves(owner, per_pair, seed)
+    donors, us = render(list(zip(ut, ud)), res), np.array(us)
+    own = np.array([s for s in sorted(owner) for _ in range(per_pair * 2)])
+    tiles, types = render([(owner[s], s) for s in own], res), [owner[s] for s in own]
+    out: dict = {"unseen_stain": {}, "seen_stain_rendered": {}}
+    for name, stains in models.items():
+        moved, rendered = stains.transfer(donors, ut, ud, us), stains.transfer(tiles, types, own, own, own="render")
+        for part, label, want, got in (
+            ("unseen_stain", "unseen stain, moved ground-truth donors", us, moved),
+            ("seen_stain_rendered", "seen stain, ground truth rendered at its own site", own, rendered),
+        ):
+            hit = probes.stain_probe.predict(stain_features(got)) == want
+            by_site = {s: round(float(hit[want == s].mean()), 2) for s in sorted(owner)}
+            out[part][name] = {"all": round(float(hit.mean()), 3), "by_site": by_site}
+            print(f"{dataset}: {label}, {name}: {hit.mean():.3f} {by_site}", flush=True)
+    return out
 
 
 def world(dataset: str, per_pair: int, seed: int) -> dict:
