@@ -5,7 +5,8 @@ nearest the target in stain direction or fine detail makes a better donor than a
 three worlds. This asks the same of a demo's trained network: per type, `--per-pair` draws at each of
 its training sites (the demo's sampling), each set moved to every unseen site of the pair's type
 (`SiteStains.transfer`, as generation composes), unseen stain and type read on the world's
-calibrated probes; the same for ground-truth donors. Rules as in `donor_choice.PARTS`.
+calibrated probes; the same draws calibrated (`--calibration N` draws per site, generation's
+`calibration_tiles`) and ground-truth donors. Rules as in `donor_choice.PARTS`.
 
     medi-dist demo --out DEMO        # a world's model
     python benchmarks/donor_rule.py --demo DEMO
@@ -29,7 +30,7 @@ from medi_dist.generate.writer import SamplingSettings, ShardGenerator
 SITE = "tissue_source_site"
 
 
-def world(demo: str, per_pair: int, seed: int) -> dict:
+def world(demo: str, per_pair: int, calibration: int, seed: int) -> dict:
     data = f"{demo}/data"
     real, r_idx = read_tiles(data, ["train"], None)
     res = real.shape[1]
@@ -38,22 +39,34 @@ def world(demo: str, per_pair: int, seed: int) -> dict:
     probes = CalibratedProbes(get_encoder("random-conv"), data, r_idx, seed, res, sorted(owner))
     d = DemoConfig()
     settings = SamplingSettings(
-        sampler=d.sampler, steps=d.sampler_steps, guidance=d.guidance, guidance_interval=d.guidance_interval
+        sampler=d.sampler,
+        steps=d.sampler_steps,
+        guidance=d.guidance,
+        guidance_interval=d.guidance_interval,
+        composition="stain",
+        calibration_tiles=calibration,
     )
     gen = ShardGenerator(f"{demo}/runs/demo-medi/model", settings, f"{demo}/unused", threads=2)
+    own: dict = {}
+    for s, t in sorted(owner.items()):
+        own.setdefault(t, []).append(s)
+    drawn = {
+        donor: gen._sample(
+            [{"conditions": {"cancer_type": t, SITE: donor}, "seed": 1000 * i + k} for k in range(per_pair)], {}
+        )
+        for i, (donor, t) in enumerate(sorted(owner.items()))
+    }
+    quantiles = gen._calibration({"own_sites": own, "plan_seed": seed}, est)
     out: dict = {"demo": demo, "ceiling": probes.ceiling}
-    for source in ("network", "ground truth"):
+    for source in ("network", f"network, calibrated ({calibration} per site)", "ground truth"):
         rows = []
-        for i, (donor, t) in enumerate(sorted(owner.items())):
-            if source == "network":
-                tiles = gen._sample(
-                    [{"conditions": {"cancer_type": t, SITE: donor}, "seed": 1000 * i + k} for k in range(per_pair)], {}
-                )
-            else:
-                tiles = render([(t, donor)] * per_pair, res)
+        for donor, t in sorted(owner.items()):
+            network = source != "ground truth"
+            tiles = drawn[donor] if network else render([(t, donor)] * per_pair, res)
+            q = quantiles if "calibrated" in source else None
             for s in sorted(x for x in owner if owner[x] != t):
                 n = len(tiles)
-                moved = est.transfer(tiles, [t] * n, [donor] * n, [s] * n, own="render", patterned=source != "network")
+                moved = est.transfer(tiles, [t] * n, [donor] * n, [s] * n, patterned=not network, drawn=q)
                 r = probes.score(moved, np.array([t] * n), np.array([s] * n), np.zeros(n, bool))["unseen"]
                 dist = (round(float(v), 3) for v in distances(est.stains[donor], est.stains[s]))
                 rows.append(
@@ -78,11 +91,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--demo", nargs="+", required=True, help="demo output folders (medi-dist demo --out DIR)")
     p.add_argument("--per-pair", type=int, default=30, help="draws per (type, training site)")
+    p.add_argument("--calibration", type=int, default=32, help="the network's draws per training site")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/donor_rule.json")
     args = p.parse_args()
     t0 = time.time()
-    write_worlds([world(d, args.per_pair, args.seed) for d in args.demo], t0, args.per_pair, args.out)
+    runs = [world(d, args.per_pair, args.calibration, args.seed) for d in args.demo]
+    write_worlds(runs, t0, args.per_pair, args.out)
 
 
 if __name__ == "__main__":
