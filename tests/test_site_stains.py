@@ -262,8 +262,10 @@ def test_drawn_tiles_get_the_scanners_lines_which_a_network_cannot_place(tmp_pat
                 ratios[patterned].append(_line_amplitude(out, stains.stains[s].pattern) / stored)
             own.append(d == s)
     drawn, as_stored, own = np.array(ratios[False]), np.array(ratios[True]), np.array(own)
-    # measured: drawn 0.67-0.91 of the stored tiles' amplitude; as stored 0.14-0.19 at the own site, 0.58-0.86 moved
-    assert len(drawn) >= 9 and drawn.min() > 0.6 and as_stored[own].max() < 0.3, (drawn, as_stored)
+    # measured: drawn 0.60-0.98 of the stored tiles' amplitude (a moved tile's spread correction,
+    # `Stain.move`, scales its lines with its tissue: 0.60 at one move, 0.67 before the corrections);
+    # as stored 0.14-0.19 at the own site, 0.53-0.92 moved
+    assert len(drawn) >= 9 and drawn.min() > 0.5 and as_stored[own].max() < 0.3, (drawn, as_stored)
     assert np.mean(np.abs(np.log(drawn))) < 0.5 * np.mean(np.abs(np.log(as_stored))), (drawn, as_stored)
 
 

@@ -29,6 +29,7 @@ PER_SITE = 128  # source tiles per site for the directions (2^23 pixels at 256 p
 SOURCE_PIXELS = 1 << 23  # ... and at most this many pixels of them (larger tiles: fewer, same memory)
 THREADS = 4  # sites estimated at once
 PER_SITE_MODEL = 512  # tiles per site for pattern, background and intensity at the model's resolution
+MOVE_TILES = 256  # tiles per site kept for the move corrections (at most SOURCE_PIXELS pixels of them)
 
 
 def _site_sample(
@@ -109,12 +110,13 @@ def _estimate(root: str, manifest_sha: str, resolution: int, seed: int, per_site
                 RELIABLE_PX,
             )
     stains = SiteStains({s: st for s, st, _, _ in fitted}, owner)
-    return stains.with_move_corrections({s: small for s, _, _, small in fitted})
+    return stains.with_move_corrections({s: small for s, _, _, small in fitted}, MOVE_TILES)
 
 
 def _fit_one(job: tuple) -> tuple[str, Stain, int, np.ndarray]:
-    """One site's stain, its source tiles' size and its tiles at the model's resolution (a thread pool
-    task): directions and level at source resolution, the rest at the model's resolution."""
+    """One site's stain, its source tiles' size and up to MOVE_TILES of its tiles at the model's
+    resolution (a thread pool task): directions and level at source resolution, the rest at the
+    model's resolution."""
     root, index, s, own, resolution, seed, per_site, renderer = job
     stored, small, files = _site_sample(Path(root), index, s, resolution, seed, per_site)
     if renderer:
@@ -124,4 +126,6 @@ def _fit_one(job: tuple) -> tuple[str, Stain, int, np.ndarray]:
         stored = procedural.render_tiles([(own, s)] * per_site, seeds, SOURCE_PX, renderer["scanner_lines"])
     od = optical_density(stored, np.float32)  # float32: half the time
     hed = directions(od).astype(np.float64)
-    return s, fit_site(optical_density(small), hed, level(od, hed), jpeg_quality(files)), stored.shape[1], small
+    stain = fit_site(optical_density(small), hed, level(od, hed), jpeg_quality(files))
+    keep = max(1, min(MOVE_TILES, SOURCE_PIXELS // (resolution * resolution)))  # held until every site is fitted
+    return s, stain, stored.shape[1], small[:keep].copy()
