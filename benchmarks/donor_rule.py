@@ -14,18 +14,14 @@ calibrated probes; the same draws calibrated (`--calibration N` draws per site, 
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import numpy as np
 from donor_choice import PARTS, distances
-from stain_ceiling import render, write_worlds
+from draw_calibration import demo_generator, run_demos
+from stain_ceiling import render
 
 from medi_dist.data import stain_estimation as E
-from medi_dist.demo import DemoConfig
 from medi_dist.evaluate.encoders import get_encoder
 from medi_dist.evaluate.fidelity_job import CalibratedProbes, read_tiles
-from medi_dist.generate.writer import SamplingSettings, ShardGenerator
 
 SITE = "tissue_source_site"
 
@@ -37,16 +33,7 @@ def world(demo: str, per_pair: int, calibration: int, seed: int) -> dict:
     est = E.estimate_site_stains(data, res)
     owner = est.owner
     probes = CalibratedProbes(get_encoder("random-conv"), data, r_idx, seed, res, sorted(owner))
-    d = DemoConfig()
-    settings = SamplingSettings(
-        sampler=d.sampler,
-        steps=d.sampler_steps,
-        guidance=d.guidance,
-        guidance_interval=d.guidance_interval,
-        composition="stain",
-        calibration_tiles=calibration,
-    )
-    gen = ShardGenerator(f"{demo}/runs/demo-medi/model", settings, f"{demo}/unused", threads=2)
+    gen = demo_generator(demo, calibration)
     own: dict = {}
     for s, t in sorted(owner.items()):
         own.setdefault(t, []).append(s)
@@ -88,16 +75,7 @@ def world(demo: str, per_pair: int, calibration: int, seed: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--demo", nargs="+", required=True, help="demo output folders (medi-dist demo --out DIR)")
-    p.add_argument("--per-pair", type=int, default=30, help="draws per (type, training site)")
-    p.add_argument("--calibration", type=int, default=32, help="the network's draws per training site")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/donor_rule.json")
-    args = p.parse_args()
-    t0 = time.time()
-    runs = [world(d, args.per_pair, args.calibration, args.seed) for d in args.demo]
-    write_worlds(runs, t0, args.per_pair, args.out)
+    run_demos(world, __doc__.split("\n")[0], "benchmarks/results/donor_rule.json")
 
 
 if __name__ == "__main__":

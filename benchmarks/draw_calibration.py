@@ -33,6 +33,20 @@ from medi_dist.generate.writer import SamplingSettings, ShardGenerator
 SITE = "tissue_source_site"
 
 
+def demo_generator(demo: str, calibration: int) -> ShardGenerator:
+    """The demo's MeDi model in `demo` with the demo's sampling, stain-composed, `calibration` draws per site."""
+    d = DemoConfig()
+    settings = SamplingSettings(
+        sampler=d.sampler,
+        steps=d.sampler_steps,
+        guidance=d.guidance,
+        guidance_interval=d.guidance_interval,
+        composition="stain",
+        calibration_tiles=calibration,
+    )
+    return ShardGenerator(f"{demo}/runs/demo-medi/model", settings, f"{demo}/unused", threads=2)
+
+
 def world(demo: str, per_pair: int, calibration: int, seed: int) -> dict:
     data = f"{demo}/data"
     real, r_idx = read_tiles(data, ["train"], None)
@@ -43,16 +57,7 @@ def world(demo: str, per_pair: int, calibration: int, seed: int) -> dict:
     ut, us, ud = unseen_moves(owner, per_pair, seed)
     st = [t for _, t in sorted(owner.items()) for _ in range(per_pair)]
     ss = [s for s, _ in sorted(owner.items()) for _ in range(per_pair)]
-    d = DemoConfig()  # the demo's sampling
-    settings = SamplingSettings(
-        sampler=d.sampler,
-        steps=d.sampler_steps,
-        guidance=d.guidance,
-        guidance_interval=d.guidance_interval,
-        composition="stain",
-        calibration_tiles=calibration,
-    )
-    gen = ShardGenerator(f"{demo}/runs/demo-medi/model", settings, f"{demo}/unused", threads=2)
+    gen = demo_generator(demo, calibration)
 
     def draw(types, sites, first):
         rows = [
@@ -94,16 +99,22 @@ def world(demo: str, per_pair: int, calibration: int, seed: int) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_demos(world_fn, description: str, out: str) -> None:
+    """A demo benchmark's command line: `world_fn(demo, per_pair, calibration, seed)` for each demo, one JSON."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--demo", nargs="+", required=True, help="demo output folders (medi-dist demo --seed K --out DIR)")
     p.add_argument("--per-pair", type=int, default=30, help="tiles per (type, site) pair")
     p.add_argument("--calibration", type=int, default=32, help="the network's draws per training site")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/draw_calibration.json")
+    p.add_argument("--out", default=out)
     args = p.parse_args()
     t0 = time.time()
-    write_worlds([world(d, args.per_pair, args.calibration, args.seed) for d in args.demo], t0, args.per_pair, args.out)
+    runs = [world_fn(d, args.per_pair, args.calibration, args.seed) for d in args.demo]
+    write_worlds(runs, t0, args.per_pair, args.out)
+
+
+def main() -> None:
+    run_demos(world, __doc__.split("\n")[0], "benchmarks/results/draw_calibration.json")
 
 
 if __name__ == "__main__":
