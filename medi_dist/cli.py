@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--tiles", type=int, default=None, help="procedural tiles to ingest (default 3000)")
     demo.add_argument("--seed", type=int, default=None, help="the world (tiles, split) and the generator's training")
-    demo.add_argument("--train-steps", type=int, default=None, help="generator training steps (default 800)")
+    demo.add_argument("--train-steps", type=int, default=None, help="generator training steps (default 600)")
     demo.add_argument(
         "--min-snr",
         dest="min_snr_gamma",
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LO", "HI"),
         help="guide only at diffusion times t/T in [LO, HI] (1: pure noise; default 0 0.5)",
     )
-    demo.add_argument("--seeds", type=int, nargs="+", default=None, help="classifier seeds (default 0 1 2 3 4)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=None, help="classifier seeds (default 0 1 2 3)")
     demo.add_argument(
         "--composition",
         choices=["stain", "joint"],
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="stain composition: the network's draws per training site that map its stain concentrations onto "
-        "the site's real ones (e.g. 32: closer stains, less downstream gain in the demo's world; default 0)",
+        "the site's real ones (default 32; 0: not calibrated)",
     )
     demo.add_argument(
         "--stain",

@@ -225,6 +225,35 @@ def test_moves_are_corrected_by_what_moves_between_a_types_own_sites_miss(three_
     assert site_stains.SiteStains.from_dict({"owner": owner, "stains": old}).stains[d].move is None
 
 
+def test_an_unseen_pairs_tile_is_drawn_at_its_types_site_nearest_in_stain(three_sites_a_type):
+    """A tile of an unseen pair (t, s) is drawn at the training site of t whose estimated stain
+    directions lie nearest s's (with the moves corrected, that beat a donor chosen at random in three
+    worlds on the calibrated stain probe: benchmarks/donor_choice.py, donor_rule.py); a trained pair is
+    drawn where it was trained; stains unknown for a site fall back to the tile's seed."""
+    from medi_dist.generate.writer import _own_site
+
+    stains, owner = three_sites_a_type, three_sites_a_type.owner
+    own: dict = {}
+    for s, t in sorted(owner.items()):
+        own.setdefault(t, []).append(s)
+
+    def angle(d, s):
+        return np.arccos(np.clip((stains.stains[d].hed * stains.stains[s].hed).sum(1), -1, 1)).sum()
+
+    for t, mine in own.items():
+        for s in sorted(x for x in owner if owner[x] != t):
+            d = stains.nearest(s, mine)
+            assert d in mine and angle(d, s) == min(angle(x, s) for x in mine)
+            assert {_own_site(own, {TYPE: t, SITE: s}, {"seed": k}, stains) for k in range(8)} == {d}
+            assert {_own_site(own, {TYPE: t, SITE: s}, {"seed": k}) for k in range(8)} == set(mine)  # no stains
+        for s in mine:
+            assert _own_site(own, {TYPE: t, SITE: s}, {"seed": 1}, stains) == s
+    other = next(x for x in owner if owner[x] != t)
+    kept = [s for s in owner if s != mine[0]]  # stains recorded without one of the type's sites
+    partial = site_stains.SiteStains({s: stains.stains[s] for s in kept}, {s: owner[s] for s in kept})
+    assert {_own_site(own, {TYPE: t, SITE: other}, {"seed": k}, partial) for k in range(8)} == set(mine)
+
+
 def _line_amplitude(tiles: np.ndarray, pattern: np.ndarray) -> float:
     """Mean amplitude, per tile and whatever its phase, of the Fourier component where `pattern` peaks."""
     f = np.abs(np.fft.fft2(pattern - pattern.mean()))

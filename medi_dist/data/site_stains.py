@@ -274,6 +274,15 @@ class SiteStains:
         flat.type_detail = None
         return flat
 
+    def nearest(self, site: str, candidates: list[str]) -> str:
+        """The candidate whose stain directions lie closest to `site`'s (sum of the h and e angles): the
+        donor a moved tile is drawn at. With the moves corrected, it beat a donor chosen at random in
+        three worlds (RESULTS.md "Which of a type's sites a moved tile is drawn at")."""
+        to = self.stains[site].hed
+        return min(
+            candidates, key=lambda d: (float(np.arccos(np.clip((self.stains[d].hed * to).sum(1), -1, 1)).sum()), d)
+        )
+
     def _unpatterned(self) -> dict[str, Stain]:
         """The stains as a network's draws carry them: a convolutional network cannot place a pattern
         fixed in the scanner's frame, so it draws only the pattern's mean density, in the tissue's colour."""

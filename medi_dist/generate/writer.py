@@ -56,11 +56,16 @@ def shard_path(index: int) -> str:
     return f"{SHARD_DIR}/{SPLIT}/shard-{index:06d}.tar"
 
 
-def _own_site(own: dict[str, list[str]], conditions: dict, tile: dict) -> str:
-    """The requested site where the type was trained there, else one of the type's training sites
-    (by the tile's seed): where a stain-composed tile is drawn."""
-    sites = own[conditions["cancer_type"]]
-    return conditions.get(SITE) if conditions.get(SITE) in sites else sites[tile["seed"] % len(sites)]
+def _own_site(own: dict[str, list[str]], conditions: dict, tile: dict, stains=None) -> str:
+    """The requested site where the type was trained there, else one of the type's training sites:
+    where a stain-composed tile is drawn. With the sites' stains (`SiteStains`), the one nearest the
+    requested site in stain direction; without, one chosen by the tile's seed."""
+    sites, want = own[conditions["cancer_type"]], conditions.get(SITE)
+    if want in sites:
+        return want
+    if stains is not None and want in stains.stains and all(d in stains.stains for d in sites):
+        return stains.nearest(want, sites)
+    return sites[tile["seed"] % len(sites)]
 
 
 def png_bytes(tile: np.ndarray) -> bytes:
@@ -168,7 +173,7 @@ class ShardGenerator:
 
     def _restained(self, tiles: list[dict], task: dict) -> np.ndarray:
         """Each tile drawn at a training site of its type (the requested one where the pair was
-        trained, else one of the type's sites, chosen by the tile's seed), then rendered in the requested
+        trained, else the type's site nearest it in stain direction), then rendered in the requested
         site's stain (moved there, or at its own site with the network's off-plane colour dropped) with the
         site's scanner pattern, which the network does not draw (`patterned=False`)."""
         from ..data.site_stains import SiteStains
@@ -177,7 +182,7 @@ class ShardGenerator:
             self._stains_of, self._stains = task["generation"], SiteStains.from_dict(task["stains"])
             self._drawn = self._calibration(task, self._stains)
         want = [t["conditions"] for t in tiles]
-        donors = [_own_site(task["own_sites"], c, t) for c, t in zip(want, tiles)]
+        donors = [_own_site(task["own_sites"], c, t, self._stains) for c, t in zip(want, tiles)]
         drawn = self._sample([{**t, "conditions": {**c, SITE: d}} for t, c, d in zip(tiles, want, donors)], {})
         types, sites = [c["cancer_type"] for c in want], [c[SITE] for c in want]
         return self._stains.transfer(drawn, types, donors, sites, own="render", patterned=False, drawn=self._drawn)
