@@ -202,7 +202,8 @@ class ShardGenerator:
 
     def _rendered(self, tiles: list[dict], task: dict) -> np.ndarray:
         """A reference-stain model's tiles, each rendered once in the requested site's stain at its type's
-        scale there. Composition stain: drawn at a training site of the type, as in `_restained`. A row
+        scale there. Composition stain: drawn at a training site of the type, chosen by the tile's seed (the
+        network draws every site in the one reference stain, so no donor is nearer the target). A row
         without a site (site-nulled) is rendered at one of its type's training sites."""
         own, want = task["own_sites"], [t["conditions"] for t in tiles]
         targets = [c[SITE] if c.get(SITE, UNKNOWN) != UNKNOWN else _own_site(own, c, t) for c, t in zip(want, tiles)]
