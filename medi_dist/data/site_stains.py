@@ -277,7 +277,7 @@ class SiteStains:
     def nearest(self, site: str, candidates: list[str]) -> str:
         """The candidate whose stain directions lie closest to `site`'s (sum of the h and e angles): the
         donor a moved tile is drawn at. With the moves corrected, it beat a donor chosen at random in
-        three worlds (RESULTS.md "Which of a type's sites a moved tile is drawn at")."""
+        three worlds (RESULTS.md "The donor nearest in stain direction"; session 24, "Choosing the donor")."""
         to = self.stains[site].hed
         return min(
             candidates, key=lambda d: (float(np.arccos(np.clip((self.stains[d].hed * to).sum(1), -1, 1)).sum()), d)
